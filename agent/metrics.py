@@ -1,0 +1,214 @@
+"""Prometheus metrics and the small HTTP server that exposes them.
+
+Certificate gauges are not kept as prometheus-client children: a custom
+collector reads the daemon's current view of every certificate at scrape time,
+so 10,000 certificates cost nothing between scrapes and can never go stale
+after a config reload drops a certificate. Event counters (renewals,
+challenges, ACME errors) and the SPOE latency histogram are ordinary
+prometheus-client objects on a registry of our own (not the global one, so
+several agents can live in one test process).
+
+Nothing here ever touches key material: labels are certificate names,
+instance addresses, results and error types.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+PREFIX = "haproxy_acme_"
+
+# SPOE answers are in-process dictionary lookups: the interesting range is
+# tens of microseconds to a few milliseconds.
+SPOE_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0)
+
+
+@dataclass(frozen=True)
+class CertificateView:
+    """What the metrics say about one certificate. Timestamps: UNIX seconds, UTC."""
+
+    name: str
+    not_before: float | None
+    not_after: float | None
+    next_renewal: float | None
+    last_success: float | None
+    # instance address -> served serial equals the stored one
+    in_sync: Mapping[str, bool]
+
+
+class _CertificateCollector(Collector):
+    def __init__(self, source: Callable[[], Iterable[CertificateView]]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        expiration = GaugeMetricFamily(
+            PREFIX + "certificate_expiration_timestamp_seconds",
+            "notAfter of the installed certificate (UNIX seconds).",
+            labels=["certificate"],
+        )
+        not_before = GaugeMetricFamily(
+            PREFIX + "certificate_not_before_timestamp_seconds",
+            "notBefore of the installed certificate (UNIX seconds).",
+            labels=["certificate"],
+        )
+        renewal = GaugeMetricFamily(
+            PREFIX + "certificate_renewal_timestamp_seconds",
+            "Next planned renewal attempt (UNIX seconds).",
+            labels=["certificate"],
+        )
+        last_success = GaugeMetricFamily(
+            PREFIX + "last_success_timestamp_seconds",
+            "Time of the last successful renewal (UNIX seconds).",
+            labels=["certificate"],
+        )
+        in_sync = GaugeMetricFamily(
+            PREFIX + "haproxy_in_sync",
+            "1 when the HAProxy instance serves the stored certificate's serial, else 0.",
+            labels=["certificate", "instance"],
+        )
+        try:
+            views = list(self._source())
+        except Exception:  # a scrape must never take the agent down
+            log.exception("metrics: reading certificate state failed")
+            views = []
+        for v in views:
+            if v.not_after is not None:
+                expiration.add_metric([v.name], v.not_after)
+            if v.not_before is not None:
+                not_before.add_metric([v.name], v.not_before)
+            if v.next_renewal is not None:
+                renewal.add_metric([v.name], v.next_renewal)
+            if v.last_success is not None:
+                last_success.add_metric([v.name], v.last_success)
+            for instance, ok in v.in_sync.items():
+                in_sync.add_metric([v.name, instance], 1.0 if ok else 0.0)
+        yield expiration
+        yield not_before
+        yield renewal
+        yield last_success
+        yield in_sync
+
+
+class Metrics:
+    """All metrics of one agent process, on a registry of its own."""
+
+    def __init__(self, certificates: Callable[[], Iterable[CertificateView]]) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_CertificateCollector(certificates))
+        self.renewals = Counter(
+            PREFIX + "renewals",
+            "Renewal attempts by result (success or failure).",
+            ["certificate", "result"],
+            registry=self.registry,
+        )
+        self.challenges = Counter(
+            PREFIX + "challenges",
+            "http-01 challenge requests asked of the SPOE agent, by result (answered or unknown).",
+            ["result"],
+            registry=self.registry,
+        )
+        self.acme_errors = Counter(
+            PREFIX + "acme_errors",
+            "ACME failures by error type (e.g. rateLimited, connection, badNonce).",
+            ["type"],
+            registry=self.registry,
+        )
+        self.deploy_errors = Counter(
+            PREFIX + "deploy_errors",
+            "Failed pushes of a certificate to an HAProxy instance.",
+            ["certificate", "instance"],
+            registry=self.registry,
+        )
+        self.spoe_duration = Histogram(
+            PREFIX + "spoe_request_duration_seconds",
+            "Time the SPOE agent took to answer one NOTIFY, in seconds.",
+            buckets=SPOE_BUCKETS,
+            registry=self.registry,
+        )
+        for result in ("answered", "unknown"):
+            self.challenges.labels(result)
+
+    def observe_challenge(self, result: str, seconds: float) -> None:
+        """SPOA hook: one challenge lookup with its result and duration."""
+        self.challenges.labels(result).inc()
+        self.spoe_duration.observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class MetricsServer:
+    """HTTP on loopback by default: GET /metrics (Prometheus text) and /healthz.
+
+    `healthy` decides /healthz: 200 "ok" when it returns True, 503 otherwise.
+    One short request per connection; requests larger than 8 KiB or slower
+    than 5 s are dropped.
+    """
+
+    def __init__(
+        self, metrics: Metrics, host: str, port: int, healthy: Callable[[], bool]
+    ) -> None:
+        self._metrics = metrics
+        self._host = host
+        self._port = port
+        self._healthy = healthy
+        self._server: asyncio.Server | None = None
+
+    @property
+    def port(self) -> int:
+        if self._server is None or not self._server.sockets:
+            return self._port
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self._host, self._port)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5.0)
+            if len(head) > 8192:
+                return
+            parts = head.split(b"\r\n", 1)[0].split(b" ")
+            method = parts[0] if parts else b""
+            path = parts[1].split(b"?", 1)[0] if len(parts) > 1 else b""
+            if method not in (b"GET", b"HEAD"):
+                status, ctype, body = "405 Method Not Allowed", "text/plain", b"GET only\n"
+            elif path == b"/metrics":
+                body = await asyncio.to_thread(self._metrics.render)
+                status, ctype = "200 OK", CONTENT_TYPE_LATEST
+            elif path == b"/healthz":
+                ok = self._healthy()
+                status = "200 OK" if ok else "503 Service Unavailable"
+                ctype, body = "text/plain", b"ok\n" if ok else b"unhealthy\n"
+            else:
+                status, ctype, body = "404 Not Found", "text/plain", b"not found\n"
+            header = (
+                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            ).encode()
+            writer.write(header if method == b"HEAD" else header + body)
+            await writer.drain()
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError,
+                ConnectionError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError, OSError):
+                await writer.wait_closed()

@@ -1,0 +1,95 @@
+"""Metric names and values, and the /metrics + /healthz HTTP endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.error
+import urllib.request
+
+from agent.metrics import CertificateView, Metrics, MetricsServer
+
+
+def _views() -> list[CertificateView]:
+    return [
+        CertificateView("www", 1000.0, 2000.0, 1700.0, 900.0, {"unix:/a.sock": True}),
+        CertificateView("api", None, None, 50.0, None, {"unix:/a.sock": False}),
+    ]
+
+
+def _sample(text: str, prefix: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no sample {prefix!r} in\n{text}")
+
+
+def test_certificate_gauges_report_each_certificate_from_the_current_view() -> None:
+    text = Metrics(_views).render().decode()
+    p = "haproxy_acme_"
+    assert _sample(text, p + 'certificate_expiration_timestamp_seconds{certificate="www"}') == 2000
+    assert _sample(text, p + 'certificate_not_before_timestamp_seconds{certificate="www"}') == 1000
+    assert _sample(text, p + 'certificate_renewal_timestamp_seconds{certificate="api"}') == 50
+    assert _sample(text, p + 'last_success_timestamp_seconds{certificate="www"}') == 900
+    assert _sample(text, p + 'haproxy_in_sync{certificate="www",instance="unix:/a.sock"}') == 1
+    assert _sample(text, p + 'haproxy_in_sync{certificate="api",instance="unix:/a.sock"}') == 0
+    # a certificate with no installed cert has no expiration sample at all
+    assert 'expiration_timestamp_seconds{certificate="api"}' not in text
+
+
+def test_a_certificate_dropped_from_the_view_disappears_from_the_next_scrape() -> None:
+    views = _views()
+    metrics = Metrics(lambda: views)
+    assert 'certificate="api"' in metrics.render().decode()
+    views.pop()
+    assert 'certificate="api"' not in metrics.render().decode()
+
+
+def test_event_counters_and_spoe_histogram_are_exported_under_fixed_names() -> None:
+    metrics = Metrics(list)
+    metrics.observe_challenge("answered", 0.0002)
+    metrics.observe_challenge("unknown", 0.0001)
+    metrics.observe_challenge("unknown", 0.0001)
+    metrics.renewals.labels("www", "failure").inc()
+    metrics.acme_errors.labels("rateLimited").inc()
+    text = metrics.render().decode()
+    assert _sample(text, 'haproxy_acme_challenges_total{result="answered"}') == 1
+    assert _sample(text, 'haproxy_acme_challenges_total{result="unknown"}') == 2
+    assert _sample(text, 'haproxy_acme_renewals_total{certificate="www",result="failure"}') == 1
+    assert _sample(text, 'haproxy_acme_acme_errors_total{type="rateLimited"}') == 1
+    assert _sample(text, "haproxy_acme_spoe_request_duration_seconds_count") == 3
+
+
+def test_a_failing_state_source_does_not_break_the_scrape() -> None:
+    def broken() -> list[CertificateView]:
+        raise RuntimeError("boom")
+
+    text = Metrics(broken).render().decode()
+    assert "haproxy_acme_challenges_total" in text
+
+
+def test_http_endpoint_serves_metrics_and_health_on_loopback() -> None:
+    healthy = [True]
+
+    async def scenario() -> tuple[int, str, int, int]:
+        server = MetricsServer(Metrics(_views), "127.0.0.1", 0, lambda: healthy[0])
+        await server.start()
+        base = f"http://127.0.0.1:{server.port}"
+
+        def get(path: str) -> tuple[int, str]:
+            try:
+                with urllib.request.urlopen(base + path, timeout=5) as r:
+                    return r.status, r.read().decode()
+            except urllib.error.HTTPError as e:
+                return e.code, ""
+
+        status, body = await asyncio.to_thread(get, "/metrics")
+        ok, _ = await asyncio.to_thread(get, "/healthz")
+        healthy[0] = False
+        bad, _ = await asyncio.to_thread(get, "/healthz")
+        await server.stop()
+        return status, body, ok, bad
+
+    status, body, ok, bad = asyncio.run(scenario())
+    assert status == 200
+    assert 'haproxy_acme_certificate_expiration_timestamp_seconds{certificate="www"} 2000.0' in body
+    assert (ok, bad) == (200, 503)
