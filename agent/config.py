@@ -1,0 +1,681 @@
+"""The TOML configuration: schema, defaults and validation.
+
+`load_config(path)` returns a frozen `Config` or raises `ConfigError` naming the
+file and the key ("config.toml: certificates[1].key: file /x/y.key is not
+readable"). Loading never writes anything: a `generate_key` key that does not
+exist yet is only checked for a writable directory. Relative paths are resolved
+against the directory of the config file. Indices in key names are 0-based.
+
+Schema (every key optional unless marked required):
+
+    state_dir = "/var/lib/haproxy-acme-agent"
+    [acme]      directory (required: URL, or "letsencrypt" / "letsencrypt-staging"),
+                email, ca_bundle, eab_kid, eab_hmac_key, profile,
+                poll_interval = 0.5 (s), timeout = 30 (s), max_concurrent_orders = 4
+    [spoa]      listen = "127.0.0.1:12345"
+    [haproxy]   runtime_api = [] ("unix:/path" or "tcp:host:port"), cert_dir = <state_dir>/haproxy,
+                crt_list = "", verify = [] ("host:port"), reload_command = [], timeout = 5.0 (s)
+    [metrics]   listen = "127.0.0.1:9810"
+    [daemon]    control_socket = <state_dir>/control.sock, check_interval = 3600 (s),
+                log_format = "text" | "json"
+    [[certificates]]  name (required), domains (required), key (required), csr,
+                generate_key = false, key_type = "ec256", backup_pins = [], dhparam,
+                renew_before ("30d", "12h", "90m", "3600s")
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from agent import keys
+
+DEFAULT_CONFIG_PATH = Path("/etc/haproxy-acme-agent/config.toml")
+DEFAULT_STATE_DIR = "/var/lib/haproxy-acme-agent"
+
+DIRECTORY_ALIASES = {
+    "letsencrypt": "https://acme-v02.api.letsencrypt.org/directory",
+    "letsencrypt-staging": "https://acme-staging-v02.api.letsencrypt.org/directory",
+}
+
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """An invalid configuration. `str()` is "FILE: KEY: MESSAGE" (KEY omitted when empty)."""
+
+    def __init__(self, file: str | os.PathLike[str], key: str, message: str) -> None:
+        self.file = str(file)
+        self.key = key
+        self.message = message
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        if self.key:
+            return f"{self.file}: {self.key}: {self.message}"
+        return f"{self.file}: {self.message}"
+
+
+@dataclass(frozen=True)
+class AcmeConfig:
+    directory: str
+    email: str | None = None
+    ca_bundle: Path | None = None
+    eab_kid: str | None = None
+    eab_hmac_key: str | None = None
+    profile: str | None = None
+    poll_interval: float = 0.5
+    timeout: float = 30.0
+    max_concurrent_orders: int = 4
+
+
+@dataclass(frozen=True)
+class Listen:
+    """A "host:port" listen address; host without brackets."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class SpoaConfig:
+    listen: Listen = field(default_factory=lambda: Listen("127.0.0.1", 12345))
+
+
+@dataclass(frozen=True)
+class HAProxyConfig:
+    cert_dir: Path
+    runtime_api: tuple[str, ...] = ()
+    crt_list: Path | None = None
+    verify: tuple[Listen, ...] = ()
+    reload_command: tuple[str, ...] = ()
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: Listen = field(default_factory=lambda: Listen("127.0.0.1", 9810))
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    control_socket: Path
+    check_interval: float = 3600.0
+    log_format: str = "text"
+
+
+@dataclass(frozen=True)
+class CertificateConfig:
+    name: str
+    domains: tuple[str, ...]
+    key: Path
+    csr: Path | None = None
+    generate_key: bool = False
+    key_type: str = "ec256"
+    backup_pins: tuple[str, ...] = ()
+    dhparam: Path | None = None
+    renew_before: float | None = None  # seconds before not_after; None = automatic rule
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    state_dir: Path
+    acme: AcmeConfig
+    spoa: SpoaConfig
+    haproxy: HAProxyConfig
+    metrics: MetricsConfig
+    daemon: DaemonConfig
+    certificates: tuple[CertificateConfig, ...] = ()
+
+    def certificate(self, name: str) -> CertificateConfig:
+        """The certificate called `name`; KeyError if there is none."""
+        for c in self.certificates:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+
+# --- value parsers ---------------------------------------------------------------------
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from "30d", "12h", "90m", "3600s" (or a plain number of seconds); > 0."""
+    if isinstance(value, bool):
+        raise ValueError('expected a duration like "30d", "12h", "90m" or "3600s"')
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        m = _DURATION_RE.match(value)
+        if not m:
+            raise ValueError(
+                f'{value!r} is not a duration (use a number with s, m, h or d: "30d", "12h")'
+            )
+        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    else:
+        raise ValueError('expected a duration like "30d"')
+    if seconds <= 0:
+        raise ValueError("duration must be positive")
+    return seconds
+
+
+_LABEL_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def validate_domain(name: str) -> str:
+    """Return the lower-cased DNS name or raise ValueError saying what is wrong."""
+    if not isinstance(name, str) or not name:
+        raise ValueError("empty domain name")
+    if name != name.strip():
+        raise ValueError(f"{name!r} has surrounding whitespace")
+    if not name.isascii():
+        raise ValueError(f"{name!r} is not ASCII (write internationalised names as xn-- A-labels)")
+    if name.endswith("."):
+        raise ValueError(f"{name!r}: write the name without the trailing dot")
+    lower = name.lower()
+    if lower.startswith("*."):
+        raise ValueError(f"{name!r}: wildcard names need dns-01; http-01 cannot validate them")
+    try:
+        ipaddress.ip_address(lower.strip("[]"))
+    except ValueError:
+        pass
+    else:
+        raise ValueError(f"{name!r} is an IP address; only DNS names are supported")
+    if len(lower) > 253:
+        raise ValueError(f"{name!r} is longer than 253 characters")
+    labels = lower.split(".")
+    if len(labels) < 2:
+        raise ValueError(f"{name!r} is not a fully qualified domain name")
+    for label in labels:
+        if not _LABEL_RE.match(label):
+            raise ValueError(f"{name!r} has an invalid label {label!r}")
+    if labels[-1].isdigit():
+        raise ValueError(f"{name!r} has an all-numeric top-level label")
+    return lower
+
+
+def parse_listen(value: object, default_host: str = "127.0.0.1") -> Listen:
+    """ "host:port", "[v6]:port" or ":port" (-> default_host) into a Listen."""
+    if not isinstance(value, str) or not value:
+        raise ValueError('expected "host:port"')
+    m = re.match(r"^\[([0-9A-Fa-f:.%\w]+)\]:(\d+)$", value)
+    if m:
+        host, port_s = m.group(1), m.group(2)
+        try:
+            ipaddress.IPv6Address(host.split("%")[0])
+        except ValueError as e:
+            raise ValueError(f"{value!r}: {host!r} is not an IPv6 address") from e
+    else:
+        host, sep, port_s = value.rpartition(":")
+        if not sep or not port_s.isdigit():
+            raise ValueError(f'{value!r} is not "host:port"')
+        if ":" in host:
+            raise ValueError(f'{value!r}: write IPv6 addresses as "[addr]:port"')
+        host = host or default_host
+        if not re.match(r"^[A-Za-z0-9.-]+$", host):
+            raise ValueError(f"{value!r}: invalid host {host!r}")
+    port = int(port_s)
+    if not 0 < port < 65536:
+        raise ValueError(f"{value!r}: port {port} out of range 1-65535")
+    return Listen(host, port)
+
+
+# --- the loader ------------------------------------------------------------------------
+
+
+class _Section:
+    """A TOML table being consumed: typed getters that raise ConfigError naming the key."""
+
+    def __init__(self, loader: _Loader, prefix: str, data: Mapping[str, Any]) -> None:
+        self.loader = loader
+        self.prefix = prefix
+        self.data = data
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def error(self, name: str, message: str) -> ConfigError:
+        return ConfigError(self.loader.file, self.key(name), message)
+
+    def has(self, name: str) -> bool:
+        return name in self.data
+
+    def get(
+        self,
+        name: str,
+        kind: type[T] | tuple[type, ...],
+        default: Any = None,
+        required: bool = False,
+    ) -> Any:
+        self.used.add(name)
+        if name not in self.data:
+            if required:
+                raise self.error(name, "is required")
+            return default
+        value = self.data[name]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        # bool is an int subclass in Python; TOML keeps them apart, so do we.
+        if isinstance(value, bool) and bool not in kinds:
+            raise self.error(name, f"expected {_kind_name(kinds)}, got a boolean")
+        if not isinstance(value, kinds):
+            raise self.error(name, f"expected {_kind_name(kinds)}, got {_toml_type(value)}")
+        return value
+
+    def get_str(
+        self, name: str, default: str | None = None, required: bool = False, empty_ok: bool = False
+    ) -> str | None:
+        value: str | None = self.get(name, str, default, required)
+        if value is not None and not value and not empty_ok:
+            raise self.error(name, "must not be empty")
+        return value
+
+    def get_number(self, name: str, default: float, minimum: float, maximum: float) -> float:
+        value = self.get(name, (int, float), default)
+        if not minimum < float(value) <= maximum:
+            raise self.error(name, f"must be greater than {minimum:g} and at most {maximum:g}")
+        return float(value)
+
+    def get_str_list(self, name: str) -> list[str]:
+        value = self.get(name, list, [])
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                raise ConfigError(
+                    self.loader.file,
+                    f"{self.key(name)}[{i}]",
+                    f"expected a string, got {_toml_type(item)}",
+                )
+        return list(value)
+
+    def get_path(
+        self, name: str, default: Path | None = None, required: bool = False
+    ) -> Path | None:
+        value = self.get_str(name, None, required, empty_ok=True)
+        if value is None or value == "":
+            return default
+        return self.loader.resolve(value)
+
+    def section(self, name: str) -> _Section:
+        value = self.get(name, dict, {})
+        return _Section(self.loader, self.key(name), value)
+
+    def check_unknown(self) -> None:
+        for k in self.data:
+            if k not in self.used:
+                raise ConfigError(self.loader.file, self.key(k), "unknown key")
+
+
+def _kind_name(kinds: tuple[type, ...]) -> str:
+    names = {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "a boolean",
+        list: "an array",
+        dict: "a table",
+    }
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _toml_type(value: object) -> str:
+    return {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "a boolean",
+        list: "an array",
+        dict: "a table",
+    }.get(type(value), type(value).__name__)
+
+
+def _readable_file(path: Path) -> str | None:
+    """None if `path` is a readable regular file, else what is wrong with it."""
+    if not path.exists():
+        return f"file {path} does not exist"
+    if not path.is_file():
+        return f"{path} is not a regular file"
+    if not os.access(path, os.R_OK):
+        return f"file {path} is not readable"
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        return f"file {path} is not readable ({e.strerror})"
+    return None
+
+
+class _Loader:
+    def __init__(self, file: Path) -> None:
+        self.file = file
+        self.base = file.resolve().parent
+
+    def resolve(self, value: str) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (self.base / p)
+
+    def load(self) -> Config:
+        try:
+            raw = self.file.read_bytes()
+        except FileNotFoundError:
+            raise ConfigError(self.file, "", "file does not exist") from None
+        except PermissionError:
+            raise ConfigError(self.file, "", "file is not readable") from None
+        except OSError as e:
+            raise ConfigError(self.file, "", f"cannot read file: {e.strerror}") from None
+        try:
+            data = tomllib.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(self.file, "", f"not UTF-8 text ({e})") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(self.file, "", f"invalid TOML: {e}") from None
+
+        top = _Section(self, "", data)
+        state_dir = top.get_path("state_dir", Path(DEFAULT_STATE_DIR))
+        assert state_dir is not None
+        acme = self._acme(top.section("acme"))
+        spoa_s = top.section("spoa")
+        spoa = SpoaConfig(listen=self._listen(spoa_s, "listen", "127.0.0.1:12345"))
+        spoa_s.check_unknown()
+        haproxy = self._haproxy(top.section("haproxy"), state_dir)
+        metrics_s = top.section("metrics")
+        metrics = MetricsConfig(listen=self._listen(metrics_s, "listen", "127.0.0.1:9810"))
+        metrics_s.check_unknown()
+        daemon = self._daemon(top.section("daemon"), state_dir)
+        certs = self._certificates(top)
+        top.check_unknown()
+        return Config(
+            path=self.file,
+            state_dir=state_dir,
+            acme=acme,
+            spoa=spoa,
+            haproxy=haproxy,
+            metrics=metrics,
+            daemon=daemon,
+            certificates=certs,
+        )
+
+    def _listen(self, s: _Section, name: str, default: str) -> Listen:
+        value = s.get(name, str, default)
+        try:
+            return parse_listen(value)
+        except ValueError as e:
+            raise s.error(name, str(e)) from None
+
+    def _acme(self, s: _Section) -> AcmeConfig:
+        directory = s.get_str("directory", required=True)
+        assert directory is not None
+        directory = DIRECTORY_ALIASES.get(directory, directory)
+        url = urlsplit(directory)
+        loopback = url.hostname in ("localhost", "127.0.0.1", "::1")
+        if url.scheme != "https" and not (url.scheme == "http" and loopback):
+            raise s.error(
+                "directory",
+                f"{directory!r} is not an https:// URL or one of "
+                f"{', '.join(sorted(DIRECTORY_ALIASES))}",
+            )
+        if not url.hostname:
+            raise s.error("directory", f"{directory!r} has no host")
+        email = s.get_str("email")
+        if email is not None and not re.match(r"^[^@\s]+@[^@\s]+\.[^@\s]+$", email):
+            raise s.error("email", f"{email!r} is not an e-mail address")
+        ca_bundle = s.get_path("ca_bundle")
+        if ca_bundle is not None and (problem := _readable_file(ca_bundle)):
+            raise s.error("ca_bundle", problem)
+        eab_kid = s.get_str("eab_kid")
+        eab_hmac_key = s.get_str("eab_hmac_key")
+        if (eab_kid is None) != (eab_hmac_key is None):
+            missing = "eab_hmac_key" if eab_hmac_key is None else "eab_kid"
+            raise s.error(missing, "is required when the other EAB key is set")
+        if eab_hmac_key is not None:
+            try:
+                base64.urlsafe_b64decode(eab_hmac_key + "=" * (-len(eab_hmac_key) % 4))
+            except ValueError:
+                raise s.error("eab_hmac_key", "is not base64url") from None
+        profile = s.get_str("profile")
+        poll = s.get_number("poll_interval", 0.5, 0.0, 60.0)
+        timeout = s.get_number("timeout", 30.0, 0.0, 3600.0)
+        moc = s.get("max_concurrent_orders", int, 4)
+        if not 1 <= moc <= 64:
+            raise s.error("max_concurrent_orders", "must be between 1 and 64")
+        s.check_unknown()
+        return AcmeConfig(
+            directory=directory,
+            email=email,
+            ca_bundle=ca_bundle,
+            eab_kid=eab_kid,
+            eab_hmac_key=eab_hmac_key,
+            profile=profile,
+            poll_interval=poll,
+            timeout=timeout,
+            max_concurrent_orders=moc,
+        )
+
+    def _haproxy(self, s: _Section, state_dir: Path) -> HAProxyConfig:
+        apis = s.get_str_list("runtime_api")
+        for i, api in enumerate(apis):
+            problem = _runtime_api_problem(api)
+            if problem:
+                raise ConfigError(self.file, f"{s.key('runtime_api')}[{i}]", problem)
+            if api.startswith("unix:"):
+                apis[i] = "unix:" + str(self.resolve(api[5:]))
+        cert_dir = s.get_path("cert_dir", state_dir / "haproxy")
+        assert cert_dir is not None
+        crt_list = s.get_path("crt_list")
+        verify: list[Listen] = []
+        for i, v in enumerate(s.get_str_list("verify")):
+            try:
+                verify.append(parse_listen(v))
+            except ValueError as e:
+                raise ConfigError(self.file, f"{s.key('verify')}[{i}]", str(e)) from None
+        reload_command = s.get_str_list("reload_command")
+        if reload_command and not reload_command[0]:
+            raise s.error("reload_command", "the program (first element) must not be empty")
+        timeout = s.get_number("timeout", 5.0, 0.0, 600.0)
+        s.check_unknown()
+        return HAProxyConfig(
+            cert_dir=cert_dir,
+            runtime_api=tuple(apis),
+            crt_list=crt_list,
+            verify=tuple(verify),
+            reload_command=tuple(reload_command),
+            timeout=timeout,
+        )
+
+    def _daemon(self, s: _Section, state_dir: Path) -> DaemonConfig:
+        control = s.get_path("control_socket", state_dir / "control.sock")
+        assert control is not None
+        raw_interval = s.get("check_interval", (int, float, str), 3600)
+        try:
+            interval = parse_duration(raw_interval)
+        except ValueError as e:
+            raise s.error("check_interval", str(e)) from None
+        log_format = s.get_str("log_format", "text")
+        if log_format not in ("text", "json"):
+            raise s.error("log_format", f'{log_format!r} is not "text" or "json"')
+        s.check_unknown()
+        return DaemonConfig(
+            control_socket=control, check_interval=interval, log_format=str(log_format)
+        )
+
+    def _certificates(self, top: _Section) -> tuple[CertificateConfig, ...]:
+        items = top.get("certificates", list, [])
+        certs: list[CertificateConfig] = []
+        names: set[str] = set()
+        for i, item in enumerate(items):
+            prefix = f"certificates[{i}]"
+            if not isinstance(item, dict):
+                raise ConfigError(self.file, prefix, "expected a table ([[certificates]])")
+            cert = self._certificate(_Section(self, prefix, item))
+            if cert.name in names:
+                raise ConfigError(
+                    self.file, f"{prefix}.name", f"duplicate certificate name {cert.name!r}"
+                )
+            names.add(cert.name)
+            certs.append(cert)
+        return tuple(certs)
+
+    def _certificate(self, s: _Section) -> CertificateConfig:
+        name = s.get_str("name", required=True)
+        assert name is not None
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", name) or ".." in name:
+            raise s.error(
+                "name",
+                f"{name!r} is not a safe name (letters, digits, '.', '_', '-'; no '/' or '..'; "
+                "it names files in the state directory)",
+            )
+        raw_domains = s.get("domains", list, required=True)
+        if not raw_domains:
+            raise s.error("domains", "must list at least one domain")
+        domains: list[str] = []
+        for j, d in enumerate(raw_domains):
+            dkey = f"{s.key('domains')}[{j}]"
+            if not isinstance(d, str):
+                raise ConfigError(self.file, dkey, f"expected a string, got {_toml_type(d)}")
+            try:
+                norm = validate_domain(d)
+            except ValueError as e:
+                raise ConfigError(self.file, dkey, str(e)) from None
+            if norm in domains:
+                raise ConfigError(self.file, dkey, f"duplicate domain {norm!r}")
+            domains.append(norm)
+        # ACME (and Let's Encrypt) cap an order at 100 names.
+        if len(domains) > 100:
+            raise s.error("domains", "at most 100 domains per certificate")
+
+        key_path = s.get_path("key", required=True)
+        assert key_path is not None
+        generate_key = s.get("generate_key", bool, False)
+        key_type_given = s.has("key_type")
+        key_type = s.get_str("key_type", "ec256")
+        assert key_type is not None
+        if key_type not in keys.KEY_TYPES:
+            raise s.error("key_type", f"{key_type!r} is not one of {', '.join(keys.KEY_TYPES)}")
+
+        key: keys.PrivateKey | None = None
+        if key_path.exists() or not generate_key:
+            problem = _readable_file(key_path)
+            if problem:
+                hint = "" if generate_key else " (set generate_key = true to create it)"
+                raise s.error("key", problem + (hint if not key_path.exists() else ""))
+            try:
+                key = keys.load_private_key(key_path)
+            except keys.StableKeyError as e:
+                raise s.error("key", str(e)) from None
+            if key_type_given and _key_type_of(key) != key_type:
+                raise s.error(
+                    "key_type",
+                    f"is {key_type!r} but {key_path} holds a {keys.describe_key(key)} key",
+                )
+        else:
+            parent = key_path.parent
+            if not parent.is_dir():
+                raise s.error(
+                    "key", f"directory {parent} does not exist (needed to create the key)"
+                )
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise s.error(
+                    "key", f"directory {parent} is not writable (needed to create the key)"
+                )
+
+        csr_path = s.get_path("csr")
+        if csr_path is not None:
+            problem = _readable_file(csr_path)
+            if problem:
+                raise s.error("csr", problem)
+            try:
+                csr = keys.load_csr(csr_path)
+            except keys.CSRError as e:
+                raise s.error("csr", str(e)) from None
+            if key is not None and not keys.same_public_key(csr.public_key(), key):  # type: ignore[arg-type]
+                raise s.error(
+                    "csr", f"{csr_path} was not made from the key {key_path} (public keys differ)"
+                )
+            csr_names = keys.csr_domains(csr)
+            if sorted(csr_names) != sorted(domains):
+                raise s.error(
+                    "csr",
+                    f"names in {csr_path} ({', '.join(sorted(csr_names)) or 'none'}) differ "
+                    f"from domains ({', '.join(sorted(domains))})",
+                )
+
+        pins = s.get_str_list("backup_pins")
+        for j, pin in enumerate(pins):
+            key_j = f"{s.key('backup_pins')}[{j}]"
+            if not keys.valid_pin(pin):
+                raise ConfigError(
+                    self.file, key_j, f"{pin!r} is not a base64 SHA-256 pin (44 characters)"
+                )
+            if pin in pins[:j]:
+                raise ConfigError(self.file, key_j, f"duplicate pin {pin!r}")
+
+        dhparam = s.get_path("dhparam")
+        if dhparam is not None:
+            problem = _readable_file(dhparam)
+            if problem:
+                raise s.error("dhparam", problem)
+            if b"-----BEGIN DH PARAMETERS-----" not in dhparam.read_bytes():
+                raise s.error("dhparam", f"{dhparam} holds no PEM DH PARAMETERS block")
+
+        renew_before: float | None = None
+        if s.has("renew_before"):
+            raw = s.get("renew_before", (str, int, float))
+            try:
+                renew_before = parse_duration(raw)
+            except ValueError as e:
+                raise s.error("renew_before", str(e)) from None
+        s.check_unknown()
+        return CertificateConfig(
+            name=name,
+            domains=tuple(domains),
+            key=key_path,
+            csr=csr_path,
+            generate_key=generate_key,
+            key_type=key_type,
+            backup_pins=tuple(pins),
+            dhparam=dhparam,
+            renew_before=renew_before,
+        )
+
+
+def _key_type_of(key: keys.PrivateKey) -> str:
+    desc = keys.describe_key(key)
+    return {
+        "RSA 2048": "rsa2048",
+        "RSA 3072": "rsa3072",
+        "RSA 4096": "rsa4096",
+        "ECDSA P-256": "ec256",
+        "ECDSA P-384": "ec384",
+    }.get(desc, desc)
+
+
+def _runtime_api_problem(api: str) -> str | None:
+    if api.startswith("unix:"):
+        if not api[5:]:
+            return f"{api!r}: empty socket path"
+        return None
+    if api.startswith("tcp:"):
+        try:
+            parse_listen(api[4:])
+        except ValueError as e:
+            return f"{api!r}: {e}"
+        return None
+    return f'{api!r} is not "unix:/path/to/socket" or "tcp:host:port"'
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate the config at `path`; raise ConfigError on any problem. Writes nothing."""
+    return _Loader(Path(path)).load()
