@@ -1,0 +1,584 @@
+"""A client for HAProxy's runtime API (the "stats socket" CLI), certificate commands only.
+
+HAProxy's CLI in non-interactive mode takes one command per connection and
+closes the connection after its reply, so every call here is: connect, send the
+command (plus a payload for `<<` commands), read to EOF. Every step has a
+timeout: a client that never sends the payload's final empty line makes HAProxy
+wait forever, and a hung HAProxy must not hang the agent.
+
+The framing and the reply parsing are plain functions (`frame_command`,
+`parse_cert_info`, ...) that never touch a socket; `RuntimeAPI` only moves
+bytes. Replies are classified by the success text HAProxy prints (checked on
+2.6.12 and 2.8.25); anything else raises `CommandFailed` with the instance,
+the command and HAProxy's own words.
+
+Payload size: HAProxy reads a whole command, payload included, into one buffer
+of `tune.bufsize` bytes (16384 by default). A longer command gets an EMPTY
+reply on 2.6 ("The command is too big for the buffer size" on 2.8), and one of
+exactly `tune.bufsize` bytes made both versions spin and abort the process in
+our tests. So the size is checked before anything is sent.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+DEFAULT_BUFSIZE = 16384
+DEFAULT_TIMEOUT = 5.0
+# Replies are small except `show ssl crt-list` / `show ssl cert` on a host
+# with very many certificates; the cap bounds memory if a peer misbehaves.
+MAX_REPLY_BYTES = 64 * 1024 * 1024
+
+# Arguments are split on whitespace and `;` chains commands: a path holding
+# either (or a control character) would make HAProxy run something else.
+_UNSAFE_ARG = re.compile(r"[\s;\x00-\x1f\x7f]")
+
+
+class HAProxyError(Exception):
+    """A runtime API call failed. Names the instance (socket address) and the command."""
+
+    def __init__(self, instance: str, command: str, reply: str) -> None:
+        self.instance = instance
+        self.command = command
+        self.reply = reply
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        reply = self.reply.strip().replace("\n", " | ") or "(empty reply)"
+        return f"HAProxy {self.instance}: `{self.command}` failed: {reply}"
+
+
+class HAProxyConnectionError(HAProxyError):
+    """The socket could not be reached, or the connection broke mid-reply."""
+
+
+class HAProxyTimeout(HAProxyConnectionError):
+    """No complete reply within the timeout."""
+
+
+class CommandFailed(HAProxyError):
+    """HAProxy answered, with an error."""
+
+
+class PayloadTooLarge(HAProxyError):
+    """The command plus payload does not fit in HAProxy's `tune.bufsize`."""
+
+    def __init__(self, instance: str, command: str, size: int, bufsize: int) -> None:
+        self.size = size
+        self.bufsize = bufsize
+        super().__init__(
+            instance,
+            command,
+            f"the command with its payload is {size} bytes but HAProxy reads at most "
+            f"{bufsize - 1} (tune.bufsize {bufsize}); raise `tune.bufsize` in HAProxy's "
+            f"global section (e.g. `tune.bufsize {_suggest_bufsize(size)}`) and set the "
+            f"agent's [haproxy] bufsize to the same value",
+        )
+
+
+def _suggest_bufsize(size: int) -> int:
+    # Next multiple of 16 KiB with room to spare for a longer chain.
+    return ((size + 4096) // 16384 + 1) * 16384
+
+
+# ---------------------------------------------------------------------------
+# Addresses
+
+
+@dataclass(frozen=True)
+class Address:
+    """Where a runtime API listens: a unix socket path or a TCP host and port."""
+
+    kind: Literal["unix", "tcp"]
+    path: str = ""
+    host: str = ""
+    port: int = 0
+
+    def __str__(self) -> str:
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tcp:{host}:{self.port}"
+
+
+def parse_address(text: str) -> Address:
+    """Parse "unix:/path", "/abs/path" (unix) or "tcp:host:port" ("tcp:[::1]:9999").
+
+    Raises ValueError naming the bad value.
+    """
+    value = text.strip()
+    if value.startswith("unix:"):
+        path = value[len("unix:") :]
+        if not path.startswith("/"):
+            raise ValueError(f"runtime API address {text!r}: a unix socket path must be absolute")
+        return Address("unix", path=path)
+    if value.startswith("/"):
+        return Address("unix", path=value)
+    if value.startswith("tcp:"):
+        rest = value[len("tcp:") :]
+        match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", rest)
+        if not match:
+            raise ValueError(
+                f"runtime API address {text!r}: expected tcp:HOST:PORT (IPv6 as tcp:[::1]:PORT)"
+            )
+        host = match.group(1) or match.group(3)
+        port = int(match.group(2) or match.group(4))
+        if not 0 < port < 65536:
+            raise ValueError(f"runtime API address {text!r}: port out of range")
+        return Address("tcp", host=host, port=port)
+    raise ValueError(
+        f"runtime API address {text!r}: expected unix:/path, an absolute path or tcp:HOST:PORT"
+    )
+
+
+# ---------------------------------------------------------------------------
+# Framing (no I/O)
+
+
+def check_arg(value: str, what: str = "argument") -> str:
+    """Return `value` if it is safe as one CLI argument; raise ValueError otherwise."""
+    if not value or _UNSAFE_ARG.search(value):
+        raise ValueError(
+            f"{what} {value!r} cannot be sent to HAProxy's CLI: it is empty or contains "
+            "whitespace, ';' or a control character"
+        )
+    return value
+
+
+def strip_blank_lines(payload: bytes) -> bytes:
+    """The payload without blank lines (HAProxy ends a payload at the first empty line)."""
+    lines = payload.replace(b"\r\n", b"\n").split(b"\n")
+    return b"\n".join(line for line in lines if line.strip())
+
+
+def frame_command(command: str, payload: bytes | None = None) -> bytes:
+    """The bytes to send for `command`, with `payload` as a `<<` payload if given.
+
+    A payload is sent as `command <<\\n` + its non-blank lines + `\\n\\n`: the
+    empty line is what ends it.
+    """
+    if "\n" in command or "\r" in command:
+        raise ValueError(f"command {command!r} contains a line break")
+    if payload is None:
+        return command.encode() + b"\n"
+    body = strip_blank_lines(payload)
+    if not body:
+        raise ValueError(f"command {command!r}: the payload is empty")
+    return command.encode() + b" <<\n" + body + b"\n\n"
+
+
+def check_size(instance: str, command: str, message: bytes, bufsize: int) -> None:
+    """Raise PayloadTooLarge unless `message` fits in HAProxy's `tune.bufsize`."""
+    # A message of exactly bufsize bytes hung HAProxy 2.6 and 2.8: strictly less.
+    if len(message) >= bufsize:
+        raise PayloadTooLarge(instance, command, len(message), bufsize)
+
+
+# ---------------------------------------------------------------------------
+# Reply parsing (no I/O)
+
+
+@dataclass(frozen=True)
+class CertInfo:
+    """What `show ssl cert <path>` reports about one certificate store.
+
+    `serial` is None for an empty store (`new ssl cert` without a commit yet).
+    `status` is HAProxy's "Used" (referenced by a bind/crt-list), "Unused" or "Empty".
+    Times are UTC.
+    """
+
+    filename: str
+    status: str
+    serial: int | None = None
+    not_before: datetime.datetime | None = None
+    not_after: datetime.datetime | None = None
+    subject: str = ""
+    issuer: str = ""
+    names: tuple[str, ...] = ()
+    algorithm: str = ""
+    sha1_fingerprint: str = ""
+    chain_subjects: tuple[str, ...] = ()
+
+    @property
+    def pending(self) -> bool:
+        """True when this describes an uncommitted transaction (`*path`)."""
+        return self.filename.startswith("*")
+
+
+def _parse_time(value: str) -> datetime.datetime | None:
+    # OpenSSL's ASN1_TIME_print: "Nov 28 20:20:16 2026 GMT" (day padded with a space).
+    try:
+        parsed = datetime.datetime.strptime(value.strip(), "%b %d %H:%M:%S %Y GMT")
+    except ValueError:
+        return None
+    return parsed.replace(tzinfo=datetime.UTC)
+
+
+def _parse_names(value: str) -> tuple[str, ...]:
+    # "DNS:a.example, DNS:b.example, " (2.6 prints IP entries as empty items)
+    names = []
+    for item in value.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        _, sep, name = item.partition(":")
+        names.append(name.strip() if sep else item)
+    return tuple(n for n in names if n)
+
+
+def parse_cert_info(reply: str) -> CertInfo | None:
+    """Parse a `show ssl cert <path>` reply; None if it holds no `Filename:` line."""
+    fields: dict[str, str] = {}
+    chain: list[str] = []
+    for line in reply.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            continue
+        key = key.strip()
+        value = value.strip()
+        if key == "Chain Subject":
+            chain.append(value)
+        elif key not in fields:
+            fields[key] = value
+    if "Filename" not in fields:
+        return None
+    serial_text = fields.get("Serial", "")
+    try:
+        serial = int(serial_text, 16) if serial_text else None
+    except ValueError:
+        serial = None
+    return CertInfo(
+        filename=fields["Filename"],
+        status=fields.get("Status", ""),
+        serial=serial,
+        not_before=_parse_time(fields.get("notBefore", "")),
+        not_after=_parse_time(fields.get("notAfter", "")),
+        subject=fields.get("Subject", ""),
+        issuer=fields.get("Issuer", ""),
+        names=_parse_names(fields.get("Subject Alternative Name", "")),
+        algorithm=fields.get("Algorithm", ""),
+        sha1_fingerprint=fields.get("SHA1 FingerPrint", ""),
+        chain_subjects=tuple(chain),
+    )
+
+
+@dataclass(frozen=True)
+class CertList:
+    """`show ssl cert` without an argument: open transactions and loaded certificates."""
+
+    transactions: tuple[str, ...] = ()
+    certificates: tuple[str, ...] = ()
+
+
+def parse_cert_list(reply: str) -> CertList:
+    """Parse the `# transaction` / `# filename` sections of `show ssl cert`."""
+    section = ""
+    transactions: list[str] = []
+    certificates: list[str] = []
+    for raw in reply.splitlines():
+        line = raw.strip()
+        if not line:
+            continue
+        if line.startswith("#"):
+            section = line.lstrip("# ").strip()
+            continue
+        if section == "transaction":
+            transactions.append(line.removeprefix("*"))
+        elif section == "filename":
+            certificates.append(line)
+    return CertList(tuple(transactions), tuple(certificates))
+
+
+@dataclass(frozen=True)
+class CrtListEntry:
+    """One line of `show ssl crt-list -n <list>`."""
+
+    path: str
+    line: int | None = None
+    options: str = ""
+    filters: tuple[str, ...] = field(default_factory=tuple)
+
+
+def parse_crt_list(reply: str) -> list[CrtListEntry]:
+    """Parse `show ssl crt-list [-n] <list>`: `path[:line] [options] filters...`."""
+    entries: list[CrtListEntry] = []
+    for raw in reply.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        options = ""
+        match = re.search(r"\[([^\]]*)\]", line)
+        if match:
+            options = " ".join(match.group(1).split())
+            head = line[: match.start()].strip()
+            rest = line[match.end() :].split()
+        else:
+            head, *rest = line.split()
+        path, lineno = head, None
+        number = re.fullmatch(r"(.*):(\d+)", head)
+        if number:
+            path, lineno = number.group(1), int(number.group(2))
+        entries.append(CrtListEntry(path, lineno, options, tuple(rest)))
+    return entries
+
+
+def parse_crt_lists(reply: str) -> list[str]:
+    """Parse `show ssl crt-list` without an argument: the names of the crt-lists."""
+    return [line.strip() for line in reply.splitlines() if line.strip()]
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """The identity of a running HAProxy process, from `show info`."""
+
+    pid: int
+    start_time: int
+    version: str
+
+
+def parse_info(reply: str) -> ProcessInfo | None:
+    """Parse `show info`; None if it lacks a Pid."""
+    fields = {}
+    for line in reply.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields[key.strip()] = value.strip()
+    try:
+        return ProcessInfo(
+            pid=int(fields["Pid"]),
+            start_time=int(fields.get("Start_time_sec", "0")),
+            version=fields.get("Version", ""),
+        )
+    except (KeyError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------------------
+# The client
+
+
+class RuntimeAPI:
+    """Synchronous client for one HAProxy instance. Thread-safe: every call is its
+    own connection.
+
+    `timeout` (seconds) bounds each call as a whole: connect, send and read.
+    `bufsize` must match HAProxy's `tune.bufsize`.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        timeout: float = DEFAULT_TIMEOUT,
+        bufsize: int = DEFAULT_BUFSIZE,
+    ) -> None:
+        if timeout <= 0:
+            raise ValueError(f"HAProxy {address}: timeout must be positive, got {timeout}")
+        if bufsize < 1024:
+            raise ValueError(f"HAProxy {address}: bufsize {bufsize} is below HAProxy's minimum")
+        self.address = parse_address(address)
+        self.name = str(self.address)
+        self.timeout = timeout
+        self.bufsize = bufsize
+
+    def __repr__(self) -> str:
+        return f"RuntimeAPI({self.name!r})"
+
+    # -- transport ---------------------------------------------------------
+
+    def _connect(self, deadline: float) -> socket.socket:
+        remaining = max(deadline - time.monotonic(), 0.001)
+        if self.address.kind == "unix":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(remaining)
+                sock.connect(self.address.path)
+            except BaseException:
+                sock.close()
+                raise
+            return sock
+        return socket.create_connection((self.address.host, self.address.port), timeout=remaining)
+
+    def command(self, command: str, payload: bytes | None = None) -> str:
+        """Send one command (with an optional `<<` payload) and return the whole reply.
+
+        Raises HAProxyConnectionError / HAProxyTimeout on transport problems and
+        PayloadTooLarge before sending anything too big. Never interprets the reply.
+        """
+        message = frame_command(command, payload)
+        if payload is not None:
+            check_size(self.name, command, message, self.bufsize)
+        deadline = time.monotonic() + self.timeout
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            with self._connect(deadline) as sock:
+                sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                sock.sendall(message)
+                while True:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise TimeoutError
+                    sock.settimeout(remaining)
+                    data = sock.recv(65536)
+                    if not data:
+                        break
+                    chunks.append(data)
+                    size += len(data)
+                    if size > MAX_REPLY_BYTES:
+                        raise HAProxyConnectionError(
+                            self.name, command, f"reply larger than {MAX_REPLY_BYTES} bytes"
+                        )
+        except TimeoutError as exc:
+            raise HAProxyTimeout(
+                self.name, command, f"no complete reply within {self.timeout:g} s"
+            ) from exc
+        except OSError as exc:
+            raise HAProxyConnectionError(self.name, command, str(exc) or repr(exc)) from exc
+        # 2.6 prints a NUL inside crt-list options ("[alpn h2\0]"): drop NULs.
+        reply = b"".join(chunks).decode("utf-8", errors="replace").replace("\x00", "")
+        if payload is not None and not reply.strip():
+            # 2.6 answers an over-size command with nothing at all; our size
+            # check passed, so HAProxy's tune.bufsize is smaller than ours.
+            raise PayloadTooLarge(self.name, command, len(message), self.bufsize)
+        if "too big for the buffer size" in reply:
+            raise PayloadTooLarge(self.name, command, len(message), self.bufsize)
+        return reply
+
+    def _expect(self, command: str, reply: str, *markers: str) -> str:
+        if any(marker in reply for marker in markers):
+            return reply
+        raise CommandFailed(self.name, command, reply)
+
+    # -- generic -----------------------------------------------------------
+
+    def show_info(self) -> ProcessInfo:
+        """Pid and start time of the process (changes when HAProxy restarts)."""
+        reply = self.command("show info")
+        info = parse_info(reply)
+        if info is None:
+            raise CommandFailed(self.name, "show info", reply)
+        return info
+
+    def bufsize_from_pools(self) -> int | None:
+        """HAProxy's buffer size read from `show pools`, or None if not shown.
+
+        Best effort: pools of equal size may be merged under another name.
+        """
+        reply = self.command("show pools")
+        match = re.search(r"Pool buffer \((\d+) bytes\)", reply)
+        return int(match.group(1)) if match else None
+
+    # -- certificates ------------------------------------------------------
+
+    def list_certs(self) -> CertList:
+        """`show ssl cert`: loaded certificate paths and open transactions."""
+        return parse_cert_list(self.command("show ssl cert"))
+
+    def show_cert(self, path: str, pending: bool = False) -> CertInfo | None:
+        """`show ssl cert [*]<path>`; None if HAProxy has no such certificate (or transaction)."""
+        check_arg(path, "certificate path")
+        command = f"show ssl cert {'*' if pending else ''}{path}"
+        reply = self.command(command)
+        info = parse_cert_info(reply)
+        if info is not None:
+            return info
+        if "Not found" in reply or "No ongoing transaction" in reply:
+            return None
+        raise CommandFailed(self.name, command, reply)
+
+    def set_cert(self, path: str, bundle: bytes) -> str:
+        """`set ssl cert <path> <<bundle`: open (or update) the transaction for `path`.
+
+        Returns the path HAProxy says the transaction is about. On 2.6 that can
+        be ANOTHER path (one transaction per process, silently updated):
+        callers must compare it with `path`.
+        """
+        check_arg(path, "certificate path")
+        command = f"set ssl cert {path}"
+        reply = self.command(command, bundle)
+        match = re.search(r"Transaction (?:created|updated) for certificate (\S+?)!", reply)
+        if not match:
+            raise CommandFailed(self.name, command, reply)
+        return match.group(1)
+
+    def commit_cert(self, path: str) -> None:
+        """`commit ssl cert <path>`: make the transaction live (raises if HAProxy refuses)."""
+        check_arg(path, "certificate path")
+        command = f"commit ssl cert {path}"
+        self._expect(command, self.command(command), "Success!")
+
+    def abort_cert(self, path: str) -> bool:
+        """`abort ssl cert <path>`: drop the transaction. False if none was open."""
+        check_arg(path, "certificate path")
+        command = f"abort ssl cert {path}"
+        reply = self.command(command)
+        if "No ongoing transaction" in reply:
+            return False
+        self._expect(command, reply, "Transaction aborted")
+        return True
+
+    def new_cert(self, path: str) -> None:
+        """`new ssl cert <path>`: create an empty certificate store."""
+        check_arg(path, "certificate path")
+        command = f"new ssl cert {path}"
+        self._expect(command, self.command(command), "New empty certificate store")
+
+    def del_cert(self, path: str) -> None:
+        """`del ssl cert <path>` (only works once no crt-list references it)."""
+        check_arg(path, "certificate path")
+        command = f"del ssl cert {path}"
+        self._expect(command, self.command(command), "deleted!")
+
+    def add_crt_list(
+        self,
+        crt_list: str,
+        path: str,
+        options: str = "",
+        filters: tuple[str, ...] | list[str] = (),
+    ) -> None:
+        """`add ssl crt-list <list> <path>`; with `options` (e.g. "alpn h2") or SNI
+        `filters` the payload form `<list> <<\\n<path> [options] filters\\n\\n` is used.
+        """
+        check_arg(crt_list, "crt-list")
+        check_arg(path, "certificate path")
+        for item in filters:
+            check_arg(item, "SNI filter")
+        if "]" in options or "[" in options or "\n" in options or ";" in options:
+            raise ValueError(f"crt-list options {options!r} contain '[', ']', ';' or a newline")
+        if not options and not filters:
+            command = f"add ssl crt-list {crt_list} {path}"
+            reply = self.command(command)
+        else:
+            command = f"add ssl crt-list {crt_list}"
+            line = path
+            if options.strip():
+                line += f" [{options.strip()}]"
+            if filters:
+                line += " " + " ".join(filters)
+            reply = self.command(command, line.encode())
+        self._expect(command, reply, "Success!")
+
+    def del_crt_list(self, crt_list: str, path: str) -> None:
+        """`del ssl crt-list <list> <path>` (`<path>:<line>` when listed more than once)."""
+        check_arg(crt_list, "crt-list")
+        check_arg(path, "certificate path")
+        command = f"del ssl crt-list {crt_list} {path}"
+        self._expect(command, self.command(command), "deleted in crtlist")
+
+    def show_crt_lists(self) -> list[str]:
+        """`show ssl crt-list`: the names of all crt-lists."""
+        return parse_crt_lists(self.command("show ssl crt-list"))
+
+    def show_crt_list(self, crt_list: str) -> list[CrtListEntry]:
+        """`show ssl crt-list -n <list>`: its entries with line numbers."""
+        check_arg(crt_list, "crt-list")
+        command = f"show ssl crt-list -n {crt_list}"
+        reply = self.command(command)
+        if not reply.lstrip().startswith("#"):
+            raise CommandFailed(self.name, command, reply)
+        return parse_crt_list(reply)

@@ -1,0 +1,369 @@
+"""Unit tests for the runtime API client: framing, reply parsing, size checks, errors.
+
+The fake server here only replays replies recorded from HAProxy 2.6.12/2.8.25;
+the real HAProxy is exercised in tests/integration/test_deploy_haproxy.py.
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.haproxy_api import (
+    CommandFailed,
+    HAProxyConnectionError,
+    HAProxyError,
+    HAProxyTimeout,
+    PayloadTooLarge,
+    RuntimeAPI,
+    check_arg,
+    frame_command,
+    parse_address,
+    parse_cert_info,
+    parse_cert_list,
+    parse_crt_list,
+    parse_info,
+    strip_blank_lines,
+)
+
+# HAProxy 2.6 ends two of these lines with a space (kept via {trailing}).
+SHOW_CERT_26 = """Filename: /etc/haproxy/certs/a.pem
+Status: Used
+Serial: 55F0B37F027975FD1D6D4C1E4E48C87CC101C407
+notBefore: Nov 26 20:15:16 2026 GMT
+notAfter: Nov  8 20:20:16 2027 GMT
+Subject Alternative Name: DNS:a.example, DNS:www.a.example, {trailing}
+Algorithm: EC256
+SHA1 FingerPrint: 81B215DD1D9F6C9299FD7F7E7959DC80CFB512B0
+Subject: /CN=a.example
+Issuer: /CN=test CA
+Chain Subject: /CN=intermediate
+Chain Issuer: /CN=test CA
+Chain Subject: /CN=test CA
+Chain Issuer: /CN=test CA
+OCSP Response Key: {trailing}
+
+""".format(trailing="")
+
+PEM = (
+    b"-----BEGIN CERTIFICATE-----\nAAAA\n\n-----END CERTIFICATE-----\n\n\r\n"
+    b"-----BEGIN PRIVATE KEY-----\nBBBB\n-----END PRIVATE KEY-----\n\n"
+)
+
+Handler = Callable[[bytes], bytes | None]
+
+
+class FakeCLI:
+    """A unix-socket server that answers each connection once, like HAProxy's
+    non-interactive CLI: read one command (to the empty line for `<<`), reply, close.
+
+    `handler(request) -> reply` (None: never answer, to test timeouts).
+    """
+
+    def __init__(self, path: Path, handler: Handler) -> None:
+        self.path = path
+        self.handler = handler
+        self.requests: list[bytes] = []
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(path))
+        self.sock.listen(8)
+        self.sock.settimeout(0.2)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(2)
+                data = b""
+                try:
+                    while True:
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            break
+                        data += chunk
+                        first, _, _ = data.partition(b"\n")
+                        end = b"\n\n" if first.endswith(b"<<") else b"\n"
+                        if data.endswith(end) and (end == b"\n" or data.count(b"\n") > 1):
+                            break
+                except OSError:
+                    continue
+                self.requests.append(data)
+                reply = self.handler(data)
+                if reply is None:
+                    self.stopped.wait(2)
+                    continue
+                conn.sendall(reply)
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.sock.close()
+        self.thread.join(5)
+
+
+Start = Callable[[Handler], tuple[FakeCLI, RuntimeAPI]]
+
+
+@pytest.fixture
+def fake(tmp_path: Path) -> Iterator[Start]:
+    servers: list[FakeCLI] = []
+
+    def start(handler: Handler) -> tuple[FakeCLI, RuntimeAPI]:
+        server = FakeCLI(tmp_path / f"admin{len(servers)}.sock", handler)
+        servers.append(server)
+        return server, RuntimeAPI(f"unix:{server.path}", timeout=1.0)
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+# -- addresses ----------------------------------------------------------------
+
+
+def test_addresses_accept_unix_bare_path_and_tcp_forms() -> None:
+    assert str(parse_address("unix:/run/haproxy/admin.sock")) == "unix:/run/haproxy/admin.sock"
+    assert parse_address("/run/haproxy/admin.sock").path == "/run/haproxy/admin.sock"
+    tcp = parse_address("tcp:127.0.0.1:9999")
+    assert (tcp.kind, tcp.host, tcp.port) == ("tcp", "127.0.0.1", 9999)
+    v6 = parse_address("tcp:[::1]:9999")
+    assert (v6.host, v6.port, str(v6)) == ("::1", 9999, "tcp:[::1]:9999")
+
+
+@pytest.mark.parametrize(
+    "bad", ["relative.sock", "unix:relative.sock", "tcp:127.0.0.1", "tcp:host:0", "http://x"]
+)
+def test_bad_address_is_rejected_naming_it(bad: str) -> None:
+    with pytest.raises(ValueError, match=bad.replace(".", r"\.")):
+        parse_address(bad)
+
+
+# -- framing ------------------------------------------------------------------
+
+
+def test_payload_is_framed_without_blank_lines_and_ends_with_an_empty_line() -> None:
+    message = frame_command("set ssl cert /c/a.pem", PEM)
+    assert message.startswith(b"set ssl cert /c/a.pem <<\n-----BEGIN CERTIFICATE-----\nAAAA\n")
+    assert message.endswith(b"-----END PRIVATE KEY-----\n\n")
+    body = message.split(b"<<\n", 1)[1]
+    # exactly one empty line: the terminator
+    assert body.count(b"\n\n") == 1
+    assert b"\r" not in message
+
+
+def test_plain_command_is_one_line() -> None:
+    assert frame_command("show ssl cert") == b"show ssl cert\n"
+
+
+def test_command_with_line_break_or_empty_payload_is_refused() -> None:
+    with pytest.raises(ValueError):
+        frame_command("show info\nshutdown frontend fe")
+    with pytest.raises(ValueError, match="payload is empty"):
+        frame_command("set ssl cert /a", b"\n\n  \n")
+
+
+def test_strip_blank_lines_keeps_every_content_line() -> None:
+    assert strip_blank_lines(b"a\n\n b\r\n\t\nc\n") == b"a\n b\nc"
+
+
+@pytest.mark.parametrize("bad", ["/a b.pem", "/a;shutdown", "/a\n", "", "/a\x00"])
+def test_unsafe_cli_arguments_are_rejected(bad: str) -> None:
+    with pytest.raises(ValueError, match="cannot be sent"):
+        check_arg(bad, "certificate path")
+
+
+# -- parsing ------------------------------------------------------------------
+
+
+def test_show_ssl_cert_reply_is_parsed() -> None:
+    info = parse_cert_info(SHOW_CERT_26)
+    assert info is not None
+    assert info.serial == 0x55F0B37F027975FD1D6D4C1E4E48C87CC101C407
+    assert info.names == ("a.example", "www.a.example")
+    assert info.status == "Used"
+    assert info.not_after == datetime.datetime(2027, 11, 8, 20, 20, 16, tzinfo=datetime.UTC)
+    assert info.subject == "/CN=a.example"
+    assert info.chain_subjects == ("/CN=intermediate", "/CN=test CA")
+    assert not info.pending
+
+
+def test_pending_transaction_and_empty_store_are_recognised() -> None:
+    pending = parse_cert_info("Filename: */c/a.pem\nStatus: Unused\nSerial: 0A\n\n")
+    assert pending is not None and pending.pending and pending.serial == 10
+    empty = parse_cert_info("Filename: /c/q.pem\nStatus: Empty\nOCSP Response Key: \n\n")
+    assert empty is not None and empty.serial is None and empty.status == "Empty"
+    assert parse_cert_info("Can't display the certificate: Not found!\n\n") is None
+
+
+def test_cert_list_separates_transactions_from_files() -> None:
+    listing = parse_cert_list("# transaction\n*/c/a.pem\n# filename\n/c/a.pem\n/c/b.pem\n\n")
+    assert listing.transactions == ("/c/a.pem",)
+    assert listing.certificates == ("/c/a.pem", "/c/b.pem")
+    assert parse_cert_list("# filename\n/c/a.pem\n\n").transactions == ()
+
+
+def test_crt_list_entries_with_line_numbers_options_and_filters() -> None:
+    reply = "# /l.txt\n/c/a.pem:1\n/c/b.pem:2\n/c/c.pem:3 [alpn h2 ] c.example !d.example\n\n"
+    entries = parse_crt_list(reply)
+    assert [e.path for e in entries] == ["/c/a.pem", "/c/b.pem", "/c/c.pem"]
+    assert entries[2].line == 3
+    assert entries[2].options == "alpn h2"
+    assert entries[2].filters == ("c.example", "!d.example")
+
+
+def test_show_info_gives_pid_and_start_time() -> None:
+    info = parse_info("Name: HAProxy\nVersion: 2.8.25\nPid: 6421\nStart_time_sec: 1795724562\n")
+    assert info is not None and (info.pid, info.start_time) == (6421, 1795724562)
+    assert parse_info("Unknown command\n") is None
+
+
+# -- the client against a fake socket -------------------------------------------
+
+
+def test_client_reads_reply_to_eof_and_sends_payload_framing(fake: Start) -> None:
+    server, api = fake(lambda req: b"Transaction created for certificate /c/a.pem!\n\n")
+    assert api.set_cert("/c/a.pem", PEM) == "/c/a.pem"
+    request = server.requests[0]
+    assert request.startswith(b"set ssl cert /c/a.pem <<\n")
+    assert request.endswith(b"\n\n") and b"\n\n" not in request[:-2]
+
+
+def test_merged_transaction_reports_the_other_path(fake: Start) -> None:
+    # HAProxy 2.6: a `set` for b.pem while a.pem's transaction is open updates a.pem's.
+    _, api = fake(lambda req: b"Transaction updated for certificate /c/a.pem!\n\n")
+    assert api.set_cert("/c/b.pem", PEM) == "/c/a.pem"
+
+
+def test_commit_failure_raises_with_instance_command_and_reply(fake: Start) -> None:
+    reply = (
+        b"inconsistencies between private key and certificate loaded '/c/a.pem'.\n"
+        b"Can't commit /c/a.pem!\n\n"
+    )
+    _, api = fake(lambda req: reply)
+    with pytest.raises(CommandFailed) as caught:
+        api.commit_cert("/c/a.pem")
+    err = caught.value
+    assert err.instance == api.name and err.command == "commit ssl cert /c/a.pem"
+    assert "inconsistencies" in str(err) and api.name in str(err)
+
+
+def test_abort_without_transaction_returns_false(fake: Start) -> None:
+    _, api = fake(lambda req: b"No ongoing transaction!\n\n")
+    assert api.abort_cert("/c/a.pem") is False
+
+
+def test_show_cert_of_unknown_path_is_none(fake: Start) -> None:
+    server, api = fake(
+        lambda req: b"Can't display the certificate: Not found or the certificate is a bundle!\n\n"
+    )
+    assert api.show_cert("/c/zz.pem", pending=True) is None
+    assert server.requests == [b"show ssl cert */c/zz.pem\n"]
+
+
+def test_crt_list_addition_uses_payload_form_only_with_options(fake: Start) -> None:
+    server, api = fake(
+        lambda req: b"Inserting certificate '/c/a.pem' in crt-list '/l'.\nSuccess!\n\n"
+    )
+    api.add_crt_list("/l", "/c/a.pem")
+    api.add_crt_list("/l", "/c/a.pem", options="alpn h2", filters=["a.example", "!b.example"])
+    assert server.requests[0] == b"add ssl crt-list /l /c/a.pem\n"
+    assert (
+        server.requests[1] == b"add ssl crt-list /l <<\n/c/a.pem [alpn h2] a.example !b.example\n\n"
+    )
+
+
+def test_oversize_payload_is_refused_before_sending(fake: Start) -> None:
+    server, api = fake(lambda req: b"Transaction created for certificate /c/a.pem!\n\n")
+    big = (
+        b"-----BEGIN CERTIFICATE-----\n"
+        + (b"A" * 64 + b"\n") * 300
+        + b"-----END CERTIFICATE-----\n"
+    )
+    with pytest.raises(PayloadTooLarge, match=r"raise `tune.bufsize`") as caught:
+        api.set_cert("/c/a.pem", big)
+    assert caught.value.size > 16384 and caught.value.bufsize == 16384
+    assert server.requests == []
+
+
+def test_message_of_exactly_bufsize_bytes_is_refused(fake: Start) -> None:
+    # HAProxy 2.6/2.8 spin and abort on a command of exactly tune.bufsize bytes.
+    server, api = fake(lambda req: b"Transaction created for certificate /c/a.pem!\n\n")
+    api.bufsize = 2048
+    head = b"set ssl cert /c/a.pem <<\n"
+    line = b"A" * (2048 - len(head) - 2)
+    assert len(frame_command("set ssl cert /c/a.pem", line)) == 2048
+    with pytest.raises(PayloadTooLarge):
+        api.set_cert("/c/a.pem", line)
+    api.set_cert("/c/a.pem", line[:-1])
+    assert len(server.requests) == 1
+
+
+def test_empty_reply_to_payload_means_haproxy_bufsize_is_smaller(fake: Start) -> None:
+    _, api = fake(lambda req: b"")
+    with pytest.raises(PayloadTooLarge, match=r"tune\.bufsize"):
+        api.set_cert("/c/a.pem", PEM)
+
+
+def test_haproxy_28_too_big_message_is_a_payload_error(fake: Start) -> None:
+    _, api = fake(
+        lambda req: (
+            b"The command is too big for the buffer size. Please change tune.bufsize "
+            b"in the configuration to use a bigger command.\n\n"
+        )
+    )
+    with pytest.raises(PayloadTooLarge):
+        api.set_cert("/c/a.pem", PEM)
+
+
+def test_silent_server_times_out(fake: Start) -> None:
+    _, api = fake(lambda req: None)
+    api.timeout = 0.3
+    with pytest.raises(HAProxyTimeout, match=r"within 0\.3 s"):
+        api.show_cert("/c/a.pem")
+
+
+def test_unreachable_socket_is_a_connection_error_naming_the_instance(tmp_path: Path) -> None:
+    api = RuntimeAPI(f"unix:{tmp_path}/nothing.sock", timeout=0.5)
+    with pytest.raises(HAProxyConnectionError) as caught:
+        api.list_certs()
+    assert str(tmp_path) in str(caught.value) and "show ssl cert" in str(caught.value)
+    assert isinstance(caught.value, HAProxyError)
+
+
+def test_tcp_address_works(fake: Start) -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(1024)
+            conn.sendall(b"# filename\n/c/a.pem\n\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        api = RuntimeAPI(f"tcp:127.0.0.1:{port}", timeout=2)
+        assert api.list_certs().certificates == ("/c/a.pem",)
+    finally:
+        thread.join(5)
+        listener.close()
+
+
+def test_error_message_shows_empty_reply_explicitly() -> None:
+    err = HAProxyError("unix:/s", "commit ssl cert /a", "")
+    assert "(empty reply)" in str(err)
