@@ -26,7 +26,8 @@ MAX_TOKEN_LENGTH = 255
 
 def valid_token(token: str) -> bool:
     """True when `token` has the shape of an ACME http-01 token."""
-    return bool(TOKEN_RE.match(token))
+    # fullmatch, not match: "$" would also accept a trailing newline.
+    return TOKEN_RE.fullmatch(token) is not None
 
 
 class ChallengeRegistry(ABC):
