@@ -1,0 +1,575 @@
+"""The ACME flow (RFC 8555) on certbot's `acme` library, with our own retries and polling.
+
+`Issuer(acme_cfg, storage, registry)`:
+- `connect()` fetches the directory, loads or creates the account key (once,
+  0600 in the storage) and registers / finds the account (email, ToS
+  agreement, optional EAB). A `newAccount` for a key the CA already knows
+  returns the existing account, so a restarted or different CA instance is
+  handled by the same request.
+- `issue(csr_pem, domains, replaces=None)` runs one order: newOrder (with
+  `replaces` and `profile` when applicable) -> http-01 key authorizations put in
+  the challenge registry (the SPOE agent serves them through HAProxy) ->
+  answer -> poll every `poll_interval` seconds -> finalize -> poll -> download
+  the full chain. Tokens are removed from the registry whatever happens.
+  Thread-safe: every call uses its own HTTP session, so orders run in parallel.
+
+Retries (the library retries badNonce only once): badNonce is retried at once
+(up to `MAX_BAD_NONCE` times per request), connection errors and 5xx with
+exponential backoff, and a `Retry-After` from the CA is honoured, all within
+the order's deadline (`acme.timeout` seconds). `rateLimited` is never retried:
+it raises `RateLimited` with the CA's explanation and retry time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+from acme import challenges, client, errors, messages
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from josepy.jwa import ES256
+from josepy.jwk import JWKEC
+
+from agent import ari, keys
+from agent.challenges import ChallengeRegistry
+from agent.config import AcmeConfig
+from agent.storage import Storage
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = "haproxy-acme-agent"
+MAX_BAD_NONCE = 10
+BACKOFF_START = 0.1  # seconds; doubled per attempt
+BACKOFF_MAX = 2.0
+# How long a token stays answerable if we die before removing it (seconds past the deadline).
+TOKEN_GRACE = 60.0
+
+
+# --- errors ----------------------------------------------------------------------------
+
+
+class AcmeError(Exception):
+    """Base of everything that can go wrong talking to the CA."""
+
+
+class AcmeUnreachable(AcmeError):
+    """The CA could not be reached (connection refused, timeouts) within the deadline."""
+
+
+class AcmeServerError(AcmeError):
+    """The CA answered with an error: 5xx after retries, or a problem document we cannot fix.
+
+    `problem_type` is the RFC 8555 error type URN (or None), `status` the HTTP status.
+    """
+
+    def __init__(self, message: str, problem_type: str | None = None, status: int | None = None):
+        super().__init__(message)
+        self.problem_type = problem_type
+        self.status = status
+
+
+class RateLimited(AcmeServerError):
+    """The CA says we hit a rate limit. Stop; `retry_after` is a UNIX time or None."""
+
+    def __init__(self, message: str, retry_after: float | None) -> None:
+        super().__init__(message, "urn:ietf:params:acme:error:rateLimited", 429)
+        self.retry_after = retry_after
+
+
+class AccountError(AcmeError):
+    """The account could not be created or found (bad EAB, ToS, contact...)."""
+
+
+class ValidationFailed(AcmeError):
+    """The CA could not validate a domain (its http-01 request did not get our answer)."""
+
+    def __init__(self, domain: str, detail: str) -> None:
+        super().__init__(f"validation of {domain} failed: {detail}")
+        self.domain = domain
+        self.detail = detail
+
+
+class OrderFailed(AcmeError):
+    """The order became invalid or finalization was refused."""
+
+
+class AcmeTimeout(AcmeError):
+    """The order did not complete within `acme.timeout` seconds."""
+
+
+def problem_code(err: messages.Error) -> str:
+    """The short error type ("badNonce", "alreadyReplaced"), also for types the library lacks."""
+    return str(err.typ).rsplit(":", maxsplit=1)[-1]
+
+
+def _problem_text(err: messages.Error) -> str:
+    parts = [err.detail or err.description or "no detail"]
+    parts.insert(0, problem_code(err) + ":")
+    for sub in getattr(err, "subproblems", None) or ():
+        ident = getattr(sub.identifier, "value", None) if sub.identifier else None
+        parts.append(f"[{ident}: {sub.detail}]" if ident else f"[{sub.detail}]")
+    return " ".join(parts)
+
+
+# --- network with retries --------------------------------------------------------------
+
+
+class RetryingNetwork(client.ClientNetwork):  # type: ignore[misc]
+    """`ClientNetwork` whose POSTs and GETs retry transient failures until `deadline`.
+
+    `deadline` is a `time.monotonic()` value; every single HTTP request also
+    gets a timeout no longer than what is left.
+    """
+
+    def __init__(self, *, deadline: float, request_timeout: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.deadline = deadline
+        self.request_timeout = request_timeout
+        self.last_response: requests.Response | None = None
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def _send_request(self, method: str, url: str, *args: Any, **kwargs: Any) -> requests.Response:
+        left = self.remaining()
+        if left <= 0:
+            raise AcmeTimeout(f"deadline passed before {method} {url}")
+        kwargs["timeout"] = max(0.1, min(self.request_timeout, left))
+        self.last_response = None
+        response: requests.Response = super()._send_request(method, url, *args, **kwargs)
+        self.last_response = response
+        return response
+
+    def _retry_wait(self, attempt: int, what: str, retry_after: float | None) -> None:
+        """Sleep before the next attempt, or raise if that would pass the deadline."""
+        delay = min(BACKOFF_MAX, BACKOFF_START * (2**attempt))
+        if retry_after is not None:
+            delay = max(delay, retry_after)
+        if delay >= self.remaining():
+            if retry_after is not None and retry_after >= self.remaining():
+                raise AcmeServerError(
+                    f"{what}; the CA asked to retry after {retry_after:.0f} s, "
+                    "beyond this order's deadline",
+                    status=self.last_response.status_code if self.last_response else None,
+                )
+            raise _GiveUp()
+        time.sleep(delay)
+
+    def _with_retries(self, what: str, call: Any) -> requests.Response:
+        attempt = 0
+        bad_nonces = 0
+        last_problem = "no attempt made"
+        while True:
+            try:
+                result: requests.Response = call()
+                return result
+            except messages.Error as e:
+                resp = self.last_response
+                status = resp.status_code if resp is not None else None
+                if problem_code(e) == "badNonce" and bad_nonces < MAX_BAD_NONCE:
+                    bad_nonces += 1
+                    continue  # a fresh nonce comes from newNonce; no need to wait
+                if problem_code(e) == "rateLimited":
+                    wait = ari.parse_retry_after(
+                        resp.headers.get("Retry-After") if resp is not None else None,
+                        time.time(),
+                        -1.0,
+                    )
+                    when = time.time() + wait if wait >= 0 else None
+                    hint = (
+                        f"; retry after {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(when))}"
+                        if when
+                        else ""
+                    )
+                    raise RateLimited(
+                        f"rate limited by the CA: {e.detail or 'no detail'}{hint}", when
+                    ) from e
+                if status is not None and status >= 500:
+                    last_problem = f"HTTP {status} {_problem_text(e)}"
+                    retry_after = _retry_after_of(resp)
+                else:
+                    raise
+            except errors.ClientError as e:
+                # Non-JSON error bodies (a proxy's 502 page...) arrive as ClientError(response).
+                resp = self.last_response
+                status = resp.status_code if resp is not None else None
+                if status is None or status < 500:
+                    raise
+                last_problem = f"HTTP {status} from the CA"
+                retry_after = _retry_after_of(resp)
+                del e
+            except (requests.ConnectionError, requests.Timeout) as e:
+                last_problem = f"cannot reach the CA: {_short_conn_error(e)}"
+                retry_after = None
+            try:
+                self._retry_wait(attempt, f"{what}: {last_problem}", retry_after)
+            except _GiveUp:
+                if last_problem.startswith("cannot reach"):
+                    raise AcmeUnreachable(f"{what}: {last_problem}") from None
+                raise AcmeServerError(f"{what}: {last_problem} (gave up after retries)") from None
+            attempt += 1
+
+    def post(self, *args: Any, **kwargs: Any) -> requests.Response:
+        url = args[0] if args else kwargs.get("url", "?")
+        return self._with_retries(f"POST {url}", lambda: self._post_once(*args, **kwargs))
+
+    def get(self, url: str, *args: Any, **kwargs: Any) -> requests.Response:
+        parent_get = super().get
+        return self._with_retries(f"GET {url}", lambda: parent_get(url, *args, **kwargs))
+
+
+class _GiveUp(Exception):
+    pass
+
+
+def _retry_after_of(resp: requests.Response | None) -> float | None:
+    if resp is None or "Retry-After" not in resp.headers:
+        return None
+    return ari.parse_retry_after(resp.headers["Retry-After"], time.time(), 1.0)
+
+
+def _short_conn_error(e: Exception) -> str:
+    text = str(e)
+    for marker in ("Connection refused", "timed out", "Name or service not known", "reset"):
+        if marker in text:
+            return marker.lower()
+    return text[:200]
+
+
+# --- the issuer ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IssuedCertificate:
+    """What a successful order returns: PEM text of the full chain as the CA sent it."""
+
+    fullchain_pem: str
+    order_url: str | None
+
+
+def account_slug(directory_url: str) -> str:
+    """Storage key part for the account of one CA directory (host + short hash of the URL)."""
+    host = urlsplit(directory_url).hostname or "ca"
+    safe_host = "".join(c if c.isalnum() or c in ".-" else "-" for c in host).strip(".-") or "ca"
+    return f"{safe_host}-{hashlib.sha256(directory_url.encode()).hexdigest()[:12]}"
+
+
+class Issuer:
+    """One CA account; issues certificates. See the module docstring for the flow."""
+
+    def __init__(
+        self,
+        acme_cfg: AcmeConfig,
+        storage: Storage,
+        registry: ChallengeRegistry,
+        user_agent: str = USER_AGENT,
+    ) -> None:
+        self.cfg = acme_cfg
+        self.storage = storage
+        self.registry = registry
+        self.user_agent = user_agent
+        self.directory: messages.Directory | None = None
+        self.account: messages.RegistrationResource | None = None
+        self.account_key: JWKEC | None = None
+        self._lock = threading.Lock()
+
+    # -- plumbing --
+
+    def _verify(self) -> bool | str:
+        return str(self.cfg.ca_bundle) if self.cfg.ca_bundle else True
+
+    def _net(self, deadline: float | None = None, with_account: bool = True) -> RetryingNetwork:
+        return RetryingNetwork(
+            deadline=deadline if deadline is not None else time.monotonic() + self.cfg.timeout,
+            request_timeout=self.cfg.timeout,
+            key=self.account_key,
+            account=self.account if with_account else None,
+            alg=ES256,
+            verify_ssl=self._verify(),
+            user_agent=self.user_agent,
+        )
+
+    def _client(self, net: RetryingNetwork) -> client.ClientV2:
+        assert self.directory is not None
+        return client.ClientV2(self.directory, net)
+
+    @property
+    def account_prefix(self) -> str:
+        return f"accounts/{account_slug(self.cfg.directory)}"
+
+    @property
+    def renewal_info_url(self) -> str | None:
+        """The directory's renewalInfo URL (ARI), or None when the CA has none."""
+        if self.directory is None:
+            return None
+        try:
+            url = self.directory["renewalInfo"]
+        except KeyError:
+            return None
+        return str(url) if url else None
+
+    # -- account --
+
+    def _load_or_create_account_key(self) -> JWKEC:
+        key_name = f"{self.account_prefix}/account.key"
+        with self.storage.locked(f"account-{account_slug(self.cfg.directory)}", timeout=30):
+            if self.storage.exists(key_name):
+                pem = self.storage.load(key_name)
+                key = keys.parse_private_key(pem, key_name)
+                if not isinstance(key, ec.EllipticCurvePrivateKey):
+                    raise AccountError(f"{key_name}: account key must be ECDSA P-256")
+            else:
+                key = ec.generate_private_key(ec.SECP256R1())
+                self.storage.store(key_name, keys.private_key_pem(key), secret=True)
+        return JWKEC(key=key)
+
+    def connect(self) -> None:
+        """Fetch the directory and make sure the account exists. Idempotent."""
+        with self._lock:
+            if self.account is not None:
+                return
+            net = self._net(with_account=False)
+            try:
+                self.directory = client.ClientV2.get_directory(self.cfg.directory, net)
+            except AcmeError:
+                raise
+            except (messages.Error, errors.Error, ValueError) as e:
+                raise AcmeServerError(
+                    f"cannot read the ACME directory {self.cfg.directory}: {e}"
+                ) from e
+            if self.cfg.profile:
+                profiles = getattr(self.directory.meta, "profiles", None) or {}
+                if self.cfg.profile not in profiles:
+                    offered = ", ".join(sorted(profiles)) or "none"
+                    raise AcmeServerError(
+                        f"acme.profile {self.cfg.profile!r} is not offered by the CA "
+                        f"(profiles: {offered})"
+                    )
+            self.account_key = self._load_or_create_account_key()
+            net.key = self.account_key
+            self.account = self._register(client.ClientV2(self.directory, net))
+            self._save_account_json()
+
+    def _register(self, acme: client.ClientV2) -> messages.RegistrationResource:
+        assert self.directory is not None and self.account_key is not None
+        eab = None
+        if self.cfg.eab_kid and self.cfg.eab_hmac_key:
+            eab = messages.ExternalAccountBinding.from_data(
+                account_public_key=self.account_key.public_key(),
+                kid=self.cfg.eab_kid,
+                hmac_key=self.cfg.eab_hmac_key,
+                directory=self.directory,
+            )
+        elif acme.external_account_required():
+            raise AccountError(
+                "the CA requires external account binding: set acme.eab_kid and acme.eab_hmac_key"
+            )
+        reg = messages.NewRegistration.from_data(
+            email=self.cfg.email,
+            terms_of_service_agreed=True,
+            external_account_binding=eab,
+        )
+        try:
+            return acme.new_account(reg)
+        except errors.ConflictError as e:
+            # The key is already registered: the error carries the account URL.
+            location = str(e.location) if hasattr(e, "location") else str(e)
+            return messages.RegistrationResource(body=messages.Registration(), uri=location)
+        except messages.Error as e:
+            raise AccountError(f"account registration failed: {_problem_text(e)}") from e
+
+    def _save_account_json(self) -> None:
+        assert self.account is not None
+        info = {
+            "directory": self.cfg.directory,
+            "uri": self.account.uri,
+            "email": self.cfg.email,
+            "checked_at": time.time(),
+        }
+        name = f"{self.account_prefix}/account.json"
+        data = (json.dumps(info, indent=2) + "\n").encode()
+        try:
+            if (
+                self.storage.exists(name)
+                and json.loads(self.storage.load(name)).get("uri") == info["uri"]
+            ):
+                return  # unchanged: keep the file (and its mtime) as is
+        except (ValueError, OSError):
+            pass
+        self.storage.store(name, data)
+
+    # -- ARI --
+
+    def renewal_info(
+        self, cert: x509.Certificate, previous: ari.RenewalWindow | None = None
+    ) -> ari.RenewalWindow | None:
+        """The CA's suggested window for `cert`, or None when the CA has no ARI."""
+        url = self.renewal_info_url
+        if url is None:
+            return None
+        net = self._net(with_account=False)
+        return ari.fetch_renewal_info(
+            lambda u: net.get(u, content_type="application/json"), url, cert, time.time(), previous
+        )
+
+    # -- orders --
+
+    def issue(
+        self, csr_pem: bytes, domains: Sequence[str], replaces: str | None = None
+    ) -> IssuedCertificate:
+        """Run one order to completion; raise an AcmeError subclass on failure."""
+        self.connect()
+        assert self.directory is not None and self.account_key is not None
+        deadline = time.monotonic() + self.cfg.timeout
+        net = self._net(deadline)
+        acme = self._client(net)
+        tokens: list[str] = []
+        try:
+            try:
+                return self._issue(acme, net, csr_pem, domains, replaces, tokens, deadline)
+            except messages.Error as e:
+                code = problem_code(e)
+                if replaces and (
+                    code == "alreadyReplaced"
+                    or (code == "malformed" and "replace" in (e.detail or "").lower())
+                ):
+                    # RFC 9773 section 5: the CA may refuse `replaces`; order without it.
+                    log.info("CA refused replaces=%s (%s); ordering without it", replaces, e)
+                    return self._issue(acme, net, csr_pem, domains, None, tokens, deadline)
+                raise
+        except AcmeError:
+            raise
+        except messages.Error as e:
+            raise AcmeServerError(f"the CA refused: {_problem_text(e)}", e.typ) from e
+        except errors.Error as e:
+            raise AcmeServerError(f"ACME protocol error: {e}") from e
+        finally:
+            for t in tokens:
+                self.registry.remove(t)
+            net.session.close()
+
+    def _post_as_get(self, net: RetryingNetwork, url: str) -> requests.Response:
+        assert self.directory is not None
+        return net.post(url, None, new_nonce_url=self.directory["newNonce"])
+
+    def _issue(
+        self,
+        acme: client.ClientV2,
+        net: RetryingNetwork,
+        csr_pem: bytes,
+        domains: Sequence[str],
+        replaces: str | None,
+        tokens: list[str],
+        deadline: float,
+    ) -> IssuedCertificate:
+        assert self.directory is not None and self.account_key is not None
+        order_msg = ari.NewOrder(
+            identifiers=[
+                messages.Identifier(typ=messages.IDENTIFIER_FQDN, value=d) for d in domains
+            ],
+            profile=self.cfg.profile or None,
+            replaces=replaces,
+        )
+        resp = net.post(
+            self.directory["newOrder"], order_msg, new_nonce_url=self.directory["newNonce"]
+        )
+        order = messages.Order.from_json(resp.json())
+        order_url = resp.headers.get("Location")
+        if not order_url:
+            raise AcmeServerError("the CA's newOrder response has no Location header")
+
+        # Start every pending authorization first, then poll them together: the
+        # CA validates the domains in parallel.
+        pending: list[messages.AuthorizationResource] = []
+        for authz_url in order.authorizations:
+            authzr = messages.AuthorizationResource(
+                body=messages.Authorization.from_json(self._post_as_get(net, authz_url).json()),
+                uri=authz_url,
+            )
+            status = authzr.body.status
+            if status == messages.STATUS_VALID:
+                continue
+            if status != messages.STATUS_PENDING:
+                raise ValidationFailed(
+                    authzr.body.identifier.value, f"authorization is {status.name} before we began"
+                )
+            challb = self._http01(authzr)
+            response, key_authorization = challb.chall.response_and_validation(self.account_key)
+            expires = time.time() + self.cfg.timeout + TOKEN_GRACE
+            self.registry.add(challb.chall.encode("token"), key_authorization, expires)
+            tokens.append(challb.chall.encode("token"))
+            acme.answer_challenge(challb, response)
+            pending.append(authzr)
+
+        while pending:
+            self._sleep(self.cfg.poll_interval, deadline, "waiting for domain validation")
+            still: list[messages.AuthorizationResource] = []
+            for authzr in pending:
+                updated, _ = acme.poll(authzr)
+                status = updated.body.status
+                if status == messages.STATUS_VALID:
+                    continue
+                if status == messages.STATUS_INVALID:
+                    raise ValidationFailed(updated.body.identifier.value, _authz_error(updated))
+                still.append(updated)
+            pending = still
+
+        # Finalize, then poll the order until the certificate is there.
+        wrapped = messages.CertificateRequest(csr=x509.load_pem_x509_csr(csr_pem))
+        try:
+            resp = net.post(order.finalize, wrapped, new_nonce_url=self.directory["newNonce"])
+            order = messages.Order.from_json(resp.json())
+        except messages.Error as e:
+            if problem_code(e) != "orderNotReady":
+                raise OrderFailed(f"finalization refused: {_problem_text(e)}") from e
+        while True:
+            if order.status == messages.STATUS_VALID and order.certificate:
+                break
+            if order.status == messages.STATUS_INVALID:
+                detail = _problem_text(order.error) if order.error else "no detail from the CA"
+                raise OrderFailed(f"order became invalid: {detail}")
+            wait = self.cfg.poll_interval
+            ra = _retry_after_of(net.last_response)
+            if ra is not None:
+                wait = max(wait, ra)
+            self._sleep(wait, deadline, "waiting for the certificate")
+            resp = self._post_as_get(net, order_url)
+            order = messages.Order.from_json(resp.json())
+            if order.status == messages.STATUS_READY:
+                # A finalize that got lost (e.g. retried after a connection reset).
+                resp = net.post(order.finalize, wrapped, new_nonce_url=self.directory["newNonce"])
+                order = messages.Order.from_json(resp.json())
+        cert_resp = self._post_as_get(net, order.certificate)
+        return IssuedCertificate(fullchain_pem=cert_resp.text, order_url=order_url)
+
+    @staticmethod
+    def _http01(authzr: messages.AuthorizationResource) -> messages.ChallengeBody:
+        for challb in authzr.body.challenges:
+            if isinstance(challb.chall, challenges.HTTP01):
+                return challb
+        raise ValidationFailed(
+            authzr.body.identifier.value, "the CA offers no http-01 challenge for this name"
+        )
+
+    @staticmethod
+    def _sleep(seconds: float, deadline: float, what: str) -> None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AcmeTimeout(f"timed out {what}")
+        time.sleep(min(seconds, left))
+
+
+def _authz_error(authzr: messages.AuthorizationResource) -> str:
+    for challb in authzr.body.challenges:
+        if challb.error is not None:
+            return _problem_text(challb.error)
+    return "the authorization is invalid (the CA gave no detail)"

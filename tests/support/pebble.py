@@ -1,0 +1,267 @@
+"""Start a real Pebble (Let's Encrypt's test CA) for tests and benchmarks.
+
+Contract:
+- `PebbleProcess(workdir, http_port, ...)` makes a throwaway CA and a
+  localhost/127.0.0.1 server certificate for Pebble's HTTPS listener (written
+  to `workdir`), picks free ports for the ACME and management listeners and for
+  pebble-challtestsrv's DNS server, and writes pebble.json. `http_port` is where
+  Pebble sends http-01 validation requests: HAProxy's HTTP frontend. Every name
+  resolves to 127.0.0.1 through pebble-challtestsrv.
+- `start()` runs pebble-challtestsrv and pebble with PEBBLE_VA_NOSLEEP=1,
+  PEBBLE_AUTHZREUSE=0 (every order is really validated),
+  PEBBLE_WFE_NONCEREJECT=`nonce_reject` (percent of POSTs rejected with
+  badNonce) and never PEBBLE_VA_ALWAYS_VALID; it waits (at most START_TIMEOUT s)
+  until the directory answers. `stop()` stops both by their Popen handles.
+  `start()` after `stop()` reuses the same ports (a "restarted CA"; Pebble makes
+  a new root and forgets all accounts and orders).
+- `.directory_url`, `.ca_bundle` (a PEM file that trusts Pebble's HTTPS
+  listener, for `acme.ca_bundle` / REQUESTS_CA_BUNDLE), `.root_pem()` (the
+  current issuing root from the management interface, to verify chains).
+- A missing binary raises PebbleError (the test fails, it is not skipped).
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import signal
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from tests.support.certs import CA, make_ca, make_key
+from tests.support.haproxy import free_port
+
+START_TIMEOUT = 15.0  # seconds until the directory must answer
+STOP_TIMEOUT = 5.0
+
+PEBBLE_BIN = os.environ.get("PEBBLE_BIN", "pebble")
+CHALLTESTSRV_BIN = os.environ.get("PEBBLE_CHALLTESTSRV_BIN", "pebble-challtestsrv")
+
+
+class PebbleError(RuntimeError):
+    """Pebble could not be started; the message carries its log."""
+
+
+def _server_cert(ca: CA, workdir: Path) -> tuple[Path, Path]:
+    """A localhost / 127.0.0.1 certificate signed by `ca` for Pebble's listeners."""
+    key = make_key()
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=10))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [
+                    x509.DNSName("localhost"),
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                    x509.IPAddress(ipaddress.ip_address("::1")),
+                ]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca.key, hashes.SHA256())
+    )
+    cert_path = workdir / "pebble-server.pem"
+    key_path = workdir / "pebble-server.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+class PebbleProcess:
+    """A Pebble CA plus its DNS helper on 127.0.0.1; see the module docstring."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        http_port: int,
+        *,
+        nonce_reject: int = 0,
+        validity_period: int | None = None,
+        eab_keys: dict[str, str] | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.http_port = http_port
+        self.nonce_reject = nonce_reject
+        self.acme_port = free_port()
+        self.management_port = free_port()
+        self.dns_port = free_port()
+        self.cts_management_port = free_port()
+        self.extra_env = dict(extra_env or {})
+        self._ca = make_ca("pebble listener test CA")
+        cert_path, key_path = _server_cert(self._ca, self.workdir)
+        self.ca_bundle = self.workdir / "pebble-listener-ca.pem"
+        self.ca_bundle.write_bytes(self._ca.pem)
+        config: dict[str, object] = {
+            "listenAddress": f"127.0.0.1:{self.acme_port}",
+            "managementListenAddress": f"127.0.0.1:{self.management_port}",
+            "certificate": str(cert_path),
+            "privateKey": str(key_path),
+            "httpPort": http_port,
+            "tlsPort": free_port(),  # tls-alpn-01 is never used; keep it off well-known ports
+            "ocspResponderURL": "",
+            "externalAccountBindingRequired": bool(eab_keys),
+        }
+        if eab_keys:
+            config["externalAccountMACKeys"] = eab_keys
+        if validity_period is not None:
+            config["certificateValidityPeriod"] = validity_period
+        self.config_path = self.workdir / "pebble.json"
+        self.config_path.write_text(json.dumps({"pebble": config}, indent=2))
+        self.log_path = self.workdir / "pebble.log"
+        self._pebble: subprocess.Popen[bytes] | None = None
+        self._cts: subprocess.Popen[bytes] | None = None
+        self._logs: list[object] = []
+
+    @property
+    def directory_url(self) -> str:
+        return f"https://127.0.0.1:{self.acme_port}/dir"
+
+    @property
+    def running(self) -> bool:
+        return self._pebble is not None and self._pebble.poll() is None
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.ca_bundle))
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def _spawn(self, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self._logs.append(log)
+        try:
+            return subprocess.Popen(
+                argv,
+                cwd=self.workdir,
+                env={**os.environ, **env},
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        except FileNotFoundError as e:
+            raise PebbleError(f"{argv[0]} is not installed (apt-get install pebble)") from e
+
+    def start(self) -> None:
+        """Start challtestsrv and pebble; return when the directory answers."""
+        if self.running:
+            raise PebbleError("pebble is already running")
+        try:
+            self._cts = self._spawn(
+                [
+                    CHALLTESTSRV_BIN,
+                    "-dns01", f"127.0.0.1:{self.dns_port}",
+                    "-http01", "",
+                    "-https01", "",
+                    "-tlsalpn01", "",
+                    "-management", f"127.0.0.1:{self.cts_management_port}",
+                    "-defaultIPv6", "",
+                    "-defaultIPv4", "127.0.0.1",
+                ],
+                {},
+            )  # fmt: skip
+            env = {
+                "PEBBLE_VA_NOSLEEP": "1",
+                "PEBBLE_AUTHZREUSE": "0",
+                "PEBBLE_WFE_NONCEREJECT": str(self.nonce_reject),
+                **self.extra_env,
+            }
+            env.pop("PEBBLE_VA_ALWAYS_VALID", None)
+            self._pebble = self._spawn(
+                [
+                    PEBBLE_BIN,
+                    "-config", str(self.config_path),
+                    "-dnsserver", f"127.0.0.1:{self.dns_port}",
+                    "-strict=false",
+                ],
+                env,
+            )  # fmt: skip
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        ctx = self._ssl_context()
+        last = "no attempt"
+        while time.monotonic() < deadline:
+            for name, proc in (("pebble", self._pebble), ("pebble-challtestsrv", self._cts)):
+                if proc is not None and proc.poll() is not None:
+                    raise PebbleError(
+                        f"{name} exited with status {proc.returncode}:\n{self.log_text()[-3000:]}"
+                    )
+            try:
+                with urllib.request.urlopen(self.directory_url, context=ctx, timeout=1) as r:
+                    if r.status == 200 and b"newOrder" in r.read():
+                        return
+            except (OSError, urllib.error.URLError) as e:
+                last = str(e)
+            time.sleep(0.05)
+        raise PebbleError(
+            f"pebble not ready after {START_TIMEOUT}s ({last}):\n{self.log_text()[-3000:]}"
+        )
+
+    def root_pem(self) -> bytes:
+        """PEM of Pebble's current root (a new one at every start)."""
+        url = f"https://127.0.0.1:{self.management_port}/roots/0"
+        with urllib.request.urlopen(url, context=self._ssl_context(), timeout=5) as r:
+            data: bytes = r.read()
+        return data
+
+    def stop(self) -> None:
+        """Stop pebble and challtestsrv through their handles (SIGTERM, then SIGKILL)."""
+        for attr in ("_pebble", "_cts"):
+            proc: subprocess.Popen[bytes] | None = getattr(self, attr)
+            setattr(self, attr, None)
+            if proc is None or proc.poll() is not None:
+                continue
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=STOP_TIMEOUT)
+        for log in self._logs:
+            log.close()  # type: ignore[attr-defined]
+        self._logs.clear()
+
+    def __enter__(self) -> PebbleProcess:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
