@@ -332,31 +332,48 @@ class Issuer:
                 self.storage.store(key_name, keys.private_key_pem(key), secret=True)
         return JWKEC(key=key)
 
+    def load_directory(self) -> messages.Directory:
+        """Fetch (once) and return the CA's directory; needs no account."""
+        with self._lock:
+            if self.directory is None:
+                self.directory = self._fetch_directory()
+            return self.directory
+
+    def _fetch_directory(self) -> messages.Directory:
+        net = self._net(with_account=False)
+        try:
+            directory = client.ClientV2.get_directory(self.cfg.directory, net)
+        except AcmeError:
+            raise
+        except (messages.Error, errors.Error, ValueError) as e:
+            raise AcmeServerError(
+                f"cannot read the ACME directory {self.cfg.directory}: {e}"
+            ) from e
+        finally:
+            net.session.close()
+        if self.cfg.profile:
+            profiles = getattr(directory.meta, "profiles", None) or {}
+            if self.cfg.profile not in profiles:
+                offered = ", ".join(sorted(profiles)) or "none"
+                raise AcmeServerError(
+                    f"acme.profile {self.cfg.profile!r} is not offered by the CA "
+                    f"(profiles: {offered})"
+                )
+        return directory
+
     def connect(self) -> None:
         """Fetch the directory and make sure the account exists. Idempotent."""
+        self.load_directory()
         with self._lock:
             if self.account is not None:
                 return
+            assert self.directory is not None
+            self.account_key = self._load_or_create_account_key()
             net = self._net(with_account=False)
             try:
-                self.directory = client.ClientV2.get_directory(self.cfg.directory, net)
-            except AcmeError:
-                raise
-            except (messages.Error, errors.Error, ValueError) as e:
-                raise AcmeServerError(
-                    f"cannot read the ACME directory {self.cfg.directory}: {e}"
-                ) from e
-            if self.cfg.profile:
-                profiles = getattr(self.directory.meta, "profiles", None) or {}
-                if self.cfg.profile not in profiles:
-                    offered = ", ".join(sorted(profiles)) or "none"
-                    raise AcmeServerError(
-                        f"acme.profile {self.cfg.profile!r} is not offered by the CA "
-                        f"(profiles: {offered})"
-                    )
-            self.account_key = self._load_or_create_account_key()
-            net.key = self.account_key
-            self.account = self._register(client.ClientV2(self.directory, net))
+                self.account = self._register(client.ClientV2(self.directory, net))
+            finally:
+                net.session.close()
             self._save_account_json()
 
     def _register(self, acme: client.ClientV2) -> messages.RegistrationResource:
@@ -413,13 +430,21 @@ class Issuer:
         self, cert: x509.Certificate, previous: ari.RenewalWindow | None = None
     ) -> ari.RenewalWindow | None:
         """The CA's suggested window for `cert`, or None when the CA has no ARI."""
+        self.load_directory()
         url = self.renewal_info_url
         if url is None:
             return None
         net = self._net(with_account=False)
-        return ari.fetch_renewal_info(
-            lambda u: net.get(u, content_type="application/json"), url, cert, time.time(), previous
-        )
+        try:
+            return ari.fetch_renewal_info(
+                lambda u: net.get(u, content_type="application/json"),
+                url,
+                cert,
+                time.time(),
+                previous,
+            )
+        finally:
+            net.session.close()
 
     # -- orders --
 

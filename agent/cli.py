@@ -1,0 +1,312 @@
+"""Command line: `haproxy-acme-agent SUBCOMMAND -c CONFIG ...`.
+
+Exit codes: 0 success (for `renew`: everything renewed or nothing due),
+1 a certificate failed or an operation failed, 2 invalid configuration or
+usage (the message names the file and key; nothing is written).
+
+Adding a subcommand: write `def _args_x(p: argparse.ArgumentParser) -> None`
+(its options; `-c/--config` is added for you) and `def cmd_x(args) -> int`,
+then add one line to `COMMANDS`: `"x": Command("help text", _args_x, cmd_x)`.
+A handler may raise `ConfigError` and gets exit code 2 with the message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from agent import __version__, keys
+from agent.config import DEFAULT_CONFIG_PATH, CertificateConfig, Config, ConfigError, load_config
+
+log = logging.getLogger("agent.cli")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: help line, argument setup, handler returning the exit code."""
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    needs_config: bool = True
+
+
+def load(args: argparse.Namespace) -> Config:
+    """The config named by -c (raises ConfigError -> exit 2)."""
+    return load_config(args.config)
+
+
+def _select(config: Config, names: Sequence[str]) -> list[CertificateConfig]:
+    """The named certificates (all when `names` is empty); unknown names -> ConfigError."""
+    if not names:
+        return list(config.certificates)
+    known = {c.name: c for c in config.certificates}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ConfigError(
+            config.path,
+            "certificates",
+            f"no certificate named {', '.join(map(repr, unknown))} "
+            f"(configured: {', '.join(known) or 'none'})",
+        )
+    return [known[n] for n in dict.fromkeys(names)]
+
+
+def _fmt_time(t: float | None) -> str:
+    return "-" if t is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def _stable_key(cert: CertificateConfig) -> keys.PrivateKey:
+    """The certificate's key; with generate_key a missing key is created now (once, 0600)."""
+    if cert.generate_key and not cert.key.exists():
+        return keys.create_key_file(cert.key, cert.key_type)
+    return keys.load_private_key(cert.key)
+
+
+# --- renew -----------------------------------------------------------------------------
+
+
+def _args_renew(p: argparse.ArgumentParser) -> None:
+    p.add_argument("names", nargs="*", metavar="NAME", help="certificates to renew (default: all)")
+    p.add_argument("--force", action="store_true", help="renew even if not due")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="only report what would be renewed and why; contacts no CA, writes nothing",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="print only renewals and failures")
+
+
+def cmd_renew(args: argparse.Namespace) -> int:
+    """Renew due certificates, serving the SPOE agent on [spoa] listen while orders run."""
+    from agent.challenges import MemoryChallengeRegistry
+    from agent.renewal import renew_certificates
+
+    config = load(args)
+    _select(config, args.names)
+    registry = MemoryChallengeRegistry()
+
+    @contextlib.contextmanager
+    def serve() -> Iterator[object]:
+        from agent.spoa import SpoaThread
+
+        listen = config.spoa.listen
+        try:
+            thread = SpoaThread(registry, listen.host, listen.port)
+            thread.start()
+        except OSError as e:
+            raise OSError(
+                e.errno, f"{e.strerror or e} (is the daemon running? it renews by itself)"
+            ) from e
+        try:
+            yield thread
+        finally:
+            thread.stop()
+
+    results = renew_certificates(
+        config,
+        args.names or None,
+        args.force,
+        args.dry_run,
+        registry,
+        on_installed=ON_INSTALLED_HOOK(config) if ON_INSTALLED_HOOK else None,
+        serve_challenges=serve,
+    )
+    failed = False
+    for r in results:
+        failed |= r.failed
+        if args.quiet and r.status in ("not-due", "dry-run"):
+            continue
+        line = f"{r.name}: {r.status}: {r.reason}"
+        if r.status == "renewed":
+            line += f" (serial {r.serial}, valid until {_fmt_time(r.not_after)})"
+        print(line, file=sys.stderr if r.failed else sys.stdout)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+# Set by whoever wires HAProxy deployment into `renew`: config -> on_installed(name).
+ON_INSTALLED_HOOK: Callable[[Config], Callable[[str], None]] | None = None
+
+
+# --- status ----------------------------------------------------------------------------
+
+
+def _args_status(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from agent.renewal import certificate_status
+
+    config = load(args)
+    now = time.time()
+    rows = certificate_status(config, now)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    if not rows:
+        print("no certificates configured")
+    for row in rows:
+        days = "-" if row["days_left"] is None else f"{row['days_left']:.1f}"
+        due = "now" if row["next_renewal"] <= now else _fmt_time(row["next_renewal"])
+        print(f"{row['name']}")
+        print(f"  domains       {', '.join(row['domains'])}")
+        print(f"  key pin       {row['key_pin'] or '(key not created yet)'}")
+        print(f"  serial        {row['serial'] or '-'}")
+        print(f"  not after     {_fmt_time(row['not_after'])}  ({days} days left)")
+        print(f"  next renewal  {due}")
+        result = row["last_result"] or "never attempted"
+        if row["last_attempt"]:
+            result += f" at {_fmt_time(row['last_attempt'])}"
+        if row["last_error"]:
+            result += f": {row['last_error']}"
+        print(f"  last result   {result}")
+    return EXIT_OK
+
+
+# --- pins ------------------------------------------------------------------------------
+
+
+def _args_pins(p: argparse.ArgumentParser) -> None:
+    p.add_argument("names", nargs="*", metavar="NAME", help="certificates (default: all)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def pins_of(cert: CertificateConfig) -> dict[str, Any]:
+    """Pins, HPKP header and TLSA data for one certificate (creates a generate_key key)."""
+    key = _stable_key(cert)
+    key_pin = keys.spki_pin(key)
+    backups = [p for p in cert.backup_pins if p != key_pin]
+    return {
+        "name": cert.name,
+        "key": str(cert.key),
+        "key_type": keys.describe_key(key),
+        "key_pin": key_pin,
+        "backup_pins": backups,
+        "hpkp_report_only": keys.hpkp_report_only_header([key_pin, *backups]),
+        "tlsa_311": keys.tlsa_311(key),
+        "backup_tlsa_311": [keys.pin_to_tlsa(p) for p in backups],
+    }
+
+
+def cmd_pins(args: argparse.Namespace) -> int:
+    config = load(args)
+    try:
+        out = [pins_of(c) for c in _select(config, args.names)]
+    except keys.StableKeyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return EXIT_OK
+    for item in out:
+        print(f"{item['name']} ({item['key_type']}, {item['key']})")
+        print(f"  pin-sha256 key     {item['key_pin']}")
+        for pin in item["backup_pins"]:
+            print(f"  pin-sha256 backup  {pin}")
+        print(f"  Public-Key-Pins-Report-Only: {item['hpkp_report_only']}")
+        print(f"  TLSA 3 1 1 {item['tlsa_311']}  (key)")
+        for tlsa in item["backup_tlsa_311"]:
+            print(f"  TLSA 3 1 1 {tlsa}  (backup)")
+    return EXIT_OK
+
+
+# --- csr -------------------------------------------------------------------------------
+
+
+def _args_csr(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", metavar="NAME", help="certificate name")
+
+
+def cmd_csr(args: argparse.Namespace) -> int:
+    config = load(args)
+    (cert,) = _select(config, [args.name])
+    try:
+        if cert.csr is not None:
+            pem = keys.csr_pem(keys.load_csr(cert.csr))
+        else:
+            pem = keys.csr_pem(keys.build_csr(_stable_key(cert), cert.domains))
+    except (keys.StableKeyError, keys.CSRError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    sys.stdout.write(pem.decode())
+    return EXIT_OK
+
+
+# --- check-config ----------------------------------------------------------------------
+
+
+def _args_none(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = load(args)
+    names = ", ".join(c.name for c in config.certificates) or "none"
+    print(f"{config.path}: OK ({len(config.certificates)} certificates: {names})")
+    return EXIT_OK
+
+
+# --- wiring ----------------------------------------------------------------------------
+
+COMMANDS: dict[str, Command] = {
+    "renew": Command("renew due certificates (cron-safe)", _args_renew, cmd_renew),
+    "status": Command("show certificates and when they renew", _args_status, cmd_status),
+    "pins": Command("print SPKI pins, HPKP header and TLSA 3 1 1 data", _args_pins, cmd_pins),
+    "csr": Command("print the CSR for a certificate (PEM)", _args_csr, cmd_csr),
+    "check-config": Command("validate the configuration", _args_none, cmd_check_config),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="haproxy-acme-agent",
+        description="ACME certificates for HAProxy from stable keys.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help, description=command.help)
+        if command.needs_config:
+            p.add_argument(
+                "-c",
+                "--config",
+                default=str(DEFAULT_CONFIG_PATH),
+                help=f"config file (default {DEFAULT_CONFIG_PATH})",
+            )
+        p.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+        command.add_arguments(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: usage errors exit 2, --help/--version exit 0
+        return int(e.code) if isinstance(e.code, int) else EXIT_CONFIG
+    from agent.logs import setup_logging
+
+    setup_logging("text", logging.INFO if args.verbose else logging.WARNING)
+    try:
+        return COMMANDS[args.command].run(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
