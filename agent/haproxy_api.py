@@ -25,6 +25,7 @@ import datetime
 import re
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -33,6 +34,8 @@ DEFAULT_TIMEOUT = 5.0
 # Replies are small except `show ssl crt-list` / `show ssl cert` on a host
 # with very many certificates; the cap bounds memory if a peer misbehaves.
 MAX_REPLY_BYTES = 64 * 1024 * 1024
+# HAProxy's answer while another session holds the certificate lock (ckch_lock).
+LOCKED_REPLY = "Operations on certificates are currently locked"
 
 # Arguments are split on whitespace and `;` chains commands: a path holding
 # either (or a control character) would make HAProxy run something else.
@@ -407,12 +410,24 @@ class RuntimeAPI:
         """Send one command (with an optional `<<` payload) and return the whole reply.
 
         Raises HAProxyConnectionError / HAProxyTimeout on transport problems and
-        PayloadTooLarge before sending anything too big. Never interprets the reply.
+        PayloadTooLarge before sending anything too big. A reply saying that
+        certificate operations are "currently locked" (another CLI session is
+        committing) is retried until the timeout: HAProxy checks that lock
+        before doing anything, so the command had no effect.
         """
         message = frame_command(command, payload)
         if payload is not None:
             check_size(self.name, command, message, self.bufsize)
         deadline = time.monotonic() + self.timeout
+        delay = 0.005
+        while True:
+            reply = self._exchange(command, message, payload is not None, deadline)
+            if LOCKED_REPLY not in reply or time.monotonic() + delay >= deadline:
+                return reply
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+    def _exchange(self, command: str, message: bytes, has_payload: bool, deadline: float) -> str:
         chunks: list[bytes] = []
         size = 0
         try:
@@ -441,11 +456,11 @@ class RuntimeAPI:
             raise HAProxyConnectionError(self.name, command, str(exc) or repr(exc)) from exc
         # 2.6 prints a NUL inside crt-list options ("[alpn h2\0]"): drop NULs.
         reply = b"".join(chunks).decode("utf-8", errors="replace").replace("\x00", "")
-        if payload is not None and not reply.strip():
+        if has_payload and not reply.strip():
             # 2.6 answers an over-size command with nothing at all; our size
             # check passed, so HAProxy's tune.bufsize is smaller than ours.
             raise PayloadTooLarge(self.name, command, len(message), self.bufsize)
-        if "too big for the buffer size" in reply:
+        if has_payload and "too big for the buffer size" in reply:
             raise PayloadTooLarge(self.name, command, len(message), self.bufsize)
         return reply
 
@@ -539,7 +554,7 @@ class RuntimeAPI:
         crt_list: str,
         path: str,
         options: str = "",
-        filters: tuple[str, ...] | list[str] = (),
+        filters: Sequence[str] = (),
     ) -> None:
         """`add ssl crt-list <list> <path>`; with `options` (e.g. "alpn h2") or SNI
         `filters` the payload form `<list> <<\\n<path> [options] filters\\n\\n` is used.

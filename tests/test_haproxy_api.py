@@ -367,3 +367,24 @@ def test_tcp_address_works(fake: Start) -> None:
 def test_error_message_shows_empty_reply_explicitly() -> None:
     err = HAProxyError("unix:/s", "commit ssl cert /a", "")
     assert "(empty reply)" in str(err)
+
+
+def test_locked_certificate_operations_are_retried(fake: Start) -> None:
+    replies = [
+        b"Can't show!\nOperations on certificates are currently locked!\n\n",
+        b"Can't show!\nOperations on certificates are currently locked!\n\n",
+        SHOW_CERT_26.encode(),
+    ]
+    server, api = fake(lambda req: replies.pop(0))
+    info = api.show_cert("/etc/haproxy/certs/a.pem")
+    assert info is not None and info.status == "Used"
+    assert len(server.requests) == 3
+
+
+def test_lock_that_never_clears_ends_in_an_error_at_the_timeout(fake: Start) -> None:
+    _, api = fake(
+        lambda req: b"Can't commit!\nOperations on certificates are currently locked!\n\n"
+    )
+    api.timeout = 0.3
+    with pytest.raises(CommandFailed, match="currently locked"):
+        api.commit_cert("/c/a.pem")

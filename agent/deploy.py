@@ -1,0 +1,880 @@
+"""Deploy certificates into running HAProxy instances: persisted, swapped, proven.
+
+The flow for one certificate (`Deployer.deploy`):
+
+1. check the bundle locally (leaf + private key that belongs to it, fits in
+   `tune.bufsize`): a bad bundle is refused before anything is written;
+2. write it atomically to `<cert_dir>/<name>.pem` (the file HAProxy's config
+   references, so a reload or restart serves the same certificate), keeping
+   the previous bytes; a certificate HAProxy has never seen also gets a line
+   in the crt-list file;
+3. on every runtime API instance, in one transaction each: `set ssl cert`,
+   check the pending transaction's serial, `commit ssl cert` (a certificate
+   HAProxy does not know yet is created with `new ssl cert` and added with
+   `add ssl crt-list`);
+4. verify: `show ssl cert` reports the new serial on every instance AND a real
+   TLS handshake to each `verify` address, with SNI set to each of the
+   certificate's names, returns the new leaf;
+5. on any failure: abort open transactions, push the previous bundle back
+   (or remove a certificate that was new), restore the files, and report why
+   in the `DeployResult`.
+
+HAProxy 2.6 has ONE certificate transaction per process and silently merges a
+second `set ssl cert` into the open one, so every transaction on an instance
+runs under that instance's lock (shared by all Deployers in the process),
+always ends in commit or abort, and is checked before commit.
+
+`reconcile` compares each instance's served serial with the stored bundle and
+pushes what is stale; `poll` notices an instance that came back (or restarted:
+new PID or start time) and reconciles it. Without any runtime API, `finish`
+runs the configured reload command once if a file changed.
+
+Everything here is synchronous and thread-safe; the asyncio daemon calls it
+through `asyncio.to_thread`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import re
+import socket
+import ssl
+import subprocess
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from agent.haproxy_api import (
+    DEFAULT_BUFSIZE,
+    HAProxyConnectionError,
+    HAProxyError,
+    PayloadTooLarge,
+    ProcessInfo,
+    RuntimeAPI,
+    check_arg,
+    check_size,
+    frame_command,
+    parse_address,
+)
+from agent.storage import atomic_write, safe_name
+
+BUNDLE_MODE = 0o600  # the bundle holds the private key
+CRT_LIST_MODE = 0o644
+# Disk state reported when no runtime API is configured (reload mode).
+DISK_INSTANCE = "disk"
+
+_KEY_BLOCK = re.compile(
+    rb"-----BEGIN ((?:RSA |EC |ENCRYPTED )?PRIVATE KEY)-----.+?-----END \1-----", re.DOTALL
+)
+
+
+class DeployError(Exception):
+    """A deployment failed; `result` holds the per-instance details."""
+
+    def __init__(self, result: DeployResult) -> None:
+        self.result = result
+        super().__init__(f"certificate {result.name!r}: " + "; ".join(result.errors))
+
+
+class BundleError(ValueError):
+    """A bundle that must not be deployed (no leaf, no or wrong key, bad name)."""
+
+
+class ReloadError(RuntimeError):
+    """The configured reload command failed."""
+
+
+# ---------------------------------------------------------------------------
+# Values
+
+
+@dataclass(frozen=True)
+class DeployTarget:
+    """One certificate to serve: `<cert_dir>/<name>.pem` gets `bundle`.
+
+    `bundle` is HAProxy's combined PEM (leaf, chain, private key); `serial` is
+    the leaf's serial and `names` its DNS names / IPs (used as SNI to verify).
+    `crt_list_options` (e.g. "alpn h2") and `sni_filters` only apply when the
+    certificate is new to HAProxy and gets added to the crt-list.
+    """
+
+    name: str
+    bundle: bytes
+    serial: int
+    names: Sequence[str]
+    crt_list_options: str = ""
+    sni_filters: Sequence[str] = ()
+
+    def __post_init__(self) -> None:
+        # Accept lists from callers but keep the value hashable and immutable.
+        object.__setattr__(self, "names", tuple(self.names))
+        object.__setattr__(self, "sni_filters", tuple(self.sni_filters))
+
+    @classmethod
+    def from_bundle(
+        cls,
+        name: str,
+        bundle: bytes,
+        crt_list_options: str = "",
+        sni_filters: Sequence[str] = (),
+    ) -> DeployTarget:
+        """Build a target from a bundle, reading serial and names from its leaf."""
+        leaf = inspect_bundle(name, bundle)
+        return cls(
+            name,
+            bundle,
+            leaf.serial_number,
+            _cert_names(leaf),
+            crt_list_options,
+            tuple(sni_filters),
+        )
+
+
+@dataclass(frozen=True)
+class InstanceResult:
+    """What happened on one HAProxy instance. `action`: "updated", "added",
+    "failed", "rolled back" or "not touched"."""
+
+    instance: str
+    action: str
+    served_serial: int | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class HandshakeResult:
+    """One TLS handshake to a `verify` address with SNI `server_name` (None: no SNI)."""
+
+    address: str
+    server_name: str | None
+    served_serial: int | None
+    ok: bool
+    error: str | None = None
+
+
+@dataclass
+class DeployResult:
+    """The outcome of `Deployer.deploy`. `ok` only if served and verified everywhere."""
+
+    name: str
+    path: Path
+    serial: int
+    ok: bool = False
+    file_changed: bool = False
+    rolled_back: bool = False
+    instances: list[InstanceResult] = field(default_factory=list)
+    handshakes: list[HandshakeResult] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def raise_for_errors(self) -> DeployResult:
+        """Return self if ok, else raise DeployError."""
+        if not self.ok:
+            raise DeployError(self)
+        return self
+
+
+@dataclass(frozen=True)
+class SyncStatus:
+    """Whether `instance` serves the stored certificate `name`.
+
+    `instance` is the runtime API address, or "disk" without a runtime API
+    (then it says whether the file matches the stored bundle). `pushed`: the
+    reconciler just pushed the stored bundle. `error` is set when the instance
+    could not be checked or updated (then `in_sync` is False).
+    """
+
+    name: str
+    instance: str
+    served_serial: int | None
+    stored_serial: int
+    in_sync: bool
+    pushed: bool = False
+    error: str | None = None
+
+
+# ---------------------------------------------------------------------------
+# Bundle checks (no I/O)
+
+
+def _cert_names(cert: x509.Certificate) -> tuple[str, ...]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        cn = cert.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)
+        return tuple(str(a.value) for a in cn)
+    names = [str(n) for n in san.get_values_for_type(x509.DNSName)]
+    names += [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
+    return tuple(names)
+
+
+def inspect_bundle(name: str, bundle: bytes) -> x509.Certificate:
+    """Return the leaf of `bundle` if it is deployable; raise BundleError otherwise.
+
+    Deployable: at least one certificate, exactly one unencrypted private key,
+    and the key belongs to the first (leaf) certificate.
+    """
+    try:
+        certs = x509.load_pem_x509_certificates(bundle)
+    except ValueError as exc:
+        raise BundleError(f"certificate {name!r}: bundle holds no readable certificate") from exc
+    keys = _KEY_BLOCK.findall(bundle)
+    if len(keys) != 1:
+        raise BundleError(
+            f"certificate {name!r}: bundle must hold exactly one private key, found {len(keys)}"
+        )
+    match = _KEY_BLOCK.search(bundle)
+    assert match is not None
+    try:
+        key = serialization.load_pem_private_key(match.group(0), password=None)
+    except (ValueError, TypeError) as exc:
+        raise BundleError(f"certificate {name!r}: unreadable or encrypted private key") from exc
+    leaf = certs[0]
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(
+        serialization.Encoding.DER, spki
+    ) != leaf.public_key().public_bytes(serialization.Encoding.DER, spki):
+        raise BundleError(
+            f"certificate {name!r}: the private key does not belong to the leaf certificate "
+            f"(serial {leaf.serial_number:X})"
+        )
+    return leaf
+
+
+def _sni_for(name: str) -> str | None:
+    """The SNI to send to reach `name`: None for an IP, a concrete label for a wildcard."""
+    try:
+        ipaddress.ip_address(name)
+        return None
+    except ValueError:
+        pass
+    if name.startswith("*."):
+        return "haproxy-acme-agent-check" + name[1:]
+    return name
+
+
+def _verify_names(target: DeployTarget) -> tuple[str, ...]:
+    """The names a handshake must get this certificate for: its positive SNI filters
+    if it has any (HAProxy routes only those to it), else all its names."""
+    positive = tuple(f for f in target.sni_filters if not f.startswith("!"))
+    return positive or tuple(target.names) or ("",)
+
+
+def tls_leaf(address: str, server_name: str | None, timeout: float) -> bytes:
+    """DER of the leaf certificate a TLS server at "host:port" presents for `server_name`.
+
+    Chain and hostname are deliberately not validated: this checks WHICH
+    certificate is served, not whether a client would trust it.
+    """
+    host, port = _split_host_port(address)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with (
+        socket.create_connection((host, port), timeout=timeout) as raw,
+        context.wrap_socket(raw, server_hostname=server_name) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    if not der:
+        raise ssl.SSLError(f"{address} presented no certificate")
+    return der
+
+
+def _split_host_port(address: str) -> tuple[str, int]:
+    match = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:]+):(\d+)", address.strip())
+    if not match:
+        raise ValueError(f"verify address {address!r}: expected HOST:PORT or [IPv6]:PORT")
+    return (match.group(1) or match.group(3)), int(match.group(2) or match.group(4))
+
+
+# ---------------------------------------------------------------------------
+# Per-instance locks, shared by every Deployer in the process
+
+
+_LOCKS_GUARD = threading.Lock()
+_INSTANCE_LOCKS: dict[str, threading.Lock] = {}
+_FILE_LOCKS: dict[str, threading.Lock] = {}
+
+
+def _instance_lock(instance: str) -> threading.Lock:
+    """Held for every certificate transaction on `instance`."""
+    with _LOCKS_GUARD:
+        return _INSTANCE_LOCKS.setdefault(instance, threading.Lock())
+
+
+def _file_lock(path: Path) -> threading.Lock:
+    """Held for a whole deploy (write, swap, verify, roll back) of the bundle at `path`."""
+    with _LOCKS_GUARD:
+        return _FILE_LOCKS.setdefault(str(path), threading.Lock())
+
+
+@contextlib.contextmanager
+def _locked(lock: threading.Lock, timeout: float, what: str) -> Iterator[None]:
+    if not lock.acquire(timeout=timeout):
+        raise TimeoutError(f"{what}: still busy after {timeout:g} s")
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+# ---------------------------------------------------------------------------
+# The deployer
+
+
+class HAProxySettings(Protocol):
+    """The `[haproxy]` config section as agent/config.py provides it."""
+
+    @property
+    def runtime_api(self) -> Sequence[str]: ...
+    @property
+    def cert_dir(self) -> Path: ...
+    @property
+    def crt_list(self) -> Path | None: ...
+    @property
+    def verify(self) -> Sequence[Any]: ...
+    @property
+    def reload_command(self) -> Sequence[str]: ...
+    @property
+    def timeout(self) -> float: ...
+
+
+class Deployer:
+    """Deploys certificates to HAProxy instances; see the module docstring.
+
+    `instances`: runtime API addresses ("unix:/path", "/path", "tcp:host:port").
+    `cert_dir`: where bundles go, as HAProxy's config names them (absolute).
+    `crt_list`: crt-list file (or `crt` directory) new certificates are added
+    to; None: new certificates cannot be added at runtime. `verify`: TLS
+    frontends ("host:port") checked after every swap. `reload_command`: run by
+    `finish` when no runtime API is configured. `timeout`: seconds per runtime
+    API call and per handshake. `bufsize`: HAProxy's `tune.bufsize`.
+    """
+
+    def __init__(
+        self,
+        instances: Sequence[str],
+        cert_dir: Path | str,
+        crt_list: Path | str | None = None,
+        verify: Sequence[str] = (),
+        reload_command: Sequence[str] = (),
+        timeout: float = 5.0,
+        bufsize: int = DEFAULT_BUFSIZE,
+        reload_timeout: float = 120.0,
+    ) -> None:
+        self.apis = [RuntimeAPI(address, timeout, bufsize) for address in instances]
+        names = [api.name for api in self.apis]
+        if len(set(names)) != len(names):
+            raise ValueError(f"[haproxy] runtime_api lists an instance twice: {names}")
+        # HAProxy knows files by the literal path in its config: no resolve().
+        self.cert_dir = Path(os.path.abspath(cert_dir))
+        self.crt_list = Path(os.path.abspath(crt_list)) if crt_list else None
+        check_arg(str(self.cert_dir), "[haproxy] cert_dir")
+        if self.crt_list is not None:
+            check_arg(str(self.crt_list), "[haproxy] crt_list")
+        for address in verify:
+            _split_host_port(address)
+        self.verify = list(verify)
+        self.reload_command = list(reload_command)
+        self.timeout = timeout
+        self.bufsize = bufsize
+        self.reload_timeout = reload_timeout
+        self._lock_timeout = max(30.0, timeout * 6)
+        self._state = threading.Lock()
+        self._changed = False
+        self._status: dict[tuple[str, str], SyncStatus] = {}
+        self._seen: dict[str, ProcessInfo | None] = {}
+
+    @classmethod
+    def from_config(cls, haproxy: HAProxySettings | Any) -> Deployer:
+        """Build from the `[haproxy]` section (or a whole Config with `.haproxy`)."""
+        section = getattr(haproxy, "haproxy", haproxy)
+        return cls(
+            instances=list(section.runtime_api),
+            cert_dir=section.cert_dir,
+            crt_list=section.crt_list or None,
+            verify=[str(v) for v in section.verify],
+            reload_command=list(section.reload_command),
+            timeout=float(section.timeout),
+            bufsize=int(getattr(section, "bufsize", DEFAULT_BUFSIZE)),
+        )
+
+    # -- helpers -------------------------------------------------------------
+
+    def path_for(self, name: str) -> Path:
+        """Where the bundle of certificate `name` lives."""
+        safe_name(name)
+        return self.cert_dir / f"{name}.pem"
+
+    def instances(self) -> list[str]:
+        """The runtime API instance names, as used in results and metrics labels."""
+        return [api.name for api in self.apis]
+
+    def _remember(self, status: SyncStatus) -> SyncStatus:
+        with self._state:
+            self._status[(status.name, status.instance)] = status
+        return status
+
+    def status(self) -> list[SyncStatus]:
+        """The last known in-sync state per (certificate, instance), sorted."""
+        with self._state:
+            return [self._status[k] for k in sorted(self._status)]
+
+    def _check_target(self, target: DeployTarget) -> tuple[Path, bytes]:
+        """Refuse a target that must not be deployed; return its path and leaf DER."""
+        try:
+            path = self.path_for(target.name)
+        except ValueError as exc:
+            raise BundleError(f"certificate name {target.name!r}: {exc}") from exc
+        leaf = inspect_bundle(target.name, target.bundle)
+        if leaf.serial_number != target.serial:
+            raise BundleError(
+                f"certificate {target.name!r}: serial {target.serial:X} given but the bundle's "
+                f"leaf has {leaf.serial_number:X}"
+            )
+        if self.apis:
+            command = f"set ssl cert {path}"
+            message = frame_command(command, target.bundle)
+            check_size(", ".join(self.instances()), command, message, self.bufsize)
+        return path, leaf.public_bytes(serialization.Encoding.DER)
+
+    # -- files ---------------------------------------------------------------
+
+    def _crt_list_file(self) -> Path | None:
+        """The crt-list FILE to edit; None without one or when it is a `crt` directory."""
+        if self.crt_list is None or self.crt_list.is_dir():
+            return None
+        return self.crt_list
+
+    def _crt_list_line(self, path: Path, target: DeployTarget) -> str:
+        line = str(path)
+        if target.crt_list_options:
+            line += f" [{target.crt_list_options}]"
+        if target.sni_filters:
+            line += " " + " ".join(target.sni_filters)
+        return line
+
+    def _add_to_crt_list_file(self, path: Path, target: DeployTarget) -> bytes | None:
+        """Append `path` to the crt-list file if missing; return the previous content
+        (None: nothing changed)."""
+        crt_list = self._crt_list_file()
+        if crt_list is None:
+            return None
+        old = crt_list.read_bytes() if crt_list.exists() else b""
+        base = crt_list.parent
+        for raw in old.decode(errors="replace").splitlines():
+            fields = raw.split("#", 1)[0].split()
+            if fields and os.path.abspath(base / fields[0]) == str(path):
+                return None
+        text = old.decode(errors="replace")
+        if text and not text.endswith("\n"):
+            text += "\n"
+        text += self._crt_list_line(path, target) + "\n"
+        mode = crt_list.stat().st_mode & 0o777 if crt_list.exists() else CRT_LIST_MODE
+        atomic_write(crt_list, text.encode(), mode)
+        return old
+
+    # -- one transaction on one instance --------------------------------------
+
+    def _clear_stale_transaction(self, api: RuntimeAPI) -> None:
+        """Abort a transaction left open under cert_dir (ours, from a crashed run);
+        refuse to run next to anyone else's."""
+        for pending in api.list_certs().transactions:
+            if os.path.dirname(pending) == str(self.cert_dir):
+                api.abort_cert(pending)
+            else:
+                raise HAProxyError(
+                    api.name,
+                    "show ssl cert",
+                    f"another client has a certificate transaction open for {pending}; "
+                    "not starting one next to it (HAProxy 2.6 would merge them)",
+                )
+
+    def _push(self, api: RuntimeAPI, path: Path, target: DeployTarget) -> str:
+        """Make `api` serve `target` from `path`. Returns "updated" or "added".
+
+        Holds the instance lock for the whole transaction; on any error the
+        transaction is aborted (and a store we created is deleted) and the
+        error is raised.
+        """
+        p = str(path)
+        with _locked(_instance_lock(api.name), self._lock_timeout, f"HAProxy {api.name}"):
+            self._clear_stale_transaction(api)
+            info = api.show_cert(p)
+            created = False
+            if info is None:
+                if self.crt_list is None:
+                    raise HAProxyError(
+                        api.name,
+                        f"show ssl cert {p}",
+                        f"HAProxy does not load {p} and [haproxy] crt_list is not set, so "
+                        f"certificate {target.name!r} cannot be added at runtime",
+                    )
+                api.new_cert(p)
+                created = True
+            try:
+                owner = api.set_cert(p, target.bundle)
+                if owner != p:
+                    # 2.6 merged our payload into another open transaction:
+                    # that transaction now holds our bundle and must not be committed.
+                    api.abort_cert(owner)
+                    raise HAProxyError(
+                        api.name,
+                        f"set ssl cert {p}",
+                        f"HAProxy put the payload into the open transaction of {owner}; aborted it",
+                    )
+                pending = api.show_cert(p, pending=True)
+                if pending is None or pending.serial != target.serial:
+                    got = (
+                        "none"
+                        if pending is None or pending.serial is None
+                        else (f"{pending.serial:X}")
+                    )
+                    raise HAProxyError(
+                        api.name,
+                        f"show ssl cert *{p}",
+                        f"pending transaction holds serial {got}, expected {target.serial:X}",
+                    )
+                api.commit_cert(p)
+            except BaseException:
+                with contextlib.suppress(HAProxyError):
+                    api.abort_cert(p)
+                if created:
+                    with contextlib.suppress(HAProxyError):
+                        api.del_cert(p)
+                raise
+            if self.crt_list is not None and (
+                created or (info is not None and info.status != "Used")
+            ):
+                try:
+                    if self.crt_list.is_dir():
+                        # A `crt /dir/` bind: its crt-list is named without the slash
+                        # and takes no options.
+                        api.add_crt_list(str(self.crt_list), p)
+                    else:
+                        api.add_crt_list(
+                            str(self.crt_list), p, target.crt_list_options, target.sni_filters
+                        )
+                except BaseException:
+                    if created:
+                        with contextlib.suppress(HAProxyError):
+                            api.del_cert(p)
+                    raise
+                return "added"
+            return "updated"
+
+    def _remove(self, api: RuntimeAPI, path: Path) -> None:
+        """Undo an "added": drop the crt-list entry, then the certificate."""
+        p = str(path)
+        with _locked(_instance_lock(api.name), self._lock_timeout, f"HAProxy {api.name}"):
+            if self.crt_list is not None:
+                with contextlib.suppress(HAProxyError):
+                    api.del_crt_list(str(self.crt_list), p)
+            api.del_cert(p)
+
+    # -- verification ----------------------------------------------------------
+
+    def _verify(
+        self, path: Path, target: DeployTarget, leaf_der: bytes, result: DeployResult
+    ) -> None:
+        for api in self.apis:
+            try:
+                info = api.show_cert(str(path))
+            except HAProxyError as exc:
+                result.errors.append(str(exc))
+                continue
+            served = info.serial if info else None
+            if served != target.serial:
+                result.errors.append(
+                    f"HAProxy {api.name}: `show ssl cert {path}` reports serial "
+                    f"{'none' if served is None else f'{served:X}'}, expected {target.serial:X}"
+                )
+        for address in self.verify:
+            for name in _verify_names(target):
+                sni = _sni_for(name) if name else None
+                try:
+                    der = tls_leaf(address, sni, self.timeout)
+                except (OSError, ssl.SSLError, ValueError) as exc:
+                    result.handshakes.append(HandshakeResult(address, sni, None, False, str(exc)))
+                    result.errors.append(f"TLS handshake to {address} (SNI {sni}) failed: {exc}")
+                    continue
+                served = x509.load_der_x509_certificate(der).serial_number
+                ok = der == leaf_der
+                result.handshakes.append(HandshakeResult(address, sni, served, ok))
+                if not ok:
+                    result.errors.append(
+                        f"TLS handshake to {address} with SNI {sni} returned serial {served:X}, "
+                        f"expected {target.serial:X}"
+                    )
+
+    # -- public API --------------------------------------------------------------
+
+    def deploy(self, target: DeployTarget) -> DeployResult:
+        """Persist, swap and verify one certificate; roll everything back on failure.
+
+        Never raises for HAProxy or verification problems: they are in the
+        result (`ok` False, `errors`). Raises BundleError for a bundle that
+        must not be deployed (nothing is written then) and OSError if the file
+        cannot be written.
+        """
+        path, leaf_der = self._check_target(target)
+        result = DeployResult(target.name, path, target.serial)
+        with _locked(_file_lock(path), self._lock_timeout, f"certificate {target.name!r}"):
+            self.cert_dir.mkdir(parents=True, exist_ok=True)
+            old = path.read_bytes() if path.exists() else None
+            if old != target.bundle:
+                atomic_write(path, target.bundle, BUNDLE_MODE)
+                result.file_changed = True
+            old_crt_list = self._add_to_crt_list_file(path, target) if self.apis else None
+            touched: list[tuple[RuntimeAPI, str]] = []
+            for api in self.apis:
+                try:
+                    action = self._push(api, path, target)
+                except (HAProxyError, TimeoutError) as exc:
+                    result.instances.append(InstanceResult(api.name, "failed", error=str(exc)))
+                    result.errors.append(str(exc))
+                    break
+                touched.append((api, action))
+            if not result.errors and self.apis:
+                # Reload mode proves nothing until `finish` has reloaded.
+                self._verify(path, target, leaf_der, result)
+            if result.errors and self.apis:
+                self._roll_back(path, target, old, old_crt_list, touched, result)
+                return result
+            for api, action in touched:
+                result.instances.append(InstanceResult(api.name, action, target.serial))
+                self._remember(
+                    SyncStatus(target.name, api.name, target.serial, target.serial, True)
+                )
+            if not self.apis:
+                self._remember(
+                    SyncStatus(target.name, DISK_INSTANCE, target.serial, target.serial, True)
+                )
+                if result.file_changed:
+                    with self._state:
+                        self._changed = True
+            result.ok = True
+            return result
+
+    def _roll_back(
+        self,
+        path: Path,
+        target: DeployTarget,
+        old: bytes | None,
+        old_crt_list: bytes | None,
+        touched: list[tuple[RuntimeAPI, str]],
+        result: DeployResult,
+    ) -> None:
+        """Put back what was served and on disk before `deploy` started."""
+        old_target: DeployTarget | None = None
+        if old is not None:
+            try:
+                old_target = DeployTarget.from_bundle(target.name, old)
+            except BundleError as exc:
+                result.errors.append(f"cannot roll back to the previous file: {exc}")
+        touched_names = {api.name for api, _ in touched}
+        for api in self.apis:
+            if api.name not in touched_names:
+                if not any(r.instance == api.name for r in result.instances):
+                    result.instances.append(InstanceResult(api.name, "not touched"))
+                continue
+            action = dict((a.name, act) for a, act in touched)[api.name]
+            try:
+                if action == "added":
+                    self._remove(api, path)
+                    served = None
+                elif old_target is not None:
+                    self._push(api, path, old_target)
+                    served = old_target.serial
+                else:
+                    raise HAProxyError(api.name, "rollback", "no previous bundle to put back")
+                result.instances.append(InstanceResult(api.name, "rolled back", served))
+            except (HAProxyError, TimeoutError) as exc:
+                result.instances.append(InstanceResult(api.name, "failed", error=str(exc)))
+                result.errors.append(f"rollback failed: {exc}")
+        # Files last: if HAProxy restarts now it serves what it served before.
+        if old is None:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        elif result.file_changed:
+            atomic_write(path, old, BUNDLE_MODE)
+        crt_list = self._crt_list_file()
+        if old_crt_list is not None and crt_list is not None:
+            atomic_write(crt_list, old_crt_list, crt_list.stat().st_mode & 0o777)
+        result.rolled_back = True
+        result.file_changed = False
+
+    def reconcile(
+        self, targets: Iterable[DeployTarget], instances: Sequence[str] | None = None
+    ) -> list[SyncStatus]:
+        """Make every instance (or only `instances`) serve the stored `targets`.
+
+        The file on disk is rewritten if it differs from the stored bundle; an
+        instance whose served serial differs (or that lacks the certificate)
+        gets the bundle pushed. Returns one SyncStatus per (target, instance),
+        also kept for `status()`. An unreachable instance yields error statuses
+        and is marked down for `poll`. Never raises for HAProxy problems.
+        """
+        targets = list(targets)
+        statuses: list[SyncStatus] = []
+        checked: list[tuple[DeployTarget, Path]] = []
+        for target in targets:
+            try:
+                path, _ = self._check_target(target)
+            except (BundleError, PayloadTooLarge, ValueError) as exc:
+                for inst in self.instances() or [DISK_INSTANCE]:
+                    statuses.append(
+                        self._remember(
+                            SyncStatus(
+                                target.name, inst, None, target.serial, False, error=str(exc)
+                            )
+                        )
+                    )
+                continue
+            with _locked(_file_lock(path), self._lock_timeout, f"certificate {target.name!r}"):
+                self.cert_dir.mkdir(parents=True, exist_ok=True)
+                disk = path.read_bytes() if path.exists() else None
+                if disk != target.bundle:
+                    atomic_write(path, target.bundle, BUNDLE_MODE)
+                    if not self.apis:
+                        with self._state:
+                            self._changed = True
+                if self.apis:
+                    self._add_to_crt_list_file(path, target)
+            checked.append((target, path))
+            if not self.apis:
+                statuses.append(
+                    self._remember(
+                        SyncStatus(
+                            target.name,
+                            DISK_INSTANCE,
+                            target.serial,
+                            target.serial,
+                            True,
+                            pushed=disk != target.bundle,
+                        )
+                    )
+                )
+        wanted = set(instances) if instances is not None else None
+        for api in self.apis:
+            if wanted is not None and api.name not in wanted:
+                continue
+            down: str | None = None
+            for target, path in checked:
+                if down is not None:
+                    statuses.append(
+                        self._remember(
+                            SyncStatus(
+                                target.name, api.name, None, target.serial, False, error=down
+                            )
+                        )
+                    )
+                    continue
+                statuses.append(self._remember(self._reconcile_one(api, target, path)))
+                if statuses[-1].error and "unreachable" in statuses[-1].error:
+                    down = statuses[-1].error
+            with self._state:
+                if down is not None:
+                    self._seen[api.name] = None
+        return statuses
+
+    def _reconcile_one(self, api: RuntimeAPI, target: DeployTarget, path: Path) -> SyncStatus:
+        try:
+            info = api.show_cert(str(path))
+        except HAProxyConnectionError as exc:
+            return SyncStatus(
+                target.name, api.name, None, target.serial, False, error=f"unreachable: {exc}"
+            )
+        except HAProxyError as exc:
+            return SyncStatus(target.name, api.name, None, target.serial, False, error=str(exc))
+        served = info.serial if info else None
+        if served == target.serial:
+            return SyncStatus(target.name, api.name, served, target.serial, True)
+        try:
+            with _locked(_file_lock(path), self._lock_timeout, f"certificate {target.name!r}"):
+                self._push(api, path, target)
+            after = api.show_cert(str(path))
+        except (HAProxyError, TimeoutError) as exc:
+            return SyncStatus(target.name, api.name, served, target.serial, False, error=str(exc))
+        now = after.serial if after else None
+        return SyncStatus(
+            target.name,
+            api.name,
+            now,
+            target.serial,
+            now == target.serial,
+            pushed=True,
+            error=None if now == target.serial else "serial unchanged after push",
+        )
+
+    def poll(self, targets: Iterable[DeployTarget]) -> list[SyncStatus]:
+        """Check every instance; reconcile those that are new, came back after being
+        unreachable, or restarted (new PID or start time). Returns their statuses.
+
+        Call periodically (e.g. every few seconds); the first call reconciles all.
+        """
+        targets = list(targets)
+        due: list[str] = []
+        for api in self.apis:
+            try:
+                info = api.show_info()
+            except HAProxyError:
+                with self._state:
+                    was_seen = api.name in self._seen
+                    self._seen[api.name] = None
+                if not was_seen:
+                    due.append(api.name)  # first look: record the error statuses
+                continue
+            with self._state:
+                before = self._seen.get(api.name, "never")
+                self._seen[api.name] = info
+            if before != info:
+                due.append(api.name)
+        if not due:
+            return []
+        return self.reconcile(targets, due)
+
+    def reachable(self, instance: str) -> bool | None:
+        """Whether `poll`/`reconcile` last reached `instance`; None if never polled."""
+        with self._state:
+            if instance not in self._seen:
+                return None
+            return self._seen[instance] is not None
+
+    def finish(self) -> bool:
+        """Run the reload command if a file changed since the last call and no
+        runtime API is configured. Returns True if it ran; raises ReloadError
+        if it failed (the change stays pending for the next call).
+        """
+        with self._state:
+            if not self._changed or self.apis or not self.reload_command:
+                return False
+        try:
+            proc = subprocess.run(
+                self.reload_command,
+                capture_output=True,
+                timeout=self.reload_timeout,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise ReloadError(f"[haproxy] reload_command {self.reload_command}: {exc}") from exc
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).decode(errors="replace").strip()[-500:]
+            raise ReloadError(
+                f"[haproxy] reload_command {self.reload_command} exited with "
+                f"{proc.returncode}: {tail}"
+            )
+        with self._state:
+            self._changed = False
+        return True
+
+
+def parse_instances(addresses: Iterable[str]) -> list[str]:
+    """Normalised instance names for `addresses` (as used in results and metrics)."""
+    return [str(parse_address(a)) for a in addresses]
