@@ -9,6 +9,7 @@ against the directory of the config file. Indices in key names are 0-based.
 Schema (every key optional unless marked required):
 
     state_dir = "/var/lib/haproxy-acme-agent"
+    strict_permissions = false  (true: refuse to start when a key is group/world-accessible)
     [acme]      directory (required: URL, or "letsencrypt" / "letsencrypt-staging"),
                 email, ca_bundle, eab_kid, eab_hmac_key, profile,
                 poll_interval = 0.5 (s), timeout = 30 (s), max_concurrent_orders = 4
@@ -138,6 +139,7 @@ class Config:
     metrics: MetricsConfig
     daemon: DaemonConfig
     certificates: tuple[CertificateConfig, ...] = ()
+    strict_permissions: bool = False
 
     def certificate(self, name: str) -> CertificateConfig:
         """The certificate called `name`; KeyError if there is none."""
@@ -385,6 +387,7 @@ class _Loader:
 
         top = _Section(self, "", data)
         state_dir = top.get_path("state_dir", Path(DEFAULT_STATE_DIR))
+        strict_permissions = bool(top.get("strict_permissions", bool, False))
         assert state_dir is not None
         acme = self._acme(top.section("acme"))
         spoa_s = top.section("spoa")
@@ -406,6 +409,7 @@ class _Loader:
             metrics=metrics,
             daemon=daemon,
             certificates=certs,
+            strict_permissions=strict_permissions,
         )
 
     def _listen(self, s: _Section, name: str, default: str) -> Listen:

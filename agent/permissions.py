@@ -1,0 +1,138 @@
+"""Start-up checks of who can read the private keys.
+
+The agent never loosens a mode itself: it reports. `check(config)` looks at
+every stable key file, every HAProxy bundle `<cert_dir>/<name>.pem` (it holds
+the key too), the state directory (account key) and the cert directory:
+
+- readable or writable by others ("world"): always a problem; a warning, or
+  fatal with `strict_permissions = true`;
+- readable or writable by the group: fatal with `strict_permissions = true`,
+  accepted otherwise (a deliberate `0640 root:haproxy` layout);
+- a directory writable by others (anyone could swap a bundle or a key): same
+  rules.
+
+`enforce(config)` logs the warnings and raises `PermissionsError` listing the
+fatal problems, each naming the file, its mode and the fix (`chmod 600 FILE`).
+Missing files are not a problem here (config validation and issuance own
+that).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.config import Config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding: `fatal` ones stop the agent under strict_permissions."""
+
+    path: Path
+    message: str
+    fatal: bool
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+class PermissionsError(Exception):
+    """Keys or directories too open while strict_permissions is on; lists every problem."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        lines = "\n  ".join(str(p) for p in problems)
+        super().__init__(
+            f"refusing to start: private key material is readable or writable by others "
+            f"(strict_permissions = true):\n  {lines}"
+        )
+
+
+def _mode(path: Path) -> int | None:
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        return None
+
+
+def check_secret_file(path: Path, what: str, strict: bool) -> list[Problem]:
+    """Problems of one file holding a private key (`what` says which, e.g. "key of www")."""
+    mode = _mode(path)
+    if mode is None:
+        return []
+    problems = []
+    fix = f"fix: chmod 600 {path}"
+    if mode & (stat.S_IROTH | stat.S_IWOTH):
+        kind = "world-readable" if mode & stat.S_IROTH else "world-writable"
+        problems.append(Problem(path, f"{what} is {kind} (mode {mode:04o}); {fix}", strict))
+    if strict and mode & (stat.S_IRGRP | stat.S_IWGRP):
+        problems.append(Problem(path, f"{what} is group-accessible (mode {mode:04o}); {fix}", True))
+    return problems
+
+
+def check_directory(path: Path, what: str, strict: bool, private: bool) -> list[Problem]:
+    """A directory: never writable by others; with `private`, not readable by them either."""
+    mode = _mode(path)
+    if mode is None:
+        return []
+    problems = []
+    if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
+        problems.append(
+            Problem(
+                path, f"{what} is world-writable (mode {mode:04o}); fix: chmod o-w {path}", strict
+            )
+        )
+    if private and mode & (stat.S_IROTH | stat.S_IXOTH):
+        problems.append(
+            Problem(
+                path, f"{what} is open to others (mode {mode:04o}); fix: chmod 700 {path}", strict
+            )
+        )
+    return problems
+
+
+def check(config: Config, strict: bool | None = None) -> list[Problem]:
+    """Every permission problem of `config`'s key material (strict defaults to the config's)."""
+    if strict is None:
+        strict = config.strict_permissions
+    problems: list[Problem] = []
+    problems += check_directory(config.state_dir, "state directory", strict, private=True)
+    problems += check_directory(config.haproxy.cert_dir, "cert_dir", strict, private=False)
+    seen: set[Path] = set()
+    for c in config.certificates:
+        for path, what in (
+            (c.key, f"private key of certificate {c.name!r}"),
+            (
+                config.haproxy.cert_dir / f"{c.name}.pem",
+                f"HAProxy bundle of {c.name!r} (has the key)",
+            ),
+        ):
+            real = Path(os.path.realpath(path))
+            if real in seen:
+                continue
+            seen.add(real)
+            problems += check_secret_file(path, what, strict)
+            if path == c.key:
+                problems += check_directory(
+                    path.parent, f"directory of the key of {c.name!r}", strict, private=False
+                )
+    return problems
+
+
+def enforce(config: Config, logger: logging.Logger | None = None) -> list[Problem]:
+    """Log every problem; raise PermissionsError when any is fatal. Returns the warnings."""
+    lg = logger or log
+    problems = check(config)
+    fatal = [p for p in problems if p.fatal]
+    for p in problems:
+        if not p.fatal:
+            lg.warning("permissions: %s", p)
+    if fatal:
+        raise PermissionsError(fatal)
+    return problems
