@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from agent import __version__, keys
+from agent import __version__, haproxy_config, keys
 from agent.config import DEFAULT_CONFIG_PATH, CertificateConfig, Config, ConfigError, load_config
 
 log = logging.getLogger("agent.cli")
@@ -266,6 +266,11 @@ COMMANDS: dict[str, Command] = {
     "pins": Command("print SPKI pins, HPKP header and TLSA 3 1 1 data", _args_pins, cmd_pins),
     "csr": Command("print the CSR for a certificate (PEM)", _args_csr, cmd_csr),
     "check-config": Command("validate the configuration", _args_none, cmd_check_config),
+    "haproxy-config": Command(
+        "print the HAProxy configuration matching the config",
+        haproxy_config.add_arguments,
+        haproxy_config.run,
+    ),
 }
 
 

@@ -20,7 +20,9 @@ stable key.
 
 from __future__ import annotations
 
+import argparse
 import datetime
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +32,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from agent.config import Config, Listen
+from agent.config import Config, Listen, load_config
 from agent.storage import SECRET_MODE, atomic_write
 
 DEFAULT_SPOE_CONF = Path("/etc/haproxy/spoe-acme.conf")
@@ -283,3 +285,57 @@ def write_bootstrap_files(config: Config) -> list[Path]:
             atomic_write(path, _self_signed(c.domains, PLACEHOLDER_CN), SECRET_MODE)
             written.append(path)
     return written
+
+
+# --- `haproxy-acme-agent haproxy-config` (registered in agent/cli.py) ----------------------
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of the haproxy-config subcommand (-c/--config is added by agent.cli)."""
+    what = p.add_mutually_exclusive_group()
+    what.add_argument(
+        "--full", action="store_true", help="print one complete haproxy.cfg instead of the pieces"
+    )
+    what.add_argument("--spoe", action="store_true", help="print only spoe-acme.conf")
+    p.add_argument(
+        "--bootstrap",
+        action="store_true",
+        help="also create what HAProxy needs to start before the first issuance "
+        "(self-signed _default.pem, the crt-list, placeholders); never overwrites",
+    )
+    p.add_argument("--spoe-conf", type=Path, default=DEFAULT_SPOE_CONF, metavar="PATH")
+    p.add_argument(
+        "--socket-group",
+        default=DEFAULT_SOCKET_GROUP,
+        metavar="GROUP",
+        help=f"group (name or gid) sharing the runtime API socket (default {DEFAULT_SOCKET_GROUP})",
+    )
+    p.add_argument("--http-bind", default=":80", metavar="ADDR")
+    p.add_argument("--https-bind", default=":443", metavar="ADDR")
+    p.add_argument("--site", default="127.0.0.1:8080", metavar="ADDR", help="for --full")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the HAProxy configuration for -c CONFIG; exit 0, 1 when bootstrap fails."""
+    config = load_config(args.config)  # ConfigError -> exit 2 in agent.cli
+    options = Options(
+        spoe_conf=args.spoe_conf,
+        socket_group=args.socket_group,
+        http_bind=args.http_bind,
+        https_bind=args.https_bind,
+        site=args.site,
+    )
+    if args.bootstrap:
+        try:
+            for path in write_bootstrap_files(config):
+                print(f"wrote {path}", file=sys.stderr)
+        except OSError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    if args.spoe:
+        sys.stdout.write(spoe_conf())
+    elif args.full:
+        sys.stdout.write(full_config(config, options))
+    else:
+        sys.stdout.write(render_text(config, options))
+    return 0
