@@ -878,3 +878,54 @@ class Deployer:
 def parse_instances(addresses: Iterable[str]) -> list[str]:
     """Normalised instance names for `addresses` (as used in results and metrics)."""
     return [str(parse_address(a)) for a in addresses]
+
+
+# ---------------------------------------------------------------------------
+# Wiring to the rest of the agent (config + storage)
+
+
+def stored_targets(config: Any, storage: Any | None = None) -> list[DeployTarget]:
+    """DeployTargets for every configured certificate that has a stored bundle.
+
+    `config` is agent.config.Config; `storage` an agent.storage.Storage
+    (default: FileStorage at the state dir). Certificates without a bundle yet
+    are skipped; an unreadable bundle raises BundleError naming it.
+    """
+    from agent.renewal import cert_key
+    from agent.storage import FileStorage
+
+    store = storage if storage is not None else FileStorage(config.state_dir)
+    targets = []
+    for cert in config.certificates:
+        key = cert_key(cert.name, "bundle.pem")
+        if store.exists(key):
+            targets.append(DeployTarget.from_bundle(cert.name, store.load(key)))
+    return targets
+
+
+class RenewalDeployHook:
+    """`on_installed(name)` for `renew_certificates`: deploys the freshly stored
+    bundle of `name` and raises DeployError if it is not served everywhere.
+    Call `finish()` once at the end of the run (runs the reload command in
+    reload mode). `results` keeps every DeployResult of the run.
+    """
+
+    def __init__(self, config: Any, storage: Any | None = None) -> None:
+        from agent.storage import FileStorage
+
+        self.config = config
+        self.storage = storage if storage is not None else FileStorage(config.state_dir)
+        self.deployer = Deployer.from_config(config)
+        self.results: list[DeployResult] = []
+
+    def __call__(self, name: str) -> None:
+        from agent.renewal import cert_key
+
+        target = DeployTarget.from_bundle(name, self.storage.load(cert_key(name, "bundle.pem")))
+        result = self.deployer.deploy(target)
+        self.results.append(result)
+        result.raise_for_errors()
+
+    def finish(self) -> bool:
+        """Run the reload command if needed (see Deployer.finish)."""
+        return self.deployer.finish()
