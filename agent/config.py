@@ -18,6 +18,7 @@ Schema (every key optional unless marked required):
                 crt_list = "", verify = [] ("host:port"), reload_command = [], timeout = 5.0 (s)
     [metrics]   listen = "127.0.0.1:9810"
     [daemon]    control_socket = <state_dir>/control.sock, check_interval = 3600 (s),
+                reconcile_interval = 30 (s), retry_base = 60 (s), retry_max = 6h,
                 log_format = "text" | "json"
     [[certificates]]  name (required), domains (required), key (required), csr,
                 generate_key = false, key_type = "ec256", backup_pins = [], dhparam,
@@ -114,6 +115,9 @@ class DaemonConfig:
     control_socket: Path
     check_interval: float = 3600.0
     log_format: str = "text"
+    reconcile_interval: float = 30.0  # s between checks that HAProxy serves what is stored
+    retry_base: float = 60.0  # s before the first retry of a failed renewal
+    retry_max: float = 6 * 3600.0  # s, cap of the exponential backoff
 
 
 @dataclass(frozen=True)
@@ -502,17 +506,31 @@ class _Loader:
     def _daemon(self, s: _Section, state_dir: Path) -> DaemonConfig:
         control = s.get_path("control_socket", state_dir / "control.sock")
         assert control is not None
-        raw_interval = s.get("check_interval", (int, float, str), 3600)
-        try:
-            interval = parse_duration(raw_interval)
-        except ValueError as e:
-            raise s.error("check_interval", str(e)) from None
+        durations: dict[str, float] = {}
+        for key, default in (
+            ("check_interval", 3600),
+            ("reconcile_interval", 30),
+            ("retry_base", 60),
+            ("retry_max", 6 * 3600),
+        ):
+            try:
+                durations[key] = parse_duration(s.get(key, (int, float, str), default))
+            except ValueError as e:
+                raise s.error(key, str(e)) from None
+        if durations["retry_max"] < durations["retry_base"]:
+            raise s.error("retry_max", "must not be shorter than retry_base")
+        interval = durations["check_interval"]
         log_format = s.get_str("log_format", "text")
         if log_format not in ("text", "json"):
             raise s.error("log_format", f'{log_format!r} is not "text" or "json"')
         s.check_unknown()
         return DaemonConfig(
-            control_socket=control, check_interval=interval, log_format=str(log_format)
+            control_socket=control,
+            check_interval=interval,
+            log_format=str(log_format),
+            reconcile_interval=durations["reconcile_interval"],
+            retry_base=durations["retry_base"],
+            retry_max=durations["retry_max"],
         )
 
     def _certificates(self, top: _Section) -> tuple[CertificateConfig, ...]:
