@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from agent import __version__, haproxy_config, keys
+from agent import __version__, haproxy_config, importer, keys
 from agent.config import DEFAULT_CONFIG_PATH, CertificateConfig, Config, ConfigError, load_config
 
 log = logging.getLogger("agent.cli")
@@ -110,6 +110,16 @@ def cmd_renew(args: argparse.Namespace) -> int:
                 e.errno, f"{e.strerror or e} (is the daemon running? it renews by itself)"
             ) from e
         try:
+            # HAProxy marked the agent DOWN while no renew ran: tell it we are back.
+            from agent.agent_health import mark_agent_up
+
+            if config.haproxy.runtime_api:
+                mark_agent_up(config.haproxy.runtime_api, listen, config.haproxy.timeout)
+            else:
+                log.warning(
+                    "no [haproxy] runtime_api: HAProxy may only notice the SPOE agent at its "
+                    "next health check, and validations before that fail"
+                )
             yield thread
         finally:
             thread.stop()
@@ -270,6 +280,11 @@ COMMANDS: dict[str, Command] = {
         "print the HAProxy configuration matching the config",
         haproxy_config.add_arguments,
         haproxy_config.run,
+    ),
+    "import": Command(
+        "adopt certbot + scripts site directories (key, CSR, certificate) without re-issuing",
+        importer.add_arguments,
+        importer.run,
     ),
 }
 
