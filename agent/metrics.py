@@ -156,9 +156,7 @@ class MetricsServer:
     than 5 s are dropped.
     """
 
-    def __init__(
-        self, metrics: Metrics, host: str, port: int, healthy: Callable[[], bool]
-    ) -> None:
+    def __init__(self, metrics: Metrics, host: str, port: int, healthy: Callable[[], bool]) -> None:
         self._metrics = metrics
         self._host = host
         self._port = port
@@ -205,8 +203,12 @@ class MetricsServer:
             ).encode()
             writer.write(header if method == b"HEAD" else header + body)
             await writer.drain()
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError,
-                ConnectionError):
+        except (
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            TimeoutError,
+            ConnectionError,
+        ):
             pass
         finally:
             writer.close()

@@ -43,7 +43,16 @@ from cryptography.hazmat.primitives import serialization
 from agent import ari, keys
 from agent.challenges import ChallengeRegistry
 from agent.config import CertificateConfig, Config
-from agent.issuer import AcmeError, Issuer, RateLimited
+from agent.issuer import (
+    AccountError,
+    AcmeError,
+    AcmeTimeout,
+    AcmeUnreachable,
+    Issuer,
+    OrderFailed,
+    RateLimited,
+    ValidationFailed,
+)
 from agent.storage import FileStorage, LockTimeout, Storage, ensure_private_dir, safe_name
 
 log = logging.getLogger(__name__)
@@ -318,10 +327,37 @@ class RenewResult:
     reason: str
     serial: str | None = None
     not_after: float | None = None
+    # For metrics: what kind of failure ("rateLimited", "connection", "validation", ...).
+    error_type: str | None = None
 
     @property
     def failed(self) -> bool:
         return self.status == "failed"
+
+
+_ERROR_TYPES: tuple[tuple[type[BaseException], str], ...] = (
+    (RateLimited, "rateLimited"),
+    (AcmeUnreachable, "connection"),
+    (ValidationFailed, "validation"),
+    (AcmeTimeout, "timeout"),
+    (OrderFailed, "order"),
+    (AccountError, "account"),
+    (CertificateRejected, "rejected"),
+    (keys.StableKeyError, "key"),
+    (keys.CSRError, "csr"),
+    (OSError, "io"),
+)
+
+
+def error_type(e: BaseException) -> str:
+    """A short, bounded label for a renewal failure (a metrics label: no free text)."""
+    for cls, label in _ERROR_TYPES:
+        if isinstance(e, cls):
+            return label
+    problem = getattr(e, "problem_type", None)
+    if isinstance(problem, str) and problem.startswith("urn:ietf:params:acme:error:"):
+        return problem.rsplit(":", 1)[1][:40]
+    return "acme" if isinstance(e, AcmeError) else "other"
 
 
 def _fmt_time(t: float) -> str:
@@ -523,11 +559,11 @@ class Renewer:
             )
         except RateLimited as e:
             self._record_failure(cfg, str(e), e.retry_after)
-            return RenewResult(cfg.name, "failed", str(e))
+            return RenewResult(cfg.name, "failed", str(e), error_type=error_type(e))
         except (AcmeError, CertificateRejected, keys.StableKeyError, keys.CSRError, OSError) as e:
             msg = f"{type(e).__name__}: {e}" if isinstance(e, OSError) else str(e)
             self._record_failure(cfg, msg, None)
-            return RenewResult(cfg.name, "failed", msg)
+            return RenewResult(cfg.name, "failed", msg, error_type=error_type(e))
         new_meta = self.install(cfg, checked, key_pem)
         serial, not_after = new_meta.serial, new_meta.not_after
         log.info(
@@ -545,6 +581,7 @@ class Renewer:
                     f"renewed and stored (serial {serial}) but deploying it failed: {e}",
                     serial,
                     not_after,
+                    error_type="deploy",
                 )
         return RenewResult(cfg.name, "renewed", why, serial, not_after)
 
