@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from agent import __version__, haproxy_config, importer, keys
+from agent import __version__, haproxy_config, importer, keys, permissions
 from agent.config import DEFAULT_CONFIG_PATH, CertificateConfig, Config, ConfigError, load_config
 
 log = logging.getLogger("agent.cli")
@@ -95,6 +95,7 @@ def cmd_renew(args: argparse.Namespace) -> int:
 
     config = load(args)
     _select(config, args.names)
+    permissions.enforce(config)  # warns; PermissionsError under strict_permissions -> exit 2
     registry = MemoryChallengeRegistry()
 
     @contextlib.contextmanager
@@ -322,6 +323,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command].run(args)
     except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except permissions.PermissionsError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     except KeyboardInterrupt:

@@ -120,3 +120,20 @@ def test_missing_files_are_not_permission_problems(tmp_path: Path) -> None:
     # no bundle yet (never issued): nothing to say
     assert not (tmp_path / "certs" / "www.pem").exists()
     assert check(cfg) == []
+
+
+def test_renew_refuses_to_start_with_an_open_key_in_strict_mode(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    cfg = make(tmp_path, strict=True, key_mode=0o644)
+    r = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "renew", "-c", str(cfg.path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "refusing to start" in r.stderr and "www.key" in r.stderr
+    assert not (tmp_path / "state" / "certificates").exists()
