@@ -1,0 +1,529 @@
+"""`haproxy-acme-agent run`: one asyncio process doing everything, unattended.
+
+- the SPOA listener answering HAProxy's challenge lookups;
+- the renewal scheduler: per certificate the next attempt comes from the one
+  renewal rule (`agent.renewal.next_renewal_time`: ARI window, 1/3 of the
+  lifetime, `renew_before`, emergency at 1/20); failures retry with capped
+  exponential backoff and jitter; at most `acme.max_concurrent_orders` orders
+  run at once, so a thousand due certificates never stampede the CA;
+- deploys to HAProxy after each renewal (`agent.deploy`), and a reconciler
+  that every `daemon.reconcile_interval` checks that each instance serves the
+  stored serial, pushing what is stale (an instance that restarted with older
+  files, or came back after being down);
+- Prometheus metrics and /healthz on `[metrics] listen`;
+- a control socket so `renew` hands its work to the daemon.
+
+Signals: SIGHUP reloads the config (validated first; a bad file is logged and
+the running config stays); SIGTERM/SIGINT stop gracefully: no new order or
+HAProxy transaction starts, the ones in flight get a few seconds to finish
+(every HAProxy transaction ends in commit or abort), SPOE connections get a
+DISCONNECT. Every file write is atomic, so stopping never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent import deploy as deploy_mod
+from agent.challenges import MemoryChallengeRegistry
+from agent.config import Config, ConfigError, load_config
+from agent.control import ControlServer
+from agent.deploy import Deployer, DeployTarget, SyncStatus, stored_targets
+from agent.metrics import CertificateView, Metrics, MetricsServer
+from agent.renewal import (
+    EMERGENCY_FRACTION,
+    CertMeta,
+    Renewer,
+    RenewResult,
+    cert_key,
+    load_meta,
+    next_renewal_time,
+)
+from agent.spoa import SpoaServer
+from agent.storage import FileStorage, ensure_private_dir
+
+log = logging.getLogger("agent.daemon")
+
+SHUTDOWN_GRACE = 3.0  # seconds in-flight work gets after SIGTERM before we leave it
+
+
+@dataclass
+class CertState:
+    """The scheduler's view of one certificate. Times: UNIX seconds."""
+
+    next_at: float
+    reason: str
+    meta: CertMeta | None = None
+    failures: int = 0
+    running: bool = False
+
+
+def retry_delay(
+    failures: int, base: float, cap: float, lifetime: float | None, rng: random.Random
+) -> float:
+    """Seconds until the next attempt after `failures` consecutive failures (>= 1).
+
+    base * 2^(failures-1), capped by `cap` and, for short-lived certificates,
+    by 1/20 of the lifetime so several attempts fit before expiry; the result
+    is jittered to [50%, 100%] so many failing certificates spread out.
+    """
+    delay = base * 2 ** min(max(failures - 1, 0), 30)
+    limit = cap if lifetime is None else min(cap, max(lifetime * EMERGENCY_FRACTION, 1.0))
+    delay = min(delay, limit)
+    return float(delay * rng.uniform(0.5, 1.0))
+
+
+class Daemon:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.rng = rng or random.Random()
+        self.clock = clock
+        self.registry = MemoryChallengeRegistry()
+        self.metrics = Metrics(self._views)
+        self.states: dict[str, CertState] = {}
+        self._stop = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._closing = threading.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._renewals: dict[str, asyncio.Task[RenewResult]] = {}
+        self._started = False
+        self._build(config)
+        self.spoa = self._make_spoa()
+        self.metrics_server = self._make_metrics_server()
+        self.control = ControlServer(config.daemon.control_socket, self._control)
+
+    # -- set-up -------------------------------------------------------------------
+
+    def _build(self, config: Config) -> None:
+        """Objects that depend on the config (rebuilt on SIGHUP)."""
+        ensure_private_dir(config.state_dir)
+        self.storage = FileStorage(config.state_dir)
+        self.deployer = Deployer.from_config(config)
+        self.renewer = Renewer(
+            config, self.registry, self.storage, on_installed=self._deploy_installed
+        )
+        self.semaphore = asyncio.Semaphore(config.acme.max_concurrent_orders)
+        # Orders run on threads of their own, not asyncio's default executor:
+        # a stop must not wait for an order that takes minutes.
+        old_executor = getattr(self, "_executor", None)
+        self._executor = ThreadPoolExecutor(
+            max_workers=config.acme.max_concurrent_orders, thread_name_prefix="order"
+        )
+        if old_executor is not None:
+            old_executor.shutdown(wait=False)
+
+    def _schedule_all(self) -> None:
+        """(Re)compute every certificate's next attempt from the stored metadata."""
+        now = self.clock()
+        states: dict[str, CertState] = {}
+        for cfg in self.config.certificates:
+            old = self.states.get(cfg.name)
+            meta = load_meta(self.storage, cfg.name)
+            when = next_renewal_time(meta, cfg, now, meta.ari if meta else None)
+            if old is not None and old.failures and old.next_at > when:
+                when = old.next_at  # keep backing off across a reload
+            states[cfg.name] = CertState(
+                next_at=when,
+                reason="scheduled",
+                meta=meta,
+                failures=old.failures if old else 0,
+                running=old.running if old else False,
+            )
+        self.states = states
+
+    # -- metrics view ---------------------------------------------------------------
+
+    def _views(self) -> Iterator[CertificateView]:
+        sync: dict[str, dict[str, bool]] = {}
+        for s in self.deployer.status():
+            sync.setdefault(s.name, {})[s.instance] = s.in_sync
+        for name, st in list(self.states.items()):
+            meta = st.meta
+            last_ok = None
+            if meta is not None:
+                last_ok = meta.installed_at
+                if meta.last_attempt is not None and meta.last_attempt.result == "success":
+                    last_ok = meta.last_attempt.time
+            yield CertificateView(
+                name=name,
+                not_before=meta.not_before if meta else None,
+                not_after=meta.not_after if meta else None,
+                next_renewal=st.next_at,
+                last_success=last_ok,
+                in_sync=sync.get(name, {}),
+            )
+
+    def healthy(self) -> bool:
+        return self._started and not self._stop.is_set() and all(not t.done() for t in self._tasks)
+
+    # -- deploys ----------------------------------------------------------------------
+
+    def _deploy_installed(self, name: str) -> None:
+        """Renewer hook (worker thread): push the new bundle; raise if not served."""
+        if self._closing.is_set():
+            raise RuntimeError("agent is stopping: deploy left to the next start's reconcile")
+        bundle = self.storage.load(cert_key(name, "bundle.pem"))
+        result = self.deployer.deploy(DeployTarget.from_bundle(name, bundle))
+        for inst in result.instances:
+            if inst.error:
+                self.metrics.deploy_errors.labels(name, inst.instance).inc()
+        result.raise_for_errors()
+
+    def _reconcile(self, full: bool) -> list[SyncStatus]:
+        """Worker thread: make HAProxy serve what is stored (full, or instances that changed)."""
+        if self._closing.is_set():
+            return []
+        try:
+            targets = stored_targets(self.config, self.storage)
+        except (deploy_mod.BundleError, OSError) as e:
+            log.error("reconcile: cannot read the stored bundles: %s", e)
+            return []
+        statuses = self.deployer.reconcile(targets) if full else self.deployer.poll(targets)
+        for s in statuses:
+            if s.pushed and s.in_sync:
+                log.info(
+                    "certificate %s: pushed stored serial %X to %s (it served %s)",
+                    s.name, s.stored_serial, s.instance,
+                    "nothing" if s.served_serial is None else f"{s.served_serial:X}",
+                )  # fmt: skip
+            elif s.error:
+                log.warning("certificate %s on %s: %s", s.name, s.instance, s.error)
+        try:
+            self.deployer.finish()
+        except deploy_mod.ReloadError as e:
+            log.error("%s", e)
+        return statuses
+
+    # -- renewals ---------------------------------------------------------------------
+
+    async def renew(self, name: str, force: bool) -> RenewResult:
+        """Renew one certificate now (or join the renewal already running)."""
+        running = self._renewals.get(name)
+        if running is not None and not running.done():
+            return await asyncio.shield(running)
+        task = asyncio.create_task(self._renew(name, force), name=f"renew-{name}")
+        self._renewals[name] = task
+        return await asyncio.shield(task)
+
+    async def _renew(self, name: str, force: bool) -> RenewResult:
+        st = self.states.get(name)
+        if st is None:
+            return RenewResult(name, "failed", f"no certificate named {name!r} in the config")
+        st.running = True
+        try:
+            async with self.semaphore:
+                if self._closing.is_set():
+                    return RenewResult(name, "failed", "agent is stopping")
+                loop = asyncio.get_running_loop()
+                results = await loop.run_in_executor(
+                    self._executor, self.renewer.run, [name], force, False
+                )
+            result = results[0]
+        except KeyError:
+            result = RenewResult(name, "failed", "certificate removed from the config meanwhile")
+        except Exception as e:  # one certificate's bug must not stop the scheduler
+            log.exception("certificate %s: renewal crashed", name)
+            result = RenewResult(name, "failed", f"internal error: {e!r}")
+        finally:
+            st.running = False
+        self._after_renewal(name, result)
+        if result.status == "renewed":
+            try:
+                await asyncio.to_thread(self.deployer.finish)
+            except deploy_mod.ReloadError as e:
+                log.error("%s", e)
+        return result
+
+    def _after_renewal(self, name: str, result: RenewResult) -> None:
+        st = self.states.get(name)
+        if st is None:  # dropped by a reload while running
+            return
+        now = self.clock()
+        meta = load_meta(self.storage, name)
+        st.meta = meta
+        cfg = next((c for c in self.config.certificates if c.name == name), None)
+        extra = {"certificate": name, "outcome": result.status, "reason": result.reason}
+        if result.failed:
+            st.failures += 1
+            lifetime = None
+            if meta and meta.not_after is not None and meta.not_before is not None:
+                lifetime = meta.not_after - meta.not_before
+            delay = retry_delay(
+                st.failures,
+                self.config.daemon.retry_base,
+                self.config.daemon.retry_max,
+                lifetime,
+                self.rng,
+            )
+            st.next_at, st.reason = now + delay, f"retry {st.failures} after failure"
+            self.metrics.renewals.labels(name, "failure").inc()
+            self.metrics.acme_errors.labels(result.error_type or "other").inc()
+            log.error("renewal failed; retrying in %.0f s", delay, extra=extra)
+            return
+        if result.status == "renewed":
+            st.failures = 0
+            self.metrics.renewals.labels(name, "success").inc()
+            log.info("renewal done", extra={**extra, "serial": result.serial})
+        if cfg is not None:
+            st.next_at = next_renewal_time(meta, cfg, now, meta.ari if meta else None)
+            st.reason = "scheduled"
+            if st.next_at <= now:
+                # The renewer said not due (e.g. a concurrent run just renewed,
+                # or the CA's retry time): look again shortly, not in a busy loop.
+                st.next_at = now + max(1.0, min(60.0, self.config.daemon.retry_base))
+
+    # -- loops --------------------------------------------------------------------------
+
+    async def _scheduler(self) -> None:
+        while not self._stop.is_set():
+            now = self.clock()
+            soonest = now + self.config.daemon.check_interval
+            for name, st in list(self.states.items()):
+                if st.running:
+                    continue
+                if st.next_at <= now:
+                    running = self._renewals.get(name)
+                    if running is None or running.done():
+                        st.running = True
+                        self._renewals[name] = asyncio.create_task(
+                            self._renew(name, False), name=f"renew-{name}"
+                        )
+                else:
+                    soonest = min(soonest, st.next_at)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=max(0.05, soonest - now))
+
+    async def _reconciler(self) -> None:
+        full = True
+        last_full = self.clock()
+        while not self._stop.is_set():
+            try:
+                await asyncio.to_thread(self._reconcile, full)
+            except Exception:
+                log.exception("reconcile failed")
+            now = self.clock()
+            # `poll` every interval reconciles instances that restarted or came
+            # back; a full pass (served serial of every certificate) every 10.
+            full = now - last_full >= 10 * self.config.daemon.reconcile_interval
+            if full:
+                last_full = now
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._stop.wait(), timeout=self.config.daemon.reconcile_interval
+                )
+
+    # -- control socket -----------------------------------------------------------------
+
+    async def _control(self, request: dict[str, Any]) -> dict[str, Any]:
+        cmd = request["cmd"]
+        if cmd == "ping":
+            return {"ok": True}
+        if cmd == "renew":
+            names = request.get("names") or [c.name for c in self.config.certificates]
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise ValueError("'names' must be a list of strings")
+            unknown = [n for n in names if n not in self.states]
+            if unknown:
+                return {"ok": False, "error": f"no certificate named {', '.join(unknown)}"}
+            force = bool(request.get("force", False))
+            results = await asyncio.gather(*(self.renew(n, force) for n in names))
+            self._wake.set()
+            return {
+                "ok": True,
+                "results": [
+                    {
+                        "name": r.name,
+                        "status": r.status,
+                        "reason": r.reason,
+                        "serial": r.serial,
+                        "not_after": r.not_after,
+                    }
+                    for r in results
+                ],
+            }
+        if cmd == "status":
+            return {
+                "ok": True,
+                "certificates": {
+                    n: {"next_at": s.next_at, "failures": s.failures, "running": s.running}
+                    for n, s in self.states.items()
+                },
+                "haproxy": [
+                    {
+                        "certificate": s.name,
+                        "instance": s.instance,
+                        "in_sync": s.in_sync,
+                        "served_serial": None
+                        if s.served_serial is None
+                        else f"{s.served_serial:x}",
+                        "stored_serial": f"{s.stored_serial:x}",
+                        "error": s.error,
+                    }
+                    for s in self.deployer.status()
+                ],
+            }
+        raise ValueError(f"unknown command {cmd!r}")
+
+    # -- reload -------------------------------------------------------------------------
+
+    async def reload(self, path: Path) -> bool:
+        """SIGHUP: load and validate the config; switch to it only if it is valid."""
+        try:
+            new = await asyncio.to_thread(load_config, path)
+        except ConfigError as e:
+            log.error("reload refused, keeping the running config: %s", e)
+            return False
+        except OSError as e:
+            log.error("reload refused, keeping the running config: %s: %s", path, e)
+            return False
+        old = self.config
+        self.config = new
+        self._build(new)
+        self._schedule_all()
+        if new.spoa.listen != old.spoa.listen:
+            await self._restart_spoa()
+        if new.metrics.listen != old.metrics.listen:
+            await self._restart_metrics()
+        log.info("configuration reloaded from %s (%d certificates)", path, len(new.certificates))
+        self._wake.set()
+        return True
+
+    async def _restart_spoa(self) -> None:
+        await self.spoa.stop()
+        self.spoa = self._make_spoa()
+        await self.spoa.start()
+
+    async def _restart_metrics(self) -> None:
+        await self.metrics_server.stop()
+        self.metrics_server = self._make_metrics_server()
+        await self.metrics_server.start()
+
+    def _make_spoa(self) -> SpoaServer:
+        listen = self.config.spoa.listen
+        return SpoaServer(
+            self.registry, listen.host, listen.port, on_request=self.metrics.observe_challenge
+        )
+
+    def _make_metrics_server(self) -> MetricsServer:
+        listen = self.config.metrics.listen
+        return MetricsServer(self.metrics, listen.host, listen.port, self.healthy)
+
+    # -- run ----------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; returns the exit code (0 on a graceful stop)."""
+        loop = asyncio.get_running_loop()
+        self._schedule_all()
+        try:
+            await self.control.start()
+            await self.spoa.start()
+            await self.metrics_server.start()
+        except OSError as e:
+            log.error("cannot start: %s", e)
+            await self._stop_servers()
+            return 1
+        reload_path = self.config.path
+        pending_reload: set[asyncio.Task[bool]] = set()
+
+        def on_hup() -> None:
+            task = asyncio.create_task(self.reload(reload_path))
+            pending_reload.add(task)
+            task.add_done_callback(pending_reload.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        for coro in (self._scheduler(), self._reconciler()):
+            task = asyncio.create_task(coro)
+            self._tasks.add(task)
+        self._started = True
+        log.info(
+            "agent running: %d certificates, SPOA on %s, metrics on %s, control %s",
+            len(self.states), self.config.spoa.listen, self.config.metrics.listen,
+            self.config.daemon.control_socket,
+        )  # fmt: skip
+        await self._stop.wait()
+        log.info("stopping")
+        await self._shutdown()
+        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        return 0
+
+    async def _shutdown(self) -> None:
+        self._closing.set()  # no new order or deploy starts from here on
+        self._wake.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        running = [t for t in self._renewals.values() if not t.done()]
+        if running:
+            _, pending = await asyncio.wait(running, timeout=SHUTDOWN_GRACE)
+            if pending:
+                log.warning(
+                    "leaving %d order(s) in flight; nothing was installed for them",
+                    len(pending),
+                )
+        # Every HAProxy transaction runs under its instance lock: taking them
+        # all waits for the ones in flight to commit or abort.
+        await asyncio.to_thread(_wait_for_transactions, self.deployer, SHUTDOWN_GRACE)
+        await self._stop_servers()
+
+    async def _stop_servers(self) -> None:
+        for server in (self.spoa, self.metrics_server, self.control):
+            with contextlib.suppress(Exception):
+                await server.stop()
+
+
+def _hex(serial: int | None) -> str | None:
+    return None if serial is None else f"{serial:x}"
+
+
+def _wait_for_transactions(deployer: Deployer, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for instance in deployer.instances():
+        lock = deploy_mod._instance_lock(instance)
+        if lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            lock.release()
+        else:
+            log.warning("HAProxy %s: a certificate transaction is still running", instance)
+
+
+def run_daemon(config_path: Path, log_format: str | None = None) -> int:
+    """Entry point of `haproxy-acme-agent run`. Raises ConfigError for a bad config."""
+    from agent import permissions
+    from agent.logs import setup_logging
+
+    config = load_config(config_path)
+    setup_logging(log_format or config.daemon.log_format)
+    permissions.enforce(config)
+
+    async def main() -> int:
+        return await Daemon(config).run()
+
+    code = asyncio.run(main())
+    if any(t.name.startswith("order") and t.is_alive() for t in threading.enumerate()):
+        # An order is still waiting on the CA. Everything it could write is
+        # written atomically and nothing of it is installed: leave now rather
+        # than let the interpreter wait for it (SIGTERM must be quick).
+        logging.shutdown()
+        os._exit(code)
+    return code
