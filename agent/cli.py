@@ -96,6 +96,10 @@ def cmd_renew(args: argparse.Namespace) -> int:
     config = load(args)
     _select(config, args.names)
     permissions.enforce(config)  # warns; PermissionsError under strict_permissions -> exit 2
+    if not args.dry_run:
+        handed = _renew_through_daemon(config, args)
+        if handed is not None:
+            return handed
     registry = MemoryChallengeRegistry()
 
     @contextlib.contextmanager
@@ -125,29 +129,90 @@ def cmd_renew(args: argparse.Namespace) -> int:
         finally:
             thread.stop()
 
+    from agent.deploy import ReloadError, RenewalDeployHook
+
+    # Every installed certificate is written to [haproxy] cert_dir and pushed
+    # through the runtime API (or, without one, picked up by one reload).
+    hook = RenewalDeployHook(config)
     results = renew_certificates(
         config,
         args.names or None,
         args.force,
         args.dry_run,
         registry,
-        on_installed=ON_INSTALLED_HOOK(config) if ON_INSTALLED_HOOK else None,
+        on_installed=hook,
         serve_challenges=serve,
     )
-    failed = False
-    for r in results:
-        failed |= r.failed
-        if args.quiet and r.status in ("not-due", "dry-run"):
-            continue
-        line = f"{r.name}: {r.status}: {r.reason}"
-        if r.status == "renewed":
-            line += f" (serial {r.serial}, valid until {_fmt_time(r.not_after)})"
-        print(line, file=sys.stderr if r.failed else sys.stdout)
+    failed = _print_results(
+        [(r.name, r.status, r.reason, r.serial, r.not_after) for r in results], args.quiet
+    )
+    try:
+        hook.finish()
+    except ReloadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        failed = True
     return EXIT_FAILED if failed else EXIT_OK
 
 
-# Set by whoever wires HAProxy deployment into `renew`: config -> on_installed(name).
-ON_INSTALLED_HOOK: Callable[[Config], Callable[[str], None]] | None = None
+def _print_results(
+    rows: Sequence[tuple[str, str, str, str | None, float | None]], quiet: bool
+) -> bool:
+    """Print one line per certificate; True if any failed."""
+    failed = False
+    for name, status, reason, serial, not_after in rows:
+        failed |= status == "failed"
+        if quiet and status in ("not-due", "dry-run"):
+            continue
+        line = f"{name}: {status}: {reason}"
+        if status == "renewed":
+            line += f" (serial {serial}, valid until {_fmt_time(not_after)})"
+        print(line, file=sys.stderr if status == "failed" else sys.stdout)
+    return failed
+
+
+def _renew_through_daemon(config: Config, args: argparse.Namespace) -> int | None:
+    """Hand the renewal to a running daemon (it owns the SPOA port); None if none runs."""
+    from agent import control
+
+    path = config.daemon.control_socket
+    message = {"cmd": "renew", "names": list(args.names), "force": bool(args.force)}
+    try:
+        reply = control.request(path, message, timeout=config.acme.timeout * 4 + 300)
+    except control.ControlUnavailable:
+        return None
+    except (OSError, ValueError) as e:
+        print(f"error: the daemon at {path} did not answer: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    if not reply.get("ok"):
+        print(f"error: daemon: {reply.get('error')}", file=sys.stderr)
+        return EXIT_FAILED
+    log.info("renewal handed to the running daemon (%s)", path)
+    rows = [
+        (r["name"], r["status"], r["reason"], r.get("serial"), r.get("not_after"))
+        for r in reply.get("results", [])
+    ]
+    return EXIT_FAILED if _print_results(rows, args.quiet) else EXIT_OK
+
+
+# --- run (the daemon) ------------------------------------------------------------------
+
+
+def _args_run(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=None,
+        help="log format (default: [daemon] log_format, else text)",
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the daemon until SIGTERM: SPOA, renewals, HAProxy deploys, metrics."""
+    from pathlib import Path
+
+    from agent.daemon import run_daemon
+
+    return run_daemon(Path(args.config), args.log_format, verbose=args.verbose)
 
 
 # --- status ----------------------------------------------------------------------------
@@ -272,6 +337,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 # --- wiring ----------------------------------------------------------------------------
 
 COMMANDS: dict[str, Command] = {
+    "run": Command("run the agent: SPOA, renewals, HAProxy deploys, metrics", _args_run, cmd_run),
     "renew": Command("renew due certificates (cron-safe)", _args_renew, cmd_renew),
     "status": Command("show certificates and when they renew", _args_status, cmd_status),
     "pins": Command("print SPKI pins, HPKP header and TLSA 3 1 1 data", _args_pins, cmd_pins),

@@ -411,6 +411,23 @@ class Daemon:
         await self.spoa.stop()
         self.spoa = self._make_spoa()
         await self.spoa.start()
+        await self._announce_spoa()
+
+    async def _announce_spoa(self) -> None:
+        """HAProxy may have marked the agent DOWN while we were away: say we are up."""
+        if not self.config.haproxy.runtime_api:
+            return
+        from agent.agent_health import mark_agent_up
+
+        try:
+            await asyncio.to_thread(
+                mark_agent_up,
+                self.config.haproxy.runtime_api,
+                self.config.spoa.listen,
+                self.config.haproxy.timeout,
+            )
+        except Exception as e:  # HAProxy's own checks will find us anyway
+            log.warning("could not mark the SPOE agent up in HAProxy: %s", e)
 
     async def _restart_metrics(self) -> None:
         await self.metrics_server.stop()
@@ -441,6 +458,7 @@ class Daemon:
             log.error("cannot start: %s", e)
             await self._stop_servers()
             return 1
+        await self._announce_spoa()
         reload_path = self.config.path
         pending_reload: set[asyncio.Task[bool]] = set()
 
@@ -507,13 +525,16 @@ def _wait_for_transactions(deployer: Deployer, timeout: float) -> None:
             log.warning("HAProxy %s: a certificate transaction is still running", instance)
 
 
-def run_daemon(config_path: Path, log_format: str | None = None) -> int:
-    """Entry point of `haproxy-acme-agent run`. Raises ConfigError for a bad config."""
+def run_daemon(config_path: Path, log_format: str | None = None, verbose: bool = False) -> int:
+    """Entry point of `haproxy-acme-agent run`. Raises ConfigError for a bad config
+    and PermissionsError for a key others may read under strict_permissions."""
     from agent import permissions
     from agent.logs import setup_logging
 
     config = load_config(config_path)
-    setup_logging(log_format or config.daemon.log_format)
+    setup_logging(
+        log_format or config.daemon.log_format, logging.DEBUG if verbose else logging.INFO
+    )
     permissions.enforce(config)
 
     async def main() -> int:
