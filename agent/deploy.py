@@ -43,6 +43,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,9 @@ from agent.storage import atomic_write, safe_name
 
 BUNDLE_MODE = 0o600  # the bundle holds the private key
 CRT_LIST_MODE = 0o644
+# How long a transaction someone else opened may stay open before we act (s).
+# Ours last milliseconds; one still open after this is left over from a crash.
+STALE_TRANSACTION_WAIT = 1.0
 # Disk state reported when no runtime API is configured (reload mode).
 DISK_INSTANCE = "disk"
 
@@ -81,6 +85,10 @@ class DeployError(Exception):
     def __init__(self, result: DeployResult) -> None:
         self.result = result
         super().__init__(f"certificate {result.name!r}: " + "; ".join(result.errors))
+
+
+class InstanceUnreachable(HAProxyConnectionError):
+    """An instance could not be reached before anything was changed on it."""
 
 
 class BundleError(ValueError):
@@ -172,6 +180,7 @@ class DeployResult:
     instances: list[InstanceResult] = field(default_factory=list)
     handshakes: list[HandshakeResult] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def raise_for_errors(self) -> DeployResult:
         """Return self if ok, else raise DeployError."""
@@ -421,6 +430,10 @@ class Deployer:
             self._status[(status.name, status.instance)] = status
         return status
 
+    def _mark_down(self, instance: str) -> None:
+        with self._state:
+            self._seen[instance] = None
+
     def status(self) -> list[SyncStatus]:
         """The last known in-sync state per (certificate, instance), sorted."""
         with self._state:
@@ -483,9 +496,21 @@ class Deployer:
     # -- one transaction on one instance --------------------------------------
 
     def _clear_stale_transaction(self, api: RuntimeAPI) -> None:
-        """Abort a transaction left open under cert_dir (ours, from a crashed run);
-        refuse to run next to anyone else's."""
-        for pending in api.list_certs().transactions:
+        """Wait (bounded) for an open transaction to end; then abort one left open
+        under cert_dir (ours, from a crashed run) and refuse to run next to
+        anyone else's. Raises InstanceUnreachable if `api` cannot be reached:
+        this is the first call of every transaction, so nothing changed yet.
+        """
+        deadline = time.monotonic() + STALE_TRANSACTION_WAIT
+        while True:
+            try:
+                transactions = api.list_certs().transactions
+            except HAProxyConnectionError as exc:
+                raise InstanceUnreachable(exc.instance, exc.command, exc.reply) from exc
+            if not transactions or time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        for pending in transactions:
             if os.path.dirname(pending) == str(self.cert_dir):
                 api.abort_cert(pending)
             else:
@@ -581,9 +606,14 @@ class Deployer:
     # -- verification ----------------------------------------------------------
 
     def _verify(
-        self, path: Path, target: DeployTarget, leaf_der: bytes, result: DeployResult
+        self,
+        path: Path,
+        target: DeployTarget,
+        leaf_der: bytes,
+        result: DeployResult,
+        apis: Sequence[RuntimeAPI],
     ) -> None:
-        for api in self.apis:
+        for api in apis:
             try:
                 info = api.show_cert(str(path))
             except HAProxyError as exc:
@@ -600,7 +630,13 @@ class Deployer:
                 sni = _sni_for(name) if name else None
                 try:
                     der = tls_leaf(address, sni, self.timeout)
-                except (OSError, ssl.SSLError, ValueError) as exc:
+                except ConnectionRefusedError as exc:
+                    # Nothing listens (that HAProxy is down): proves nothing either
+                    # way; the instance catches up from disk or via poll().
+                    result.handshakes.append(HandshakeResult(address, sni, None, False, str(exc)))
+                    result.warnings.append(f"TLS check of {address} (SNI {sni}) skipped: {exc}")
+                    continue
+                except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
                     result.handshakes.append(HandshakeResult(address, sni, None, False, str(exc)))
                     result.errors.append(f"TLS handshake to {address} (SNI {sni}) failed: {exc}")
                     continue
@@ -612,6 +648,10 @@ class Deployer:
                         f"TLS handshake to {address} with SNI {sni} returned serial {served:X}, "
                         f"expected {target.serial:X}"
                     )
+        if self.verify and not any(h.ok for h in result.handshakes) and not result.errors:
+            result.errors.append(
+                f"no TLS frontend answered ({', '.join(self.verify)}): the swap is not proven"
+            )
 
     # -- public API --------------------------------------------------------------
 
@@ -625,25 +665,52 @@ class Deployer:
         """
         path, leaf_der = self._check_target(target)
         result = DeployResult(target.name, path, target.serial)
+        self._deploy(target, path, leaf_der, result)
+        order = {name: i for i, name in enumerate(self.instances())}
+        result.instances.sort(key=lambda r: order.get(r.instance, len(order)))
+        return result
+
+    def _deploy(
+        self, target: DeployTarget, path: Path, leaf_der: bytes, result: DeployResult
+    ) -> DeployResult:
         with _locked(_file_lock(path), self._lock_timeout, f"certificate {target.name!r}"):
             self.cert_dir.mkdir(parents=True, exist_ok=True)
             old = path.read_bytes() if path.exists() else None
             if old != target.bundle:
                 atomic_write(path, target.bundle, BUNDLE_MODE)
                 result.file_changed = True
-            old_crt_list = self._add_to_crt_list_file(path, target) if self.apis else None
+            old_crt_list = self._add_to_crt_list_file(path, target)
             touched: list[tuple[RuntimeAPI, str]] = []
             for api in self.apis:
                 try:
                     action = self._push(api, path, target)
+                except InstanceUnreachable as exc:
+                    # Not a reason to hold the renewal back from the others: the
+                    # file is on disk for its restart and poll() pushes it when
+                    # it answers again.
+                    result.instances.append(InstanceResult(api.name, "unreachable", error=str(exc)))
+                    result.warnings.append(str(exc))
+                    self._mark_down(api.name)
+                    self._remember(
+                        SyncStatus(
+                            target.name, api.name, None, target.serial, False, error=str(exc)
+                        )
+                    )
+                    continue
                 except (HAProxyError, TimeoutError) as exc:
                     result.instances.append(InstanceResult(api.name, "failed", error=str(exc)))
                     result.errors.append(str(exc))
                     break
                 touched.append((api, action))
+            if self.apis and not touched and not result.errors:
+                result.errors.append(
+                    "no HAProxy runtime API instance reachable; the file is written and is "
+                    "pushed when an instance answers again"
+                )
+                return result
             if not result.errors and self.apis:
                 # Reload mode proves nothing until `finish` has reloaded.
-                self._verify(path, target, leaf_der, result)
+                self._verify(path, target, leaf_der, result, [api for api, _ in touched])
             if result.errors and self.apis:
                 self._roll_back(path, target, old, old_crt_list, touched, result)
                 return result
@@ -656,7 +723,7 @@ class Deployer:
                 self._remember(
                     SyncStatus(target.name, DISK_INSTANCE, target.serial, target.serial, True)
                 )
-                if result.file_changed:
+                if result.file_changed or old_crt_list is not None:
                     with self._state:
                         self._changed = True
             result.ok = True
@@ -776,34 +843,41 @@ class Deployer:
                         )
                     )
                     continue
-                statuses.append(self._remember(self._reconcile_one(api, target, path)))
-                if statuses[-1].error and "unreachable" in statuses[-1].error:
-                    down = statuses[-1].error
-            with self._state:
-                if down is not None:
-                    self._seen[api.name] = None
+                status, unreachable = self._reconcile_one(api, target, path)
+                statuses.append(self._remember(status))
+                if unreachable:
+                    down = status.error
+            if down is not None:
+                self._mark_down(api.name)
         return statuses
 
-    def _reconcile_one(self, api: RuntimeAPI, target: DeployTarget, path: Path) -> SyncStatus:
+    def _reconcile_one(
+        self, api: RuntimeAPI, target: DeployTarget, path: Path
+    ) -> tuple[SyncStatus, bool]:
+        """Check (and if stale push) one certificate on one instance.
+        Returns the status and whether the instance was unreachable."""
+
+        def failed(served: int | None, exc: Exception) -> tuple[SyncStatus, bool]:
+            down = isinstance(exc, HAProxyConnectionError)
+            return SyncStatus(
+                target.name, api.name, served, target.serial, False, error=str(exc)
+            ), down
+
         try:
             info = api.show_cert(str(path))
-        except HAProxyConnectionError as exc:
-            return SyncStatus(
-                target.name, api.name, None, target.serial, False, error=f"unreachable: {exc}"
-            )
         except HAProxyError as exc:
-            return SyncStatus(target.name, api.name, None, target.serial, False, error=str(exc))
+            return failed(None, exc)
         served = info.serial if info else None
         if served == target.serial:
-            return SyncStatus(target.name, api.name, served, target.serial, True)
+            return SyncStatus(target.name, api.name, served, target.serial, True), False
         try:
             with _locked(_file_lock(path), self._lock_timeout, f"certificate {target.name!r}"):
                 self._push(api, path, target)
             after = api.show_cert(str(path))
         except (HAProxyError, TimeoutError) as exc:
-            return SyncStatus(target.name, api.name, served, target.serial, False, error=str(exc))
+            return failed(served, exc)
         now = after.serial if after else None
-        return SyncStatus(
+        status = SyncStatus(
             target.name,
             api.name,
             now,
@@ -812,6 +886,7 @@ class Deployer:
             pushed=True,
             error=None if now == target.serial else "serial unchanged after push",
         )
+        return status, False
 
     def poll(self, targets: Iterable[DeployTarget]) -> list[SyncStatus]:
         """Check every instance; reconcile those that are new, came back after being

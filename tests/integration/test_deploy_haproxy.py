@@ -469,3 +469,73 @@ def test_bundle_files_never_become_readable_by_others(site: Site) -> None:
     assert site.deployer().deploy(shop).ok
     mode = os.stat(site.cert_dir / "shop.pem").st_mode
     assert stat.S_IMODE(mode) == 0o600
+
+
+def test_every_instance_is_updated_and_a_down_one_does_not_block_the_others(site: Site) -> None:
+    # A second HAProxy on the same host serving the same files (its own socket and ports).
+    port2, static2 = free_port(), free_port()
+    config2 = CONFIG.replace("admin.sock", "admin2.sock")
+    env2 = {"STATE": str(site.state), "PORT": str(port2), "STATIC_PORT": str(static2)}
+    second = HAProxyProcess(site.haproxy.binary, config2, env2, site.state / "haproxy2")
+    second.start()
+    try:
+        api2 = f"unix:{site.state}/admin2.sock"
+        deployer = site.deployer(
+            instances=[site.api_address, api2], verify=[site.address, f"127.0.0.1:{port2}"]
+        )
+        renewed = site.target("site", ["site.test", "www.site.test"])
+        result = deployer.deploy(renewed)
+        assert result.ok, result.errors
+        assert [r.instance for r in result.instances] == [site.api_address, api2]
+        assert site.served_serial("site.test", port2) == renewed.serial
+
+        second.stop()
+        shop = site.target("shop", ["shop.test"])
+        result = deployer.deploy(shop)
+        assert result.ok, result.errors
+        assert [(r.instance, r.action) for r in result.instances] == [
+            (site.api_address, "added"),
+            (api2, "unreachable"),
+        ]
+        assert result.warnings and "admin2.sock" in result.warnings[0]
+        assert deployer.reachable(api2) is False
+        assert site.served_serial("shop.test") == shop.serial
+
+        second.start()  # reads the files and crt-list the deploy wrote
+        statuses = deployer.poll([renewed, shop])
+        assert {(s.name, s.instance, s.in_sync) for s in statuses} >= {
+            ("site", api2, True),
+            ("shop", api2, True),
+        }
+        assert site.served_serial("shop.test", port2) == shop.serial
+    finally:
+        second.stop()
+
+
+def test_all_instances_down_keeps_the_new_file_for_their_restart(site: Site) -> None:
+    renewed = site.target("site", ["site.test", "www.site.test"])
+    deployer = site.deployer()
+    site.haproxy.stop()
+
+    result = deployer.deploy(renewed)
+
+    assert not result.ok and not result.rolled_back
+    assert "no HAProxy runtime API instance reachable" in result.errors[0]
+    assert (site.cert_dir / "site.pem").read_bytes() == renewed.bundle
+    site.haproxy.start()
+    assert site.served_serial("site.test") == renewed.serial
+
+
+def test_transaction_left_open_by_a_crashed_run_is_aborted_and_deploy_proceeds(
+    site: Site,
+) -> None:
+    leftover = site.target("site", ["site.test"])
+    api = RuntimeAPI(site.api_address)
+    api.set_cert(str(site.cert_dir / "site.pem"), leftover.bundle)  # never committed
+    renewed = site.target("site", ["site.test", "www.site.test"])
+
+    result = site.deployer().deploy(renewed)
+
+    assert result.ok, result.errors
+    assert site.served_serial("site.test") == renewed.serial
+    assert api.list_certs().transactions == ()
