@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 
 # systemd (systemd-analyze) and docker-compose (`docker-compose config`, no engine
 # needed) only lint the shipped unit and compose file in tests/test_packaging.py.
-APT_PACKAGES=(haproxy pebble wrk openssl ca-certificates python3-venv systemd docker-compose)
+APT_PACKAGES=(haproxy pebble wrk openssl ca-certificates python3-venv systemd docker-compose curl)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
