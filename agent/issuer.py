@@ -36,6 +36,7 @@ import requests
 from acme import challenges, client, errors, messages
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
+from josepy import errors as jose_errors
 from josepy.jwa import ES256
 from josepy.jwk import JWKEC
 
@@ -199,9 +200,15 @@ class RetryingNetwork(client.ClientNetwork):  # type: ignore[misc]
                 else:
                     raise
             except errors.ClientError as e:
-                # Non-JSON error bodies (a proxy's 502 page...) arrive as ClientError(response).
+                # Non-JSON error bodies (a proxy's 502 page...) arrive as ClientError(response),
+                # and every 409 as ConflictError, even with a problem document (RFC 9773's
+                # alreadyReplaced): surface that document as the messages.Error it is.
                 resp = self.last_response
                 status = resp.status_code if resp is not None else None
+                if status == 409 and resp is not None:
+                    problem = _problem_of(resp)
+                    if problem is not None:
+                        raise problem from e
                 if status is None or status < 500:
                     raise
                 last_problem = f"HTTP {status} from the CA"
@@ -229,6 +236,14 @@ class RetryingNetwork(client.ClientNetwork):  # type: ignore[misc]
 
 class _GiveUp(Exception):
     pass
+
+
+def _problem_of(resp: requests.Response) -> messages.Error | None:
+    try:
+        body = resp.json()
+        return messages.Error.from_json(body) if isinstance(body, dict) and "type" in body else None
+    except (ValueError, jose_errors.DeserializationError):
+        return None
 
 
 def _retry_after_of(resp: requests.Response | None) -> float | None:
