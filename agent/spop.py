@@ -23,7 +23,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Final, TypeAlias
+from typing import Final, NamedTuple, TypeAlias
 
 # --------------------------------------------------------------------------- constants
 
@@ -231,6 +231,13 @@ def encode_varint(value: int) -> bytes:
         if value < 0:
             raise ValueError(f"varint cannot encode negative {value}")
         return bytes((value,))
+    # Unrolled 2- and 3-byte forms: stream ids of HAProxy 2.6 are its stream
+    # counter, so these are on the hot path of every ACK.
+    if value < 2288:
+        return bytes(((value & 0xFF) | 0xF0, (value - 240) >> 4))
+    if value < 264432:
+        rest = (value - 240) >> 4
+        return bytes(((value & 0xFF) | 0xF0, (rest & 0xFF) | 0x80, (rest - 128) >> 7))
     if value > MAX_VARINT:
         raise ValueError(f"varint cannot encode {value} (> 2**64-1)")
     out = bytearray(((value & 0xFF) | 0xF0,))
@@ -293,11 +300,18 @@ def _decode_bytes(data: bytes, pos: int, end: int) -> tuple[bytes, int]:
 
 
 def _decode_str(data: bytes, pos: int, end: int) -> tuple[str, int]:
-    raw, pos = _decode_bytes(data, pos, end)
+    # Hot path: one-byte lengths are decoded inline (one call per string, not three).
+    if pos < end and (length := data[pos]) < 240:
+        pos += 1
+    else:
+        length, pos = decode_varint(data, pos)
+    stop = pos + length
+    if stop > end:
+        raise InvalidFrame(f"string of {length} bytes runs past the end of the frame")
     try:
-        return raw.decode(), pos
+        return data[pos:stop].decode(), stop
     except UnicodeDecodeError:
-        raise InvalidFrame(f"string is not valid UTF-8: {raw[:40]!r}") from None
+        raise InvalidFrame(f"string is not valid UTF-8: {data[pos:stop][:40]!r}") from None
 
 
 def encode_value(value: Value) -> bytes:
@@ -392,9 +406,12 @@ def decode_kv_list(data: bytes, pos: int, end: int) -> KVList:
 # --------------------------------------------------------------------------- frames
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
-    """One SPOE message of a NOTIFY: its name and (possibly unnamed) arguments."""
+class Message(NamedTuple):
+    """One SPOE message of a NOTIFY: its name and (possibly unnamed) arguments.
+
+    A NamedTuple rather than a dataclass: one is built per NOTIFY on the hot
+    path. At most 255 arguments (checked when encoding).
+    """
 
     name: str
     args: KVList = ()
@@ -405,10 +422,6 @@ class Message:
             if key == name:
                 return value
         raise KeyError(name)
-
-    def __post_init__(self) -> None:
-        if len(self.args) > 255:
-            raise ValueError("a message carries at most 255 arguments")
 
 
 @dataclass(frozen=True, slots=True)
@@ -527,6 +540,9 @@ def encode_frame(frame: Frame) -> bytes:
             frame.frame_id,
         )
     if isinstance(frame, Notify):
+        for m in frame.messages:
+            if len(m.args) > 255:
+                raise ValueError(f"message {m.name!r} has {len(m.args)} arguments, at most 255")
         payload = b"".join(
             encode_string(m.name) + bytes((len(m.args),)) + encode_kv_list(m.args)
             for m in frame.messages
@@ -561,6 +577,11 @@ def encode_frame(frame: Frame) -> bytes:
     raise TypeError(f"not a SPOP frame: {frame!r}")
 
 
+_new_notify = object.__new__
+_set_attr = object.__setattr__
+_new_tuple = tuple.__new__
+
+
 def _decode_messages(data: bytes, pos: int, end: int) -> tuple[Message, ...]:
     messages: list[Message] = []
     while pos < end:
@@ -574,7 +595,7 @@ def _decode_messages(data: bytes, pos: int, end: int) -> tuple[Message, ...]:
             key, pos = _decode_str(data, pos, end)
             value, pos = decode_value(data, pos, end)
             args.append((key, value))
-        messages.append(Message(name, tuple(args)))
+        messages.append(_new_tuple(Message, (name, tuple(args))))
     return tuple(messages)
 
 
@@ -629,11 +650,18 @@ def decode_body(ftype: int, flags: int, data: bytes, pos: int, end: int) -> Fram
     if not flags & FLAG_FIN or ftype == FrameType.UNSET:
         raise FragmentationNotSupported("fragmented frame (FIN flag not set)")
     stream_id, pos = decode_varint(data, pos)
-    frame_id, pos = decode_varint(data, pos)
+    if pos < end and (frame_id := data[pos]) < 240:
+        pos += 1
+    else:
+        frame_id, pos = decode_varint(data, pos)
     if pos > end:
         raise InvalidFrame("frame shorter than its stream-id and frame-id")
-    if ftype == FrameType.NOTIFY:
-        return Notify(stream_id, frame_id, _decode_messages(data, pos, end))
+    if ftype == 3:  # NOTIFY, the hot path; decoded ids are in range by construction
+        notify = _new_notify(Notify)
+        _set_attr(notify, "stream_id", stream_id)
+        _set_attr(notify, "frame_id", frame_id)
+        _set_attr(notify, "messages", _decode_messages(data, pos, end))
+        return notify
     if ftype == FrameType.ACK:
         return Ack(stream_id, frame_id, _decode_actions(data, pos, end))
     if ftype not in (1, 2, 101, 102):
@@ -856,25 +884,26 @@ class AgentConnection:
 _ACK_PREFIX: Final = bytes((FrameType.ACK,)) + FLAG_FIN.to_bytes(4, "big")
 
 
+_SET_TXN_ACTIONS: dict[str, bytes] = {}
+
+
 def encode_ack_set_txn_string(stream_id: int, frame_id: int, name: str, value: bytes) -> bytes:
     """ACK carrying one `set-var txn <name> <string value>`: the challenge answer.
 
     Same bytes as encode_frame(Ack(..., (SetVar(Scope.TXN, name, value.decode()),))),
     without building objects on the hot path.
     """
-    body = (
-        _ACK_PREFIX
-        + _varint(stream_id)
-        + _varint(frame_id)
-        + b"\x01\x03\x02"
-        + encode_string(name)
-        + b"\x08"
-        + _varint(len(value))
-        + value
-    )
-    return _U32.pack(len(body)) + body
+    action = _SET_TXN_ACTIONS.get(name)
+    if action is None:
+        action = _SET_TXN_ACTIONS[name] = b"\x01\x03\x02" + encode_string(name) + b"\x08"
+    sid = _VARINT_CACHE[stream_id] if 0 <= stream_id < 4096 else encode_varint(stream_id)
+    fid = _VARINT_CACHE[frame_id] if 0 <= frame_id < 4096 else encode_varint(frame_id)
+    vlen = _varint(len(value))
+    size = 5 + len(sid) + len(fid) + len(action) + len(vlen) + len(value)
+    return b"".join((_U32.pack(size), _ACK_PREFIX, sid, fid, action, vlen, value))
 
 
 def encode_empty_ack(stream_id: int, frame_id: int) -> bytes:
-    body = _ACK_PREFIX + _varint(stream_id) + _varint(frame_id)
-    return _U32.pack(len(body)) + body
+    sid = _VARINT_CACHE[stream_id] if 0 <= stream_id < 4096 else encode_varint(stream_id)
+    fid = _VARINT_CACHE[frame_id] if 0 <= frame_id < 4096 else encode_varint(frame_id)
+    return b"".join((_U32.pack(5 + len(sid) + len(fid)), _ACK_PREFIX, sid, fid))

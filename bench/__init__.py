@@ -1,0 +1,1 @@
+"""Benchmarks: compared variants run side by side in one process run."""

@@ -1,0 +1,239 @@
+"""Throughput of http-01 challenge answers through HAProxy, three ways, in one run.
+
+Same HAProxy process, same load generator (wrk on 127.0.0.1, bounded
+duration), same challenge URL, one frontend per variant:
+
+  (a) static     HAProxy answers with `http-request return` (the upper bound)
+  (b) spoe-agent HAProxy asks our SPOE agent (`python -m agent.spoa`, its own
+                 process), exactly as haproxy/spoe-acme.conf ships
+  (c) standalone HAProxy routes the path to a backend-port responder shaped
+                 like certbot's standalone plugin (bench/standalone_responder.py)
+
+Any answer that is not the key authorization counts as an error (the
+frontends' fallback backend answers 404, which wrk reports as non-2xx).
+Prints req/s and p99 per variant; the last line is `ratio_vs_static=<b/a>`.
+
+    .venv/bin/python -m bench.challenge_throughput [--duration 5] [--haproxy PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.support.haproxy import HAProxyProcess, free_port  # noqa: E402
+
+TOKEN = "evaGxfADs6pSRb2LAv9IZf17Dt3juxGJ-PCt92wr-oA"
+KEYAUTH = TOKEN + ".9jg46WB3rR_AHD-EBXdN7cBkH1WOu0tA3M9fm21mqTI"
+PATH = "/.well-known/acme-challenge/" + TOKEN
+
+CONFIG = """
+global
+    noreuseport
+    nbthread "${NBTHREAD}"
+    maxconn 4000
+
+defaults
+    mode http
+    timeout connect 2s
+    timeout client  30s
+    timeout server  30s
+
+# (a) static upper bound
+frontend static
+    bind "127.0.0.1:${STATIC_PORT}"
+    http-request return status 200 content-type text/plain string "${KEYAUTH}" if { path_reg ^/\\.well-known/acme-challenge/[A-Za-z0-9_-]+$ }
+    default_backend notfound
+
+# (b) our agent over SPOE, configured like haproxy/haproxy.cfg
+frontend spoe
+    bind "127.0.0.1:${SPOE_PORT}"
+    filter spoe engine acme config "${SPOE_CONF}"
+    http-request return status 200 content-type text/plain lf-string "%[var(txn.acme.keyauth)]" if { var(txn.acme.keyauth) -m found }
+    default_backend notfound
+
+# (c) certbot-standalone style: the challenge path goes to a backend port
+frontend standalone
+    bind "127.0.0.1:${STANDALONE_PORT}"
+    use_backend standalone if { path_beg /.well-known/acme-challenge/ }
+    default_backend notfound
+
+backend standalone
+    server certbot "127.0.0.1:${RESPONDER_PORT}"
+
+backend notfound
+    http-request return status 404 content-type text/plain string "not answered"
+
+backend acme-spoa
+    mode tcp
+    timeout connect 1s
+    timeout server 1m
+    server agent1 "127.0.0.1:${SPOA_PORT}"
+"""  # noqa: E501
+
+
+@dataclass
+class Result:
+    name: str
+    rps: float
+    p99_ms: float
+    requests: int
+    wrong: int  # non-2xx: the request was not answered with the key authorization
+    socket_errors: int  # wrk counts every server-side close as a read error
+
+
+_UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
+    if not m:
+        raise ValueError(f"cannot parse wrk latency {text!r}")
+    return float(m.group(1)) * _UNITS_MS[m.group(2)]
+
+
+def parse_wrk(name: str, out: str) -> Result:
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    wrong = socket_errors = 0
+    if m := re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out):
+        wrong = int(m.group(1))
+    if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
+        socket_errors = sum(int(g) for g in m.groups())
+    return Result(name, rps, p99, total, wrong, socket_errors)
+
+
+def wrk(name: str, port: int, duration: int, threads: int, connections: int) -> Result:
+    out = subprocess.run(
+        [
+            *("wrk", f"-t{threads}", f"-c{connections}", f"-d{duration}s", "--latency"),
+            *("--timeout", "5s", f"http://127.0.0.1:{port}{PATH}"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=duration + 30,
+        check=True,
+    ).stdout
+    return parse_wrk(name, out)
+
+
+def check_answer(port: int) -> None:
+    """One request per variant before loading it: the body must be the key authorization."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", PATH)
+        resp = conn.getresponse()
+        body = resp.read().decode()
+    finally:
+        conn.close()
+    if resp.status != 200 or body != KEYAUTH:
+        raise SystemExit(f"port {port} answered {resp.status} {body!r}, not the key authorization")
+
+
+@contextmanager
+def child(args: list[str]) -> Iterator[subprocess.Popen[bytes]]:
+    """A helper process that prints 'listening on ...' when ready; stopped by its handle."""
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode()
+        if not line.startswith("listening on"):
+            raise SystemExit(f"{' '.join(args)} did not start: {line!r}")
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--duration", type=int, default=5, help="seconds per variant")
+    parser.add_argument("--warmup", type=int, default=1, help="seconds per variant, 0 = none")
+    parser.add_argument("--haproxy", default="/usr/sbin/haproxy")
+    parser.add_argument("--nbthread", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2, help="wrk -t")
+    parser.add_argument("--connections", type=int, default=50, help="wrk -c")
+    args = parser.parse_args(argv)
+
+    spoa_port, responder_port = free_port(), free_port()
+    ports = {"static": free_port(), "spoe-agent": free_port(), "standalone": free_port()}
+    token_arg = f"{TOKEN}={KEYAUTH}"
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-") as tmp,
+        child(["-m", "agent.spoa", "--listen", f"127.0.0.1:{spoa_port}", "--token", token_arg]),
+        child(
+            [
+                *("-m", "bench.standalone_responder"),
+                *("--listen", f"127.0.0.1:{responder_port}", "--token", token_arg),
+            ]
+        ),
+    ):
+        env = {
+            "NBTHREAD": str(args.nbthread),
+            "KEYAUTH": KEYAUTH,
+            "STATIC_PORT": str(ports["static"]),
+            "SPOE_PORT": str(ports["spoe-agent"]),
+            "STANDALONE_PORT": str(ports["standalone"]),
+            "RESPONDER_PORT": str(responder_port),
+            "SPOA_PORT": str(spoa_port),
+            "SPOE_CONF": str(REPO / "haproxy" / "spoe-acme.conf"),
+        }
+        with HAProxyProcess(args.haproxy, CONFIG, env, Path(tmp)) as haproxy:
+            version = subprocess.run(
+                [haproxy.binary, "-v"], capture_output=True, text=True, check=False
+            ).stdout.split("\n")[0]
+            print(
+                f"# {version}; nbthread {args.nbthread}; "
+                f"wrk -t{args.threads} -c{args.connections} -d{args.duration}s; "
+                f"{os.cpu_count()} CPUs",
+                flush=True,
+            )
+            results: dict[str, Result] = {}
+            for name, port in ports.items():
+                check_answer(port)
+                if args.warmup > 0:
+                    wrk(name, port, args.warmup, args.threads, args.connections)
+                r = wrk(name, port, args.duration, args.threads, args.connections)
+                results[name] = r
+                print(
+                    f"{name:<11} req/s={r.rps:>10.0f}  p99={r.p99_ms:>8.2f}ms  "
+                    f"requests={r.requests}  wrong={r.wrong}  socket_errors={r.socket_errors}",
+                    flush=True,
+                )
+                time.sleep(0.5)  # let TIME_WAIT and the agent settle between variants
+    a, b, c = results["static"], results["spoe-agent"], results["standalone"]
+    if any(r.wrong for r in results.values()):
+        print("# WARNING: some answers were not the key authorization (see wrong=)")
+    if c.socket_errors:
+        print("# standalone socket_errors: HTTP/1.0 responder closes after every answer")
+    print(f"agent_vs_standalone={b.rps / c.rps:.2f}")
+    print(f"ratio_vs_static={b.rps / a.rps:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
