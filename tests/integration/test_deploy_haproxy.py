@@ -539,3 +539,52 @@ def test_transaction_left_open_by_a_crashed_run_is_aborted_and_deploy_proceeds(
     assert result.ok, result.errors
     assert site.served_serial("site.test") == renewed.serial
     assert api.list_certs().transactions == ()
+
+
+DIRECTORY_CONFIG = """\
+global
+    noreuseport
+    stats socket "${STATE}/admin.sock" mode 600 level admin expose-fd listeners
+
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 5s
+    timeout server 5s
+
+frontend tls
+    bind "127.0.0.1:${PORT}" ssl crt "${STATE}/certs/"
+    http-request return status 200 content-type text/plain string ok
+"""
+
+
+def test_new_certificate_is_added_to_a_crt_directory_bind(haproxy_bin: str, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    cert_dir = state / "certs"
+    cert_dir.mkdir(parents=True)
+    ca = make_ca()
+    bundle, first, _ = make_bundle(ca, ["site.test"])
+    (cert_dir / "site.pem").write_bytes(bundle)
+    port = free_port()
+    env = {"STATE": str(state), "PORT": str(port)}
+    proc = HAProxyProcess(haproxy_bin, DIRECTORY_CONFIG, env, tmp_path / "haproxy")
+    proc.start()
+    try:
+        deployer = Deployer(
+            [f"unix:{state}/admin.sock"], cert_dir, crt_list=cert_dir, verify=[f"127.0.0.1:{port}"]
+        )
+        shop_bundle, shop, _ = make_bundle(ca, ["shop.test"])
+        result = deployer.deploy(DeployTarget.from_bundle("shop", shop_bundle))
+        assert result.ok, result.errors
+        assert result.instances[0].action == "added"
+
+        def serial(sni: str) -> int:
+            der = tls_leaf(f"127.0.0.1:{port}", sni, 5.0)
+            return x509.load_der_x509_certificate(der).serial_number
+
+        assert serial("shop.test") == shop.serial_number
+        assert serial("site.test") == first.serial_number
+        proc.restart()
+        assert serial("shop.test") == shop.serial_number
+    finally:
+        proc.stop()
