@@ -29,7 +29,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives import serialization
 
 from agent import keys
 from agent.config import Config, ConfigError, load_config
-from agent.storage import atomic_write
+from agent.storage import SECRET_MODE, atomic_write
 
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----\r?\n.+?-----END CERTIFICATE-----", re.S)
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -233,6 +233,7 @@ class ImportResult:
     imported: list[Site]
     skipped: list[tuple[str, str]]  # (name, why)
     config_text: str  # what was (or would be) appended to the config file
+    bundles: list[Path] = field(default_factory=list)  # HAProxy bundles written to cert_dir
 
 
 def import_sites(
@@ -240,7 +241,7 @@ def import_sites(
 ) -> ImportResult:
     """Adopt the site directories under `paths` into the config and state; see the module doc."""
     from agent.challenges import MemoryChallengeRegistry
-    from agent.renewal import CheckedChain, Renewer
+    from agent.renewal import CheckedChain, Renewer, cert_key
 
     config = load_config(config_path)
     known = {c.name: c for c in config.certificates}
@@ -282,13 +283,20 @@ def import_sites(
         atomic_write(config_path, original, mode)
         raise
     renewer = Renewer(new_config, MemoryChallengeRegistry())
+    written: list[Path] = []
     for s in sites:
         if s.leaf is None:
             continue
         cfg = new_config.certificate(s.name)
         key_pem = s.key.read_bytes()
         renewer.install(cfg, CheckedChain(s.leaf, s.chain), key_pem)
-    return ImportResult(sites, skipped, text)
+        # The file HAProxy's crt line will name; an existing one is left to the
+        # agent's deploy (it is replaced, verified, at the next renewal or reconcile).
+        target = new_config.haproxy.cert_dir / f"{s.name}.pem"
+        if new_config.haproxy.cert_dir.is_dir() and not target.exists():
+            atomic_write(target, renewer.storage.load(cert_key(s.name, "bundle.pem")), SECRET_MODE)
+            written.append(target)
+    return ImportResult(sites, skipped, text, written)
 
 
 # --- `haproxy-acme-agent import` (registered in agent/cli.py) -------------------------------
@@ -334,7 +342,9 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.dry_run:
         sys.stdout.write(result.config_text)
-    elif result.imported:
+    for path in result.bundles:
+        print(f"wrote HAProxy bundle {path}", file=sys.stderr)
+    if not args.dry_run and result.imported:
         print(
             f"appended {len(result.imported)} [[certificates]] entries to {args.config}",
             file=sys.stderr,

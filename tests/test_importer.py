@@ -8,6 +8,8 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -127,6 +129,10 @@ def test_import_adds_config_and_state_and_nothing_is_due(tmp_path: Path) -> None
     assert (state / "bundle.pem").stat().st_mode & 0o777 == 0o600
     meta = json.loads((state / "meta.json").read_text())
     assert meta["serial"] == format(leaf.serial_number, "x")
+    # HAProxy's file, ready for its crt line: the same bundle, 0600.
+    assert result.bundles == [tmp_path / "certs" / "www.example.test.pem"]
+    assert result.bundles[0].read_bytes() == (state / "bundle.pem").read_bytes()
+    assert result.bundles[0].stat().st_mode & 0o777 == 0o600
     # The agent sees a valid certificate: next renewal at 1/3 of the lifetime left.
     (row,) = certificate_status(cfg)
     assert row["serial"] == meta["serial"]
@@ -208,6 +214,19 @@ def test_configured_names_are_skipped(tmp_path: Path) -> None:
     assert cfg_path.read_bytes() == once
 
 
+def served_serial(port: int, name: str) -> int:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        ctx.wrap_socket(raw, server_hostname=name) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
 # --- import, then renew through real Pebble + HAProxy + our SPOE agent ------------------
 
 
@@ -272,12 +291,16 @@ def test_import_then_forced_renewal_keeps_the_key_byte_identical(
                 check=False,
             )
             assert r.returncode == 0, r.stdout + r.stderr + pebble.log_text() + proc.log_text()
+            # The same HAProxy process now serves the renewed certificate.
+            served = served_serial(https_port, "www.example.test")
+            pid = proc.pid
         finally:
             proc.stop()
 
     state = tmp_path / "state" / "certificates" / "www.example.test"
     leaf = x509.load_pem_x509_certificate((state / "cert.pem").read_bytes())
     assert format(leaf.serial_number, "x") != imported_serial
+    assert served == leaf.serial_number and pid > 0
     assert keys.spki_pin(leaf.public_key()) == pin_before  # type: ignore[arg-type]
     assert key_file.read_bytes() == key_bytes
     assert key_bytes.strip() in (state / "bundle.pem").read_bytes()
