@@ -32,9 +32,9 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -48,12 +48,13 @@ from agent.issuer import (
     AcmeError,
     AcmeTimeout,
     AcmeUnreachable,
+    IssuedCertificate,
     Issuer,
     OrderFailed,
     RateLimited,
     ValidationFailed,
 )
-from agent.storage import FileStorage, LockTimeout, Storage, ensure_private_dir, safe_name
+from agent.storage import FileStorage, LockTimeout, Storage, safe_name
 
 log = logging.getLogger(__name__)
 
@@ -367,12 +368,21 @@ def _fmt_time(t: float) -> str:
 # --- the run ---------------------------------------------------------------------------
 
 
-@dataclass
-class _Job:
-    cfg: CertificateConfig
-    meta: CertMeta | None
-    why: str
-    results: list[RenewResult] = field(default_factory=list)
+class CertificateIssuer(Protocol):
+    """What a renewal run needs from an issuer (agent.issuer.Issuer is the real one)."""
+
+    @property
+    def renewal_info_url(self) -> str | None: ...
+
+    def connect(self) -> None: ...
+
+    def renewal_info(
+        self, cert: x509.Certificate, previous: ari.RenewalWindow | None = None
+    ) -> ari.RenewalWindow | None: ...
+
+    def issue(
+        self, csr_pem: bytes, domains: Sequence[str], replaces: str | None = None
+    ) -> IssuedCertificate: ...
 
 
 class Renewer:
@@ -383,7 +393,7 @@ class Renewer:
         config: Config,
         registry: ChallengeRegistry,
         storage: Storage | None = None,
-        issuer: Issuer | None = None,
+        issuer: CertificateIssuer | None = None,
         on_installed: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.time,
         serve_challenges: Callable[[], AbstractContextManager[object]] | None = None,
@@ -392,10 +402,11 @@ class Renewer:
         self.serve_challenges = serve_challenges
         self.registry = registry
         if storage is None:
-            ensure_private_dir(config.state_dir)
+            # FileStorage creates the (0700) state dir on the first write, so a
+            # dry run or a run with nothing due writes nothing at all.
             storage = FileStorage(config.state_dir)
         self.storage = storage
-        self.issuer = issuer or Issuer(config.acme, storage, registry)
+        self.issuer: CertificateIssuer = issuer or Issuer(config.acme, storage, registry)
         self.on_installed = on_installed
         self.clock = clock
         self._issuer_lock = threading.Lock()

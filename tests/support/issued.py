@@ -59,7 +59,7 @@ class TinyCA:
 
     def leaf(
         self,
-        key: PrivateKey,
+        key: PrivateKey | ec.EllipticCurvePublicKey | rsa.RSAPublicKey,
         domains: Sequence[str],
         not_before: float,
         not_after: float,
@@ -67,11 +67,12 @@ class TinyCA:
         aki: bytes | None = None,
         signer: PrivateKey | None = None,
     ) -> x509.Certificate:
+        public = key.public_key() if isinstance(key, PrivateKey) else key
         builder = (
             x509.CertificateBuilder()
             .subject_name(_name(domains[0]))
             .issuer_name(self.intermediate.subject)
-            .public_key(key.public_key())
+            .public_key(public)
             .serial_number(serial)
             .not_valid_before(utc(not_before))
             .not_valid_after(utc(not_after))

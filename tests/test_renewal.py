@@ -1,0 +1,411 @@
+"""The renewal rule, the pre-install checks, and a renewal run with a stand-in issuer.
+
+The stand-in issuer signs whatever CSR it gets with a throwaway CA (or fails
+on purpose); the real ACME path is proven in the Pebble integration tests.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import stat
+import textwrap
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from agent import ari, keys
+from agent.challenges import MemoryChallengeRegistry
+from agent.config import CertificateConfig, Config, load_config
+from agent.issuer import AcmeUnreachable, IssuedCertificate, RateLimited
+from agent.renewal import (
+    CertificateRejected,
+    CertMeta,
+    Renewer,
+    cert_key,
+    certificate_status,
+    check_certificate,
+    load_meta,
+    make_bundle,
+    next_renewal_time,
+    renewal_decision,
+)
+from agent.storage import FileStorage
+from tests.support.issued import TinyCA
+
+DAY = 86400.0
+NOW = 1_800_000_000.0
+
+
+def cfg(
+    domains: Sequence[str] = ("a.example.com",), renew_before: float | None = None
+) -> CertificateConfig:
+    return CertificateConfig(
+        name="www", domains=tuple(domains), key=Path("/k"), renew_before=renew_before
+    )
+
+
+def meta(lifetime_days: float, age_days: float = 0.0, **kw: Any) -> CertMeta:
+    nb = NOW - age_days * DAY
+    fields: dict[str, Any] = {
+        "name": "www",
+        "domains": ("a.example.com",),
+        "serial": "01",
+        "not_before": nb,
+        "not_after": nb + lifetime_days * DAY,
+        **kw,
+    }
+    return CertMeta(**fields)
+
+
+# --- the rule --------------------------------------------------------------------------
+
+
+def test_no_certificate_is_due_now() -> None:
+    assert renewal_decision(None, cfg(), NOW, None) == (NOW, "no certificate yet")
+    assert next_renewal_time(CertMeta(name="www"), cfg(), NOW, None) == NOW
+
+
+@pytest.mark.parametrize("lifetime", [90, 45, 6])
+def test_renews_when_a_third_of_the_lifetime_is_left(lifetime: int) -> None:
+    when = next_renewal_time(meta(lifetime), cfg(), NOW, None)
+    assert when == pytest.approx(NOW + lifetime * DAY * 2 / 3)
+
+
+def test_renew_before_overrides_the_third_rule_and_ari() -> None:
+    window = ari.RenewalWindow("id", NOW, NOW + DAY, NOW + DAY / 2, NOW + 3600)
+    when = next_renewal_time(meta(90), cfg(renew_before=10 * DAY), NOW, window)
+    assert when == pytest.approx(NOW + 80 * DAY)
+
+
+def test_renew_before_longer_than_the_lifetime_is_due_at_once() -> None:
+    assert next_renewal_time(meta(6), cfg(renew_before=30 * DAY), NOW, None) <= NOW
+
+
+def test_ari_window_point_is_used_when_the_ca_offers_one() -> None:
+    window = ari.RenewalWindow("id", NOW + 70 * DAY, NOW + 72 * DAY, NOW + 71 * DAY, NOW)
+    when, why = renewal_decision(meta(90), cfg(), NOW, window)
+    assert when == NOW + 71 * DAY
+    assert "ARI" in why
+
+
+def test_emergency_beats_a_late_ari_window() -> None:
+    window = ari.RenewalWindow("id", NOW + 89 * DAY, NOW + 90 * DAY, NOW + 89.5 * DAY, NOW)
+    when, why = renewal_decision(meta(90), cfg(), NOW, window)
+    assert when == pytest.approx(NOW + 90 * DAY - 4.5 * DAY)
+    assert "1/20" in why
+
+
+def test_changed_domains_are_due_now() -> None:
+    when, why = renewal_decision(meta(90), cfg(["a.example.com", "b.example.com"]), NOW, None)
+    assert (when, why) == (NOW, "domains changed")
+
+
+def test_rate_limit_retry_time_postpones_renewal() -> None:
+    m = meta(6, age_days=5.9, retry_not_before=NOW + 3600)
+    assert next_renewal_time(m, cfg(), NOW, None) == NOW + 3600
+
+
+# --- checks ----------------------------------------------------------------------------
+
+CA = TinyCA()
+KEY = ec.generate_private_key(ec.SECP256R1())
+OTHER = ec.generate_private_key(ec.SECP256R1())
+T = time.time()
+
+
+def chain_for(key: Any = KEY, domains: Sequence[str] = ("a.example.com",), **kw: Any) -> bytes:
+    kw.setdefault("not_before", T - 60)
+    kw.setdefault("not_after", T + 90 * DAY)
+    return CA.fullchain(CA.leaf(key, domains, **kw))
+
+
+def test_good_chain_passes_and_splits_into_leaf_and_chain() -> None:
+    checked = check_certificate(chain_for(), KEY, ["a.example.com"], [], T)
+    assert keys.spki_pin(checked.leaf.public_key()) == keys.spki_pin(KEY)  # type: ignore[arg-type]
+    assert checked.chain == (CA.intermediate,)
+    assert checked.fullchain_pem == checked.cert_pem + checked.chain_pem
+
+
+@pytest.mark.parametrize(
+    "pem, domains, message",
+    [
+        (lambda: chain_for(OTHER), ["a.example.com"], "not the stable key"),
+        (lambda: chain_for(domains=["b.example.com"]), ["a.example.com"], "are not the configured"),
+        (lambda: chain_for(not_after=T - 1), ["a.example.com"], "expired"),
+        (lambda: chain_for(signer=OTHER), ["a.example.com"], "chain does not verify"),
+        (lambda: b"<html>oops</html>", ["a.example.com"], "no PEM certificate"),
+        (
+            lambda: b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+            ["a.example.com"],
+            "does not parse",
+        ),
+    ],
+)
+def test_bad_certificates_are_refused(pem: Any, domains: list[str], message: str) -> None:
+    with pytest.raises(CertificateRejected, match=message):
+        check_certificate(pem(), KEY, domains, [], T)
+
+
+def test_backup_pins_must_announce_a_real_backup() -> None:
+    own = keys.spki_pin(KEY)
+    with pytest.raises(CertificateRejected, match="only the key's own pin"):
+        check_certificate(chain_for(), KEY, ["a.example.com"], [own], T)
+    backup = base64.b64encode(b"\x02" * 32).decode()
+    check_certificate(chain_for(), KEY, ["a.example.com"], [backup], T)
+
+
+def test_bundle_is_fullchain_key_dhparam_without_blank_lines() -> None:
+    b = make_bundle(b"CERT\n\nCHAIN\n", b"KEY\r\n", b"\nDH\n")
+    assert b == b"CERT\nCHAIN\nKEY\nDH\n"
+
+
+# --- a renewal run ---------------------------------------------------------------------
+
+
+class StandInIssuer:
+    """Signs the CSR with TinyCA; `fail` makes it raise instead."""
+
+    def __init__(self, renewal_info: ari.RenewalWindow | None = None) -> None:
+        self.fail: Exception | None = None
+        self.replaces: list[str | None] = []
+        self.window = renewal_info
+        self.wrong_key = False
+        self.lifetime = 90 * DAY
+
+    @property
+    def renewal_info_url(self) -> str | None:
+        return "http://ca/ari" if self.window else None
+
+    def connect(self) -> None:
+        if isinstance(self.fail, AcmeUnreachable):
+            raise self.fail
+
+    def renewal_info(self, cert: x509.Certificate, previous: Any = None) -> Any:
+        if self.window is None:
+            return None
+        from dataclasses import replace
+
+        return replace(self.window, cert_id=ari.cert_id(cert))
+
+    def issue(
+        self, csr_pem: bytes, domains: Sequence[str], replaces: str | None = None
+    ) -> IssuedCertificate:
+        self.replaces.append(replaces)
+        if self.fail is not None:
+            raise self.fail
+        csr = x509.load_pem_x509_csr(csr_pem)
+        key = OTHER if self.wrong_key else csr.public_key()
+        now = time.time()
+        leaf = CA.leaf(
+            key,  # type: ignore[arg-type]
+            list(domains),
+            now - 60,
+            now - 60 + self.lifetime,
+            serial=int(now * 1000),
+        )
+        return IssuedCertificate(CA.fullchain(leaf).decode(), "http://ca/order/1")
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    (tmp_path / "config.toml").write_text(
+        textwrap.dedent(
+            """\
+            state_dir = "state"
+            [acme]
+            directory = "https://127.0.0.1:1/dir"
+            [[certificates]]
+            name = "www"
+            domains = ["a.example.com", "b.example.com"]
+            key = "www.key"
+            generate_key = true
+            [[certificates]]
+            name = "api"
+            domains = ["api.example.com"]
+            key = "api.key"
+            generate_key = true
+            key_type = "ec384"
+            """
+        )
+    )
+    return load_config(tmp_path / "config.toml")
+
+
+def run(config: Config, issuer: StandInIssuer, *names: str, force: bool = False,
+        dry_run: bool = False, on_installed: Any = None) -> dict[str, Any]:  # fmt: skip
+    renewer = Renewer(
+        config,
+        MemoryChallengeRegistry(),
+        issuer=issuer,
+        on_installed=on_installed,  # type: ignore[arg-type]
+    )
+    return {r.name: r for r in renewer.run(list(names) or None, force, dry_run)}
+
+
+def mode(p: Path) -> int:
+    return stat.S_IMODE(os.stat(p).st_mode)
+
+
+def test_first_run_issues_everything_with_safe_modes(config: Config) -> None:
+    installed: list[str] = []
+    results = run(config, StandInIssuer(), on_installed=installed.append)
+    assert {n: r.status for n, r in results.items()} == {"www": "renewed", "api": "renewed"}
+    assert sorted(installed) == ["api", "www"]
+    state = config.state_dir
+    assert mode(state) == 0o700
+    d = state / "certificates" / "www"
+    assert mode(d / "bundle.pem") == 0o600
+    assert mode(config.certificate("www").key) == 0o600
+    assert not (d / "bundle.prev.pem").exists()
+    key_pem = config.certificate("www").key.read_bytes()
+    bundle = (d / "bundle.pem").read_bytes()
+    assert bundle.startswith((d / "fullchain.pem").read_bytes())
+    assert key_pem.strip() in bundle
+    m = load_meta(FileStorage(state), "www")
+    assert m is not None and m.serial == results["www"].serial
+    assert m.last_attempt is not None and m.last_attempt.result == "success"
+    assert keys.describe_key(keys.load_private_key(config.certificate("api").key)) == "ECDSA P-384"
+
+
+def test_second_run_is_idempotent_and_force_keeps_the_previous_bundle(config: Config) -> None:
+    issuer = StandInIssuer()
+    run(config, issuer)
+    d = config.state_dir / "certificates" / "www"
+    first_bundle = (d / "bundle.pem").read_bytes()
+    key_before = config.certificate("www").key.read_bytes()
+    again = run(config, issuer)
+    assert {r.status for r in again.values()} == {"not-due"}
+    assert "next renewal at" in again["www"].reason
+    assert (d / "bundle.pem").read_bytes() == first_bundle
+    time.sleep(0.002)  # distinct serial (ms clock)
+    forced = run(config, issuer, "www", force=True)
+    assert list(forced) == ["www"] and forced["www"].status == "renewed"
+    assert (d / "bundle.prev.pem").read_bytes() == first_bundle
+    assert mode(d / "bundle.prev.pem") == 0o600
+    assert (d / "bundle.pem").read_bytes() != first_bundle
+    assert config.certificate("www").key.read_bytes() == key_before
+
+
+def test_failed_order_never_touches_installed_files(config: Config) -> None:
+    issuer = StandInIssuer()
+    run(config, issuer)
+    d = config.state_dir / "certificates" / "www"
+    before = {p.name: p.read_bytes() for p in d.iterdir() if p.name != "meta.json"}
+    issuer.fail = AcmeUnreachable("POST https://ca/order: cannot reach the CA: connection refused")
+    results = run(config, issuer, force=True)
+    assert results["www"].status == "failed"
+    assert "connection refused" in results["www"].reason
+    assert {p.name: p.read_bytes() for p in d.iterdir() if p.name != "meta.json"} == before
+    m = load_meta(FileStorage(config.state_dir), "www")
+    assert m is not None and m.last_attempt is not None
+    assert m.last_attempt.result == "failed" and "connection refused" in (
+        m.last_attempt.error or ""
+    )
+    assert m.serial is not None  # the installed certificate is still what meta describes
+
+
+def test_certificate_for_another_key_is_refused_and_not_installed(config: Config) -> None:
+    issuer = StandInIssuer()
+    issuer.wrong_key = True
+    results = run(config, issuer)
+    assert results["www"].status == "failed"
+    assert "not the stable key" in results["www"].reason
+    assert not (config.state_dir / "certificates" / "www" / "bundle.pem").exists()
+
+
+def test_rate_limit_is_reported_and_remembered(config: Config) -> None:
+    issuer = StandInIssuer()
+    issuer.fail = RateLimited("rate limited by the CA: too many", time.time() + 3600)
+    results = run(config, issuer, "www")
+    assert results["www"].status == "failed" and "rate limited" in results["www"].reason
+    m = load_meta(FileStorage(config.state_dir), "www")
+    assert m is not None and m.retry_not_before == pytest.approx(time.time() + 3600, abs=5)
+
+
+def test_dry_run_reports_and_writes_nothing(config: Config) -> None:
+    results = run(config, StandInIssuer(), dry_run=True)
+    assert {r.status for r in results.values()} == {"dry-run"}
+    assert results["www"].reason == "would renew: no certificate yet"
+    assert not config.state_dir.exists()
+    assert not config.certificate("www").key.exists()
+
+
+def test_ari_window_drives_renewal_and_the_order_replaces_the_old_certificate(
+    config: Config,
+) -> None:
+    issuer = StandInIssuer()
+    run(config, issuer, "www")
+    storage = FileStorage(config.state_dir)
+    old = x509.load_pem_x509_certificate(storage.load(cert_key("www", "cert.pem")))
+    now = time.time()
+    issuer.window = ari.RenewalWindow("x", now - 100, now + 100, now - 50, now + 3600)
+    results = run(config, issuer, "www")
+    assert results["www"].status == "renewed"
+    assert "ARI" in results["www"].reason
+    assert issuer.replaces[-1] == ari.cert_id(old)
+    # A later window keeps the new certificate not due, and meta remembers the window.
+    issuer.window = ari.RenewalWindow("x", now + 50 * DAY, now + 51 * DAY, now + 50.5 * DAY, now)
+    assert run(config, issuer, "www")["www"].status == "not-due"
+    m = load_meta(storage, "www")
+    assert m is not None and m.ari is not None and m.ari.selected == now + 50.5 * DAY
+
+
+def test_a_held_lock_means_someone_else_is_renewing(config: Config) -> None:
+    storage = FileStorage(config.state_dir)
+    storage.lock("cert-www")
+    try:
+        results = run(config, StandInIssuer(), "www")
+    finally:
+        storage.unlock("cert-www")
+    assert results["www"].status == "not-due"
+    assert "another process" in results["www"].reason
+
+
+def test_deploy_hook_failure_marks_the_run_failed_but_keeps_the_certificate(
+    config: Config,
+) -> None:
+    def hook(name: str) -> None:
+        raise RuntimeError("HAProxy unix:/run/haproxy/admin.sock: connection refused")
+
+    results = run(config, StandInIssuer(), "www", on_installed=hook)
+    assert results["www"].status == "failed"
+    assert "deploying it failed" in results["www"].reason
+    assert (config.state_dir / "certificates" / "www" / "bundle.pem").exists()
+
+
+def test_unknown_name_is_a_key_error(config: Config) -> None:
+    with pytest.raises(KeyError, match="nope"):
+        run(config, StandInIssuer(), "nope")
+
+
+def test_six_day_certificate_becomes_due_after_four_days(config: Config) -> None:
+    issuer = StandInIssuer()
+    issuer.lifetime = 6 * DAY
+    run(config, issuer, "api")
+
+    def at(offset: float) -> dict[str, Any]:
+        renewer = Renewer(
+            config, MemoryChallengeRegistry(), issuer=issuer, clock=lambda: time.time() + offset
+        )
+        return {r.name: r for r in renewer.run(["api"], False, False)}
+
+    assert at(3.9 * DAY)["api"].status == "not-due"
+    results = at(4.1 * DAY)
+    assert results["api"].status == "renewed"
+    assert results["api"].reason == "1/3 of the lifetime left"
+
+
+def test_status_reports_pin_expiry_and_last_result(config: Config) -> None:
+    run(config, StandInIssuer(), "www")
+    rows = {r["name"]: r for r in certificate_status(config)}
+    www = rows["www"]
+    assert www["key_pin"] == keys.spki_pin(keys.load_private_key(config.certificate("www").key))
+    assert www["last_result"] == "success"
+    assert 89 < www["days_left"] <= 90
+    assert rows["api"]["last_result"] is None and rows["api"]["key_pin"] is None
