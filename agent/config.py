@@ -15,7 +15,8 @@ Schema (every key optional unless marked required):
                 poll_interval = 0.5 (s), timeout = 30 (s), max_concurrent_orders = 4
     [spoa]      listen = "127.0.0.1:12345"
     [haproxy]   runtime_api = [] ("unix:/path" or "tcp:host:port"), cert_dir = <state_dir>/haproxy,
-                crt_list = "", verify = [] ("host:port"), reload_command = [], timeout = 5.0 (s)
+                crt_list = "", verify = [] ("host:port"), reload_command = [], timeout = 5.0 (s),
+                bufsize = 16384 (bytes; must equal HAProxy's tune.bufsize)
     [metrics]   listen = "127.0.0.1:9810"
     [daemon]    control_socket = <state_dir>/control.sock, check_interval = 3600 (s),
                 reconcile_interval = 30 (s), retry_base = 60 (s), retry_max = 6h,
@@ -103,7 +104,7 @@ class HAProxyConfig:
     verify: tuple[Listen, ...] = ()
     reload_command: tuple[str, ...] = ()
     timeout: float = 5.0
-
+    bufsize: int = 16384  # HAProxy's tune.bufsize: the largest runtime API payload + 1
 
 @dataclass(frozen=True)
 class MetricsConfig:
@@ -493,6 +494,9 @@ class _Loader:
         if reload_command and not reload_command[0]:
             raise s.error("reload_command", "the program (first element) must not be empty")
         timeout = s.get_number("timeout", 5.0, 0.0, 600.0)
+        bufsize = s.get("bufsize", int, 16384)
+        if not 1024 <= bufsize <= 1048576:
+            raise s.error("bufsize", "must be between 1024 and 1048576 (HAProxy's tune.bufsize)")
         s.check_unknown()
         return HAProxyConfig(
             cert_dir=cert_dir,
@@ -501,6 +505,7 @@ class _Loader:
             verify=tuple(verify),
             reload_command=tuple(reload_command),
             timeout=timeout,
+            bufsize=bufsize,
         )
 
     def _daemon(self, s: _Section, state_dir: Path) -> DaemonConfig:

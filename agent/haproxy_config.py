@@ -40,9 +40,6 @@ DEFAULT_SOCKET_GROUP = "haproxy-acme"
 FALLBACK_NAME = "_default"
 PLACEHOLDER_CN = "haproxy-acme-agent placeholder"
 PLACEHOLDER_DAYS = 7
-# Room for an RSA-4096 key plus a long chain in one runtime API payload
-# (HAProxy's default 16384 is too small for that; see docs/troubleshooting.md).
-BUFSIZE = 32768
 
 
 @dataclass(frozen=True)
@@ -153,7 +150,8 @@ def render(config: Config, options: Options | None = None) -> Snippets:
     global_lines = "global\n"
     for line in stats_socket_lines(config, o.socket_group):
         global_lines += f"    {line}\n"
-    global_lines += f"    tune.bufsize {BUFSIZE}\n"
+    # The agent refuses payloads that would not fit: both must agree.
+    global_lines += f"    tune.bufsize {config.haproxy.bufsize}\n"
 
     http = (
         "frontend http\n"

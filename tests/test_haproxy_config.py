@@ -19,7 +19,7 @@ import pytest
 from cryptography import x509
 
 from agent.challenges import MemoryChallengeRegistry
-from agent.config import Config, load_config
+from agent.config import Config, ConfigError, load_config
 from agent.haproxy_config import (
     Options,
     full_config,
@@ -375,3 +375,14 @@ def test_cli_names_the_config_key_on_a_bad_config(tmp_path: Path) -> None:
     assert r.returncode == 2
     assert "spoa.listen" in r.stderr
     assert r.stdout == ""
+
+
+def test_tune_bufsize_matches_the_agents_bufsize(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, crt_list=False)
+    assert "tune.bufsize 16384" in render(cfg).global_lines  # HAProxy's default
+    text = cfg.path.read_text().replace("[haproxy]\n", "[haproxy]\nbufsize = 32768\n")
+    cfg.path.write_text(text)
+    assert "tune.bufsize 32768" in render(load_config(cfg.path)).global_lines
+    cfg.path.write_text(text.replace("bufsize = 32768", "bufsize = 100"))
+    with pytest.raises(ConfigError, match=r"haproxy\.bufsize: must be between 1024"):
+        load_config(cfg.path)
