@@ -45,6 +45,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -670,6 +671,21 @@ class Deployer:
         result.instances.sort(key=lambda r: order.get(r.instance, len(order)))
         return result
 
+    def deploy_many(self, targets: Iterable[DeployTarget], workers: int = 4) -> list[DeployResult]:
+        """`deploy` each target, `workers` at a time; results in the order given.
+
+        Transactions still run one at a time per instance (its lock); what
+        overlaps is file writing and TLS verification. A BundleError or
+        OSError for one target is raised after all others are done.
+        """
+        items = list(targets)
+        if workers <= 1 or len(items) <= 1:
+            return [self.deploy(t) for t in items]
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deploy") as pool:
+            futures = [pool.submit(self.deploy, t) for t in items]
+            wait(futures)
+        return [f.result() for f in futures]
+
     def _deploy(
         self, target: DeployTarget, path: Path, leaf_der: bytes, result: DeployResult
     ) -> DeployResult:
@@ -914,6 +930,17 @@ class Deployer:
         if not due:
             return []
         return self.reconcile(targets, due)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no certificate transaction runs on any of our instances (for
+        a clean shutdown). Returns False if one was still running at `timeout` s."""
+        deadline = time.monotonic() + timeout
+        for name in self.instances():
+            lock = _instance_lock(name)
+            if not lock.acquire(timeout=max(deadline - time.monotonic(), 0)):
+                return False
+            lock.release()
+        return True
 
     def reachable(self, instance: str) -> bool | None:
         """Whether `poll`/`reconcile` last reached `instance`; None if never polled."""

@@ -588,3 +588,16 @@ def test_new_certificate_is_added_to_a_crt_directory_bind(haproxy_bin: str, tmp_
         assert serial("shop.test") == shop.serial_number
     finally:
         proc.stop()
+
+
+def test_deploy_many_returns_results_in_order_and_serves_all(site: Site) -> None:
+    targets = [site.target(f"bulk{i}", [f"bulk{i}.test"]) for i in range(12)]
+    deployer = site.deployer()
+
+    results = deployer.deploy_many(targets, workers=4)
+
+    assert [r.name for r in results] == [t.name for t in targets]
+    assert all(r.ok for r in results), [r.errors for r in results]
+    for t in targets:
+        assert site.served_serial(t.names[0]) == t.serial
+    assert deployer.wait_idle(1.0) is True
