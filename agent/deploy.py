@@ -303,6 +303,12 @@ def _split_host_port(address: str) -> tuple[str, int]:
     return (match.group(1) or match.group(3)), int(match.group(2) or match.group(4))
 
 
+def _line_names(line: str, base: Path, path: str) -> bool:
+    """True if crt-list `line` (relative paths resolved against `base`) serves `path`."""
+    fields = line.split("#", 1)[0].split()
+    return bool(fields) and os.path.abspath(base / fields[0]) == path
+
+
 # ---------------------------------------------------------------------------
 # Per-instance locks, shared by every Deployer in the process
 
@@ -481,10 +487,8 @@ class Deployer:
         if crt_list is None:
             return None
         old = crt_list.read_bytes() if crt_list.exists() else b""
-        base = crt_list.parent
         for raw in old.decode(errors="replace").splitlines():
-            fields = raw.split("#", 1)[0].split()
-            if fields and os.path.abspath(base / fields[0]) == str(path):
+            if _line_names(raw, crt_list.parent, str(path)):
                 return None
         text = old.decode(errors="replace")
         if text and not text.endswith("\n"):
@@ -793,6 +797,56 @@ class Deployer:
         result.rolled_back = True
         result.file_changed = False
 
+    def remove(self, name: str) -> list[str]:
+        """Stop serving certificate `name`: on every instance `del ssl crt-list`
+        (each entry) then `del ssl cert`; drop its crt-list file line(s) and
+        its bundle file. Returns the problems (empty: done everywhere).
+        The file is removed even if an instance is unreachable (its restart
+        must not load it again); an instance where it stays loaded is reported.
+        """
+        path = self.path_for(name)
+        p = str(path)
+        errors: list[str] = []
+        with _locked(_file_lock(path), self._lock_timeout, f"certificate {name!r}"):
+            for api in self.apis:
+                try:
+                    with _locked(
+                        _instance_lock(api.name), self._lock_timeout, f"HAProxy {api.name}"
+                    ):
+                        if p not in api.list_certs().certificates:
+                            continue
+                        if self.crt_list is not None:
+                            crt_list = str(self.crt_list)
+                            entries = [e for e in api.show_crt_list(crt_list) if e.path == p]
+                            for entry in entries:
+                                target = p if len(entries) == 1 else f"{p}:{entry.line}"
+                                api.del_crt_list(crt_list, target)
+                        api.del_cert(p)
+                except (HAProxyError, TimeoutError) as exc:
+                    errors.append(str(exc))
+            crt_list_file = self._crt_list_file()
+            if crt_list_file is not None and crt_list_file.exists():
+                old = crt_list_file.read_text(errors="replace")
+                kept = [
+                    line
+                    for line in old.splitlines(keepends=True)
+                    if not _line_names(line, crt_list_file.parent, p)
+                ]
+                if "".join(kept) != old:
+                    atomic_write(
+                        crt_list_file, "".join(kept).encode(), crt_list_file.stat().st_mode & 0o777
+                    )
+                    with self._state:
+                        self._changed = True
+            if path.exists():
+                path.unlink()
+                with self._state:
+                    self._changed = True
+        with self._state:
+            for key in [k for k in self._status if k[0] == name]:
+                del self._status[key]
+        return errors
+
     def reconcile(
         self, targets: Iterable[DeployTarget], instances: Sequence[str] | None = None
     ) -> list[SyncStatus]:
@@ -805,6 +859,13 @@ class Deployer:
         and is marked down for `poll`. Never raises for HAProxy problems.
         """
         targets = list(targets)
+        if instances is None:
+            # A full reconcile names every certificate: forget the ones no longer
+            # configured so status() (and the in-sync metric) drops them.
+            keep = {t.name for t in targets}
+            with self._state:
+                for key in [k for k in self._status if k[0] not in keep]:
+                    del self._status[key]
         statuses: list[SyncStatus] = []
         checked: list[tuple[DeployTarget, Path]] = []
         for target in targets:

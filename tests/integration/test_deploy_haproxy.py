@@ -601,3 +601,21 @@ def test_deploy_many_returns_results_in_order_and_serves_all(site: Site) -> None
     for t in targets:
         assert site.served_serial(t.names[0]) == t.serial
     assert deployer.wait_idle(1.0) is True
+
+
+def test_removed_certificate_is_no_longer_served_nor_loaded_after_restart(site: Site) -> None:
+    shop = site.target("shop", ["shop.test"])
+    deployer = site.deployer()
+    assert deployer.deploy(shop).ok
+    assert site.served_serial("shop.test") == shop.serial
+
+    assert deployer.remove("shop") == []
+
+    assert site.served_serial("shop.test") == site.first.serial
+    api = RuntimeAPI(site.api_address)
+    assert str(site.cert_dir / "shop.pem") not in api.list_certs().certificates
+    assert "shop.pem" not in site.crt_list.read_text()
+    assert not (site.cert_dir / "shop.pem").exists()
+    assert [s.name for s in deployer.status()] == []
+    site.haproxy.restart()
+    assert site.served_serial("shop.test") == site.first.serial
