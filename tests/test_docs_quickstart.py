@@ -173,3 +173,76 @@ def test_quickstart_commands_work_against_pebble_and_haproxy(
     assert "haproxy_acme_certificate_expiration_timestamp_seconds" in joined
     bundle = (root / "etc/haproxy/certs/www.pem").read_bytes()
     assert stored.public_bytes(serialization.Encoding.PEM).strip() in bundle
+
+
+# --- the other docs: reference tables and links that match the code ---------------------
+
+DOCS = REPO / "docs"
+_GETTER = re.compile(
+    r'\.(?:get|get_str|get_number|get_path|get_str_list|has|section)\(\s*"([a-z_]+)"'
+)
+_DURATION_KEY = re.compile(r'\(\s*"([a-z_]+)",\s*[\d*\s]+\),')
+
+
+def config_keys() -> set[str]:
+    """Every key agent/config.py reads (its getters and its duration table)."""
+    src = (REPO / "agent" / "config.py").read_text()
+    return set(_GETTER.findall(src)) | set(_DURATION_KEY.findall(src))
+
+
+def test_configuration_reference_documents_every_key() -> None:
+    keys_read = config_keys()
+    assert {"state_dir", "directory", "runtime_api", "check_interval", "backup_pins"} <= keys_read
+    doc = (DOCS / "configuration.md").read_text()
+    # keys as `key`, tables as `[table]` / `[[table]]`
+    missing = sorted(k for k in keys_read if f"`{k}`" not in doc and f"[{k}]" not in doc)
+    assert missing == [], f"undocumented config keys: {missing}"
+
+
+def test_configuration_example_loads(tmp_path: Path) -> None:
+    from agent.config import load_config
+
+    (toml,) = [b.body for b in blocks((DOCS / "configuration.md").read_text()) if b.lang == "toml"]
+    keydir = tmp_path / "keys"
+    keydir.mkdir()
+    for name, domains in (
+        ("www", ["www.example.com", "example.com"]),
+        ("api", ["api.example.com"]),
+    ):
+        k = keys.create_key_file(keydir / f"{name}.key", "ec256")
+        (keydir / f"{name}.csr").write_bytes(keys.csr_pem(keys.build_csr(k, domains)))
+    text = toml.replace("/etc/haproxy-acme-agent/keys/", f"{keydir}/")
+    text = text.replace("/var/lib/haproxy-acme-agent", str(tmp_path / "state"))
+    (tmp_path / "config.toml").write_text(text)
+    cfg = load_config(tmp_path / "config.toml")
+    assert [c.name for c in cfg.certificates] == ["www", "api"]
+    assert cfg.strict_permissions is True
+
+
+def test_every_command_is_in_the_reference() -> None:
+    from agent.cli import COMMANDS
+
+    doc = (DOCS / "configuration.md").read_text()
+    for name in COMMANDS:
+        assert f"| `{name} " in doc or f"| `{name}`" in doc, name
+
+
+def test_docs_links_point_at_existing_files() -> None:
+    for md in [*DOCS.glob("*.md"), REPO / "README.md"]:
+        if not md.exists():
+            continue
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", md.read_text()):
+            if "://" in target:
+                continue
+            assert (md.parent / target).exists(), f"{md.name}: broken link {target}"
+
+
+def test_metrics_reference_lists_every_exported_metric() -> None:
+    from tests.test_packaging import exported_metric_names
+
+    doc = (DOCS / "metrics.md").read_text()
+    for name in exported_metric_names():
+        if name.endswith("_created"):  # prometheus-client's creation-time companions
+            continue
+        base = re.sub(r"_(bucket|sum|count)$", "", name)
+        assert f"`{base}`" in doc, base
