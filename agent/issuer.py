@@ -22,6 +22,7 @@ it raises `RateLimited` with the CA's explanation and retry time.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
@@ -51,6 +52,17 @@ USER_AGENT = "haproxy-acme-agent"
 MAX_BAD_NONCE = 10
 BACKOFF_START = 0.1  # seconds; doubled per attempt
 BACKOFF_MAX = 2.0
+# Retries by cause ("badNonce", "5xx", "connection") since the process started: for logs,
+# metrics and tests that must prove a fault really happened.
+RETRY_COUNTS: collections.Counter[str] = collections.Counter()
+_RETRY_COUNTS_LOCK = threading.Lock()
+
+
+def _count_retry(cause: str) -> None:
+    with _RETRY_COUNTS_LOCK:
+        RETRY_COUNTS[cause] += 1
+
+
 # How long a token stays answerable if we die before removing it (seconds past the deadline).
 TOKEN_GRACE = 60.0
 
@@ -178,6 +190,8 @@ class RetryingNetwork(client.ClientNetwork):  # type: ignore[misc]
                 status = resp.status_code if resp is not None else None
                 if problem_code(e) == "badNonce" and bad_nonces < MAX_BAD_NONCE:
                     bad_nonces += 1
+                    _count_retry("badNonce")
+                    log.debug("%s: badNonce, retrying (%d)", what, bad_nonces)
                     continue  # a fresh nonce comes from newNonce; no need to wait
                 if problem_code(e) == "rateLimited":
                     wait = ari.parse_retry_after(
@@ -217,6 +231,8 @@ class RetryingNetwork(client.ClientNetwork):  # type: ignore[misc]
             except (requests.ConnectionError, requests.Timeout) as e:
                 last_problem = f"cannot reach the CA: {_short_conn_error(e)}"
                 retry_after = None
+            _count_retry("connection" if last_problem.startswith("cannot reach") else "5xx")
+            log.debug("%s: %s; retrying", what, last_problem)
             try:
                 self._retry_wait(attempt, f"{what}: {last_problem}", retry_after)
             except _GiveUp:

@@ -17,15 +17,17 @@ from agent.config import ConfigError, load_config, parse_duration, parse_listen,
 PIN = base64.b64encode(b"\x01" * 32).decode()
 
 
+_EC_KEY = ec.generate_private_key(ec.SECP256R1())
+_RSA_KEY = rsa.generate_private_key(65537, 2048)  # once per session: RSA generation is slow
+_RSA_CSR = keys.csr_pem(keys.build_csr(_RSA_KEY, ["b.example.com", "a.example.com"]))
+
+
 @pytest.fixture
 def site(tmp_path: Path) -> Path:
     """A directory with an EC key, an RSA key, and a CSR for the RSA key."""
-    ec_key = ec.generate_private_key(ec.SECP256R1())
-    (tmp_path / "ec.key").write_bytes(keys.private_key_pem(ec_key))
-    rsa_key = rsa.generate_private_key(65537, 2048)
-    (tmp_path / "rsa.key").write_bytes(keys.private_key_pem(rsa_key))
-    csr = keys.build_csr(rsa_key, ["b.example.com", "a.example.com"])
-    (tmp_path / "rsa.csr").write_bytes(keys.csr_pem(csr))
+    (tmp_path / "ec.key").write_bytes(keys.private_key_pem(_EC_KEY))
+    (tmp_path / "rsa.key").write_bytes(keys.private_key_pem(_RSA_KEY))
+    (tmp_path / "rsa.csr").write_bytes(_RSA_CSR)
     return tmp_path
 
 

@@ -98,12 +98,15 @@ class AcmeStack:
         self.https_port = free_port()
         self.spoa_port = free_port()
         site_port = free_port()
+        self.cert_dir = hdir / "certs"
+        self.cert_dir.mkdir(mode=0o700, exist_ok=True)
+        self.crt_list = _fallback_crt_list(hdir)
         env = {
             "HAPROXY_ADMIN_SOCKET": str(hdir / "admin.sock"),
             "HTTP_BIND": f"127.0.0.1:{self.http_port}",
             "HTTPS_BIND": f"127.0.0.1:{self.https_port}",
             "SPOE_ACME_CONF": str(SHIPPED_SPOE),
-            "CRT_LIST": str(_fallback_crt_list(hdir)),
+            "CRT_LIST": str(self.crt_list),
             "SITE_ADDR": f"127.0.0.1:{site_port}",
             "SITE_PORT": str(site_port),
             "SPOA_ADDR": f"127.0.0.1:{self.spoa_port}",
@@ -155,6 +158,9 @@ class AcmeStack:
         lines += [
             "[haproxy]",
             f"runtime_api = [{toml_value('unix:' + str(self.haproxy.admin_socket))}]",
+            f"crt_list = {toml_value(self.crt_list)}",
+            f"cert_dir = {toml_value(self.cert_dir)}",
+            f'verify = ["127.0.0.1:{self.https_port}"]',
         ]
         for cert in certificates:
             lines.append("[[certificates]]")

@@ -1,0 +1,150 @@
+"""CLI: every invalid config exits 2 naming file and key and writes nothing; pins, csr, status."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from agent import keys
+from agent.cli import main
+from tests.test_config import BASE, INVALID, cert_block, site, write
+
+__all__ = ["site"]  # the fixture, imported for pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.parametrize("command", ["renew", "check-config"])
+@pytest.mark.parametrize("extra, key, fragment", INVALID, ids=[i[1] + ":" + i[2] for i in INVALID])
+def test_invalid_config_exits_2_naming_the_key_and_writes_nothing(
+    site: Path,
+    capsys: pytest.CaptureFixture[str],
+    command: str,
+    extra: str,
+    key: str,
+    fragment: str,
+) -> None:
+    path = write(site, BASE + extra)
+    before = sorted(p.name for p in site.iterdir())
+    rc, out, err = run(capsys, command, "-c", str(path))
+    assert rc == 2
+    assert f"{path}: {key}: " in err and fragment in err
+    assert out == ""
+    assert sorted(p.name for p in site.iterdir()) == before  # no state dir, no key
+
+
+def test_console_script_exits_2_for_a_bad_config(site: Path) -> None:
+    path = write(site, BASE + cert_block(renew_before='"soon"'))
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "renew", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert proc.returncode == 2
+    assert f"{path}: certificates[0].renew_before: " in proc.stderr
+
+
+def test_missing_default_config_exits_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    rc, _, err = run(capsys, "check-config", "-c", str(tmp_path / "nope.toml"))
+    assert rc == 2 and "does not exist" in err
+
+
+def test_unknown_certificate_name_exits_2(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(site, BASE + cert_block())
+    for argv in (["renew", "nope"], ["pins", "nope"], ["csr", "nope"]):
+        rc, _, err = run(capsys, argv[0], "-c", str(path), *argv[1:])
+        assert rc == 2
+        assert "no certificate named 'nope'" in err
+
+
+def test_check_config_ok(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(site, BASE + cert_block())
+    rc, out, _ = run(capsys, "check-config", "-c", str(path))
+    assert rc == 0 and "OK (1 certificates: www)" in out
+
+
+def test_pins_prints_key_backup_hpkp_and_tlsa(
+    site: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    backup = "A" * 43 + "="
+    path = write(site, BASE + cert_block(backup_pins=f'["{backup}"]'))
+    key = keys.load_private_key(site / "ec.key")
+    rc, out, _ = run(capsys, "pins", "-c", str(path))
+    assert rc == 0
+    pin = keys.spki_pin(key)
+    assert f"pin-sha256 key     {pin}" in out
+    assert f"pin-sha256 backup  {backup}" in out
+    assert (
+        f'Public-Key-Pins-Report-Only: pin-sha256="{pin}"; pin-sha256="{backup}"; max-age=' in out
+    )
+    assert f"TLSA 3 1 1 {keys.tlsa_311(key)}  (key)" in out
+    assert f"TLSA 3 1 1 {keys.pin_to_tlsa(backup)}  (backup)" in out
+
+
+def test_pins_creates_a_generate_key_key_once(
+    site: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(site, BASE + cert_block(key='"gen.key"', generate_key="true", key_type='"ec384"'))
+    rc, out, _ = run(capsys, "pins", "-c", str(path), "--json")
+    first = json.loads(out)[0]
+    assert rc == 0 and first["key_type"] == "ECDSA P-384"
+    key_bytes = (site / "gen.key").read_bytes()
+    rc, out, _ = run(capsys, "pins", "-c", str(path), "--json")
+    assert json.loads(out)[0]["key_pin"] == first["key_pin"]
+    assert (site / "gen.key").read_bytes() == key_bytes
+
+
+def test_csr_is_built_from_the_key_with_domains_as_sans(
+    site: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(site, BASE + cert_block(domains='["www.example.com", "example.com"]'))
+    rc, out, _ = run(capsys, "csr", "-c", str(path), "www")
+    assert rc == 0
+    csr = x509.load_pem_x509_csr(out.encode())
+    assert keys.csr_domains(csr) == ["www.example.com", "example.com"]
+    assert keys.same_public_key(csr.public_key(), keys.load_private_key(site / "ec.key"))  # type: ignore[arg-type]
+
+
+def test_csr_of_a_bring_your_own_csr_is_that_csr(
+    site: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(
+        site,
+        BASE
+        + cert_block(
+            key='"rsa.key"', csr='"rsa.csr"', domains='["a.example.com", "b.example.com"]'
+        ),
+    )
+    rc, out, _ = run(capsys, "csr", "-c", str(path), "www")
+    assert rc == 0 and out.encode() == (site / "rsa.csr").read_bytes()
+
+
+def test_status_before_any_order(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(site, BASE + cert_block())
+    rc, out, _ = run(capsys, "status", "-c", str(path))
+    assert rc == 0
+    assert "next renewal  now" in out and "never attempted" in out
+    assert not (site / "state").exists()
+
+
+def test_dry_run_lists_what_would_be_renewed(
+    site: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(site, BASE + cert_block())
+    rc, out, _ = run(capsys, "renew", "-c", str(path), "--dry-run")
+    assert rc == 0
+    assert "www: dry-run: would renew: no certificate yet" in out
+    assert not (site / "state").exists()
