@@ -245,6 +245,7 @@ class Daemon:
         finally:
             st.running = False
         self._after_renewal(name, result)
+        self._wake.set()  # the scheduler skipped us while running: let it see next_at
         if result.status == "renewed":
             try:
                 await asyncio.to_thread(self.deployer.finish)
