@@ -370,7 +370,8 @@ class Deployer:
     to; None: new certificates cannot be added at runtime. `verify`: TLS
     frontends ("host:port") checked after every swap. `reload_command`: run by
     `finish` when no runtime API is configured. `timeout`: seconds per runtime
-    API call and per handshake. `bufsize`: HAProxy's `tune.bufsize`.
+    API call and per handshake. `bufsize`: HAProxy's `tune.bufsize`, used where
+    HAProxy does not show it in `show pools` (or with `probe_bufsize` False).
     """
 
     def __init__(
@@ -383,8 +384,9 @@ class Deployer:
         timeout: float = 5.0,
         bufsize: int = DEFAULT_BUFSIZE,
         reload_timeout: float = 120.0,
+        probe_bufsize: bool = True,
     ) -> None:
-        self.apis = [RuntimeAPI(address, timeout, bufsize) for address in instances]
+        self.apis = [RuntimeAPI(address, timeout, bufsize, probe_bufsize) for address in instances]
         names = [api.name for api in self.apis]
         if len(set(names)) != len(names):
             raise ValueError(f"[haproxy] runtime_api lists an instance twice: {names}")
@@ -461,7 +463,10 @@ class Deployer:
         if self.apis:
             command = f"set ssl cert {path}"
             message = frame_command(command, target.bundle)
-            check_size(", ".join(self.instances()), command, message, self.bufsize)
+            # The smallest tune.bufsize of all instances (read from HAProxy where it
+            # shows it): refuse before anything is written.
+            api = min(self.apis, key=lambda a: a.payload_limit())
+            check_size(api.name, command, message, api.payload_limit())
         return path, leaf.public_bytes(serialization.Encoding.DER)
 
     # -- files ---------------------------------------------------------------

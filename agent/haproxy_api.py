@@ -31,6 +31,7 @@ from typing import Literal
 
 DEFAULT_BUFSIZE = 16384
 DEFAULT_TIMEOUT = 5.0
+PROBE_TTL = 5.0  # seconds a tune.bufsize read from `show pools` is trusted
 # Replies are small except `show ssl crt-list` / `show ssl cert` on a host
 # with very many certificates; the cap bounds memory if a peer misbehaves.
 MAX_REPLY_BYTES = 64 * 1024 * 1024
@@ -79,8 +80,9 @@ class PayloadTooLarge(HAProxyError):
             command,
             f"the command with its payload is {size} bytes but HAProxy reads at most "
             f"{bufsize - 1} (tune.bufsize {bufsize}); raise `tune.bufsize` in HAProxy's "
-            f"global section (e.g. `tune.bufsize {_suggest_bufsize(size)}`) and set the "
-            f"agent's [haproxy] bufsize to the same value",
+            f"global section (e.g. `tune.bufsize {_suggest_bufsize(size)}`) and restart "
+            f"HAProxy (the agent reads the value through `show pools`; where it cannot, "
+            f"also set [haproxy] bufsize)",
         )
 
 
@@ -335,6 +337,12 @@ def parse_crt_lists(reply: str) -> list[str]:
     return [line.strip() for line in reply.splitlines() if line.strip()]
 
 
+def parse_pool_bufsize(reply: str) -> int | None:
+    """The size of HAProxy's "buffer" pool (= tune.bufsize) in a `show pools` reply."""
+    match = re.search(r"Pool buffer \((\d+) bytes\)", reply)
+    return int(match.group(1)) if match else None
+
+
 @dataclass(frozen=True)
 class ProcessInfo:
     """The identity of a running HAProxy process, from `show info`."""
@@ -370,7 +378,9 @@ class RuntimeAPI:
     own connection.
 
     `timeout` (seconds) bounds each call as a whole: connect, send and read.
-    `bufsize` must match HAProxy's `tune.bufsize`.
+    `bufsize` is HAProxy's `tune.bufsize` as configured for the agent; with
+    `probe_bufsize` the real value is read from `show pools` (cached for
+    PROBE_TTL seconds) and used instead whenever HAProxy shows it.
     """
 
     def __init__(
@@ -378,6 +388,7 @@ class RuntimeAPI:
         address: str,
         timeout: float = DEFAULT_TIMEOUT,
         bufsize: int = DEFAULT_BUFSIZE,
+        probe_bufsize: bool = True,
     ) -> None:
         if timeout <= 0:
             raise ValueError(f"HAProxy {address}: timeout must be positive, got {timeout}")
@@ -387,6 +398,8 @@ class RuntimeAPI:
         self.name = str(self.address)
         self.timeout = timeout
         self.bufsize = bufsize
+        self.probe_bufsize = probe_bufsize
+        self._probed: tuple[float, int | None] | None = None  # (monotonic time, value)
 
     def __repr__(self) -> str:
         return f"RuntimeAPI({self.name!r})"
@@ -416,18 +429,22 @@ class RuntimeAPI:
         before doing anything, so the command had no effect.
         """
         message = frame_command(command, payload)
+        limit = self.bufsize
         if payload is not None:
-            check_size(self.name, command, message, self.bufsize)
+            limit = self.payload_limit()
+            check_size(self.name, command, message, limit)
         deadline = time.monotonic() + self.timeout
         delay = 0.005
         while True:
-            reply = self._exchange(command, message, payload is not None, deadline)
+            reply = self._exchange(command, message, payload is not None, deadline, limit)
             if LOCKED_REPLY not in reply or time.monotonic() + delay >= deadline:
                 return reply
             time.sleep(delay)
             delay = min(delay * 2, 0.1)
 
-    def _exchange(self, command: str, message: bytes, has_payload: bool, deadline: float) -> str:
+    def _exchange(
+        self, command: str, message: bytes, has_payload: bool, deadline: float, limit: int
+    ) -> str:
         chunks: list[bytes] = []
         size = 0
         try:
@@ -458,10 +475,10 @@ class RuntimeAPI:
         reply = b"".join(chunks).decode("utf-8", errors="replace").replace("\x00", "")
         if has_payload and not reply.strip():
             # 2.6 answers an over-size command with nothing at all; our size
-            # check passed, so HAProxy's tune.bufsize is smaller than ours.
-            raise PayloadTooLarge(self.name, command, len(message), self.bufsize)
+            # check passed, so HAProxy's tune.bufsize is smaller than we think.
+            raise PayloadTooLarge(self.name, command, len(message), limit)
         if has_payload and "too big for the buffer size" in reply:
-            raise PayloadTooLarge(self.name, command, len(message), self.bufsize)
+            raise PayloadTooLarge(self.name, command, len(message), limit)
         return reply
 
     def _expect(self, command: str, reply: str, *markers: str) -> str:
@@ -484,9 +501,21 @@ class RuntimeAPI:
 
         Best effort: pools of equal size may be merged under another name.
         """
-        reply = self.command("show pools")
-        match = re.search(r"Pool buffer \((\d+) bytes\)", reply)
-        return int(match.group(1)) if match else None
+        return parse_pool_bufsize(self.command("show pools"))
+
+    def payload_limit(self) -> int:
+        """The `tune.bufsize` a payload command must stay below: HAProxy's own
+        (from `show pools`, cached PROBE_TTL s) if it shows it, else `bufsize`."""
+        if not self.probe_bufsize:
+            return self.bufsize
+        now = time.monotonic()
+        if self._probed is None or now - self._probed[0] > PROBE_TTL:
+            try:
+                value = self.bufsize_from_pools()
+            except HAProxyError:
+                value = None
+            self._probed = (now, value)
+        return self._probed[1] or self.bufsize
 
     # -- certificates ------------------------------------------------------
 

@@ -28,6 +28,7 @@ from agent.haproxy_api import (
     parse_cert_list,
     parse_crt_list,
     parse_info,
+    parse_pool_bufsize,
     strip_blank_lines,
 )
 
@@ -123,7 +124,7 @@ def fake(tmp_path: Path) -> Iterator[Start]:
     def start(handler: Handler) -> tuple[FakeCLI, RuntimeAPI]:
         server = FakeCLI(tmp_path / f"admin{len(servers)}.sock", handler)
         servers.append(server)
-        return server, RuntimeAPI(f"unix:{server.path}", timeout=1.0)
+        return server, RuntimeAPI(f"unix:{server.path}", timeout=1.0, probe_bufsize=False)
 
     yield start
     for server in servers:
@@ -388,3 +389,35 @@ def test_lock_that_never_clears_ends_in_an_error_at_the_timeout(fake: Start) -> 
     api.timeout = 0.3
     with pytest.raises(CommandFailed, match="currently locked"):
         api.commit_cert("/c/a.pem")
+
+
+def test_bufsize_is_read_from_show_pools() -> None:
+    reply = "  - Pool hpack_tbl (4096 bytes) : 0 allocated\n  - Pool buffer (32768 bytes) : 2\n"
+    assert parse_pool_bufsize(reply) == 32768
+    assert parse_pool_bufsize("  - Pool trash (16416 bytes) : 1\n") is None
+
+
+def test_payload_limit_follows_haproxy_not_the_configured_value(tmp_path: Path) -> None:
+    def handler(req: bytes) -> bytes:
+        if req == b"show pools\n":
+            return b"Dumping pools usage.\n  - Pool buffer (2048 bytes) : 2 allocated\n\n"
+        return b"Transaction created for certificate /c/a.pem!\n\n"
+
+    server = FakeCLI(tmp_path / "admin.sock", handler)
+    try:
+        api = RuntimeAPI(f"unix:{server.path}", timeout=1.0)  # configured 16384
+        with pytest.raises(PayloadTooLarge) as caught:
+            api.set_cert("/c/a.pem", b"A" * 3000)
+        assert caught.value.bufsize == 2048
+        assert server.requests == [b"show pools\n"]  # probed, then refused unsent
+        assert api.set_cert("/c/a.pem", b"A" * 1000) == "/c/a.pem"
+        assert server.requests.count(b"show pools\n") == 1  # cached
+    finally:
+        server.close()
+
+
+def test_payload_limit_falls_back_to_configured_value_when_not_shown(fake: Start) -> None:
+    _, api = fake(lambda req: b"Unknown command\n\n")
+    api.probe_bufsize = True
+    api.bufsize = 4096
+    assert api.payload_limit() == 4096

@@ -392,9 +392,14 @@ def test_payload_larger_than_bufsize_fails_with_message_to_raise_it(site: Site) 
         site.deployer().deploy(big)
     assert (site.cert_dir / "site.pem").read_bytes() == site.first.bundle
 
-    # An agent told a larger bufsize than HAProxy really has: HAProxy's own
-    # refusal is recognised and the deploy is rolled back.
-    result = site.deployer(bufsize=65536).deploy(big)
+    # Configured larger than HAProxy really has: the value HAProxy shows wins.
+    with pytest.raises(PayloadTooLarge) as caught:
+        site.deployer(bufsize=65536).deploy(big)
+    assert caught.value.bufsize == 16384
+
+    # Without the probe, HAProxy's own refusal (2.6: empty reply, 2.8: "too
+    # big") is recognised and the deploy is rolled back.
+    result = site.deployer(bufsize=65536, probe_bufsize=False).deploy(big)
     assert not result.ok and result.rolled_back
     assert "tune.bufsize" in " ".join(result.errors)
     assert (site.cert_dir / "site.pem").read_bytes() == site.first.bundle
@@ -409,7 +414,8 @@ def test_raised_bufsize_lets_a_large_bundle_through(haproxy_bin: str, tmp_path: 
         cert = issue_leaf(site.ca, key, ["site.test"])
         bundle = bundle_pem(cert, key, [site.ca.cert] * 30)
         big = DeployTarget("site", bundle, cert.serial_number, ["site.test"])
-        result = site.deployer(bufsize=65536).deploy(big)
+        # the agent's configured bufsize stays 16384: it reads 65536 from HAProxy
+        result = site.deployer().deploy(big)
         assert result.ok, result.errors
         assert site.served_serial("site.test") == cert.serial_number
     finally:
