@@ -364,3 +364,44 @@ def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
     f.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     r = run([exe, "check", "rules", str(f)])
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_demo_init_makes_the_ca_and_the_files_haproxy_needs(tmp_path: Path) -> None:
+    # docker/demo_init.py as the compose `init` service runs it, with the
+    # container paths moved into tmp_path and the current uid/gid.
+    import os
+    import ssl
+
+    from cryptography import x509
+
+    text = (REPO / "docker" / "config.toml").read_text()
+    for a, b in (
+        ("/var/lib/haproxy-acme-agent", str(tmp_path / "state")),
+        ("/etc/haproxy/certs", str(tmp_path / "certs")),
+        ("/demo-ca", str(tmp_path / "ca")),
+    ):
+        text = text.replace(a, b)
+    (tmp_path / "state").mkdir(mode=0o700)
+    (tmp_path / "ca").mkdir()
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(text)
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
+    cmd = [sys.executable, str(REPO / "docker" / "demo_init.py"), "--ca-dir", str(tmp_path / "ca")]
+    cmd += ["--config", str(cfg), "--uid", str(os.getuid()), "--gid", str(os.getgid())]
+    r = run(cmd, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    # Pebble's listener certificate is for "pebble" and chains to the demo CA.
+    ctx = ssl.create_default_context(cafile=str(tmp_path / "ca" / "ca.pem"))
+    assert ctx.get_ca_certs()
+    leaf = x509.load_pem_x509_certificate((tmp_path / "ca" / "pebble.pem").read_bytes())
+    sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "pebble" in sans.get_values_for_type(x509.DNSName)
+    assert (tmp_path / "ca" / "pebble.key").stat().st_mode & 0o777 == 0o600
+    # What HAProxy's bind needs, and the agent's key directory.
+    assert (tmp_path / "certs" / "_default.pem").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "certs" / "certs.list").read_text() == ""
+    assert (tmp_path / "state" / "keys").stat().st_mode & 0o777 == 0o700
+    # Run twice (compose restarts): nothing is replaced.
+    before = (tmp_path / "ca" / "ca.pem").read_bytes()
+    assert run(cmd, env=env).returncode == 0
+    assert (tmp_path / "ca" / "ca.pem").read_bytes() == before
