@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 from agent.challenges import MAX_TOKEN_LENGTH, ChallengeRegistry, MemoryChallengeRegistry
 from agent.spop import (
@@ -74,7 +74,8 @@ class _SpoaProtocol(asyncio.Protocol):
     # -- asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # uvloop's transports are not asyncio.Transport subclasses: no isinstance check.
+        transport = cast(asyncio.Transport, transport)
         self._transport = transport
         server = self._server
         if len(server._connections) >= server.max_connections:

@@ -583,20 +583,72 @@ _new_tuple = tuple.__new__
 
 
 def _decode_messages(data: bytes, pos: int, end: int) -> tuple[Message, ...]:
+    # The hot path of the agent: strings with one-byte lengths (message names,
+    # argument names, short values) are decoded inline, names through a small
+    # cache; anything else falls back to the general decoders.
     messages: list[Message] = []
+    names = _NAME_CACHE
     while pos < end:
-        name, pos = _decode_str(data, pos, end)
+        length = data[pos]
+        stop = pos + 1 + length
+        if length < 240 and stop <= end:
+            raw = data[pos + 1 : stop]
+            name = names.get(raw)
+            if name is None:
+                name = _cache_name(raw)
+            pos = stop
+        else:
+            name, pos = _decode_str(data, pos, end)
         if pos >= end:
             raise InvalidFrame(f"message {name[:40]!r} has no argument count")
         nargs = data[pos]
         pos += 1
         args: list[tuple[str, Value]] = []
         for _ in range(nargs):
-            key, pos = _decode_str(data, pos, end)
-            value, pos = decode_value(data, pos, end)
+            if pos >= end:
+                raise InvalidFrame("truncated message argument")
+            length = data[pos]
+            stop = pos + 1 + length
+            if length < 240 and stop <= end:
+                raw = data[pos + 1 : stop]
+                key = names.get(raw)
+                if key is None:
+                    key = _cache_name(raw)
+                pos = stop
+            else:
+                key, pos = _decode_str(data, pos, end)
+            # STRING values with a one-byte length: inline too.
+            if pos + 1 < end and data[pos] == 8 and (length := data[pos + 1]) < 240:
+                stop = pos + 2 + length
+                if stop > end:
+                    raise InvalidFrame(f"string of {length} bytes runs past the end of the frame")
+                try:
+                    value: Value = data[pos + 2 : stop].decode()
+                except UnicodeDecodeError:
+                    raise InvalidFrame(
+                        f"string is not valid UTF-8: {data[pos + 2 : stop][:40]!r}"
+                    ) from None
+                pos = stop
+            else:
+                value, pos = decode_value(data, pos, end)
             args.append((key, value))
         messages.append(_new_tuple(Message, (name, tuple(args))))
     return tuple(messages)
+
+
+_NAME_CACHE: dict[bytes, str] = {}
+_NAME_CACHE_MAX = 256  # message and argument names come from the HAProxy config: few
+
+
+def _cache_name(raw: bytes) -> str:
+    try:
+        name = raw.decode()
+    except UnicodeDecodeError:
+        raise InvalidFrame(f"string is not valid UTF-8: {raw[:40]!r}") from None
+    if len(_NAME_CACHE) >= _NAME_CACHE_MAX:
+        _NAME_CACHE.clear()  # a peer sending random names must not grow memory
+    _NAME_CACHE[raw] = name
+    return name
 
 
 def _decode_actions(data: bytes, pos: int, end: int) -> tuple[Action, ...]:
@@ -708,7 +760,7 @@ def decode_frame(data: bytes, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> t
     return frame, len(data) - dec.buffered
 
 
-class FrameDecoder:
+class _FrameBuffer:
     """Reassembles length-prefixed frames from a byte stream.
 
     Buffers at most one frame plus what one `receive_data` call hands in: a
@@ -722,7 +774,7 @@ class FrameDecoder:
         self.max_frame_size = max_frame_size
         self._buf = b""
         self._pos = 0
-        self._need = 4  # bytes needed in the buffer before trying to parse again
+        self._need = 4  # bytes needed in the buffer before trying to parse again (>= 4)
 
     @property
     def buffered(self) -> int:
@@ -738,14 +790,12 @@ class FrameDecoder:
         else:
             self._buf = bytes(data)
 
-    def next_frame(self) -> Frame | None:
-        """The next whole frame, or None until more data arrives. Raises SpopError."""
+    def _take_frame(self) -> Frame | None:
+        """Decode and consume the next whole frame, or None until more data arrives."""
         buf = self._buf
         pos = self._pos
         avail = len(buf) - pos
         if avail < self._need:
-            return None
-        if avail < 4:
             return None
         (length,) = _U32.unpack_from(buf, pos)
         if length > self.max_frame_size:
@@ -757,19 +807,32 @@ class FrameDecoder:
         if avail < 4 + length:
             self._need = 4 + length
             return None
-        start = pos + 4
-        end = start + length
+        end = pos + 4 + length
         _, ftype, flags = _HDR.unpack_from(buf, pos)
-        self._pos = end
+        self._consume(end)
+        return decode_body(ftype, flags, buf, pos + 9, end)
+
+    def _consume(self, end: int) -> None:
         self._need = 4
-        if end == len(buf):
+        if end == len(self._buf):
             self._buf = b""
             self._pos = 0
-        return decode_body(ftype, flags, buf, start + 5, end)
+        else:
+            self._pos = end
+
+
+class FrameDecoder(_FrameBuffer):
+    """Role-neutral frame reader (tests playing HAProxy, tools): any frame type."""
+
+    __slots__ = ()
+
+    def next_frame(self) -> Frame | None:
+        """The next whole frame, or None until more data arrives. Raises SpopError."""
+        return self._take_frame()
 
     def frames(self) -> Iterator[Frame]:
         """Every whole frame buffered now; raises SpopError at the first bad one."""
-        while (frame := self.next_frame()) is not None:
+        while (frame := self._take_frame()) is not None:
             yield frame
 
 
@@ -785,7 +848,7 @@ class State(IntEnum):
 _HAPROXY_TO_AGENT: Final = (HaproxyHello, Notify, HaproxyDisconnect)
 
 
-class AgentConnection:
+class AgentConnection(_FrameBuffer):
     """Agent side of one SPOP connection: validates order and negotiates HELLO.
 
     Use: `receive_data(bytes)`, then `next_event()` until None; `send(frame)`
@@ -795,7 +858,7 @@ class AgentConnection:
     closes; the connection is then CLOSED and ignores further input.
     """
 
-    __slots__ = ("_decoder", "capabilities", "max_frame_size", "peer_capabilities", "state")
+    __slots__ = ("capabilities", "peer_capabilities", "state")
 
     def __init__(
         self,
@@ -804,20 +867,56 @@ class AgentConnection:
     ) -> None:
         if max_frame_size < MIN_FRAME_SIZE:
             raise ValueError(f"max_frame_size must be at least {MIN_FRAME_SIZE}")
-        self.max_frame_size = max_frame_size
+        super().__init__(max_frame_size)
         self.capabilities = capabilities
         self.peer_capabilities: tuple[str, ...] = ()
         self.state = State.AWAIT_HELLO
-        self._decoder = FrameDecoder(max_frame_size)
 
     def receive_data(self, data: bytes) -> None:
         if self.state is not State.CLOSED:
-            self._decoder.receive_data(data)
+            super().receive_data(data)
 
     def next_event(self) -> HaproxyHello | Notify | HaproxyDisconnect | None:
+        """The next event, or None until more data arrives. Raises SpopError."""
+        # Hot path, inlined: a whole, unfragmented NOTIFY on a READY connection.
+        # Anything else (partial, oversized, other types, bad flags) goes the
+        # general way, which also produces the right error.
+        buf = self._buf
+        pos = self._pos
+        avail = len(buf) - pos
+        if avail < self._need:
+            return None
+        if self.state is State.READY and buf[pos + 4 : pos + 5] == b"\x03":
+            (length,) = _U32.unpack_from(buf, pos)
+            end = pos + 4 + length
+            if (
+                _MIN_FRAME <= length <= self.max_frame_size
+                and end <= len(buf)
+                and buf[pos + 8] & FLAG_FIN
+            ):
+                self._consume(end)
+                p = pos + 9
+                if (stream_id := buf[p]) < 240:
+                    p += 1
+                else:
+                    stream_id, p = decode_varint(buf, p)
+                if p < end and (frame_id := buf[p]) < 240:
+                    p += 1
+                else:
+                    frame_id, p = decode_varint(buf, p)
+                if p > end:
+                    raise InvalidFrame("frame shorter than its stream-id and frame-id")
+                notify = _new_notify(Notify)
+                _set_attr(notify, "stream_id", stream_id)
+                _set_attr(notify, "frame_id", frame_id)
+                _set_attr(notify, "messages", _decode_messages(buf, p, end))
+                return notify
+        return self._next_event_slow()
+
+    def _next_event_slow(self) -> HaproxyHello | Notify | HaproxyDisconnect | None:
         if self.state is State.CLOSED:
             return None
-        frame = self._decoder.next_frame()
+        frame = self._take_frame()
         if frame is None:
             return None
         if isinstance(frame, Notify):
@@ -860,7 +959,6 @@ class AgentConnection:
         """
         size = min(self.max_frame_size, hello.max_frame_size)
         self.max_frame_size = size
-        self._decoder.max_frame_size = size
         offered = set(hello.capabilities)
         caps = tuple(c for c in self.capabilities if c in offered)
         self.state = State.CLOSED if hello.healthcheck else State.READY
