@@ -1,0 +1,195 @@
+"""The daemon with many certificates in its store: start-up, memory, scrape time.
+
+Certificates are made locally with a throwaway CA (no ACME) and laid out in
+the state dir exactly as the renewer stores them (cert.pem, fullchain.pem,
+bundle.pem, meta.json), valid for 60 days so none is due. Then
+`haproxy-acme-agent run` is started as its own process, for 1,000 and for
+10,000 certificates in the same run:
+
+  startup   from exec until /healthz answers 200 (config validated, every
+            key checked, every meta.json read, listeners up, scheduler running)
+  rss       the daemon's resident memory after start-up and scrapes
+  scrape    wall time of GET /metrics (median of 5), which must list them all
+
+Targets for 10,000: start-up <= 5 s, RSS <= 200 MB, scrape <= 1 s.
+The last line is `startup_s=<seconds for the largest count>`.
+
+    .venv/bin/python -m bench.scale [--counts 1000,10000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from agent.renewal import make_bundle, meta_from_certificate
+from tests.support.certs import issue_leaf, key_pem, make_ca
+from tests.support.haproxy import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def build_store(root: Path, count: int) -> tuple[Path, int]:
+    """Keys, config and a filled state dir for `count` certificates; returns (config, port)."""
+    ca = make_ca("scale bench CA")
+    ca_pem = ca.pem
+    keys_dir = root / "keys"
+    state = root / "state"
+    cert_dir = root / "certs"
+    for d in (keys_dir, state, cert_dir):
+        d.mkdir(mode=0o700)
+    metrics_port = free_port()
+    lines = [
+        f'state_dir = "{state}"',
+        "[acme]",
+        'directory = "https://127.0.0.1:9/dir"',  # never contacted: nothing is due
+        "[spoa]",
+        f'listen = "127.0.0.1:{free_port()}"',
+        "[haproxy]",
+        f'cert_dir = "{cert_dir}"',
+        "[metrics]",
+        f'listen = "127.0.0.1:{metrics_port}"',
+    ]
+    not_after = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=60)
+    for i in range(count):
+        name = f"site{i:05d}"
+        key = ec.generate_private_key(ec.SECP256R1())
+        kp = key_pem(key)
+        key_path = keys_dir / f"{name}.key"
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(kp)
+        leaf = issue_leaf(ca, key, [f"{name}.example.test"], not_after=not_after)
+        leaf_pem = leaf.public_bytes(serialization.Encoding.PEM)
+        d = state / "certificates" / name
+        d.mkdir(parents=True, mode=0o700)
+        bundle = make_bundle(leaf_pem + ca_pem, kp)
+        # Bench set-up only: plain writes (the product writes atomically, with fsync).
+        (d / "cert.pem").write_bytes(leaf_pem)
+        (d / "chain.pem").write_bytes(ca_pem)
+        (d / "fullchain.pem").write_bytes(leaf_pem + ca_pem)
+        fd = os.open(d / "bundle.pem", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(bundle)
+        fd = os.open(cert_dir / f"{name}.pem", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(bundle)
+        meta = meta_from_certificate(name, leaf)
+        (d / "meta.json").write_text(json.dumps(meta.to_json()))
+        lines += [
+            "[[certificates]]",
+            f'name = "{name}"',
+            f'domains = ["{name}.example.test"]',
+            f'key = "{key_path}"',
+        ]
+    config = root / "config.toml"
+    config.write_text("\n".join(lines) + "\n")
+    return config, metrics_port
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def measure(count: int) -> dict[str, float]:
+    with tempfile.TemporaryDirectory(prefix="scale-bench-") as tmp:
+        root = Path(tmp)
+        t = time.monotonic()
+        config, port = build_store(root, count)
+        print(f"  [{count}] store built in {time.monotonic() - t:.1f} s", file=sys.stderr)
+        log = (root / "agent.log").open("wb")
+        started = time.monotonic()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli", "run", "-c", str(config)],
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = started + 120
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError((root / "agent.log").read_text()[-3000:])
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                        if r.status == 200:
+                            break
+                except (urllib.error.URLError, ConnectionError, TimeoutError):
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError("daemon not ready within 120 s")
+                time.sleep(0.02)
+            startup = time.monotonic() - started
+            scrapes = []
+            for _ in range(5):
+                t = time.monotonic()
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+                    body = r.read().decode()
+                scrapes.append(time.monotonic() - t)
+            listed = body.count("haproxy_acme_certificate_expiration_timestamp_seconds{")
+            if listed != count:
+                raise RuntimeError(f"/metrics lists {listed} certificates, expected {count}")
+            rss = rss_mb(proc.pid)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            log.close()
+        return {
+            "startup_s": startup,
+            "rss_mb": rss,
+            "scrape_s": statistics.median(scrapes),
+            "scrape_max_s": max(scrapes),
+        }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--counts", default="1000,10000")
+    args = parser.parse_args()
+    counts = [int(c) for c in args.counts.split(",")]
+    results = {c: measure(c) for c in counts}
+    print(f"{'certificates':>12} {'startup s':>10} {'RSS MB':>8} {'scrape s':>9} {'max s':>7}")
+    for c, r in results.items():
+        print(
+            f"{c:>12} {r['startup_s']:>10.2f} {r['rss_mb']:>8.1f} "
+            f"{r['scrape_s']:>9.3f} {r['scrape_max_s']:>7.3f}"
+        )
+    big = results[counts[-1]]
+    if len(counts) > 1:
+        small = results[counts[0]]
+        factor = counts[-1] / counts[0]
+        print(
+            f"x{factor:g} certificates: start-up x{big['startup_s'] / small['startup_s']:.1f}, "
+            f"scrape x{big['scrape_s'] / small['scrape_s']:.1f}"
+        )
+    print(
+        f"targets (<=5 s, <=200 MB, <=1 s): startup {big['startup_s'] / 5:.2f}, "
+        f"rss {big['rss_mb'] / 200:.2f}, scrape {big['scrape_s'] / 1:.2f} of budget"
+    )
+    print(f"startup_s={big['startup_s']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
