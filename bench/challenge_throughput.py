@@ -144,6 +144,19 @@ def check_answer(port: int) -> None:
         raise SystemExit(f"port {port} answered {resp.status} {body!r}, not the key authorization")
 
 
+def format_result(r: Result) -> str:
+    return (
+        f"{r.name:<11} req/s={r.rps:>10.0f}  p99={r.p99_ms:>8.2f}ms  "
+        f"requests={r.requests}  wrong={r.wrong}  socket_errors={r.socket_errors}"
+    )
+
+
+def median_result(results: list[Result]) -> Result:
+    """The run with the median req/s (its own p99 and counts, not a mix)."""
+    ordered = sorted(results, key=lambda r: r.rps)
+    return ordered[len(ordered) // 2]
+
+
 @contextmanager
 def child(args: list[str]) -> Iterator[subprocess.Popen[bytes]]:
     """A helper process that prints 'listening on ...' when ready; stopped by its handle."""
@@ -177,6 +190,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--nbthread", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2, help="wrk -t")
     parser.add_argument("--connections", type=int, default=50, help="wrk -c")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run a, b, c this many times, interleaved, and report medians (noisy machines)",
+    )
     args = parser.parse_args(argv)
 
     spoa_port, responder_port = free_port(), free_port()
@@ -209,22 +228,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(
                 f"# {version}; nbthread {args.nbthread}; "
                 f"wrk -t{args.threads} -c{args.connections} -d{args.duration}s; "
+                f"{args.rounds} round(s); "
                 f"{os.cpu_count()} CPUs",
                 flush=True,
             )
-            results: dict[str, Result] = {}
+            runs: dict[str, list[Result]] = {name: [] for name in ports}
             for name, port in ports.items():
                 check_answer(port)
                 if args.warmup > 0:
                     wrk(name, port, args.warmup, args.threads, args.connections)
-                r = wrk(name, port, args.duration, args.threads, args.connections)
-                results[name] = r
-                print(
-                    f"{name:<11} req/s={r.rps:>10.0f}  p99={r.p99_ms:>8.2f}ms  "
-                    f"requests={r.requests}  wrong={r.wrong}  socket_errors={r.socket_errors}",
-                    flush=True,
-                )
-                time.sleep(0.5)  # let TIME_WAIT and the agent settle between variants
+            for _ in range(args.rounds):
+                for name, port in ports.items():
+                    r = wrk(name, port, args.duration, args.threads, args.connections)
+                    runs[name].append(r)
+                    if args.rounds > 1:
+                        print(f"#   {format_result(r)}", flush=True)
+                    time.sleep(0.5)  # let TIME_WAIT and the agent settle between variants
+                    check_answer(port)  # still answering correctly after the load
+    results = {name: median_result(rs) for name, rs in runs.items()}
+    for r in results.values():
+        print(format_result(r))
     a, b, c = results["static"], results["spoe-agent"], results["standalone"]
     if any(r.wrong for r in results.values()):
         print("# WARNING: some answers were not the key authorization (see wrong=)")
