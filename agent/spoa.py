@@ -163,7 +163,10 @@ class _SpoaProtocol(asyncio.Protocol):
                     f"token of {len(token)} characters exceeds {MAX_TOKEN_LENGTH} "
                     f"(stream-id {notify.stream_id})"
                 )
-            answer = server.registry.lookup(token)
+            try:
+                answer = server.registry.lookup(token)
+            except Exception:  # a broken shared store must not drop HAProxy's connection
+                server._log_lookup_failure()
             break
         if answer is None:
             data = encode_empty_ack(notify.stream_id, notify.frame_id)
@@ -240,6 +243,7 @@ class SpoaServer:
         self._connections: set[_SpoaProtocol] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._bad_args_warned = False
+        self._lookup_failure_logged = -1e9
 
     @property
     def port(self) -> int:
@@ -310,6 +314,12 @@ class SpoaServer:
             for proto in list(self._connections):
                 if proto.last_activity < limit:
                     proto._disconnect(Status.TIMEOUT, "idle timeout")
+
+    def _log_lookup_failure(self) -> None:
+        now = time.monotonic()
+        if now - self._lookup_failure_logged >= 10.0:  # at most one traceback per 10 s
+            self._lookup_failure_logged = now
+            log.exception("SPOE agent: challenge registry lookup failed; answering 'unknown'")
 
     def _warn_bad_args(self, args: Sequence[tuple[str, object]]) -> None:
         if not self._bad_args_warned:  # a config mistake: say it once, not per request

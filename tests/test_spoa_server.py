@@ -198,6 +198,27 @@ def test_failing_on_request_callback_does_not_break_answers(
         assert c.ask(TOKEN) == answer(1, 1)
 
 
+class BrokenRegistry(MemoryChallengeRegistry):
+    def lookup(self, token: str) -> str | None:
+        raise ConnectionError("shared store unreachable")
+
+
+def test_registry_failure_answers_unknown_and_keeps_the_connection() -> None:
+    seen: list[str] = []
+
+    def record(result: str, seconds: float) -> None:
+        seen.append(result)
+
+    with (
+        SpoaThread(BrokenRegistry(), port=0, on_request=record) as agent,
+        SpopClient(agent.port) as c,
+    ):
+        c.hello()
+        assert c.ask(TOKEN, 1, 1) == Ack(1, 1)
+        assert c.ask(TOKEN, 2, 1) == Ack(2, 1)
+    assert seen == ["unknown", "unknown"]
+
+
 def test_graceful_stop_sends_normal_disconnect_to_every_connection(
     registry: MemoryChallengeRegistry,
 ) -> None:
