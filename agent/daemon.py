@@ -503,7 +503,8 @@ class Daemon:
                 )
         # Every HAProxy transaction runs under its instance lock: taking them
         # all waits for the ones in flight to commit or abort.
-        await asyncio.to_thread(_wait_for_transactions, self.deployer, SHUTDOWN_GRACE)
+        if not await asyncio.to_thread(self.deployer.wait_idle, SHUTDOWN_GRACE):
+            log.warning("an HAProxy certificate transaction is still running at exit")
         await self._stop_servers()
 
     async def _stop_servers(self) -> None:
@@ -514,16 +515,6 @@ class Daemon:
 
 def _hex(serial: int | None) -> str | None:
     return None if serial is None else f"{serial:x}"
-
-
-def _wait_for_transactions(deployer: Deployer, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    for instance in deployer.instances():
-        lock = deploy_mod._instance_lock(instance)
-        if lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
-            lock.release()
-        else:
-            log.warning("HAProxy %s: a certificate transaction is still running", instance)
 
 
 def run_daemon(config_path: Path, log_format: str | None = None, verbose: bool = False) -> int:

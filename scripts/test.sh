@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 echo "== ruff"
-.venv/bin/ruff check agent tests bench
+.venv/bin/ruff check agent tests bench scripts
 echo "== mypy"
 .venv/bin/mypy
 echo "== pytest"
