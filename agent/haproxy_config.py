@@ -106,7 +106,14 @@ def _socket_owner(group: str) -> str:
 def stats_socket_lines(config: Config, group: str = DEFAULT_SOCKET_GROUP) -> list[str]:
     """One `stats socket` line per configured runtime API (unix: shared through `group`)."""
     lines = []
-    apis = config.haproxy.runtime_api or ("unix:/run/haproxy/admin.sock",)
+    apis = config.haproxy.runtime_api
+    if not apis:
+        # Without a runtime API the agent can only reload HAProxy ([haproxy]
+        # reload_command); suggest the socket that makes reloads unnecessary.
+        apis = ("unix:/run/haproxy/admin.sock",)
+        lines.append(
+            '# add runtime_api = ["unix:/run/haproxy/admin.sock"] to the agent\'s [haproxy] section'
+        )
     for api in apis:
         if api.startswith("unix:"):
             lines.append(

@@ -386,3 +386,11 @@ def test_tune_bufsize_matches_the_agents_bufsize(tmp_path: Path) -> None:
     cfg.path.write_text(text.replace("bufsize = 32768", "bufsize = 100"))
     with pytest.raises(ConfigError, match=r"haproxy\.bufsize: must be between 1024"):
         load_config(cfg.path)
+
+
+def test_without_runtime_api_the_socket_is_suggested_with_a_hint(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, crt_list=False)
+    cfg.path.write_text(re.sub(r"runtime_api = .*\n", "", cfg.path.read_text()))
+    lines = render(load_config(cfg.path)).global_lines.splitlines()
+    assert lines[1].strip().startswith("# add runtime_api = ")
+    assert "stats socket /run/haproxy/admin.sock mode 660 group haproxy-acme" in lines[2]
