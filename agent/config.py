@@ -106,6 +106,7 @@ class HAProxyConfig:
     timeout: float = 5.0
     bufsize: int = 16384  # HAProxy's tune.bufsize: the largest runtime API payload + 1
 
+
 @dataclass(frozen=True)
 class MetricsConfig:
     listen: Listen = field(default_factory=lambda: Listen("127.0.0.1", 9810))

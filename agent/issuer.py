@@ -566,11 +566,16 @@ class Issuer:
             acme.answer_challenge(challb, response)
             pending.append(authzr)
 
+        wait = self.cfg.poll_interval
         while pending:
-            self._sleep(self.cfg.poll_interval, deadline, "waiting for domain validation")
+            self._sleep(wait, deadline, "waiting for domain validation")
+            wait = self.cfg.poll_interval
             still: list[messages.AuthorizationResource] = []
             for authzr in pending:
-                updated, _ = acme.poll(authzr)
+                updated, response = acme.poll(authzr)
+                ra = _retry_after_of(response)
+                if ra is not None:  # the CA asks us to poll less often: do so
+                    wait = max(wait, ra)
                 status = updated.body.status
                 if status == messages.STATUS_VALID:
                     continue

@@ -410,6 +410,7 @@ class Renewer:
         self.on_installed = on_installed
         self.clock = clock
         self._issuer_lock = threading.Lock()
+        self._rate_limited: RateLimited | None = None  # set once the CA rate-limits this run
 
     # -- helpers --
 
@@ -530,6 +531,11 @@ class Renewer:
         return False, f"next renewal at {_fmt_time(when)} ({why})", meta
 
     def _renew_one(self, cfg: CertificateConfig, force: bool) -> RenewResult:
+        limited = self._rate_limited
+        if limited is not None:
+            # The CA said stop: ordering more in this run only digs the hole deeper.
+            msg = f"not attempted: {limited}"
+            return RenewResult(cfg.name, "failed", msg, error_type=error_type(limited))
         lock_name = f"cert-{cfg.name}"
         try:
             self.storage.lock(
@@ -569,6 +575,7 @@ class Renewer:
                 issued.fullchain_pem.encode(), key, cfg.domains, cfg.backup_pins, self.clock()
             )
         except RateLimited as e:
+            self._rate_limited = e
             self._record_failure(cfg, str(e), e.retry_after)
             return RenewResult(cfg.name, "failed", str(e), error_type=error_type(e))
         except (AcmeError, CertificateRejected, keys.StableKeyError, keys.CSRError, OSError) as e:

@@ -7,6 +7,7 @@ on purpose); the real ACME path is proven in the Pebble integration tests.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import os
 import stat
 import textwrap
@@ -326,6 +327,19 @@ def test_rate_limit_is_reported_and_remembered(config: Config) -> None:
     assert results["www"].status == "failed" and "rate limited" in results["www"].reason
     m = load_meta(FileStorage(config.state_dir), "www")
     assert m is not None and m.retry_not_before == pytest.approx(time.time() + 3600, abs=5)
+
+
+def test_rate_limit_stops_the_rest_of_the_run(config: Config) -> None:
+    sequential = dataclasses.replace(
+        config, acme=dataclasses.replace(config.acme, max_concurrent_orders=1)
+    )
+    issuer = StandInIssuer()
+    issuer.fail = RateLimited("rate limited by the CA: too many new orders", None)
+    results = run(sequential, issuer)
+    assert len(issuer.replaces) == 1  # only the first order was sent
+    assert results["www"].reason == "rate limited by the CA: too many new orders"
+    assert results["api"].status == "failed"
+    assert results["api"].reason.startswith("not attempted: rate limited by the CA")
 
 
 def test_dry_run_reports_and_writes_nothing(config: Config) -> None:
