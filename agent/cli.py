@@ -228,6 +228,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     config = load(args)
     now = time.time()
     rows = certificate_status(config, now)
+    for row in rows:
+        row["haproxy"] = []
+    if config.haproxy.runtime_api:
+        by_name = {row["name"]: row for row in rows}
+        for entry in served_serials(config):
+            by_name[entry["certificate"]]["haproxy"].append(entry)
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
@@ -248,7 +254,43 @@ def cmd_status(args: argparse.Namespace) -> int:
         if row["last_error"]:
             result += f": {row['last_error']}"
         print(f"  last result   {result}")
+        for h in row["haproxy"]:
+            if h["error"]:
+                state = f"unknown: {h['error']}"
+            else:
+                state = "in sync" if h["in_sync"] else "STALE"
+                state += f" (serves {h['served_serial'] or 'nothing'})"
+            print(f"  haproxy       {h['instance']}: {state}")
     return EXIT_OK
+
+
+def served_serials(config: Config) -> list[dict[str, Any]]:
+    """What each runtime API instance serves for each stored certificate (read-only)."""
+    from agent.deploy import BundleError, Deployer, stored_targets
+    from agent.haproxy_api import HAProxyError
+
+    deployer = Deployer.from_config(config)
+    try:
+        targets = stored_targets(config)
+    except (BundleError, OSError) as e:
+        log.warning("cannot read the stored bundles: %s", e)
+        return []
+    out: list[dict[str, Any]] = []
+    for api in deployer.apis:
+        for t in targets:
+            entry: dict[str, Any] = {"certificate": t.name, "instance": api.name, "error": None}
+            try:
+                info = api.show_cert(str(deployer.path_for(t.name)))
+            except HAProxyError as e:
+                entry.update(in_sync=False, served_serial=None, error=str(e))
+            else:
+                served = info.serial if info else None
+                entry.update(
+                    in_sync=served == t.serial,
+                    served_serial=None if served is None else f"{served:x}",
+                )
+            out.append(entry)
+    return out
 
 
 # --- pins ------------------------------------------------------------------------------

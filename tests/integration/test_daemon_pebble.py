@@ -9,6 +9,7 @@ config; SIGTERM exits 0 quickly and leaves no half-written file.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -172,6 +173,20 @@ def test_daemon_issues_deploys_and_renews_on_its_own_without_reloading_haproxy(
             assert leaf.not_valid_before_utc.timestamp() < samples[renewal]
             assert samples[renewal] < leaf.not_valid_after_utc.timestamp()
         assert samples['haproxy_acme_challenges_total{result="answered"}'] >= 2
+
+        # `status` shows, per HAProxy instance, whether it serves the stored serial.
+        status = subprocess.run(
+            [sys.executable, "-m", "agent.cli", "status", "--json", "-c", str(config)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert status.returncode == 0, status.stderr
+        for row in json.loads(status.stdout):
+            [entry] = row["haproxy"]
+            assert entry["in_sync"] is True
+            assert entry["served_serial"] == f"{first[row['name']]:x}"
 
         # `renew` while the daemon runs hands the work over (the SPOA port is the daemon's).
         cli = subprocess.run(
