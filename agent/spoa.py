@@ -28,9 +28,9 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from types import TracebackType
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from agent.challenges import MAX_TOKEN_LENGTH, ChallengeRegistry, MemoryChallengeRegistry
 from agent.spop import (
@@ -48,6 +48,7 @@ from agent.spop import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MESSAGE_NAME = "acme-challenge"  # spoe-message name in haproxy/spoe-acme.conf
 TOKEN_ARG = "token"
@@ -333,6 +334,27 @@ class SpoaServer:
             )
 
 
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's event loop when it is installed, else asyncio's.
+
+    Measured on the challenge benchmark: the agent spends about a quarter less
+    CPU per request on uvloop (the loop's own bookkeeping is a large share of
+    a pipelined SPOE batch). Everything works on the stdlib loop too.
+    """
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run on `new_event_loop()`."""
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(main)
+
+
 class SpoaThread:
     """A SpoaServer on its own event loop in a daemon thread, for synchronous callers.
 
@@ -351,7 +373,7 @@ class SpoaThread:
         self._error: BaseException | None = None
 
     def _run(self) -> None:
-        loop = asyncio.new_event_loop()
+        loop = new_event_loop()
         self._loop = loop
         asyncio.set_event_loop(loop)
         try:
@@ -458,7 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_connections=args.max_connections,
     )
     try:
-        asyncio.run(_serve(server))
+        run(_serve(server))
     except OSError as exc:
         print(str(exc), file=sys.stderr)
         return 1

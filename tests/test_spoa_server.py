@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import uvloop
 
 from agent.challenges import MemoryChallengeRegistry
 from agent.spoa import SpoaServer, SpoaThread
@@ -249,8 +250,9 @@ def test_port_in_use_raises_oserror_naming_the_address(registry: MemoryChallenge
             pass
 
 
+@pytest.mark.parametrize("loop_factory", ["asyncio", "uvloop"])
 def test_spoa_server_runs_inside_an_existing_event_loop(
-    registry: MemoryChallengeRegistry,
+    registry: MemoryChallengeRegistry, loop_factory: str
 ) -> None:
     async def scenario() -> tuple[Ack, int]:
         server = SpoaServer(registry, port=0)
@@ -271,7 +273,9 @@ def test_spoa_server_runs_inside_an_existing_event_loop(
         await server.stop()
         return result[0], count
 
-    ack, _ = asyncio.run(asyncio.wait_for(scenario(), timeout=20))
+    factory = asyncio.new_event_loop if loop_factory == "asyncio" else uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        ack, _ = runner.run(asyncio.wait_for(scenario(), timeout=20))
     assert ack == answer(77, 2)
 
 
