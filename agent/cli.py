@@ -134,15 +134,23 @@ def cmd_renew(args: argparse.Namespace) -> int:
     # Every installed certificate is written to [haproxy] cert_dir and pushed
     # through the runtime API (or, without one, picked up by one reload).
     hook = RenewalDeployHook(config)
-    results = renew_certificates(
-        config,
-        args.names or None,
-        args.force,
-        args.dry_run,
-        registry,
-        on_installed=hook,
-        serve_challenges=serve,
-    )
+    with _one_renew_at_a_time(config, args.dry_run) as got_it:
+        if not got_it:
+            # Overlapping cron runs: the other run renews (and reports) what is due.
+            print(
+                "renew: another `renew` run is in progress; nothing done by this one",
+                file=sys.stderr,
+            )
+            return EXIT_OK
+        results = renew_certificates(
+            config,
+            args.names or None,
+            args.force,
+            args.dry_run,
+            registry,
+            on_installed=hook,
+            serve_challenges=serve,
+        )
     failed = _print_results(
         [(r.name, r.status, r.reason, r.serial, r.not_after) for r in results], args.quiet
     )
@@ -152,6 +160,30 @@ def cmd_renew(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         failed = True
     return EXIT_FAILED if failed else EXIT_OK
+
+
+@contextlib.contextmanager
+def _one_renew_at_a_time(config: Config, dry_run: bool) -> Iterator[bool]:
+    """Hold the state dir's "renew-command" lock (two runs would fight over the SPOA port).
+
+    Waits up to acme.timeout seconds; yields False when another run still holds
+    it. A dry run writes nothing, so it takes no lock.
+    """
+    if dry_run:
+        yield True
+        return
+    from agent.storage import FileStorage, LockTimeout
+
+    storage = FileStorage(config.state_dir)
+    try:
+        storage.lock("renew-command", timeout=config.acme.timeout, expires_after=6 * 3600)
+    except LockTimeout:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        storage.unlock("renew-command")
 
 
 def _print_results(
@@ -299,9 +331,10 @@ def served_serials(config: Config) -> list[dict[str, Any]]:
 def _args_pins(p: argparse.ArgumentParser) -> None:
     p.add_argument("names", nargs="*", metavar="NAME", help="certificates (default: all)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--report-uri", metavar="URL", help="report-uri for the HPKP header")
 
 
-def pins_of(cert: CertificateConfig) -> dict[str, Any]:
+def pins_of(cert: CertificateConfig, report_uri: str | None = None) -> dict[str, Any]:
     """Pins, HPKP header and TLSA data for one certificate (creates a generate_key key)."""
     key = _stable_key(cert)
     key_pin = keys.spki_pin(key)
@@ -312,7 +345,9 @@ def pins_of(cert: CertificateConfig) -> dict[str, Any]:
         "key_type": keys.describe_key(key),
         "key_pin": key_pin,
         "backup_pins": backups,
-        "hpkp_report_only": keys.hpkp_report_only_header([key_pin, *backups]),
+        "hpkp_report_only": keys.hpkp_report_only_header(
+            [key_pin, *backups], report_uri=report_uri
+        ),
         "tlsa_311": keys.tlsa_311(key),
         "backup_tlsa_311": [keys.pin_to_tlsa(p) for p in backups],
     }
@@ -321,7 +356,7 @@ def pins_of(cert: CertificateConfig) -> dict[str, Any]:
 def cmd_pins(args: argparse.Namespace) -> int:
     config = load(args)
     try:
-        out = [pins_of(c) for c in _select(config, args.names)]
+        out = [pins_of(c, args.report_uri) for c in _select(config, args.names)]
     except keys.StableKeyError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED

@@ -12,6 +12,7 @@ from cryptography import x509
 
 from agent import keys
 from agent.cli import main
+from agent.storage import FileStorage
 from tests.test_config import BASE, INVALID, cert_block, site, write
 
 __all__ = ["site"]  # the fixture, imported for pytest
@@ -92,6 +93,8 @@ def test_pins_prints_key_backup_hpkp_and_tlsa(
     )
     assert f"TLSA 3 1 1 {keys.tlsa_311(key)}  (key)" in out
     assert f"TLSA 3 1 1 {keys.pin_to_tlsa(backup)}  (backup)" in out
+    rc, out, _ = run(capsys, "pins", "-c", str(path), "--report-uri", "https://r.example/hpkp")
+    assert 'max-age=5184000; report-uri="https://r.example/hpkp"' in out
 
 
 def test_pins_creates_a_generate_key_key_once(
@@ -148,3 +151,18 @@ def test_dry_run_lists_what_would_be_renewed(
     assert rc == 0
     assert "www: dry-run: would renew: no certificate yet" in out
     assert not (site / "state").exists()
+
+
+def test_overlapping_renew_runs_leave_the_work_to_the_first(
+    site: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(site, BASE + "timeout = 0.2\n" + cert_block())
+    storage = FileStorage(site / "state")
+    storage.lock("renew-command")  # as the other run would
+    try:
+        rc, out, err = run(capsys, "renew", "-c", str(path))
+    finally:
+        storage.unlock("renew-command")
+    assert rc == 0
+    assert "another `renew` run is in progress" in err and out == ""
+    assert not (site / "state" / "certificates").exists()
