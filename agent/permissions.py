@@ -20,7 +20,6 @@ that).
 from __future__ import annotations
 
 import logging
-import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,7 +103,8 @@ def check(config: Config, strict: bool | None = None) -> list[Problem]:
     problems: list[Problem] = []
     problems += check_directory(config.state_dir, "state directory", strict, private=True)
     problems += check_directory(config.haproxy.cert_dir, "cert_dir", strict, private=False)
-    seen: set[Path] = set()
+    seen: set[tuple[int, int]] = set()  # (st_dev, st_ino): a file linked twice is checked once
+    dirs_seen: set[Path] = set()
     for c in config.certificates:
         for path, what in (
             (c.key, f"private key of certificate {c.name!r}"),
@@ -113,12 +113,16 @@ def check(config: Config, strict: bool | None = None) -> list[Problem]:
                 f"HAProxy bundle of {c.name!r} (has the key)",
             ),
         ):
-            real = Path(os.path.realpath(path))
-            if real in seen:
+            try:
+                st = path.stat()
+            except FileNotFoundError:
                 continue
-            seen.add(real)
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
             problems += check_secret_file(path, what, strict)
-            if path == c.key:
+            if path == c.key and path.parent not in dirs_seen:
+                dirs_seen.add(path.parent)
                 problems += check_directory(
                     path.parent, f"directory of the key of {c.name!r}", strict, private=False
                 )
