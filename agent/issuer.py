@@ -227,7 +227,6 @@ class RetryingNetwork(client.ClientNetwork):  # type: ignore[misc]
                     raise
                 last_problem = f"HTTP {status} from the CA"
                 retry_after = _retry_after_of(resp)
-                del e
             except (requests.ConnectionError, requests.Timeout) as e:
                 last_problem = f"cannot reach the CA: {_short_conn_error(e)}"
                 retry_after = None
