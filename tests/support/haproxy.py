@@ -24,6 +24,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from shutil import which
 from types import TracebackType
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -156,7 +157,8 @@ class HAProxyProcess:
                 "test HAProxy configs must set `noreuseport` in `global` "
                 "(SO_REUSEPORT would silently share ports between tests)"
             )
-        self.binary = binary
+        # Absolute: HAProxy runs with cwd=workdir, so a relative path would break.
+        self.binary = os.path.abspath(binary) if os.sep in binary else (which(binary) or binary)
         self.config_text = config_text
         self.env = dict(env)
         self.workdir = Path(workdir)
