@@ -148,16 +148,16 @@ class _SpoaProtocol(asyncio.Protocol):
         on_request = server.on_request
         started = time.perf_counter() if on_request is not None else 0.0
         answer: str | None = None
-        for message in notify.messages:
-            if message.name != MESSAGE_NAME:
+        for name, args in notify.messages:
+            if name != MESSAGE_NAME:
                 continue
             token = None
-            for key, value in message.args:
+            for key, value in args:
                 if key == TOKEN_ARG:
                     token = value
                     break
             if type(token) is not str:
-                server._warn_bad_args(message.args)
+                server._warn_bad_args(args)
                 continue
             if len(token) > MAX_TOKEN_LENGTH:
                 raise InvalidFrame(

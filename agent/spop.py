@@ -982,23 +982,29 @@ class AgentConnection(_FrameBuffer):
 _ACK_PREFIX: Final = bytes((FrameType.ACK,)) + FLAG_FIN.to_bytes(4, "big")
 
 
-_SET_TXN_ACTIONS: dict[str, bytes] = {}
+_SET_TXN_SUFFIXES: dict[tuple[str, bytes], bytes] = {}
+_SET_TXN_SUFFIXES_MAX = 1024  # pending challenges at once: a few per certificate
 
 
 def encode_ack_set_txn_string(stream_id: int, frame_id: int, name: str, value: bytes) -> bytes:
     """ACK carrying one `set-var txn <name> <string value>`: the challenge answer.
 
     Same bytes as encode_frame(Ack(..., (SetVar(Scope.TXN, name, value.decode()),))),
-    without building objects on the hot path.
+    without building objects on the hot path; the action bytes of recent
+    answers are cached (the CA fetches each token several times).
     """
-    action = _SET_TXN_ACTIONS.get(name)
-    if action is None:
-        action = _SET_TXN_ACTIONS[name] = b"\x01\x03\x02" + encode_string(name) + b"\x08"
+    key = (name, value)
+    suffix = _SET_TXN_SUFFIXES.get(key)
+    if suffix is None:
+        if len(_SET_TXN_SUFFIXES) >= _SET_TXN_SUFFIXES_MAX:
+            _SET_TXN_SUFFIXES.clear()
+        suffix = b"\x01\x03\x02" + encode_string(name) + b"\x08" + _varint(len(value)) + value
+        _SET_TXN_SUFFIXES[key] = suffix
     sid = _VARINT_CACHE[stream_id] if 0 <= stream_id < 4096 else encode_varint(stream_id)
     fid = _VARINT_CACHE[frame_id] if 0 <= frame_id < 4096 else encode_varint(frame_id)
-    vlen = _varint(len(value))
-    size = 5 + len(sid) + len(fid) + len(action) + len(vlen) + len(value)
-    return b"".join((_U32.pack(size), _ACK_PREFIX, sid, fid, action, vlen, value))
+    return b"".join(
+        (_U32.pack(5 + len(sid) + len(fid) + len(suffix)), _ACK_PREFIX, sid, fid, suffix)
+    )
 
 
 def encode_empty_ack(stream_id: int, frame_id: int) -> bytes:
