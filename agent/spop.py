@@ -125,51 +125,59 @@ _HDR = struct.Struct(">IBI")  # length, type, flags
 
 
 class SpopError(Exception):
-    """A protocol failure; `status_code` is what to send in AGENT-DISCONNECT."""
+    """A protocol failure: `SpopError(status_code, message)`.
+
+    `status_code` is what to send in AGENT-DISCONNECT; `message` says what was
+    wrong (it becomes the DISCONNECT message, truncated to 255 bytes). The
+    subclasses fix the status code and take only the message.
+    """
 
     status_code: int = Status.UNKNOWN
 
-    def __init__(self, message: str, status_code: int | None = None) -> None:
-        super().__init__(message)
-        if status_code is not None:
-            self.status_code = status_code
+    def __init__(self, status_code: int, message: str) -> None:
+        super().__init__(status_code, message)
+        self.status_code = status_code
         self.message = message
 
     def __str__(self) -> str:
-        return f"SPOP status {self.status_code} ({STATUS_REASONS.get(self.status_code, '?')}): " + (
-            self.message
-        )
+        reason = STATUS_REASONS.get(self.status_code, "agent-defined")
+        return f"SPOP status {self.status_code} ({reason}): {self.message}"
 
 
-class FrameTooBig(SpopError):
+class _FixedStatus(SpopError):
+    def __init__(self, message: str) -> None:
+        super().__init__(type(self).status_code, message)
+
+
+class FrameTooBig(_FixedStatus):
     status_code = Status.TOO_BIG
 
 
-class InvalidFrame(SpopError):
+class InvalidFrame(_FixedStatus):
     status_code = Status.INVALID
 
 
-class NoVersion(SpopError):
+class NoVersion(_FixedStatus):
     status_code = Status.NO_VERSION
 
 
-class NoFrameSize(SpopError):
+class NoFrameSize(_FixedStatus):
     status_code = Status.NO_FRAME_SIZE
 
 
-class NoCapabilities(SpopError):
+class NoCapabilities(_FixedStatus):
     status_code = Status.NO_CAPABILITIES
 
 
-class UnsupportedVersion(SpopError):
+class UnsupportedVersion(_FixedStatus):
     status_code = Status.BAD_VERSION
 
 
-class BadFrameSize(SpopError):
+class BadFrameSize(_FixedStatus):
     status_code = Status.BAD_FRAME_SIZE
 
 
-class FragmentationNotSupported(SpopError):
+class FragmentationNotSupported(_FixedStatus):
     status_code = Status.FRAGMENTATION_NOT_SUPPORTED
 
 
@@ -679,7 +687,7 @@ def _hello_fields(items: KVList) -> dict[str, Value]:
     return fields
 
 
-def _int_field(fields: dict[str, Value], key: str, missing: type[SpopError]) -> int:
+def _int_field(fields: dict[str, Value], key: str, missing: type[_FixedStatus]) -> int:
     value = fields.get(key)
     if value is None:
         raise missing(f"{key} value not found")
@@ -688,7 +696,7 @@ def _int_field(fields: dict[str, Value], key: str, missing: type[SpopError]) -> 
     return int(value)
 
 
-def _str_field(fields: dict[str, Value], key: str, missing: type[SpopError]) -> str:
+def _str_field(fields: dict[str, Value], key: str, missing: type[_FixedStatus]) -> str:
     value = fields.get(key)
     if value is None:
         raise missing(f"{key} value not found")

@@ -326,6 +326,9 @@ def test_hello_missing_items_carry_their_status_code(
 
 def test_error_str_names_the_status_code() -> None:
     assert "SPOP status 3 (frame is too big)" in str(FrameTooBig("x"))
+    err = SpopError(13, "out of memory")
+    assert (err.status_code, err.message) == (13, "out of memory")
+    assert str(SpopError(200, "custom")) == "SPOP status 200 (agent-defined): custom"
 
 
 # ---------------------------------------------------------------- agent state machine
