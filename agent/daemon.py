@@ -276,7 +276,8 @@ class Daemon:
             )
             st.next_at, st.reason = now + delay, f"retry {st.failures} after failure"
             self.metrics.renewals.labels(name, "failure").inc()
-            self.metrics.acme_errors.labels(result.error_type or "other").inc()
+            if result.error_type != "deploy":  # deploy failures: deploy_errors, per instance
+                self.metrics.acme_errors.labels(result.error_type or "other").inc()
             log.error("renewal failed; retrying in %.0f s", delay, extra=extra)
             return
         if result.status == "renewed":
