@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import signal
-import socket
-import ssl
 import subprocess
 import sys
 import tempfile
@@ -36,6 +34,7 @@ from cryptography import x509  # noqa: E402
 from agent import keys  # noqa: E402
 from tests.support.acme_stack import AcmeStack, toml_value  # noqa: E402
 from tests.support.haproxy import free_port  # noqa: E402
+from tests.support.tls import served_leaf  # noqa: E402
 
 DEMO = {
     "www": ("www.demo.test", "ec256"),
@@ -50,18 +49,10 @@ def say(text: str) -> None:
 
 
 def served(port: int, sni: str) -> x509.Certificate | None:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
     try:
-        with (
-            socket.create_connection(("127.0.0.1", port), timeout=3) as raw,
-            ctx.wrap_socket(raw, server_hostname=sni) as tls,
-        ):
-            der = tls.getpeercert(binary_form=True)
+        return served_leaf(port, sni)
     except OSError:
         return None
-    return x509.load_der_x509_certificate(der) if der else None
 
 
 def is_demo_cert(cert: x509.Certificate | None, name: str) -> bool:

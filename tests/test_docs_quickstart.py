@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
-import ssl
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -33,6 +31,7 @@ from cryptography.hazmat.primitives import serialization
 from agent import keys
 from tests.support.haproxy import HAProxyProcess, free_port
 from tests.support.pebble import PebbleProcess
+from tests.support.tls import served_leaf
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "docs" / "quickstart.md"
@@ -67,19 +66,6 @@ def test_quickstart_has_runnable_blocks_for_every_step() -> None:
     for command in ("check-config", "pins", "haproxy-config", "renew", "status", " run "):
         assert command in text, command
     assert sum(1 for b in runnable if b.info.startswith("doctest-file=")) == 1
-
-
-def served_leaf(port: int, name: str) -> x509.Certificate:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    with (
-        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
-        ctx.wrap_socket(raw, server_hostname=name) as tls,
-    ):
-        der = tls.getpeercert(binary_form=True)
-    assert der is not None
-    return x509.load_der_x509_certificate(der)
 
 
 @pytest.mark.integration

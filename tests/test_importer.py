@@ -8,8 +8,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import socket
-import ssl
 import subprocess
 import sys
 import time
@@ -28,6 +26,7 @@ from agent.renewal import certificate_status
 from tests.support.certs import CA, issue_leaf, key_pem, make_ca, make_key
 from tests.support.haproxy import HAProxyProcess, free_port
 from tests.support.pebble import PebbleProcess
+from tests.support.tls import served_leaf
 
 DOMAINS = ["www.example.test", "example.test"]
 CLI = [sys.executable, "-m", "agent.cli"]
@@ -214,19 +213,6 @@ def test_configured_names_are_skipped(tmp_path: Path) -> None:
     assert cfg_path.read_bytes() == once
 
 
-def served_serial(port: int, name: str) -> int:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    with (
-        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
-        ctx.wrap_socket(raw, server_hostname=name) as tls,
-    ):
-        der = tls.getpeercert(binary_form=True)
-    assert der is not None
-    return x509.load_der_x509_certificate(der).serial_number
-
-
 # --- import, then renew through real Pebble + HAProxy + our SPOE agent ------------------
 
 
@@ -292,7 +278,7 @@ def test_import_then_forced_renewal_keeps_the_key_byte_identical(
             )
             assert r.returncode == 0, r.stdout + r.stderr + pebble.log_text() + proc.log_text()
             # The same HAProxy process now serves the renewed certificate.
-            served = served_serial(https_port, "www.example.test")
+            served = served_leaf(https_port, "www.example.test").serial_number
             pid = proc.pid
         finally:
             proc.stop()

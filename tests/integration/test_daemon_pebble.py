@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import ssl
 import subprocess
 import sys
 import time
@@ -26,25 +24,13 @@ from cryptography import x509
 
 from tests.support.acme_stack import AcmeStack, toml_value
 from tests.support.haproxy import free_port, haproxy_binaries
+from tests.support.tls import served_leaf
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 NAMES = {"alpha": "alpha.example.test", "beta": "beta.example.test"}
 VALIDITY = 60  # seconds: the 1/3 rule renews 40 s after issuance
-
-
-def served_leaf(port: int, sni: str) -> x509.Certificate:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    with (
-        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
-        ctx.wrap_socket(raw, server_hostname=sni) as tls,
-    ):
-        der = tls.getpeercert(binary_form=True)
-    assert der is not None
-    return x509.load_der_x509_certificate(der)
 
 
 def wait_for(

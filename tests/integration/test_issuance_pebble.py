@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import ssl
 import stat
 import subprocess
 import time
@@ -30,6 +28,7 @@ from agent.challenges import MemoryChallengeRegistry
 from agent.cli import main
 from tests.support.acme_stack import AcmeStack
 from tests.support.haproxy import haproxy_binaries
+from tests.support.tls import served_leaf
 
 pytestmark = pytest.mark.integration
 
@@ -48,20 +47,6 @@ def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 
 def openssl(*args: str) -> None:
     subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
-
-
-def served_leaf(port: int, server_name: str) -> x509.Certificate:
-    """The leaf HAProxy presents for `server_name` (a real TLS handshake on 127.0.0.1)."""
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    with (
-        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
-        ctx.wrap_socket(raw, server_hostname=server_name) as tls,
-    ):
-        der = tls.getpeercert(binary_form=True)
-    assert der is not None
-    return x509.load_der_x509_certificate(der)
 
 
 def stored(state: Path, name: str, file: str) -> bytes:
