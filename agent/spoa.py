@@ -112,10 +112,11 @@ class _SpoaProtocol(asyncio.Protocol):
         conn.receive_data(data)
         out: list[bytes] = []
         close = False
+        next_event, answer, append = conn.next_event, self._answer, out.append
         try:
-            while (event := conn.next_event()) is not None:
+            while (event := next_event()) is not None:
                 if type(event) is Notify:
-                    out.append(self._answer(event))
+                    append(answer(event))
                 elif type(event) is HaproxyHello:
                     out.append(conn.hello_reply(event))
                     if event.healthcheck:
@@ -147,8 +148,9 @@ class _SpoaProtocol(asyncio.Protocol):
         server = self._server
         on_request = server.on_request
         started = time.perf_counter() if on_request is not None else 0.0
+        stream_id, frame_id, messages = notify
         answer: str | None = None
-        for name, args in notify.messages:
+        for name, args in messages:
             if name != MESSAGE_NAME:
                 continue
             token = None
@@ -162,7 +164,7 @@ class _SpoaProtocol(asyncio.Protocol):
             if len(token) > MAX_TOKEN_LENGTH:
                 raise InvalidFrame(
                     f"token of {len(token)} characters exceeds {MAX_TOKEN_LENGTH} "
-                    f"(stream-id {notify.stream_id})"
+                    f"(stream-id {stream_id})"
                 )
             try:
                 answer = server.registry.lookup(token)
@@ -170,19 +172,17 @@ class _SpoaProtocol(asyncio.Protocol):
                 server._log_lookup_failure()
             break
         if answer is None:
-            data = encode_empty_ack(notify.stream_id, notify.frame_id)
+            data = encode_empty_ack(stream_id, frame_id)
             result = "unknown"
         else:
-            data = encode_ack_set_txn_string(
-                notify.stream_id, notify.frame_id, VAR_NAME, answer.encode()
-            )
+            data = encode_ack_set_txn_string(stream_id, frame_id, VAR_NAME, answer.encode())
             if len(data) - 4 > self._conn.max_frame_size:
                 log.error(
                     "SPOE agent: key authorization of %d bytes does not fit max-frame-size %d",
                     len(answer),
                     self._conn.max_frame_size,
                 )
-                data = encode_empty_ack(notify.stream_id, notify.frame_id)
+                data = encode_empty_ack(stream_id, frame_id)
                 result = "unknown"
             else:
                 result = "answered"

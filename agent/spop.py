@@ -473,15 +473,16 @@ class AgentHello:
     capabilities: tuple[str, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class Notify:
+class Notify(NamedTuple):
+    """NOTIFY: the messages of one stream event; answer with an Ack of the same ids.
+
+    A NamedTuple (one is built per request on the hot path); ids must be in
+    0..2**64-1, which the decoder guarantees and `encode_frame` checks.
+    """
+
     stream_id: int
     frame_id: int
     messages: tuple[Message, ...]
-
-    def __post_init__(self) -> None:
-        _check_id("stream-id", self.stream_id)
-        _check_id("frame-id", self.frame_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -548,6 +549,8 @@ def encode_frame(frame: Frame) -> bytes:
             frame.frame_id,
         )
     if isinstance(frame, Notify):
+        _check_id("stream-id", frame.stream_id)
+        _check_id("frame-id", frame.frame_id)
         for m in frame.messages:
             if len(m.args) > 255:
                 raise ValueError(f"message {m.name!r} has {len(m.args)} arguments, at most 255")
@@ -585,9 +588,7 @@ def encode_frame(frame: Frame) -> bytes:
     raise TypeError(f"not a SPOP frame: {frame!r}")
 
 
-_new_notify = object.__new__
-_set_attr = object.__setattr__
-_new_tuple = tuple.__new__
+_new_tuple = tuple.__new__  # NamedTuple construction without the keyword-handling wrapper
 
 
 def _decode_messages(data: bytes, pos: int, end: int) -> tuple[Message, ...]:
@@ -716,12 +717,8 @@ def decode_body(ftype: int, flags: int, data: bytes, pos: int, end: int) -> Fram
         frame_id, pos = decode_varint(data, pos)
     if pos > end:
         raise InvalidFrame("frame shorter than its stream-id and frame-id")
-    if ftype == 3:  # NOTIFY, the hot path; decoded ids are in range by construction
-        notify = _new_notify(Notify)
-        _set_attr(notify, "stream_id", stream_id)
-        _set_attr(notify, "frame_id", frame_id)
-        _set_attr(notify, "messages", _decode_messages(data, pos, end))
-        return notify
+    if ftype == 3:  # NOTIFY
+        return _new_tuple(Notify, (stream_id, frame_id, _decode_messages(data, pos, end)))
     if ftype == FrameType.ACK:
         return Ack(stream_id, frame_id, _decode_actions(data, pos, end))
     if ftype not in (1, 2, 101, 102):
@@ -856,6 +853,9 @@ class State(IntEnum):
 _HAPROXY_TO_AGENT: Final = (HaproxyHello, Notify, HaproxyDisconnect)
 
 
+_READY: Final = State.READY
+
+
 class AgentConnection(_FrameBuffer):
     """Agent side of one SPOP connection: validates order and negotiates HELLO.
 
@@ -894,15 +894,16 @@ class AgentConnection(_FrameBuffer):
         avail = len(buf) - pos
         if avail < self._need:
             return None
-        if self.state is State.READY and buf[pos + 4 : pos + 5] == b"\x03":
+        if self.state is _READY and avail >= 11 and buf[pos + 4] == 3 and buf[pos + 8] & 1:
             (length,) = _U32.unpack_from(buf, pos)
             end = pos + 4 + length
-            if (
-                _MIN_FRAME <= length <= self.max_frame_size
-                and end <= len(buf)
-                and buf[pos + 8] & FLAG_FIN
-            ):
-                self._consume(end)
+            if _MIN_FRAME <= length <= self.max_frame_size and end <= len(buf):
+                self._need = 4  # consumed: same as _consume(end), inlined
+                if end == len(buf):
+                    self._buf = b""
+                    self._pos = 0
+                else:
+                    self._pos = end
                 p = pos + 9
                 if (stream_id := buf[p]) < 240:
                     p += 1
@@ -914,11 +915,7 @@ class AgentConnection(_FrameBuffer):
                     frame_id, p = decode_varint(buf, p)
                 if p > end:
                     raise InvalidFrame("frame shorter than its stream-id and frame-id")
-                notify = _new_notify(Notify)
-                _set_attr(notify, "stream_id", stream_id)
-                _set_attr(notify, "frame_id", frame_id)
-                _set_attr(notify, "messages", _decode_messages(buf, p, end))
-                return notify
+                return _new_tuple(Notify, (stream_id, frame_id, _decode_messages(buf, p, end)))
         return self._next_event_slow()
 
     def _next_event_slow(self) -> HaproxyHello | Notify | HaproxyDisconnect | None:

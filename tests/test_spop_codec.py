@@ -469,4 +469,4 @@ def test_frame_ids_must_fit_64_bits() -> None:
     with pytest.raises(ValueError):
         Ack(-1, 0)
     with pytest.raises(ValueError):
-        Notify(0, 2**64, ())
+        encode_frame(Notify(0, 2**64, ()))
