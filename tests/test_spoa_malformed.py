@@ -184,3 +184,35 @@ def test_random_garbage_connections_all_get_disconnected(
             # HELLO (some status); the agent never answers them with anything else.
             if frame is not None:
                 assert type(frame).__name__ == "AgentDisconnect", frame
+
+
+def test_peer_that_never_reads_acks_is_paused_not_buffered(
+    agent: SpoaThread, healthy: SpopClient
+) -> None:
+    frame = encode_frame(challenge(TOKEN, 70000, 1))
+    chunk = frame * 2000  # ~140 kB of NOTIFYs per send
+    hog = SpopClient(agent.port, timeout=1.0)
+    try:
+        hog.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        hog.hello()
+        sent = 0
+        deadline = time.monotonic() + 10
+        try:
+            while time.monotonic() < deadline and sent < 64_000_000:
+                hog.sock.sendall(chunk)
+                sent += len(chunk)
+        except TimeoutError:
+            pass  # the agent stopped reading: what we want
+        assert sent < 64_000_000, "agent kept reading from a peer that never reads"
+        time.sleep(0.2)
+        buffered = sum(
+            c._transport.get_write_buffer_size()
+            for c in agent.server._connections
+            if c._transport is not None
+        )
+        print(f"sent {sent} bytes of NOTIFYs; agent holds {buffered} bytes of ACKs")
+        # High-water mark (256 KiB) plus the ACKs of one read; far below what was sent.
+        assert buffered < 2_000_000
+        assert sent > 4 * buffered  # the bound is real, not "nothing was sent"
+    finally:
+        hog.close()
