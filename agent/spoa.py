@@ -311,10 +311,20 @@ class SpoaServer:
         interval = min(1.0, self.idle_timeout / 4)
         while True:
             await asyncio.sleep(interval)
-            limit = time.monotonic() - self.idle_timeout
+            now = time.monotonic()
+            limit = now - self.idle_timeout
             for proto in list(self._connections):
-                if proto.last_activity < limit:
+                if proto.last_activity >= limit:
+                    continue
+                transport = proto._transport
+                if proto._closing and transport is not None:
+                    # Closed politely an idle period ago but the peer never read the
+                    # rest (close() waits for the buffer to drain): drop it.
+                    transport.abort()
+                    self._connections.discard(proto)
+                else:
                     proto._disconnect(Status.TIMEOUT, "idle timeout")
+                    proto.last_activity = now
 
     def _log_lookup_failure(self) -> None:
         now = time.monotonic()

@@ -6,6 +6,7 @@ and be closed, while a healthy connection opened before keeps being served.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import struct
@@ -216,3 +217,24 @@ def test_peer_that_never_reads_acks_is_paused_not_buffered(
         assert sent > 4 * buffered  # the bound is real, not "nothing was sent"
     finally:
         hog.close()
+
+
+def test_stuck_peer_is_dropped_after_two_idle_periods() -> None:
+    reg = MemoryChallengeRegistry()
+    reg.add(TOKEN, KEYAUTH, time.time() + 60)
+    with SpoaThread(reg, port=0, idle_timeout=0.3) as agent:
+        hog = SpopClient(agent.port, timeout=1.0)
+        try:
+            hog.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            hog.hello()
+            frames = encode_frame(challenge(TOKEN, 70000, 1)) * 2000
+            # Until the agent pauses reading from us (timeout) or already dropped us (reset).
+            with contextlib.suppress(TimeoutError, ConnectionResetError, BrokenPipeError):
+                for _ in range(400):
+                    hog.sock.sendall(frames)
+            deadline = time.monotonic() + 5
+            while agent.server.connection_count and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert agent.server.connection_count == 0
+        finally:
+            hog.close()
