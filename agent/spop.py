@@ -592,7 +592,58 @@ _new_tuple = tuple.__new__  # NamedTuple construction without the keyword-handli
 
 
 def _decode_messages(data: bytes, pos: int, end: int) -> tuple[Message, ...]:
-    # The hot path of the agent: strings with one-byte lengths (message names,
+    """LIST-OF-MESSAGES from data[pos:end].
+
+    Fast path for the shape HAProxy sends for an SPOE message with exactly one
+    short STRING argument: its header bytes (name, argument count, argument
+    name, type byte) are looked up in a small cache, so only the value is
+    decoded. Everything else, and every malformed input, takes the general
+    decoder (a differential test checks both agree).
+    """
+    if pos < end:
+        nlen = data[pos]
+        head_end = pos + 1 + nlen
+        if nlen < 240 and head_end + 1 < end and data[head_end] == 1:
+            klen = data[head_end + 1]
+            vpos = head_end + 3 + klen  # the value's length byte
+            if (
+                klen < 240
+                and vpos < end
+                and data[vpos - 1] == 8
+                and data[vpos] < 240
+                and vpos + 1 + data[vpos] == end
+            ):
+                head = data[pos:vpos]
+                shape = _SHAPES.get(head)
+                if shape is None:
+                    shape = _learn_shape(head, nlen, klen)
+                try:
+                    value = data[vpos + 1 : end].decode()
+                except UnicodeDecodeError:
+                    raise InvalidFrame(
+                        f"string is not valid UTF-8: {data[vpos + 1 : end][:40]!r}"
+                    ) from None
+                return (_new_tuple(Message, (shape[0], ((shape[1], value),))),)
+    return _decode_messages_general(data, pos, end)
+
+
+_SHAPES: dict[bytes, tuple[str, str]] = {}
+
+
+def _learn_shape(head: bytes, nlen: int, klen: int) -> tuple[str, str]:
+    """(message name, argument name) of a one-string-argument message header."""
+    try:
+        shape = (head[1 : 1 + nlen].decode(), head[nlen + 3 : nlen + 3 + klen].decode())
+    except UnicodeDecodeError:
+        raise InvalidFrame(f"string is not valid UTF-8: {head[:40]!r}") from None
+    if len(_SHAPES) >= _NAME_CACHE_MAX:
+        _SHAPES.clear()  # a peer sending random names must not grow memory
+    _SHAPES[head] = shape
+    return shape
+
+
+def _decode_messages_general(data: bytes, pos: int, end: int) -> tuple[Message, ...]:
+    # The general path: strings with one-byte lengths: strings with one-byte lengths (message names,
     # argument names, short values) are decoded inline, names through a small
     # cache; anything else falls back to the general decoders.
     messages: list[Message] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -34,7 +35,8 @@ from agent.spop import (
     encode_varint,
 )
 
-FAST = settings(max_examples=300, deadline=None)
+# SPOP_FUZZ_EXAMPLES=5000 for a deeper run than CI's.
+FAST = settings(max_examples=int(os.environ.get("SPOP_FUZZ_EXAMPLES", "300")), deadline=None)
 
 ids = st.integers(0, 2**64 - 1)
 values: st.SearchStrategy[Value] = st.one_of(
@@ -153,3 +155,35 @@ def test_random_typed_data_raises_only_spop_errors(data: bytes) -> None:
             _, pos = decode_value(data, pos)
     except SpopError:
         pass
+
+
+def _messages_outcome(fn: object, data: bytes) -> object:
+    try:
+        return fn(data, 0, len(data))  # type: ignore[operator]
+    except SpopError as err:
+        return ("error", err.status_code)
+
+
+one_string_messages = st.builds(
+    lambda name, key, value: Message(name, ((key, value),)),
+    names,
+    names,
+    st.text(max_size=300),
+)
+
+
+@FAST
+@given(st.lists(st.one_of(messages, one_string_messages), min_size=1, max_size=2), st.data())
+def test_fast_message_decoder_agrees_with_the_general_one(
+    message_list: list[Message], data: st.DataObject
+) -> None:
+    from agent.spop import _decode_messages, _decode_messages_general
+
+    raw = bytearray(encode_frame(Notify(1, 1, tuple(message_list)))[11:])
+    if raw and data.draw(st.booleans()):
+        pos = data.draw(st.integers(0, len(raw) - 1))
+        raw[pos] = data.draw(st.integers(0, 255))
+    payload = bytes(raw)
+    fast = _messages_outcome(_decode_messages, payload)
+    assert fast == _messages_outcome(_decode_messages_general, payload)
+    assert fast == _messages_outcome(_decode_messages, payload)  # cached shape, same answer
