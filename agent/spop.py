@@ -14,6 +14,13 @@ is the SPOP status to put into the AGENT-DISCONNECT frame sent back.
 `AgentConnection` is the agent-side state machine (HELLO first, then NOTIFYs,
 then DISCONNECT); `FrameDecoder` and `encode_frame`/`decode_frame` are
 role-neutral so tests can play HAProxy with the same code.
+
+Speed: every challenge request costs one NOTIFY decode and one ACK encode,
+so the NOTIFY path (`AgentConnection.next_event`, `_decode_messages`) and
+the ACK helpers (`encode_ack_set_txn_string`, `encode_empty_ack`) are
+written for CPython's speed, not for beauty: inlined one-byte varints and
+lengths, NamedTuples, small bounded caches. The general decoders behind
+them define the semantics; tests check the fast paths agree.
 """
 
 from __future__ import annotations
