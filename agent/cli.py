@@ -120,10 +120,14 @@ def cmd_renew(args: argparse.Namespace) -> int:
 
             if config.haproxy.runtime_api:
                 mark_agent_up(config.haproxy.runtime_api, listen, config.haproxy.timeout)
+            elif thread.wait_for_haproxy(HAPROXY_FIND_AGENT_TIMEOUT):
+                log.info("HAProxy's health checks found the SPOE agent")
             else:
                 log.warning(
-                    "no [haproxy] runtime_api: HAProxy may only notice the SPOE agent at its "
-                    "next health check, and validations before that fail"
+                    "HAProxy did not health-check the SPOE agent within %.0f s (no [haproxy] "
+                    "runtime_api to tell it directly): if it marked the agent DOWN, "
+                    "validations fail until its checks see the agent again",
+                    HAPROXY_FIND_AGENT_TIMEOUT,
                 )
             yield thread
         finally:
@@ -184,6 +188,12 @@ def _one_renew_at_a_time(config: Config, dry_run: bool) -> Iterator[bool]:
         yield True
     finally:
         storage.unlock("renew-command")
+
+
+# Without a runtime API, `renew` waits this long (seconds) for HAProxy's health
+# checks to mark the freshly started SPOE agent UP: the shipped config checks
+# a DOWN agent every second ("downinter 1s") and needs 2 good checks.
+HAPROXY_FIND_AGENT_TIMEOUT = 15.0
 
 
 def _print_results(

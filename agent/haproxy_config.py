@@ -181,7 +181,7 @@ def render(config: Config, options: Options | None = None) -> Snippets:
         "    timeout connect 1s\n"
         "    timeout server  1m\n"
         "    option spop-check\n"
-        f"    server agent1 {spoa_server_address(config.spoa.listen)} check inter 5s\n"
+        f"    server agent1 {spoa_server_address(config.spoa.listen)} check inter 5s downinter 1s\n"
     )
     crt_list = crt_list_content(config) if config.haproxy.crt_list is not None else None
     return Snippets(spoe_conf(), global_lines, http, https, backend, crt_list)

@@ -119,6 +119,7 @@ class _SpoaProtocol(asyncio.Protocol):
                     append(answer(event))
                 elif type(event) is HaproxyHello:
                     out.append(conn.hello_reply(event))
+                    self._server._hello_seen(event.healthcheck)
                     if event.healthcheck:
                         close = True  # spec: answer a health check, then close
                         break
@@ -245,6 +246,20 @@ class SpoaServer:
         self._sweeper: asyncio.Task[None] | None = None
         self._bad_args_warned = False
         self._lookup_failure_logged = -1e9
+        self._health_checks = 0
+        # Set once HAProxy is known to route challenges here: a HELLO for real
+        # traffic, or HEALTH_CHECKS_TO_RISE answered health checks (HAProxy's
+        # default "rise"). Thread-safe: `renew` waits on it from another thread.
+        self.haproxy_uses_us = threading.Event()
+
+    HEALTH_CHECKS_TO_RISE = 2
+
+    def _hello_seen(self, healthcheck: bool) -> None:
+        if healthcheck:
+            self._health_checks += 1
+            if self._health_checks < self.HEALTH_CHECKS_TO_RISE:
+                return
+        self.haproxy_uses_us.set()
 
     @property
     def port(self) -> int:
@@ -408,6 +423,16 @@ class SpoaThread:
             raise TimeoutError(f"SPOE agent did not start within {timeout}s")
         if self._error is not None:
             raise self._error
+
+    def wait_for_haproxy(self, timeout: float) -> bool:
+        """Block until HAProxy routes challenges to this agent (see
+        SpoaServer.haproxy_uses_us) or `timeout` seconds pass; True if it does."""
+        if not self.server.haproxy_uses_us.wait(timeout):
+            return False
+        # The answer to the deciding health check is on its way: give HAProxy
+        # a moment to process it and mark the server UP.
+        time.sleep(0.2)
+        return True
 
     def stop(self, timeout: float = 10.0) -> None:
         loop, thread = self._loop, self._thread

@@ -245,9 +245,10 @@ def test_docker_demo_haproxy_cfg_holds_the_generated_pieces(tmp_path: Path) -> N
     expected = [ln for ln in expected if not ln.startswith("server agent1 ")]
     missing = [ln for ln in expected if ln not in docker_cfg]
     assert missing == []
-    assert "server agent1 agent:12345 check inter 5s resolvers docker init-addr last,libc,none" in (
-        docker_cfg
-    )
+    assert (
+        "server agent1 agent:12345 check inter 5s downinter 1s "
+        "resolvers docker init-addr last,libc,none"
+    ) in docker_cfg
 
 
 # --- end to end: the generated config answers a challenge through our agent -------------

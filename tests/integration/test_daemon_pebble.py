@@ -246,3 +246,48 @@ def test_daemon_issues_deploys_and_renews_on_its_own_without_reloading_haproxy(
             proc.kill()
             proc.wait(timeout=10)
     assert os.stat(tmp_path / "state").st_mode & 0o777 == 0o700
+
+
+def test_cron_renew_without_runtime_api_waits_for_haproxy_to_find_the_agent(
+    stack: AcmeStack, tmp_path: Path
+) -> None:
+    # Between two cron runs no agent listens and HAProxy's checks mark it DOWN;
+    # without a runtime API `renew` cannot mark it UP and must wait for the checks.
+    assert stack.haproxy.admin_socket is not None
+    stack.haproxy.admin_command("set server acme-spoa/agent1 health down")
+    (tmp_path / "keys").mkdir()
+    config = tmp_path / "config.toml"
+    config.write_text(
+        "\n".join(
+            [
+                f"state_dir = {toml_value(tmp_path / 'state')}",
+                "[acme]",
+                f"directory = {toml_value(stack.pebble.directory_url)}",
+                f"ca_bundle = {toml_value(stack.pebble.ca_bundle)}",
+                "poll_interval = 0.05",
+                "[spoa]",
+                f'listen = "127.0.0.1:{stack.spoa_port}"',
+                "[haproxy]",
+                f"cert_dir = {toml_value(tmp_path / 'certs')}",
+                "[[certificates]]",
+                'name = "alpha"',
+                'domains = ["alpha.example.test"]',
+                f"key = {toml_value(tmp_path / 'keys' / 'alpha.key')}",
+                "generate_key = true",
+            ]
+        )
+        + "\n"
+    )
+    cli = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "renew", "-v", "-c", str(config)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    assert "health checks found the SPOE agent" in cli.stderr
+    assert cli.stdout.startswith("alpha: renewed")
+    bundle = (tmp_path / "certs" / "alpha.pem").read_bytes()
+    assert b"BEGIN CERTIFICATE" in bundle
+    assert os.stat(tmp_path / "certs" / "alpha.pem").st_mode & 0o777 == 0o600
