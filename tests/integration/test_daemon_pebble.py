@@ -23,7 +23,7 @@ import pytest
 from cryptography import x509
 
 from tests.support.acme_stack import AcmeStack, toml_value
-from tests.support.haproxy import free_port, haproxy_binaries
+from tests.support.haproxy import free_port
 from tests.support.tls import served_leaf
 
 pytestmark = pytest.mark.integration
@@ -63,9 +63,8 @@ def scrape(port: int) -> dict[str, float]:
 
 
 @pytest.fixture
-def stack(tmp_path: Path) -> Iterator[AcmeStack]:
-    binary = dict(haproxy_binaries())["2.6"]
-    with AcmeStack(tmp_path / "stack", binary, validity_period=VALIDITY) as s:
+def stack(tmp_path: Path, haproxy_bin: str) -> Iterator[AcmeStack]:
+    with AcmeStack(tmp_path / "stack", haproxy_bin, validity_period=VALIDITY) as s:
         yield s
 
 

@@ -4,8 +4,7 @@ Pebble (PEBBLE_AUTHZREUSE=0: every order is really validated) sends its
 http-01 requests to HAProxy running the shipped haproxy/ configs; HAProxy asks
 the SPOE agent that `haproxy-acme-agent renew` serves while it runs. Then
 `renew` deploys through HAProxy's runtime API, and a real TLS handshake shows
-what HAProxy serves. One HAProxy version (the first of haproxy_binaries(),
-2.6 by default) is enough here: the SPOE and deploy tests cover both.
+what HAProxy serves. Every test runs on HAProxy 2.6 and 2.8.
 """
 
 from __future__ import annotations
@@ -27,12 +26,10 @@ from agent import issuer, keys
 from agent.challenges import MemoryChallengeRegistry
 from agent.cli import main
 from tests.support.acme_stack import AcmeStack
-from tests.support.haproxy import haproxy_binaries
 from tests.support.tls import served_leaf
 
 pytestmark = pytest.mark.integration
 
-HAPROXY = haproxy_binaries()[0][1]
 
 
 def mode(p: Path) -> int:
@@ -66,8 +63,8 @@ def verify_chain_to(root_pem: bytes, state: Path, name: str) -> None:
 
 
 @pytest.fixture
-def stack(tmp_path: Path) -> Iterator[AcmeStack]:
-    with AcmeStack(tmp_path / "stack", HAPROXY) as s:
+def stack(tmp_path: Path, haproxy_bin: str) -> Iterator[AcmeStack]:
+    with AcmeStack(tmp_path / "stack", haproxy_bin) as s:
         yield s
 
 
@@ -175,7 +172,7 @@ def test_three_stable_keys_are_issued_and_renewed_with_unchanged_pins(
 
 
 def test_every_order_succeeds_while_pebble_rejects_30_percent_of_nonces(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, haproxy_bin: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     certs = [
         {"name": f"n{i}", "domains": [f"n{i}.example.com", f"www.n{i}.example.com"],
@@ -183,7 +180,7 @@ def test_every_order_succeeds_while_pebble_rejects_30_percent_of_nonces(
         for i in range(4)
     ]  # fmt: skip
     rejected_before = issuer.RETRY_COUNTS["badNonce"]
-    with AcmeStack(tmp_path / "stack", HAPROXY, nonce_reject=30) as stack:
+    with AcmeStack(tmp_path / "stack", haproxy_bin, nonce_reject=30) as stack:
         config = stack.write_config(tmp_path / "config.toml", certs)
         for argv in (["renew"], ["renew", "--force"]):
             rc, out, err = cli(capsys, *argv, "-c", str(config))
@@ -238,11 +235,11 @@ def test_pebble_stopped_mid_run_leaves_the_bundle_untouched_and_the_next_run_suc
 
 
 def test_short_lived_certificate_renews_by_itself_after_two_thirds_of_its_life(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, haproxy_bin: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     certs = [{"name": "short", "domains": ["short.example.com"],
               "key": str(tmp_path / "short.key"), "generate_key": True}]  # fmt: skip
-    with AcmeStack(tmp_path / "stack", HAPROXY, validity_period=7) as stack:
+    with AcmeStack(tmp_path / "stack", haproxy_bin, validity_period=7) as stack:
         config = stack.write_config(tmp_path / "config.toml", certs)
         rc, _, err = cli(capsys, "renew", "-c", str(config))
         assert rc == 0, err
