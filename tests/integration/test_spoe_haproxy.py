@@ -7,7 +7,6 @@ the site's normal backend). Requests go over real HTTP/TLS to 127.0.0.1.
 
 from __future__ import annotations
 
-import datetime
 import http.client
 import re
 import ssl
@@ -20,12 +19,10 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from agent.challenges import MemoryChallengeRegistry
 from agent.spoa import SpoaThread
+from tests.support.certs import write_crt_list
 from tests.support.haproxy import HAProxyProcess, free_port
 
 pytestmark = pytest.mark.integration
@@ -63,37 +60,6 @@ def get(port: int, path: str, timeout: float = 5.0) -> Response:
         conn.close()
 
 
-def write_certificate(workdir: Path) -> Path:
-    """A throwaway self-signed EC certificate and a crt-list naming it."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "example.test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("example.test")]), False)
-        .sign(key, hashes.SHA256())
-    )
-    pem = workdir / "example.test.pem"
-    pem.write_bytes(
-        cert.public_bytes(serialization.Encoding.PEM)
-        + key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    pem.chmod(0o600)
-    crt_list = workdir / "certs.list"
-    crt_list.write_text(f"{pem}\n")
-    return crt_list
-
-
 class Stack:
     """HAProxy (shipped config) + the agent in a thread + call counting."""
 
@@ -112,7 +78,7 @@ class Stack:
             "HTTP_BIND": f"127.0.0.1:{self.http_port}",
             "HTTPS_BIND": f"127.0.0.1:{self.https_port}",
             "SPOE_ACME_CONF": str(SHIPPED_SPOE),
-            "CRT_LIST": str(write_certificate(workdir)),
+            "CRT_LIST": str(write_crt_list(workdir, "example.test")),
             "SITE_ADDR": f"127.0.0.1:{site_port}",
             "SITE_PORT": str(site_port),
             "SPOA_ADDR": f"127.0.0.1:{self.spoa_port}",

@@ -11,17 +11,12 @@ pointing at all of it.
 
 from __future__ import annotations
 
-import datetime
 import textwrap
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
+from tests.support.certs import write_crt_list
 from tests.support.haproxy import HAProxyProcess, free_port
 from tests.support.pebble import PebbleProcess
 
@@ -35,36 +30,6 @@ frontend site_stub
     bind "127.0.0.1:${SITE_PORT}"
     http-request return status 404 content-type text/plain string "site"
 """
-
-
-def _fallback_crt_list(workdir: Path) -> Path:
-    """A throwaway self-signed certificate + crt-list so the shipped TLS bind can start."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fallback.test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    pem = workdir / "fallback.pem"
-    pem.write_bytes(
-        cert.public_bytes(serialization.Encoding.PEM)
-        + key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    pem.chmod(0o600)
-    crt_list = workdir / "certs.list"
-    crt_list.write_text(f"{pem}\n")
-    return crt_list
 
 
 def toml_value(v: object) -> str:
@@ -100,7 +65,7 @@ class AcmeStack:
         site_port = free_port()
         self.cert_dir = hdir / "certs"
         self.cert_dir.mkdir(mode=0o700, exist_ok=True)
-        self.crt_list = _fallback_crt_list(hdir)
+        self.crt_list = write_crt_list(hdir, "fallback.test")
         env = {
             "HAPROXY_ADMIN_SOCKET": str(hdir / "admin.sock"),
             "HTTP_BIND": f"127.0.0.1:{self.http_port}",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 from dataclasses import dataclass
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -143,3 +144,16 @@ def make_bundle(
     key = key or make_key()
     cert = issue_leaf(ca, key, names, serial=serial)
     return bundle_pem(cert, key, [ca.cert]), cert, key
+
+
+def write_crt_list(workdir: Path, name: str) -> Path:
+    """A crt-list naming one throwaway certificate for `name` (bundle 0600), so an
+    HAProxy `bind ... ssl crt-list` can start before any real certificate exists."""
+    ca = make_ca(f"{name} throwaway CA")
+    key = make_key()
+    pem = workdir / f"{name}.pem"
+    pem.write_bytes(bundle_pem(issue_leaf(ca, key, [name]), key, [ca.cert]))
+    pem.chmod(0o600)
+    crt_list = workdir / "certs.list"
+    crt_list.write_text(f"{pem}\n")
+    return crt_list
