@@ -51,52 +51,42 @@ class _CertificateCollector(Collector):
     def __init__(self, source: Callable[[], Iterable[CertificateView]]) -> None:
         self._source = source
 
+    # (metric name, help, CertificateView attribute): one sample per certificate
+    # that has a value; all UNIX seconds.
+    TIMESTAMPS = (
+        ("certificate_expiration_timestamp_seconds", "notAfter of the installed certificate.",
+         "not_after"),
+        ("certificate_not_before_timestamp_seconds", "notBefore of the installed certificate.",
+         "not_before"),
+        ("certificate_renewal_timestamp_seconds", "Next planned renewal attempt.",
+         "next_renewal"),
+        ("last_success_timestamp_seconds", "Time of the last successful renewal.",
+         "last_success"),
+    )  # fmt: skip
+
     def collect(self) -> Iterator[Metric]:
-        expiration = GaugeMetricFamily(
-            PREFIX + "certificate_expiration_timestamp_seconds",
-            "notAfter of the installed certificate (UNIX seconds).",
-            labels=["certificate"],
-        )
-        not_before = GaugeMetricFamily(
-            PREFIX + "certificate_not_before_timestamp_seconds",
-            "notBefore of the installed certificate (UNIX seconds).",
-            labels=["certificate"],
-        )
-        renewal = GaugeMetricFamily(
-            PREFIX + "certificate_renewal_timestamp_seconds",
-            "Next planned renewal attempt (UNIX seconds).",
-            labels=["certificate"],
-        )
-        last_success = GaugeMetricFamily(
-            PREFIX + "last_success_timestamp_seconds",
-            "Time of the last successful renewal (UNIX seconds).",
-            labels=["certificate"],
-        )
-        in_sync = GaugeMetricFamily(
-            PREFIX + "haproxy_in_sync",
-            "1 when the HAProxy instance serves the stored certificate's serial, else 0.",
-            labels=["certificate", "instance"],
-        )
         try:
             views = list(self._source())
         except Exception:  # a scrape must never take the agent down
             log.exception("metrics: reading certificate state failed")
             views = []
+        for name, help_text, attr in self.TIMESTAMPS:
+            family = GaugeMetricFamily(
+                PREFIX + name, help_text + " (UNIX seconds)", labels=["certificate"]
+            )
+            for v in views:
+                value = getattr(v, attr)
+                if value is not None:
+                    family.add_metric([v.name], value)
+            yield family
+        in_sync = GaugeMetricFamily(
+            PREFIX + "haproxy_in_sync",
+            "1 when the HAProxy instance serves the stored certificate's serial, else 0.",
+            labels=["certificate", "instance"],
+        )
         for v in views:
-            if v.not_after is not None:
-                expiration.add_metric([v.name], v.not_after)
-            if v.not_before is not None:
-                not_before.add_metric([v.name], v.not_before)
-            if v.next_renewal is not None:
-                renewal.add_metric([v.name], v.next_renewal)
-            if v.last_success is not None:
-                last_success.add_metric([v.name], v.last_success)
             for instance, ok in v.in_sync.items():
                 in_sync.add_metric([v.name, instance], 1.0 if ok else 0.0)
-        yield expiration
-        yield not_before
-        yield renewal
-        yield last_success
         yield in_sync
 
 
