@@ -64,7 +64,6 @@ class CertState:
     """The scheduler's view of one certificate. Times: UNIX seconds."""
 
     next_at: float
-    reason: str
     meta: CertMeta | None = None
     failures: int = 0
     running: bool = False
@@ -142,7 +141,6 @@ class Daemon:
                 when = old.next_at  # keep backing off across a reload
             states[cfg.name] = CertState(
                 next_at=when,
-                reason="scheduled",
                 meta=meta,
                 failures=old.failures if old else 0,
                 running=old.running if old else False,
@@ -214,14 +212,20 @@ class Daemon:
 
     # -- renewals ---------------------------------------------------------------------
 
+    def _renewal_task(self, name: str, force: bool) -> asyncio.Task[RenewResult]:
+        """The running renewal of `name`, or a new one (never two at once)."""
+        running = self._renewals.get(name)
+        if running is None or running.done():
+            st = self.states.get(name)
+            if st is not None:
+                st.running = True  # from now on, not when the task first runs
+            running = asyncio.create_task(self._renew(name, force), name=f"renew-{name}")
+            self._renewals[name] = running
+        return running
+
     async def renew(self, name: str, force: bool) -> RenewResult:
         """Renew one certificate now (or join the renewal already running)."""
-        running = self._renewals.get(name)
-        if running is not None and not running.done():
-            return await asyncio.shield(running)
-        task = asyncio.create_task(self._renew(name, force), name=f"renew-{name}")
-        self._renewals[name] = task
-        return await asyncio.shield(task)
+        return await asyncio.shield(self._renewal_task(name, force))
 
     async def _renew(self, name: str, force: bool) -> RenewResult:
         st = self.states.get(name)
@@ -274,7 +278,7 @@ class Daemon:
                 lifetime,
                 self.rng,
             )
-            st.next_at, st.reason = now + delay, f"retry {st.failures} after failure"
+            st.next_at = now + delay
             self.metrics.renewals.labels(name, "failure").inc()
             if result.error_type != "deploy":  # deploy failures: deploy_errors, per instance
                 self.metrics.acme_errors.labels(result.error_type or "other").inc()
@@ -286,7 +290,6 @@ class Daemon:
             log.info("renewal done", extra={**extra, "serial": result.serial})
         if cfg is not None:
             st.next_at = next_renewal_time(meta, cfg, now, meta.ari if meta else None)
-            st.reason = "scheduled"
             if st.next_at <= now:
                 # The renewer said not due (e.g. a concurrent run just renewed,
                 # or the CA's retry time): look again shortly, not in a busy loop.
@@ -302,12 +305,7 @@ class Daemon:
                 if st.running:
                     continue
                 if st.next_at <= now:
-                    running = self._renewals.get(name)
-                    if running is None or running.done():
-                        st.running = True
-                        self._renewals[name] = asyncio.create_task(
-                            self._renew(name, False), name=f"renew-{name}"
-                        )
+                    self._renewal_task(name, False)
                 else:
                     soonest = min(soonest, st.next_at)
             self._wake.clear()
