@@ -18,6 +18,7 @@ Contract:
 from __future__ import annotations
 
 import os
+import random
 import re
 import signal
 import socket
@@ -74,12 +75,30 @@ def haproxy_binaries() -> list[tuple[str, str]]:
     return labelled
 
 
+# Ports handed out by free_port() in this process: never handed out twice.
+_GIVEN_PORTS: set[int] = set()
+# Below Linux's ephemeral range (32768-60999 by default), so an outgoing
+# connection of any test cannot take a port between free_port() and the bind
+# of the server it was picked for (a clean-clone CI run once lost Pebble to that).
+_PORT_RANGE = (20000, 32000)
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (bind to 0, read, close)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that is free now, outside the ephemeral range, and not
+    handed out before by this process."""
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(*_PORT_RANGE)
+        if port in _GIVEN_PORTS:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _GIVEN_PORTS.add(port)
         return port
+    raise HAProxyError(f"no free TCP port in {_PORT_RANGE} on 127.0.0.1 after 1000 tries")
 
 
 def expand_env(text: str, env: dict[str, str]) -> str:
