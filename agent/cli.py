@@ -309,7 +309,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 def served_serials(config: Config) -> list[dict[str, Any]]:
     """What each runtime API instance serves for each stored certificate (read-only)."""
     from agent.deploy import BundleError, Deployer, stored_targets
-    from agent.haproxy_api import HAProxyError
 
     deployer = Deployer.from_config(config)
     try:
@@ -317,22 +316,17 @@ def served_serials(config: Config) -> list[dict[str, Any]]:
     except (BundleError, OSError) as e:
         log.warning("cannot read the stored bundles: %s", e)
         return []
-    out: list[dict[str, Any]] = []
-    for api in deployer.apis:
-        for t in targets:
-            entry: dict[str, Any] = {"certificate": t.name, "instance": api.name, "error": None}
-            try:
-                info = api.show_cert(str(deployer.path_for(t.name)))
-            except HAProxyError as e:
-                entry.update(in_sync=False, served_serial=None, error=str(e))
-            else:
-                served = info.serial if info else None
-                entry.update(
-                    in_sync=served == t.serial,
-                    served_serial=None if served is None else f"{served:x}",
-                )
-            out.append(entry)
-    return out
+    # One timeout at most per unresponsive instance (Deployer.served).
+    return [
+        {
+            "certificate": s.name,
+            "instance": s.instance,
+            "error": s.error,
+            "in_sync": s.in_sync,
+            "served_serial": None if s.served_serial is None else f"{s.served_serial:x}",
+        }
+        for s in deployer.served(targets)
+    ]
 
 
 # --- pins ------------------------------------------------------------------------------

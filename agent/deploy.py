@@ -46,13 +46,14 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from agent.crtlist import CrtListError, CrtListFile
 from agent.haproxy_api import (
     DEFAULT_BUFSIZE,
     HAProxyConnectionError,
@@ -68,7 +69,9 @@ from agent.haproxy_api import (
 from agent.storage import atomic_write, safe_name
 
 BUNDLE_MODE = 0o600  # the bundle holds the private key
-CRT_LIST_MODE = 0o644
+# A cert_dir the agent creates: the owner writes, HAProxy's group may read
+# (the `0640 root:haproxy` layout agent/permissions.py accepts), others nothing.
+CERT_DIR_MODE = 0o750
 # How long a transaction someone else opened may stay open before we act (s).
 # Ours last milliseconds; one still open after this is left over from a crash.
 STALE_TRANSACTION_WAIT = 1.0
@@ -303,12 +306,6 @@ def _split_host_port(address: str) -> tuple[str, int]:
     return (match.group(1) or match.group(3)), int(match.group(2) or match.group(4))
 
 
-def _line_names(line: str, base: Path, path: str) -> bool:
-    """True if crt-list `line` (relative paths resolved against `base`) serves `path`."""
-    fields = line.split("#", 1)[0].split()
-    return bool(fields) and os.path.abspath(base / fields[0]) == path
-
-
 # ---------------------------------------------------------------------------
 # Per-instance locks, shared by every Deployer in the process
 
@@ -485,23 +482,18 @@ class Deployer:
             line += " " + " ".join(target.sni_filters)
         return line
 
-    def _add_to_crt_list_file(self, path: Path, target: DeployTarget) -> bytes | None:
-        """Append `path` to the crt-list file if missing; return the previous content
-        (None: nothing changed)."""
+    def _crt_list_editor(self) -> CrtListFile | None:
         crt_list = self._crt_list_file()
-        if crt_list is None:
+        return None if crt_list is None else CrtListFile(crt_list, self._lock_timeout)
+
+    def _add_to_crt_list_file(self, path: Path, target: DeployTarget) -> str | None:
+        """Give `path` a line in the crt-list file if none names it (the bundle must
+        already be written). Returns the line added (None: nothing changed).
+        Raises CrtListError if the result would not load."""
+        editor = self._crt_list_editor()
+        if editor is None:
             return None
-        old = crt_list.read_bytes() if crt_list.exists() else b""
-        for raw in old.decode(errors="replace").splitlines():
-            if _line_names(raw, crt_list.parent, str(path)):
-                return None
-        text = old.decode(errors="replace")
-        if text and not text.endswith("\n"):
-            text += "\n"
-        text += self._crt_list_line(path, target) + "\n"
-        mode = crt_list.stat().st_mode & 0o777 if crt_list.exists() else CRT_LIST_MODE
-        atomic_write(crt_list, text.encode(), mode)
-        return old
+        return editor.add(path, self._crt_list_line(path, target))
 
     # -- one transaction on one instance --------------------------------------
 
@@ -671,11 +663,14 @@ class Deployer:
         Never raises for HAProxy or verification problems: they are in the
         result (`ok` False, `errors`). Raises BundleError for a bundle that
         must not be deployed (nothing is written then) and OSError if the file
-        cannot be written.
+        cannot be written. Afterwards `status()` holds, per instance, what it
+        serves (read back with `show ssl cert`) against `target.serial`: after
+        a rollback that is the old serial and in_sync False.
         """
         path, leaf_der = self._check_target(target)
         result = DeployResult(target.name, path, target.serial)
-        self._deploy(target, path, leaf_der, result)
+        with _locked(_file_lock(path), self._lock_timeout, f"certificate {target.name!r}"):
+            self._deploy(target, path, leaf_der, result, self.apis)
         order = {name: i for i, name in enumerate(self.instances())}
         result.instances.sort(key=lambda r: order.get(r.instance, len(order)))
         return result
@@ -695,75 +690,154 @@ class Deployer:
             wait(futures)
         return [f.result() for f in futures]
 
+    def _ensure_cert_dir(self) -> None:
+        """Create cert_dir (and missing parents) with CERT_DIR_MODE whatever the
+        umask; a directory that already exists is never chmodded."""
+        missing: list[Path] = []
+        d = self.cert_dir
+        while not d.exists() and d != d.parent:
+            missing.append(d)
+            d = d.parent
+        for d in reversed(missing):
+            try:
+                os.mkdir(d, CERT_DIR_MODE)
+            except FileExistsError:
+                continue  # created by someone else meanwhile: not ours to chmod
+            os.chmod(d, CERT_DIR_MODE)  # mkdir's mode was masked by the umask
+
     def _deploy(
-        self, target: DeployTarget, path: Path, leaf_der: bytes, result: DeployResult
+        self,
+        target: DeployTarget,
+        path: Path,
+        leaf_der: bytes,
+        result: DeployResult,
+        apis: Sequence[RuntimeAPI],
     ) -> DeployResult:
-        with _locked(_file_lock(path), self._lock_timeout, f"certificate {target.name!r}"):
-            self.cert_dir.mkdir(parents=True, exist_ok=True)
-            old = path.read_bytes() if path.exists() else None
-            if old != target.bundle:
-                atomic_write(path, target.bundle, BUNDLE_MODE)
-                result.file_changed = True
-            old_crt_list = self._add_to_crt_list_file(path, target)
-            touched: list[tuple[RuntimeAPI, str]] = []
-            for api in self.apis:
-                try:
-                    action = self._push(api, path, target)
-                except InstanceUnreachable as exc:
-                    # Not a reason to hold the renewal back from the others: the
-                    # file is on disk for its restart and poll() pushes it when
-                    # it answers again.
-                    result.instances.append(InstanceResult(api.name, "unreachable", error=str(exc)))
-                    result.warnings.append(str(exc))
-                    self._mark_down(api.name)
-                    self._remember(
-                        SyncStatus(
-                            target.name, api.name, None, target.serial, False, error=str(exc)
-                        )
-                    )
-                    continue
-                except (HAProxyError, TimeoutError) as exc:
-                    result.instances.append(InstanceResult(api.name, "failed", error=str(exc)))
-                    result.errors.append(str(exc))
-                    break
-                touched.append((api, action))
-            if self.apis and not touched and not result.errors:
-                result.errors.append(
-                    "no HAProxy runtime API instance reachable; the file is written and is "
-                    "pushed when an instance answers again"
-                )
-                return result
-            if not result.errors and self.apis:
-                # Reload mode proves nothing until `finish` has reloaded.
-                self._verify(path, target, leaf_der, result, [api for api, _ in touched])
-            if result.errors and self.apis:
-                self._roll_back(path, target, old, old_crt_list, touched, result)
-                return result
-            for api, action in touched:
-                result.instances.append(InstanceResult(api.name, action, target.serial))
-                self._remember(
-                    SyncStatus(target.name, api.name, target.serial, target.serial, True)
-                )
-            if not self.apis:
-                self._remember(
-                    SyncStatus(target.name, DISK_INSTANCE, target.serial, target.serial, True)
-                )
-                if result.file_changed or old_crt_list is not None:
-                    with self._state:
-                        self._changed = True
-            result.ok = True
+        """The deploy of `target` to `apis` (all of them, or the stale ones of a
+        reconcile). The caller holds the file lock of `path`."""
+        self._ensure_cert_dir()
+        old = path.read_bytes() if path.exists() else None
+        if old != target.bundle:
+            atomic_write(path, target.bundle, BUNDLE_MODE)
+            result.file_changed = True
+        try:
+            added_line = self._add_to_crt_list_file(path, target)
+        except (CrtListError, TimeoutError) as exc:
+            result.errors.append(str(exc))
+            added_line = None
+            self._restore_file(path, old, result)
+            self._observe_all(target, path, apis, result, refused=str(exc))
             return result
+        touched: list[tuple[RuntimeAPI, str]] = []
+        unreachable: set[str] = set()
+        for api in apis:
+            try:
+                action = self._push(api, path, target)
+            except InstanceUnreachable as exc:
+                # Not a reason to hold the renewal back from the others: the
+                # file is on disk for its restart and poll() pushes it when
+                # it answers again.
+                result.instances.append(InstanceResult(api.name, "unreachable", error=str(exc)))
+                result.warnings.append(str(exc))
+                unreachable.add(api.name)
+                self._mark_down(api.name)
+                self._remember(
+                    SyncStatus(target.name, api.name, None, target.serial, False, error=str(exc))
+                )
+                continue
+            except (HAProxyError, TimeoutError) as exc:
+                result.instances.append(InstanceResult(api.name, "failed", error=str(exc)))
+                result.errors.append(str(exc))
+                break
+            touched.append((api, action))
+        if apis and not touched and not result.errors:
+            result.errors.append(
+                "no HAProxy runtime API instance reachable; the file is written and is "
+                "pushed when an instance answers again"
+            )
+            return result
+        if not result.errors and apis:
+            # Reload mode proves nothing until `finish` has reloaded.
+            self._verify(path, target, leaf_der, result, [api for api, _ in touched])
+        if result.errors and apis:
+            self._roll_back(path, target, old, added_line, touched, result, apis)
+            reached = [api for api in apis if api.name not in unreachable]
+            self._observe_all(
+                target, path, reached, result, refused="deploy rolled back: " + result.errors[0]
+            )
+            return result
+        for api, action in touched:
+            result.instances.append(InstanceResult(api.name, action, target.serial))
+            # _verify read this serial back with `show ssl cert` and the
+            # handshakes returned this leaf: a fact, not an assumption.
+            self._remember(SyncStatus(target.name, api.name, target.serial, target.serial, True))
+        if not self.apis:
+            self._remember(
+                SyncStatus(target.name, DISK_INSTANCE, target.serial, target.serial, True)
+            )
+            if result.file_changed or added_line is not None:
+                with self._state:
+                    self._changed = True
+        result.ok = True
+        return result
+
+    def _observe_all(
+        self,
+        target: DeployTarget,
+        path: Path,
+        apis: Sequence[RuntimeAPI],
+        result: DeployResult,
+        refused: str,
+    ) -> None:
+        """Record what each instance serves now, after a failed deploy: in sync only
+        if it serves the stored serial and the deploy did not refuse it."""
+        for api in apis:
+            try:
+                info = api.show_cert(str(path))
+            except HAProxyError as exc:
+                self._remember(
+                    SyncStatus(target.name, api.name, None, target.serial, False, error=str(exc))
+                )
+                continue
+            served = info.serial if info else None
+            # An instance this deploy changed (rolled back, failed) was refused
+            # the stored certificate, whatever it serves now.
+            changed = any(
+                r.instance == api.name and r.action != "not touched" for r in result.instances
+            )
+            in_sync = served == target.serial and not changed
+            self._remember(
+                SyncStatus(
+                    target.name,
+                    api.name,
+                    served,
+                    target.serial,
+                    in_sync,
+                    error=None if in_sync else refused,
+                )
+            )
+
+    def _restore_file(self, path: Path, old: bytes | None, result: DeployResult) -> None:
+        """Put the bundle file back as it was (None: it did not exist)."""
+        if old is None:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        elif result.file_changed:
+            atomic_write(path, old, BUNDLE_MODE)
+        result.file_changed = False
 
     def _roll_back(
         self,
         path: Path,
         target: DeployTarget,
         old: bytes | None,
-        old_crt_list: bytes | None,
+        added_line: str | None,
         touched: list[tuple[RuntimeAPI, str]],
         result: DeployResult,
+        apis: Sequence[RuntimeAPI],
     ) -> None:
-        """Put back what was served and on disk before `deploy` started."""
+        """Put back what was served and on disk before the deploy started; of the
+        crt-list file, remove only the line this deploy added."""
         old_target: DeployTarget | None = None
         if old is not None:
             try:
@@ -771,7 +845,7 @@ class Deployer:
             except BundleError as exc:
                 result.errors.append(f"cannot roll back to the previous file: {exc}")
         touched_names = {api.name for api, _ in touched}
-        for api in self.apis:
+        for api in apis:
             if api.name not in touched_names:
                 if not any(r.instance == api.name for r in result.instances):
                     result.instances.append(InstanceResult(api.name, "not touched"))
@@ -791,14 +865,17 @@ class Deployer:
                 result.instances.append(InstanceResult(api.name, "failed", error=str(exc)))
                 result.errors.append(f"rollback failed: {exc}")
         # Files last: if HAProxy restarts now it serves what it served before.
-        if old is None:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-        elif result.file_changed:
-            atomic_write(path, old, BUNDLE_MODE)
-        crt_list = self._crt_list_file()
-        if old_crt_list is not None and crt_list is not None:
-            atomic_write(crt_list, old_crt_list, crt_list.stat().st_mode & 0o777)
+        # The line goes before its bundle: a line never names a deleted file.
+        editor = self._crt_list_editor()
+        keep_file = False
+        if added_line is not None and editor is not None:
+            try:
+                editor.remove_line(added_line)
+            except (CrtListError, TimeoutError) as exc:
+                result.errors.append(f"rollback of the crt-list file failed: {exc}")
+                keep_file = old is None  # the line still names the bundle: keep it
+        if not keep_file:
+            self._restore_file(path, old, result)
         result.rolled_back = True
         result.file_changed = False
 
@@ -808,6 +885,7 @@ class Deployer:
         its bundle file. Returns the problems (empty: done everywhere).
         The file is removed even if an instance is unreachable (its restart
         must not load it again); an instance where it stays loaded is reported.
+        The bundle is kept if its crt-list line could not be removed.
         """
         path = self.path_for(name)
         p = str(path)
@@ -829,24 +907,18 @@ class Deployer:
                         api.del_cert(p)
                 except (HAProxyError, TimeoutError) as exc:
                     errors.append(str(exc))
-            crt_list_file = self._crt_list_file()
-            if crt_list_file is not None and crt_list_file.exists():
-                old = crt_list_file.read_text(errors="replace")
-                kept = [
-                    line
-                    for line in old.splitlines(keepends=True)
-                    if not _line_names(line, crt_list_file.parent, p)
-                ]
-                if "".join(kept) != old:
-                    atomic_write(
-                        crt_list_file, "".join(kept).encode(), crt_list_file.stat().st_mode & 0o777
-                    )
+            editor = self._crt_list_editor()
+            try:
+                if editor is not None and editor.remove(path):
                     with self._state:
                         self._changed = True
-            if path.exists():
-                path.unlink()
-                with self._state:
-                    self._changed = True
+            except (CrtListError, TimeoutError) as exc:
+                errors.append(str(exc))
+            else:
+                if path.exists():
+                    path.unlink()
+                    with self._state:
+                        self._changed = True
         with self._state:
             for key in [k for k in self._status if k[0] == name]:
                 del self._status[key]
@@ -857,11 +929,15 @@ class Deployer:
     ) -> list[SyncStatus]:
         """Make every instance (or only `instances`) serve the stored `targets`.
 
-        The file on disk is rewritten if it differs from the stored bundle; an
-        instance whose served serial differs (or that lacks the certificate)
-        gets the bundle pushed. Returns one SyncStatus per (target, instance),
-        also kept for `status()`. An unreachable instance yields error statuses
-        and is marked down for `poll`. Never raises for HAProxy problems.
+        Each instance's served serials are read first (`show ssl cert`); an
+        instance that does not answer is given up on after that one failure
+        (error statuses for all its certificates, marked down for `poll`). A
+        target whose file on disk differs from the stored bundle, or that an
+        instance serves stale, is deployed through the same path as `deploy`
+        (push, `show ssl cert` + TLS handshakes, roll back on mismatch) to the
+        stale instances: a certificate the TLS check refuses is rolled back,
+        never left served. Returns one SyncStatus per (target, instance), also
+        kept for `status()`. Never raises for HAProxy problems.
         """
         targets = list(targets)
         if instances is None:
@@ -871,104 +947,173 @@ class Deployer:
             with self._state:
                 for key in [k for k in self._status if k[0] not in keep]:
                     del self._status[key]
-        statuses: list[SyncStatus] = []
-        checked: list[tuple[DeployTarget, Path]] = []
+        checked: list[tuple[DeployTarget, Path, bytes]] = []
         for target in targets:
             try:
-                path, _ = self._check_target(target)
+                path, leaf_der = self._check_target(target)
             except (BundleError, PayloadTooLarge, ValueError) as exc:
                 for inst in self.instances() or [DISK_INSTANCE]:
-                    statuses.append(
-                        self._remember(
-                            SyncStatus(
-                                target.name, inst, None, target.serial, False, error=str(exc)
-                            )
-                        )
+                    self._remember(
+                        SyncStatus(target.name, inst, None, target.serial, False, error=str(exc))
                     )
                 continue
-            with _locked(_file_lock(path), self._lock_timeout, f"certificate {target.name!r}"):
-                self.cert_dir.mkdir(parents=True, exist_ok=True)
-                disk = path.read_bytes() if path.exists() else None
-                if disk != target.bundle:
-                    atomic_write(path, target.bundle, BUNDLE_MODE)
-                    if not self.apis:
+            checked.append((target, path, leaf_der))
+        if not self.apis:
+            for target, path, _ in checked:
+                with _locked(_file_lock(path), self._lock_timeout, f"certificate {target.name!r}"):
+                    self._ensure_cert_dir()
+                    disk = path.read_bytes() if path.exists() else None
+                    if disk != target.bundle:
+                        atomic_write(path, target.bundle, BUNDLE_MODE)
                         with self._state:
                             self._changed = True
-                if self.apis:
-                    self._add_to_crt_list_file(path, target)
-            checked.append((target, path))
-            if not self.apis:
-                statuses.append(
-                    self._remember(
-                        SyncStatus(
-                            target.name,
-                            DISK_INSTANCE,
-                            target.serial,
-                            target.serial,
-                            True,
-                            pushed=disk != target.bundle,
-                        )
+                self._remember(
+                    SyncStatus(
+                        target.name,
+                        DISK_INSTANCE,
+                        target.serial,
+                        target.serial,
+                        True,
+                        pushed=disk != target.bundle,
                     )
                 )
-        wanted = set(instances) if instances is not None else None
-        for api in self.apis:
-            if wanted is not None and api.name not in wanted:
-                continue
+            return self._statuses_of([DISK_INSTANCE], targets)
+        wanted = [api for api in self.apis if instances is None or api.name in set(instances)]
+        # 1. What every wanted instance serves (one failure gives up on it).
+        served: dict[tuple[str, str], int | None] = {}
+        for api in wanted:
             down: str | None = None
-            for target, path in checked:
-                if down is not None:
-                    statuses.append(
+            for target, path, _ in checked:
+                if down is None:
+                    try:
+                        info = api.show_cert(str(path))
+                    except HAProxyConnectionError as exc:
+                        down = str(exc)
+                        self._mark_down(api.name)
+                    except HAProxyError as exc:
                         self._remember(
                             SyncStatus(
-                                target.name, api.name, None, target.serial, False, error=down
+                                target.name, api.name, None, target.serial, False, error=str(exc)
                             )
+                        )
+                        continue
+                    else:
+                        served[(target.name, api.name)] = info.serial if info else None
+                        continue
+                self._remember(
+                    SyncStatus(target.name, api.name, None, target.serial, False, error=down)
+                )
+        # 2. Deploy what is stale, with the full verification and rollback.
+        for target, path, leaf_der in checked:
+            stale = [
+                api
+                for api in wanted
+                if (target.name, api.name) in served
+                and served[(target.name, api.name)] != target.serial
+            ]
+            fresh = [
+                api for api in wanted if served.get((target.name, api.name), -1) == target.serial
+            ]
+            crt_error: str | None = None
+            with _locked(_file_lock(path), self._lock_timeout, f"certificate {target.name!r}"):
+                if stale:
+                    result = DeployResult(target.name, path, target.serial)
+                    self._deploy(target, path, leaf_der, result, stale)
+                    if result.ok:
+                        for api in stale:
+                            with self._state:
+                                status = self._status.get((target.name, api.name))
+                            if status is not None:
+                                self._remember(replace(status, pushed=True))
+                else:
+                    # Nothing to push: the file (for a restart) and its crt-list
+                    # line are still made to match what is stored, which also
+                    # repairs a line lost earlier.
+                    self._ensure_cert_dir()
+                    disk = path.read_bytes() if path.exists() else None
+                    if disk != target.bundle:
+                        atomic_write(path, target.bundle, BUNDLE_MODE)
+                    try:
+                        self._add_to_crt_list_file(path, target)
+                    except (CrtListError, TimeoutError) as exc:
+                        crt_error = str(exc)
+            for api in fresh:
+                self._remember(
+                    SyncStatus(
+                        target.name,
+                        api.name,
+                        target.serial,
+                        target.serial,
+                        crt_error is None,
+                        error=crt_error,
+                    )
+                )
+        return self._statuses_of([api.name for api in wanted], targets)
+
+    def _statuses_of(
+        self,
+        instance_names: Sequence[str],
+        targets: Sequence[DeployTarget],
+    ) -> list[SyncStatus]:
+        """The recorded statuses of `targets` on `instance_names`, in target order."""
+        out: list[SyncStatus] = []
+        with self._state:
+            for target in targets:
+                for inst in instance_names or [DISK_INSTANCE]:
+                    status = self._status.get((target.name, inst))
+                    if status is not None:
+                        out.append(status)
+        return out
+
+    def served(self, targets: Iterable[DeployTarget]) -> list[SyncStatus]:
+        """Read-only: what each instance serves for each target (nothing pushed,
+        nothing recorded). Per instance, one `show ssl cert` listing, then one
+        `show ssl cert <path>` per certificate it loads; the first connection
+        failure or timeout gives up on that instance, so an unresponsive one
+        costs one timeout, not one per certificate, and all its certificates
+        get that error. Ordered by instance, then target.
+        """
+        targets = list(targets)
+        out: list[SyncStatus] = []
+        for api in self.apis:
+            down: str | None = None
+            try:
+                loaded = set(api.list_certs().certificates)
+            except HAProxyError as exc:
+                down = f"instance unreachable: {exc}"
+                loaded = set()
+            for target in targets:
+                if down is not None:
+                    out.append(
+                        SyncStatus(target.name, api.name, None, target.serial, False, error=down)
+                    )
+                    continue
+                p = str(self.path_for(target.name))
+                if p not in loaded:
+                    out.append(SyncStatus(target.name, api.name, None, target.serial, False))
+                    continue
+                try:
+                    info = api.show_cert(p)
+                except HAProxyConnectionError as exc:
+                    down = f"instance unreachable: {exc}"
+                    out.append(
+                        SyncStatus(target.name, api.name, None, target.serial, False, error=down)
+                    )
+                    continue
+                except HAProxyError as exc:
+                    out.append(
+                        SyncStatus(
+                            target.name, api.name, None, target.serial, False, error=str(exc)
                         )
                     )
                     continue
-                status, unreachable = self._reconcile_one(api, target, path)
-                statuses.append(self._remember(status))
-                if unreachable:
-                    down = status.error
-            if down is not None:
-                self._mark_down(api.name)
-        return statuses
-
-    def _reconcile_one(
-        self, api: RuntimeAPI, target: DeployTarget, path: Path
-    ) -> tuple[SyncStatus, bool]:
-        """Check (and if stale push) one certificate on one instance.
-        Returns the status and whether the instance was unreachable."""
-
-        def failed(served: int | None, exc: Exception) -> tuple[SyncStatus, bool]:
-            down = isinstance(exc, HAProxyConnectionError)
-            return SyncStatus(
-                target.name, api.name, served, target.serial, False, error=str(exc)
-            ), down
-
-        try:
-            info = api.show_cert(str(path))
-        except HAProxyError as exc:
-            return failed(None, exc)
-        served = info.serial if info else None
-        if served == target.serial:
-            return SyncStatus(target.name, api.name, served, target.serial, True), False
-        try:
-            with _locked(_file_lock(path), self._lock_timeout, f"certificate {target.name!r}"):
-                self._push(api, path, target)
-            after = api.show_cert(str(path))
-        except (HAProxyError, TimeoutError) as exc:
-            return failed(served, exc)
-        now = after.serial if after else None
-        status = SyncStatus(
-            target.name,
-            api.name,
-            now,
-            target.serial,
-            now == target.serial,
-            pushed=True,
-            error=None if now == target.serial else "serial unchanged after push",
-        )
-        return status, False
+                served = info.serial if info else None
+                out.append(
+                    SyncStatus(
+                        target.name, api.name, served, target.serial, served == target.serial
+                    )
+                )
+        return out
 
     def poll(self, targets: Iterable[DeployTarget]) -> list[SyncStatus]:
         """Check every instance; reconcile those that are new, came back after being

@@ -474,12 +474,45 @@ class RuntimeAPI:
         # 2.6 prints a NUL inside crt-list options ("[alpn h2\0]"): drop NULs.
         reply = b"".join(chunks).decode("utf-8", errors="replace").replace("\x00", "")
         if has_payload and not reply.strip():
-            # 2.6 answers an over-size command with nothing at all; our size
-            # check passed, so HAProxy's tune.bufsize is smaller than we think.
-            raise PayloadTooLarge(self.name, command, len(message), limit)
+            self._explain_empty_reply(command, len(message), limit, deadline)
         if has_payload and "too big for the buffer size" in reply:
             raise PayloadTooLarge(self.name, command, len(message), limit)
         return reply
+
+    def _explain_empty_reply(self, command: str, size: int, limit: int, deadline: float) -> None:
+        """Raise the right error for a payload command answered by a bare close.
+
+        2.6 answers an over-size command with nothing at all, but so does a
+        HAProxy that dies (or restarts) while reading it. The bufsize symptom
+        needs a live process that did not tell us its own tune.bufsize (a limit
+        read from `show pools` already passed our size check): anything else
+        is a dead connection, never "raise tune.bufsize".
+        """
+        try:
+            # A fresh connection: a process that is gone refuses it.
+            self._exchange(
+                "show info",
+                b"show info\n",
+                False,
+                max(deadline, time.monotonic() + 1.0),
+                self.bufsize,
+            )
+        except HAProxyConnectionError as exc:
+            raise HAProxyConnectionError(
+                self.name,
+                command,
+                "the connection closed with no reply and the instance no longer answers "
+                f"({exc.reply}): HAProxy died or restarted during the command",
+            ) from exc
+        if self.probe_bufsize and self._probed is not None and self._probed[1] is not None:
+            raise HAProxyConnectionError(
+                self.name,
+                command,
+                f"the connection closed with no reply although the {size}-byte command fits "
+                f"in HAProxy's tune.bufsize {self._probed[1]} (read from `show pools`): "
+                "HAProxy dropped the connection",
+            )
+        raise PayloadTooLarge(self.name, command, size, limit)
 
     def _expect(self, command: str, reply: str, *markers: str) -> str:
         if any(marker in reply for marker in markers):
