@@ -421,3 +421,62 @@ def test_payload_limit_falls_back_to_configured_value_when_not_shown(fake: Start
     api.probe_bufsize = True
     api.bufsize = 4096
     assert api.payload_limit() == 4096
+
+
+def _dying_cli(path: Path) -> threading.Thread:
+    """A CLI that reads a whole `set ssl cert` payload, then dies: closes the
+    connection without a reply and stops listening (the process is gone)."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(2)
+            data = b""
+            while not data.endswith(b"\n\n"):
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            listener.close()
+            path.unlink()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_haproxy_dying_during_set_ssl_cert_is_a_dead_connection_not_bufsize(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "admin.sock"
+    thread = _dying_cli(path)
+    api = RuntimeAPI(f"unix:{path}", timeout=1.0, probe_bufsize=False)
+    with pytest.raises(HAProxyError) as caught:
+        api.set_cert("/c/a.pem", PEM)
+    thread.join(5)
+    assert isinstance(caught.value, HAProxyConnectionError)
+    assert not isinstance(caught.value, PayloadTooLarge)
+    assert "bufsize" not in str(caught.value)
+    assert f"unix:{path}" in str(caught.value) and "died or restarted" in str(caught.value)
+
+
+def test_empty_reply_below_the_bufsize_haproxy_showed_is_a_dropped_connection(
+    tmp_path: Path,
+) -> None:
+    def handler(req: bytes) -> bytes:
+        if req == b"show pools\n":
+            return b"Dumping pools usage.\n  - Pool buffer (16384 bytes) : 2 allocated\n\n"
+        return b""  # alive, but closes without a word
+
+    server = FakeCLI(tmp_path / "admin.sock", handler)
+    try:
+        api = RuntimeAPI(f"unix:{server.path}", timeout=1.0)
+        with pytest.raises(HAProxyConnectionError) as caught:
+            api.set_cert("/c/a.pem", PEM)
+        assert not isinstance(caught.value, PayloadTooLarge)
+        assert "16384" in str(caught.value) and "show pools" in str(caught.value)
+    finally:
+        server.close()
