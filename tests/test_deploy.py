@@ -5,8 +5,12 @@ HAProxy in tests/integration/test_deploy_haproxy.py.
 
 from __future__ import annotations
 
+import os
+import socket
 import stat
 import sys
+import threading
+import types
 from pathlib import Path
 
 import pytest
@@ -155,3 +159,86 @@ def test_from_config_takes_the_haproxy_section(tmp_path: Path) -> None:
     assert deployer.crt_list == tmp_path / "crt-list.txt"
     assert deployer.timeout == 2.5 and deployer.apis[0].timeout == 2.5
     assert deployer.reload_command == ["systemctl", "reload", "haproxy"]
+
+
+def test_cert_dir_is_created_0750_even_under_umask_000(tmp_path: Path, ca: CA) -> None:
+    deployer = Deployer([], tmp_path / "new" / "certs")
+    target = DeployTarget.from_bundle("a", make_bundle(ca, ["a.test"])[0])
+    old_umask = os.umask(0)
+    try:
+        assert deployer.deploy(target).ok
+    finally:
+        os.umask(old_umask)
+    for d in (tmp_path / "new", tmp_path / "new" / "certs"):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o750
+
+
+def test_an_existing_cert_dir_is_never_chmodded(tmp_path: Path, ca: CA) -> None:
+    (tmp_path / "certs").mkdir()
+    os.chmod(tmp_path / "certs", 0o755)
+    deployer = Deployer([], tmp_path / "certs")
+    assert deployer.deploy(DeployTarget.from_bundle("a", make_bundle(ca, ["a.test"])[0])).ok
+    assert stat.S_IMODE((tmp_path / "certs").stat().st_mode) == 0o755
+
+
+class _HungRuntimeAPI:
+    """A TCP runtime API on 127.0.0.1 that accepts connections and never answers.
+    Counts the connections it accepted."""
+
+    def __init__(self) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.listener.settimeout(0.1)
+        self.port = self.listener.getsockname()[1]
+        self.accepted = 0
+        self._held: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.accepted += 1
+            self._held.append(conn)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.listener.close()
+        for conn in self._held:
+            conn.close()
+
+
+def test_status_gives_up_on_a_hung_runtime_api_after_one_timeout(
+    tmp_path: Path, ca: CA, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agent import cli
+    from agent import deploy as deploy_mod
+
+    hung = _HungRuntimeAPI()
+    bundle, cert, _ = make_bundle(ca, ["a.test"])
+    targets = [DeployTarget(f"c{i}", bundle, cert.serial_number, ["a.test"]) for i in range(20)]
+    monkeypatch.setattr(deploy_mod, "stored_targets", lambda config, storage=None: targets)
+    section = HAProxyConfig(
+        cert_dir=tmp_path / "certs",
+        runtime_api=(f"tcp:127.0.0.1:{hung.port}",),
+        timeout=0.2,
+    )
+    config = types.SimpleNamespace(haproxy=section)
+    try:
+        entries = cli.served_serials(config)  # type: ignore[arg-type]
+    finally:
+        hung.close()
+    # One connection (one timeout) for the whole instance, not one per certificate.
+    assert hung.accepted == 1
+    assert [e["certificate"] for e in entries] == [t.name for t in targets]
+    for entry in entries:
+        assert entry["in_sync"] is False and entry["served_serial"] is None
+        assert "unreachable" in entry["error"] and str(hung.port) in entry["error"]
