@@ -16,8 +16,16 @@ The flow for one certificate (`Deployer.deploy`):
    TLS handshake to each `verify` address, with SNI set to each of the
    certificate's names, returns the new leaf;
 5. on any failure: abort open transactions, push the previous bundle back
-   (or remove a certificate that was new), restore the files, and report why
+   (or remove a certificate that was new), remove the crt-list line this
+   deploy added (before its bundle), restore the bundle file, and report why
    in the `DeployResult`.
+
+Every edit of the crt-list file goes through agent/crtlist.py (one lock per
+file across threads and processes, edits of the current content, never a
+line naming a missing file). `status()` is read from HAProxy: after a deploy
+it is what `show ssl cert` and the handshakes proved, after a rollback what
+the instance serves again (so in_sync is False while the stored serial is
+not served).
 
 HAProxy 2.6 has ONE certificate transaction per process and silently merges a
 second `set ssl cert` into the open one, so every transaction on an instance
@@ -25,7 +33,7 @@ runs under that instance's lock (shared by all Deployers in the process),
 always ends in commit or abort, and is checked before commit.
 
 `reconcile` compares each instance's served serial with the stored bundle and
-pushes what is stale; `poll` notices an instance that came back (or restarted:
+deploys what is stale through the same path (push, verify, roll back); `poll` notices an instance that came back (or restarted:
 new PID or start time) and reconciles it. Without any runtime API, `finish`
 runs the configured reload command once if a file changed.
 

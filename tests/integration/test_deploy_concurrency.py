@@ -6,15 +6,22 @@ state says what HAProxy serves after rollbacks and reconciles.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from agent.deploy import Deployer, DeployResult, DeployTarget
-from agent.haproxy_api import RuntimeAPI
+from agent.haproxy_api import (
+    HAProxyConnectionError,
+    PayloadTooLarge,
+    RuntimeAPI,
+    frame_command,
+)
 from tests.integration.test_deploy_haproxy import Site, _start_site
 
 pytestmark = pytest.mark.integration
@@ -169,3 +176,30 @@ def test_reconciler_pushes_a_stale_instance_with_full_verification(site: Site) -
 
     assert status.in_sync and status.pushed and status.served_serial == renewed.serial
     assert site.served_serial("site.test") == renewed.serial
+
+
+def test_haproxy_killed_during_set_ssl_cert_is_a_dead_connection_not_bufsize(site: Site) -> None:
+    api = RuntimeAPI(site.api_address, timeout=5.0, probe_bufsize=False)
+    path = str(site.cert_dir / "site.pem")
+    command = f"set ssl cert {path}"
+    # The payload without its final empty line: HAProxy keeps reading it, as
+    # it would while a large bundle is still on its way, until it is killed.
+    message = frame_command(command, site.first.bundle)[:-1]
+    caught: list[BaseException] = []
+
+    def send() -> None:
+        try:
+            api._exchange(command, message, True, time.monotonic() + 5.0, api.bufsize)
+        except BaseException as exc:
+            caught.append(exc)
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    time.sleep(0.3)  # let HAProxy take the partial command (not a timing assertion)
+    os.kill(site.haproxy.pid, signal.SIGKILL)
+    thread.join(10)
+    assert not thread.is_alive()
+    [error] = caught
+    assert isinstance(error, HAProxyConnectionError), error
+    assert not isinstance(error, PayloadTooLarge)
+    assert "bufsize" not in str(error) and api.name in str(error)
