@@ -33,8 +33,9 @@ runs under that instance's lock (shared by all Deployers in the process),
 always ends in commit or abort, and is checked before commit.
 
 `reconcile` compares each instance's served serial with the stored bundle and
-deploys what is stale through the same path (push, verify, roll back); `poll` notices an instance that came back (or restarted:
-new PID or start time) and reconciles it. Without any runtime API, `finish`
+deploys what is stale through the same path (push, verify, roll back);
+`poll` notices an instance that came back (or restarted: new PID or start
+time) and reconciles it. Without any runtime API, `finish`
 runs the configured reload command once if a file changed.
 
 Everything here is synchronous and thread-safe; the asyncio daemon calls it
