@@ -265,7 +265,6 @@ def test_cron_renew_without_runtime_api_waits_for_haproxy_to_find_the_agent(
                 f"directory = {toml_value(stack.pebble.directory_url)}",
                 f"ca_bundle = {toml_value(stack.pebble.ca_bundle)}",
                 f"trusted_roots = {toml_value(stack.pebble.roots_file())}",
-        f"trusted_roots = {toml_value(stack.pebble.roots_file())}",
                 "poll_interval = 0.05",
                 "[spoa]",
                 f'listen = "127.0.0.1:{stack.spoa_port}"',
