@@ -402,6 +402,8 @@ class _Loader:
         state_dir = top.get_path("state_dir", Path(DEFAULT_STATE_DIR))
         strict_permissions = bool(top.get("strict_permissions", bool, False))
         assert state_dir is not None
+        if problem := _not_a_directory(state_dir):
+            raise top.error("state_dir", problem)
         acme = self._acme(top.section("acme"))
         spoa_s = top.section("spoa")
         spoa = SpoaConfig(listen=self._listen(spoa_s, "listen", "127.0.0.1:12345"))
@@ -699,6 +701,18 @@ class _Loader:
             renew_before=renew_before,
             allow_leaf_only=allow_leaf_only,
         )
+
+
+def _not_a_directory(path: Path) -> str | None:
+    """ "... is not a directory" when `path`, or its nearest existing ancestor, is no directory."""
+    cur = path
+    while not cur.exists() and cur != cur.parent:
+        cur = cur.parent
+    if cur.exists() and not cur.is_dir():
+        if cur == path:
+            return f"{path} exists and is not a directory"
+        return f"{path} cannot be created: {cur} is not a directory"
+    return None
 
 
 def _key_type_of(key: keys.PrivateKey) -> str:

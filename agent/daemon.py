@@ -526,7 +526,7 @@ def run_daemon(config_path: Path, log_format: str | None = None, verbose: bool =
     setup_logging(
         log_format or config.daemon.log_format, logging.DEBUG if verbose else logging.INFO
     )
-    permissions.enforce(config)
+    permissions.startup_checks(config)  # the same checks as check-config and renew
 
     async def main() -> int:
         return await Daemon(config).run()
