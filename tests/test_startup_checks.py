@@ -156,3 +156,23 @@ def test_daemon_creates_a_missing_state_dir_0700_under_umask_000(tmp_path: Path)
     assert mode(tmp_path / "a") == 0o755
     assert mode(tmp_path / "a" / "b") == 0o755
     assert mode(tmp_path / "a" / "b" / "state") == 0o700
+
+
+def test_reload_refuses_a_config_whose_state_dir_run_would_refuse(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import asyncio
+
+    from agent.config import load_config
+    from agent.daemon import Daemon
+
+    good = write_config(tmp_path, tmp_path / "state")
+    daemon = Daemon(load_config(good))
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o755)
+    write_config(tmp_path, shared)
+    assert asyncio.run(daemon.reload(good)) is False
+    assert daemon.config.state_dir == tmp_path / "state"
+    assert "reload refused" in caplog.text and "is open to others (mode 0755)" in caplog.text
+    assert mode(shared) == 0o755
