@@ -315,11 +315,17 @@ class RetryingNetwork(client.ClientNetwork):  # type: ignore[misc]
                     last_problem = f"truncated answer from the CA ({bad[1]})"
                     retry_after = None
                     cause = "truncated"
-                elif resp is not None and resp.ok:
-                    # A 2xx whose body the library could not read as the JSON it needs.
-                    why = bad[1] if bad is not None else f"Content-Type {_content_type(resp)!r}"
+                elif (
+                    resp is not None
+                    and resp.ok
+                    and not isinstance(e, errors.NonceError)
+                    and (bad := bad or _json_problem(resp)) is not None
+                ):
+                    # A 2xx whose body is not the JSON the library needs (nonce problems
+                    # are ClientErrors too: those go on below as before).
                     raise AcmeProtocolError(
-                        f"the CA's answer to {what} is not valid JSON: {why}"
+                        f"the CA's answer to {what} is not valid JSON: {bad[1]} "
+                        f"(Content-Type {_content_type(resp)})"
                     ) from None
                 else:
                     if status == 409 and resp is not None:

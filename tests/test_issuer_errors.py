@@ -211,3 +211,21 @@ def test_failed_validation_from_the_ca_carries_no_key_authorization(
     assert "did not match" in str(e.value)
     assert KEY_AUTHZ not in str(e.value)
     assert THUMB not in caplog.text
+
+
+def test_directory_answered_with_an_html_page_is_a_named_error(
+    tmp_path: Path, ca: FakeAcme
+) -> None:
+    ca.script("/dir", [(200, {"Content-Type": "text/html"}, b"<html>captive portal</html>")])
+    with pytest.raises(AcmeProtocolError) as e:
+        make_issuer(tmp_path, ca).connect()
+    assert str(e.value).startswith(f"the CA's answer to GET {ca.directory_url} is not valid JSON")
+    assert "text/html" in str(e.value)
+
+
+def test_directory_cut_off_is_retried(tmp_path: Path, ca: FakeAcme) -> None:
+    ca.script("/dir", [(200, {}, b'{"newNonce": "http://127.0.0.1:1/n')])
+    before = retries("truncated")
+    make_issuer(tmp_path, ca).connect()
+    assert retries("truncated") == before + 1
+    assert len(ca.gets("/dir")) == 2
