@@ -95,7 +95,7 @@ def cmd_renew(args: argparse.Namespace) -> int:
 
     config = load(args)
     _select(config, args.names)
-    permissions.enforce(config)  # warns; PermissionsError under strict_permissions -> exit 2
+    permissions.startup_checks(config)  # as run and check-config; PermissionsError -> exit 2
     if not args.dry_run:
         handed = _renew_through_daemon(config, args)
         if handed is not None:
@@ -409,7 +409,12 @@ def _args_none(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    """Validate the config and run the start-up checks of `run` (permissions, state_dir).
+
+    Exit 2 for anything `run` would refuse (the systemd unit must not restart-loop on a
+    config check-config passed); writes nothing."""
     config = load(args)
+    permissions.startup_checks(config)
     names = ", ".join(c.name for c in config.certificates) or "none"
     print(f"{config.path}: OK ({len(config.certificates)} certificates: {names})")
     return EXIT_OK

@@ -12,7 +12,9 @@ Schema (every key optional unless marked required):
     strict_permissions = false  (true: refuse to start when a key is group/world-accessible)
     [acme]      directory (required: URL, or "letsencrypt" / "letsencrypt-staging"),
                 email, ca_bundle, eab_kid, eab_hmac_key, profile,
-                poll_interval = 0.5 (s), timeout = 30 (s), max_concurrent_orders = 4
+                poll_interval = 0.5 (s), timeout = 30 (s), max_concurrent_orders = 4,
+                trusted_roots (PEM file of roots issued chains must lead to; default: the
+                system trust store), allow_leaf_only = false
     [spoa]      listen = "127.0.0.1:12345"
     [haproxy]   runtime_api = [] ("unix:/path" or "tcp:host:port"), cert_dir = <state_dir>/haproxy,
                 crt_list = "", verify = [] ("host:port"), reload_command = [], timeout = 5.0 (s),
@@ -23,7 +25,7 @@ Schema (every key optional unless marked required):
                 log_format = "text" | "json"
     [[certificates]]  name (required), domains (required), key (required), csr,
                 generate_key = false, key_type = "ec256", backup_pins = [], dhparam,
-                renew_before ("30d", "12h", "90m", "3600s")
+                renew_before ("30d", "12h", "90m", "3600s"), allow_leaf_only (default: [acme]'s)
 """
 
 from __future__ import annotations
@@ -78,6 +80,10 @@ class AcmeConfig:
     poll_interval: float = 0.5
     timeout: float = 30.0
     max_concurrent_orders: int = 4
+    # PEM file of the roots an issued chain must lead to (None: the system trust store).
+    trusted_roots: Path | None = None
+    # A chain-less (leaf-only) answer is accepted: the chain is served some other way.
+    allow_leaf_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -133,6 +139,7 @@ class CertificateConfig:
     backup_pins: tuple[str, ...] = ()
     dhparam: Path | None = None
     renew_before: float | None = None  # seconds before not_after; None = automatic rule
+    allow_leaf_only: bool | None = None  # None: [acme] allow_leaf_only decides
 
 
 @dataclass(frozen=True)
@@ -395,6 +402,8 @@ class _Loader:
         state_dir = top.get_path("state_dir", Path(DEFAULT_STATE_DIR))
         strict_permissions = bool(top.get("strict_permissions", bool, False))
         assert state_dir is not None
+        if problem := _not_a_directory(state_dir):
+            raise top.error("state_dir", problem)
         acme = self._acme(top.section("acme"))
         spoa_s = top.section("spoa")
         spoa = SpoaConfig(listen=self._listen(spoa_s, "listen", "127.0.0.1:12345"))
@@ -461,6 +470,17 @@ class _Loader:
         moc = s.get("max_concurrent_orders", int, 4)
         if not 1 <= moc <= 64:
             raise s.error("max_concurrent_orders", "must be between 1 and 64")
+        trusted_roots = s.get_path("trusted_roots")
+        if trusted_roots is not None:
+            if problem := _readable_file(trusted_roots):
+                raise s.error("trusted_roots", problem)
+            from agent.chain import load_roots
+
+            try:
+                load_roots(trusted_roots)
+            except ValueError as e:
+                raise s.error("trusted_roots", f"{trusted_roots}: {e}") from None
+        allow_leaf_only = bool(s.get("allow_leaf_only", bool, False))
         s.check_unknown()
         return AcmeConfig(
             directory=directory,
@@ -472,6 +492,8 @@ class _Loader:
             poll_interval=poll,
             timeout=timeout,
             max_concurrent_orders=moc,
+            trusted_roots=trusted_roots,
+            allow_leaf_only=allow_leaf_only,
         )
 
     def _haproxy(self, s: _Section, state_dir: Path) -> HAProxyConfig:
@@ -665,6 +687,7 @@ class _Loader:
                 renew_before = parse_duration(raw)
             except ValueError as e:
                 raise s.error("renew_before", str(e)) from None
+        allow_leaf_only: bool | None = s.get("allow_leaf_only", bool, None)
         s.check_unknown()
         return CertificateConfig(
             name=name,
@@ -676,7 +699,20 @@ class _Loader:
             backup_pins=tuple(pins),
             dhparam=dhparam,
             renew_before=renew_before,
+            allow_leaf_only=allow_leaf_only,
         )
+
+
+def _not_a_directory(path: Path) -> str | None:
+    """ "... is not a directory" when `path`, or its nearest existing ancestor, is no directory."""
+    cur = path
+    while not cur.exists() and cur != cur.parent:
+        cur = cur.parent
+    if cur.exists() and not cur.is_dir():
+        if cur == path:
+            return f"{path} exists and is not a directory"
+        return f"{path} cannot be created: {cur} is not a directory"
+    return None
 
 
 def _key_type_of(key: keys.PrivateKey) -> str:

@@ -387,9 +387,16 @@ class Daemon:
 
     async def reload(self, path: Path) -> bool:
         """SIGHUP: load and validate the config; switch to it only if it is valid."""
+        from agent import permissions
+
+        def load_checked() -> Config:
+            config = load_config(path)
+            permissions.startup_checks(config)  # what `run` checks at start, also at reload
+            return config
+
         try:
-            new = await asyncio.to_thread(load_config, path)
-        except ConfigError as e:
+            new = await asyncio.to_thread(load_checked)
+        except (ConfigError, permissions.PermissionsError) as e:
             log.error("reload refused, keeping the running config: %s", e)
             return False
         except OSError as e:
@@ -526,7 +533,7 @@ def run_daemon(config_path: Path, log_format: str | None = None, verbose: bool =
     setup_logging(
         log_format or config.daemon.log_format, logging.DEBUG if verbose else logging.INFO
     )
-    permissions.enforce(config)
+    permissions.startup_checks(config)  # the same checks as check-config and renew
 
     async def main() -> int:
         return await Daemon(config).run()

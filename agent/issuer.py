@@ -14,18 +14,30 @@
   Thread-safe: every call uses its own HTTP session, so orders run in parallel.
 
 Retries (the library retries badNonce only once): badNonce is retried at once
-(up to `MAX_BAD_NONCE` times per request), connection errors and 5xx with
-exponential backoff, and a `Retry-After` from the CA is honoured, all within
-the order's deadline (`acme.timeout` seconds). `rateLimited` is never retried:
-it raises `RateLimited` with the CA's explanation and retry time.
+(up to `MAX_BAD_NONCE` times per request); connection errors (refused, reset,
+remote disconnected, timeouts), truncated answers (a body shorter than its
+Content-Length, a broken chunked body, a JSON body cut off before its end) and
+5xx with exponential backoff; a `Retry-After` from the CA is honoured; all
+within the order's deadline (`acme.timeout` seconds). `rateLimited` is never
+retried: it raises `RateLimited` with the CA's explanation and retry time.
+
+A complete answer that is not what RFC 8555 says (not JSON where JSON is
+required, JSON of the wrong shape, missing fields) raises `AcmeProtocolError`
+naming the request ("the CA's answer to POST <url> is not valid JSON: ...").
+
+Problem texts from the CA go through `redact_key_authorizations` before they
+are put in an exception (and so in logs, meta.json and `status`): a failed
+http-01 validation's detail quotes the key authorization.
 """
 
 from __future__ import annotations
 
 import collections
 import hashlib
+import http.client
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Sequence
@@ -63,6 +75,33 @@ def _count_retry(cause: str) -> None:
         RETRY_COUNTS[cause] += 1
 
 
+# A key authorization (RFC 8555 section 8.1): token "." base64url(SHA-256 thumbprint), the
+# thumbprint 43 characters. The token is in the challenge URL anyway: keep it for debugging.
+_KEY_AUTHZ = re.compile(
+    r"(?<![A-Za-z0-9_-])([A-Za-z0-9_-]{16,})\.[A-Za-z0-9_-]{43}(?![A-Za-z0-9_-])"
+)
+REDACTED = "<key-authorization-redacted>"
+
+
+def redact_key_authorizations(text: str) -> str:
+    """`text` with every key authorization `<token>.<thumbprint>` made `<token>.<redacted>`."""
+    return _KEY_AUTHZ.sub(lambda m: f"{m.group(1)}.{REDACTED}", text)
+
+
+class _RedactingFilter(logging.Filter):
+    """Redacts key authorizations from the acme library's DEBUG dumps of CA answers."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact_key_authorizations(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
+
+
+logging.getLogger("acme.client").addFilter(_RedactingFilter())
+
+
 # How long a token stays answerable if we die before removing it (seconds past the deadline).
 TOKEN_GRACE = 60.0
 
@@ -76,6 +115,13 @@ class AcmeError(Exception):
 
 class AcmeUnreachable(AcmeError):
     """The CA could not be reached (connection refused, timeouts) within the deadline."""
+
+
+class AcmeProtocolError(AcmeError):
+    """The CA's complete answer is not what RFC 8555 says: not JSON where JSON is required,
+    JSON of the wrong shape, missing fields. Not retried (a retry gets the same answer)."""
+
+    problem_type = None
 
 
 class AcmeServerError(AcmeError):
@@ -106,6 +152,7 @@ class ValidationFailed(AcmeError):
     """The CA could not validate a domain (its http-01 request did not get our answer)."""
 
     def __init__(self, domain: str, detail: str) -> None:
+        detail = redact_key_authorizations(detail)
         super().__init__(f"validation of {domain} failed: {detail}")
         self.domain = domain
         self.detail = detail
@@ -125,12 +172,43 @@ def problem_code(err: messages.Error) -> str:
 
 
 def _problem_text(err: messages.Error) -> str:
+    """ "code: detail [subproblems]" of a CA problem, key authorizations redacted."""
     parts = [err.detail or err.description or "no detail"]
     parts.insert(0, problem_code(err) + ":")
     for sub in getattr(err, "subproblems", None) or ():
         ident = getattr(sub.identifier, "value", None) if sub.identifier else None
         parts.append(f"[{ident}: {sub.detail}]" if ident else f"[{sub.detail}]")
-    return " ".join(parts)
+    return redact_key_authorizations(" ".join(parts))
+
+
+class _Truncated(Exception):
+    """An answer cut off before its end (retryable)."""
+
+
+_JSON_TYPES = ("application/json", "application/problem+json")
+
+
+def _is_json_type(resp: requests.Response) -> bool:
+    ct = (resp.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+    return ct in _JSON_TYPES or ct.endswith("+json")
+
+
+def _json_problem(resp: requests.Response) -> tuple[bool, str] | None:
+    """None if the body parses as JSON; else (truncated?, why).
+
+    A decode error at the very end of the body means the document was cut off
+    (a proxy or a dying CA); anywhere else the body is simply not JSON.
+    """
+    text = resp.content.decode("utf-8", errors="replace")
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as e:
+        stripped = text.rstrip()
+        truncated = bool(stripped) and (
+            e.pos >= len(stripped) or e.msg.startswith("Unterminated string")
+        )
+        return truncated, f"{e.msg} at character {e.pos} of {len(text)}"
+    return None
 
 
 # --- network with retries --------------------------------------------------------------
@@ -148,6 +226,7 @@ class RetryingNetwork(client.ClientNetwork):  # type: ignore[misc]
         self.deadline = deadline
         self.request_timeout = request_timeout
         self.last_response: requests.Response | None = None
+        self.last_what = "the first request"  # "POST <url>" of the latest request, for errors
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
@@ -181,10 +260,22 @@ class RetryingNetwork(client.ClientNetwork):  # type: ignore[misc]
         attempt = 0
         bad_nonces = 0
         last_problem = "no attempt made"
+        self.last_what = what
         while True:
+            cause = "5xx"
             try:
                 result: requests.Response = call()
+                if _is_json_type(result) and (bad := _json_problem(result)) is not None:
+                    if bad[0]:
+                        raise _Truncated(bad[1])
+                    raise AcmeProtocolError(
+                        f"the CA's answer to {what} is not valid JSON: {bad[1]}"
+                    )
                 return result
+            except _Truncated as e:
+                last_problem = f"truncated answer from the CA ({e})"
+                retry_after = None
+                cause = "truncated"
             except messages.Error as e:
                 resp = self.last_response
                 status = resp.status_code if resp is not None else None
@@ -205,9 +296,8 @@ class RetryingNetwork(client.ClientNetwork):  # type: ignore[misc]
                         if when
                         else ""
                     )
-                    raise RateLimited(
-                        f"rate limited by the CA: {e.detail or 'no detail'}{hint}", when
-                    ) from e
+                    detail = redact_key_authorizations(e.detail or "no detail")
+                    raise RateLimited(f"rate limited by the CA: {detail}{hint}", when) from e
                 if status is not None and status >= 500:
                     last_problem = f"HTTP {status} {_problem_text(e)}"
                     retry_after = _retry_after_of(resp)
@@ -219,18 +309,54 @@ class RetryingNetwork(client.ClientNetwork):  # type: ignore[misc]
                 # alreadyReplaced): surface that document as the messages.Error it is.
                 resp = self.last_response
                 status = resp.status_code if resp is not None else None
-                if status == 409 and resp is not None:
-                    problem = _problem_of(resp)
-                    if problem is not None:
-                        raise problem from e
-                if status is None or status < 500:
-                    raise
-                last_problem = f"HTTP {status} from the CA"
-                retry_after = _retry_after_of(resp)
-            except (requests.ConnectionError, requests.Timeout) as e:
+                bad = _json_problem(resp) if resp is not None and _is_json_type(resp) else None
+                if bad is not None and bad[0]:
+                    # A JSON answer cut off: the library saw "not JSON"; retry it.
+                    last_problem = f"truncated answer from the CA ({bad[1]})"
+                    retry_after = None
+                    cause = "truncated"
+                elif (
+                    resp is not None
+                    and resp.ok
+                    and not isinstance(e, errors.NonceError)
+                    and (bad := bad or _json_problem(resp)) is not None
+                ):
+                    # A 2xx whose body is not the JSON the library needs (nonce problems
+                    # are ClientErrors too: those go on below as before).
+                    raise AcmeProtocolError(
+                        f"the CA's answer to {what} is not valid JSON: {bad[1]} "
+                        f"(Content-Type {_content_type(resp)})"
+                    ) from None
+                else:
+                    if status == 409 and resp is not None:
+                        problem = _problem_of(resp)
+                        if problem is not None:
+                            raise problem from e
+                    if status is None or status < 500:
+                        raise
+                    last_problem = f"HTTP {status} from the CA"
+                    retry_after = _retry_after_of(resp)
+            except (
+                requests.exceptions.ChunkedEncodingError,
+                requests.exceptions.ContentDecodingError,
+                http.client.IncompleteRead,
+            ) as e:
+                # Body shorter than its Content-Length, or a broken chunked body.
+                last_problem = f"truncated answer from the CA ({_short_conn_error(e)})"
+                retry_after = None
+                cause = "truncated"
+            except (
+                requests.ConnectionError,
+                requests.Timeout,
+                http.client.RemoteDisconnected,
+                ConnectionResetError,
+                ConnectionAbortedError,
+                BrokenPipeError,
+            ) as e:
                 last_problem = f"cannot reach the CA: {_short_conn_error(e)}"
                 retry_after = None
-            _count_retry("connection" if last_problem.startswith("cannot reach") else "5xx")
+                cause = "connection"
+            _count_retry(cause)
             log.debug("%s: %s; retrying", what, last_problem)
             try:
                 self._retry_wait(attempt, f"{what}: {last_problem}", retry_after)
@@ -267,9 +393,47 @@ def _retry_after_of(resp: requests.Response | None) -> float | None:
     return ari.parse_retry_after(resp.headers["Retry-After"], time.time(), 1.0)
 
 
-def _short_conn_error(e: Exception) -> str:
+def _content_type(resp: requests.Response) -> str:
+    return resp.headers.get("Content-Type") or "none"
+
+
+def _parse(cls: Any, resp: requests.Response, what: str, required: Sequence[str] = ()) -> Any:
+    """`cls.from_json(resp.json())`; a body that is not JSON, not a JSON object, not a valid
+    `cls` or lacking one of the `required` fields raises AcmeProtocolError naming the
+    request `what` ("POST <url>")."""
+    kind = cls.__name__.lower()
+    try:
+        body = resp.json()
+    except ValueError as e:
+        raise AcmeProtocolError(f"the CA's answer to {what} is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise AcmeProtocolError(
+            f"the CA's answer to {what} is JSON {type(body).__name__}, not an {kind} object"
+        )
+    missing = [f for f in required if body.get(f) in (None, "", [])]
+    if missing:
+        raise AcmeProtocolError(
+            f"the CA's answer to {what} is an {kind} object without {', '.join(missing)}"
+        )
+    try:
+        return cls.from_json(body)
+    except (jose_errors.DeserializationError, TypeError, KeyError, AttributeError, ValueError) as e:
+        raise AcmeProtocolError(
+            f"the CA's answer to {what} is not a valid {kind} object: {e}"
+        ) from None
+
+
+def _short_conn_error(e: BaseException) -> str:
     text = str(e)
-    for marker in ("Connection refused", "timed out", "Name or service not known", "reset"):
+    for marker in (
+        "Connection refused",
+        "timed out",
+        "Name or service not known",
+        "reset",
+        "Remote end closed connection",
+        "IncompleteRead",
+        "Connection broken",
+    ):
         if marker in text:
             return marker.lower()
     return text[:200]
@@ -433,6 +597,9 @@ class Issuer:
             return messages.RegistrationResource(body=messages.Registration(), uri=location)
         except messages.Error as e:
             raise AccountError(f"account registration failed: {_problem_text(e)}") from e
+        except (ValueError, jose_errors.DeserializationError) as e:
+            what = getattr(acme.net, "last_what", "newAccount")
+            raise AcmeProtocolError(f"the CA's answer to {what} is not valid: {e}") from None
 
     def _save_account_json(self) -> None:
         assert self.account is not None
@@ -498,7 +665,11 @@ class Issuer:
                     or (code == "malformed" and "replace" in (e.detail or "").lower())
                 ):
                     # RFC 9773 section 5: the CA may refuse `replaces`; order without it.
-                    log.info("CA refused replaces=%s (%s); ordering without it", replaces, e)
+                    log.info(
+                        "CA refused replaces=%s (%s); ordering without it",
+                        replaces,
+                        _problem_text(e),
+                    )
                     return self._issue(acme, net, csr_pem, domains, None, tokens, deadline)
                 raise
         except AcmeError:
@@ -506,7 +677,15 @@ class Issuer:
         except messages.Error as e:
             raise AcmeServerError(f"the CA refused: {_problem_text(e)}", e.typ) from e
         except errors.Error as e:
-            raise AcmeServerError(f"ACME protocol error: {e}") from e
+            raise AcmeServerError(
+                f"ACME protocol error after {net.last_what}: {redact_key_authorizations(str(e))}"
+            ) from e
+        except (ValueError, jose_errors.DeserializationError) as e:
+            # The library parsing an answer (poll, challenge) that is not the JSON it needs.
+            why = redact_key_authorizations(str(e))
+            raise AcmeProtocolError(
+                f"the CA's answer to {net.last_what} is not valid: {why}"
+            ) from None
         finally:
             for t in tokens:
                 self.registry.remove(t)
@@ -537,7 +716,9 @@ class Issuer:
         resp = net.post(
             self.directory["newOrder"], order_msg, new_nonce_url=self.directory["newNonce"]
         )
-        order = messages.Order.from_json(resp.json())
+        order = _parse(
+            messages.Order, resp, net.last_what, ("status", "authorizations", "finalize")
+        )
         order_url = resp.headers.get("Location")
         if not order_url:
             raise AcmeServerError("the CA's newOrder response has no Location header")
@@ -547,7 +728,12 @@ class Issuer:
         pending: list[messages.AuthorizationResource] = []
         for authz_url in order.authorizations:
             authzr = messages.AuthorizationResource(
-                body=messages.Authorization.from_json(self._post_as_get(net, authz_url).json()),
+                body=_parse(
+                    messages.Authorization,
+                    self._post_as_get(net, authz_url),
+                    net.last_what,
+                    ("status", "identifier", "challenges"),
+                ),
                 uri=authz_url,
             )
             status = authzr.body.status
@@ -587,12 +773,16 @@ class Issuer:
         wrapped = messages.CertificateRequest(csr=x509.load_pem_x509_csr(csr_pem))
         try:
             resp = net.post(order.finalize, wrapped, new_nonce_url=self.directory["newNonce"])
-            order = messages.Order.from_json(resp.json())
+            order = _parse(messages.Order, resp, net.last_what, ("status",))
         except messages.Error as e:
             if problem_code(e) != "orderNotReady":
                 raise OrderFailed(f"finalization refused: {_problem_text(e)}") from e
         while True:
-            if order.status == messages.STATUS_VALID and order.certificate:
+            if order.status == messages.STATUS_VALID:
+                if not order.certificate:
+                    raise AcmeProtocolError(
+                        f"the CA's answer to {net.last_what} is a valid order without certificate"
+                    )
                 break
             if order.status == messages.STATUS_INVALID:
                 detail = _problem_text(order.error) if order.error else "no detail from the CA"
@@ -603,11 +793,11 @@ class Issuer:
                 wait = max(wait, ra)
             self._sleep(wait, deadline, "waiting for the certificate")
             resp = self._post_as_get(net, order_url)
-            order = messages.Order.from_json(resp.json())
+            order = _parse(messages.Order, resp, net.last_what, ("status",))
             if order.status == messages.STATUS_READY:
                 # A finalize that got lost (e.g. retried after a connection reset).
                 resp = net.post(order.finalize, wrapped, new_nonce_url=self.directory["newNonce"])
-                order = messages.Order.from_json(resp.json())
+                order = _parse(messages.Order, resp, net.last_what, ("status",))
         cert_resp = self._post_as_get(net, order.certificate)
         return IssuedCertificate(fullchain_pem=cert_resp.text, order_url=order_url)
 

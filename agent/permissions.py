@@ -13,6 +13,9 @@ the key too), the state directory (account key) and the cert directory:
 
 `enforce(config)` logs the warnings and raises `PermissionsError` listing the
 fatal problems, each naming the file, its mode and the fix (`chmod 600 FILE`).
+`startup_checks(config)` is what `run`, `renew` and `check-config` all call:
+the state directory must be usable as it is (a directory, closed to others),
+then `enforce`; so `check-config` passes exactly the configs `run` accepts.
 Missing files are not a problem here (config validation and issuance own
 that).
 """
@@ -24,7 +27,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.config import Config
+from agent.config import Config, ConfigError
+from agent.storage import private_dir_problem
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +131,20 @@ def check(config: Config, strict: bool | None = None) -> list[Problem]:
                     path.parent, f"directory of the key of {c.name!r}", strict, private=False
                 )
     return problems
+
+
+def startup_checks(config: Config, logger: logging.Logger | None = None) -> list[Problem]:
+    """Every check `run`, `renew` and `check-config` make before doing anything; writes nothing.
+
+    Raises ConfigError (exit 2, naming `state_dir`) when the state directory is
+    not a directory or is open to others: the agent never chmods a directory it
+    did not create (agent.storage.ensure_private_dir refuses it the same way).
+    Then `enforce`: warnings logged, PermissionsError for fatal problems.
+    """
+    problem = private_dir_problem(config.state_dir)
+    if problem is not None:
+        raise ConfigError(config.path, "state_dir", problem)
+    return enforce(config, logger)
 
 
 def enforce(config: Config, logger: logging.Logger | None = None) -> list[Problem]:

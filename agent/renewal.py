@@ -41,6 +41,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from agent import ari, keys
+from agent.chain import ChainError, ChainPolicy, policy_for, verify_chain
 from agent.challenges import ChallengeRegistry
 from agent.config import CertificateConfig, Config
 from agent.issuer import (
@@ -263,8 +264,17 @@ def check_certificate(
     domains: Sequence[str],
     backup_pins: Sequence[str],
     now: float,
+    *,
+    policy: ChainPolicy | None = None,
+    name: str = "",
 ) -> CheckedChain:
-    """Parse and check a CA's full chain; raise CertificateRejected saying what is wrong."""
+    """Parse and check a CA's full chain; raise CertificateRejected saying what is wrong.
+
+    With `policy` (what renewals pass), the chain must also satisfy
+    `agent.chain.verify_chain` (leaf's issuer present, leads to a trusted root,
+    leaf-only only when allowed); `name` names the certificate in its messages.
+    Without it only each adjacent pair's signature is checked (the importer).
+    """
     blocks = _PEM_CERT.findall(fullchain_pem)
     if not blocks:
         raise CertificateRejected("the CA's response holds no PEM certificate")
@@ -289,6 +299,11 @@ def check_certificate(
         )
     if leaf.not_valid_after_utc.timestamp() <= now:
         raise CertificateRejected(f"the leaf expired at {leaf.not_valid_after_utc.isoformat()}")
+    if policy is not None:
+        try:
+            verify_chain(leaf, chain, policy, name or ", ".join(domains))
+        except ChainError as e:
+            raise CertificateRejected(str(e)) from None
     for child, parent in zip(certs, chain, strict=False):
         try:
             child.verify_directly_issued_by(parent)
@@ -572,8 +587,9 @@ class Renewer:
                         replaces = None
             issued = self.issuer.issue(csr_pem, cfg.domains, replaces=replaces)
             checked = check_certificate(
-                issued.fullchain_pem.encode(), key, cfg.domains, cfg.backup_pins, self.clock()
-            )
+                issued.fullchain_pem.encode(), key, cfg.domains, cfg.backup_pins, self.clock(),
+                policy=policy_for(self.config.acme, cfg), name=cfg.name,
+            )  # fmt: skip
         except RateLimited as e:
             self._rate_limited = e
             self._record_failure(cfg, str(e), e.retry_after)

@@ -75,11 +75,84 @@ def atomic_write(path: Path, data: bytes, mode: int) -> None:
     fsync_dir(directory)
 
 
-def ensure_private_dir(path: Path) -> None:
-    """Create `path` (and parents) if missing and make sure `path` itself is 0700."""
-    path.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
-    if stat.S_IMODE(path.stat().st_mode) != DIR_MODE:
-        os.chmod(path, DIR_MODE)
+# Mode given to the missing parents of a private directory the agent creates.
+PARENT_DIR_MODE = 0o755
+
+
+class UnsafeDirectoryError(OSError):
+    """A directory the agent would keep secrets in is not a directory or is open to others.
+
+    The message names the path, its mode and the fix; the agent changes nothing."""
+
+
+def private_dir_problem(path: Path) -> str | None:
+    """Why `path` cannot be used as a private (0700) directory, or None.
+
+    None also when `path` does not exist yet but could be created (its nearest
+    existing ancestor is a directory). Reads only; changes nothing.
+    """
+    path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        parent = path.parent
+        while parent != parent.parent and not parent.exists():
+            parent = parent.parent
+        if parent.exists() and not parent.is_dir():
+            return f"{path} cannot be created: {parent} is not a directory"
+        return None
+    except NotADirectoryError:
+        return f"{path} cannot be created: one of its parents is not a directory"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{path} is not a directory"
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o007:
+        return (
+            f"{path} is open to others (mode {mode:04o}); the agent does not change the mode "
+            f"of a directory it did not create: run `chmod 700 {path}` or choose another "
+            "directory"
+        )
+    return None
+
+
+def ensure_private_dir(path: Path, *, within: Path | None = None) -> None:
+    """Make sure `path` is a directory closed to others, creating it if missing.
+
+    `within`: `path` is a subdirectory of that private directory (already
+    checked): an existing one is used as it is whatever its mode (others cannot
+    reach it through `within`), a missing one is created 0700.
+
+    An existing directory is never chmodded: one that is open to others (any
+    "other" permission bit) or not a directory raises UnsafeDirectoryError
+    naming the path, mode and fix (state_dir = "/tmp" by mistake must not lock
+    everyone else out of /tmp). A directory created here gets 0700 and missing
+    parents 0755, set explicitly after mkdir (mkdir's mode is masked by the
+    umask; explicit modes make the result the same under umask 000 or 077).
+    """
+    path = Path(path)
+    if within is not None and path.is_dir():
+        return
+    problem = private_dir_problem(path)
+    if problem is not None:
+        raise UnsafeDirectoryError(problem)
+    if path.is_dir():
+        return
+    missing: list[Path] = []
+    cur = path
+    while not cur.exists() and cur != cur.parent:
+        missing.append(cur)
+        cur = cur.parent
+    for d in reversed(missing):
+        final = d == path
+        mode = DIR_MODE if final else PARENT_DIR_MODE
+        try:
+            d.mkdir(mode=mode & DIR_MODE)  # never wider than 0700 until chmod below
+        except FileExistsError:
+            # A concurrent creator won the race: its directory must pass the same check.
+            if final and (problem := private_dir_problem(d)) is not None:
+                raise UnsafeDirectoryError(problem) from None
+            continue
+        os.chmod(d, mode)  # we created it: give it its mode whatever the umask
 
 
 # --- key sanitising -------------------------------------------------------------
@@ -211,7 +284,7 @@ class FileStorage(Storage):
         cur = self.root
         for part in rel.parts:
             cur = cur / part
-            ensure_private_dir(cur)
+            ensure_private_dir(cur, within=self.root)
 
     def path(self, key: str) -> Path:
         """The file a key lives in (for HAProxy, which reads files, and for tests)."""

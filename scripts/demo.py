@@ -72,6 +72,7 @@ def write_config(stack: AcmeStack, work: Path, metrics_port: int) -> Path:
         "[acme]",
         f"directory = {toml_value(stack.pebble.directory_url)}",
         f"ca_bundle = {toml_value(stack.pebble.ca_bundle)}",
+        f"trusted_roots = {toml_value(stack.pebble.roots_file())}",
         'email = "ops@demo.test"',
         "poll_interval = 0.1",
         "[spoa]",

@@ -84,7 +84,8 @@ def test_quickstart_commands_work_against_pebble_and_haproxy(
             ("127.0.0.1:9810", f"127.0.0.1:{metrics}"),
         ]
         directory = (
-            f'"{pebble.directory_url}"\nca_bundle = "{pebble.ca_bundle}"\npoll_interval = 0.1'
+            f'"{pebble.directory_url}"\nca_bundle = "{pebble.ca_bundle}"\n'
+            f'trusted_roots = "{pebble.roots_file()}"\npoll_interval = 0.1'
         )
         commands = [
             (

@@ -236,6 +236,7 @@ def test_import_then_forced_renewal_keeps_the_key_byte_identical(
         text = cfg_path.read_text().replace(
             'directory = "https://127.0.0.1:14000/dir"\n',
             f'directory = "{pebble.directory_url}"\nca_bundle = "{pebble.ca_bundle}"\n'
+            f'trusted_roots = "{pebble.roots_file()}"\n'
             "poll_interval = 0.1\n",
         )
         cfg_path.write_text(text)

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent import ari, keys
@@ -215,12 +216,15 @@ class StandInIssuer:
 
 @pytest.fixture
 def config(tmp_path: Path) -> Config:
+    # The chains TinyCA issues lead to its private root: trust it as a CA's root.
+    (tmp_path / "roots.pem").write_bytes(CA.root.public_bytes(serialization.Encoding.PEM))
     (tmp_path / "config.toml").write_text(
         textwrap.dedent(
             """\
             state_dir = "state"
             [acme]
             directory = "https://127.0.0.1:1/dir"
+            trusted_roots = "roots.pem"
             [[certificates]]
             name = "www"
             domains = ["a.example.com", "b.example.com"]

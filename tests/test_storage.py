@@ -15,6 +15,7 @@ from agent.storage import (
     FileStorage,
     LockTimeout,
     StorageKeyError,
+    UnsafeDirectoryError,
     atomic_write,
     safe_key,
     safe_name,
@@ -110,12 +111,39 @@ def test_file_storage_modes_roundtrip_and_listing(tmp_path: Path) -> None:
         st.load("certificates/www/cert.pem")
 
 
-def test_file_storage_tightens_a_loose_existing_root(tmp_path: Path) -> None:
+def test_file_storage_refuses_a_loose_existing_root_and_leaves_its_mode(tmp_path: Path) -> None:
+    # Was "tightens": chmodding a directory the agent did not create (state_dir = "/tmp"
+    # by mistake) locks others out of it. Now refused, naming mode and fix; nothing written.
     root = tmp_path / "state"
     root.mkdir(mode=0o755)
     os.chmod(root, 0o755)
-    FileStorage(root).store("x", b"1")
-    assert mode(root) == 0o700
+    with pytest.raises(UnsafeDirectoryError) as e:
+        FileStorage(root).store("x", b"1")
+    assert f"{root} is open to others (mode 0755)" in str(e.value)
+    assert f"chmod 700 {root}" in str(e.value)
+    assert mode(root) == 0o755
+    assert list(root.iterdir()) == []
+
+
+def test_created_state_dir_and_subdirectories_are_0700_under_umask_000(tmp_path: Path) -> None:
+    old = os.umask(0)
+    try:
+        FileStorage(tmp_path / "new" / "state").store("certificates/www/cert.pem", b"1")
+    finally:
+        os.umask(old)
+    assert mode(tmp_path / "new") == 0o755  # a missing parent: traversable, not writable
+    assert mode(tmp_path / "new" / "state") == 0o700
+    assert mode(tmp_path / "new" / "state" / "certificates") == 0o700
+    assert mode(tmp_path / "new" / "state" / "certificates" / "www") == 0o700
+
+
+def test_existing_subdirectory_of_a_private_root_is_used_as_it_is(tmp_path: Path) -> None:
+    root = tmp_path / "state"
+    root.mkdir(mode=0o700)
+    (root / "locks").mkdir(mode=0o755)
+    os.chmod(root / "locks", 0o755)
+    FileStorage(root).store("locks/x", b"1")
+    assert mode(root / "locks") == 0o755
 
 
 def test_file_storage_refuses_escaping_keys(tmp_path: Path) -> None:
@@ -155,7 +183,8 @@ def test_lock_excludes_another_process_until_released(tmp_path: Path) -> None:
 def test_lock_of_a_dead_process_is_taken_over(tmp_path: Path) -> None:
     root = tmp_path / "state"
     st = FileStorage(root)
-    (root / "locks").mkdir(parents=True)
+    root.mkdir(mode=0o700)  # an existing state dir must be closed to others
+    (root / "locks").mkdir()
     dead = multiprocessing.get_context("fork").Process(target=lambda: None)
     dead.start()
     dead.join()
@@ -168,7 +197,8 @@ def test_lock_of_a_dead_process_is_taken_over(tmp_path: Path) -> None:
 
 def test_expired_lock_is_taken_over(tmp_path: Path) -> None:
     root = tmp_path / "state"
-    (root / "locks").mkdir(parents=True)
+    root.mkdir(mode=0o700)  # an existing state dir must be closed to others
+    (root / "locks").mkdir()
     (root / "locks" / "www.lock").write_text(
         json.dumps({"host": "other-host", "pid": 1, "created": time.time() - 1000})
     )

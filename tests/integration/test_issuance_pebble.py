@@ -253,3 +253,41 @@ def test_short_lived_certificate_renews_by_itself_after_two_thirds_of_its_life(
         assert rc == 0, err
         assert "short: renewed: 1/3 of the lifetime left" in out
         assert leaf_of(tmp_path / "state", "short").serial_number != first.serial_number
+
+
+def test_failed_validation_leaves_no_key_authorization_in_logs_state_or_status(
+    tmp_path: Path,
+    stack: AcmeStack,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Pebble's detail for a wrong answer quotes the expected key authorization:
+    # 'The key authorization file from the server did not match this challenge "<t>.<k>" != ...'
+    certs = [{"name": "www", "domains": ["www.example.com"], "key": str(tmp_path / "www.key"),
+              "generate_key": True}]  # fmt: skip
+    config = stack.write_config(tmp_path / "config.toml", certs)
+    real_add = MemoryChallengeRegistry.add
+    published: list[str] = []
+
+    def add_wrong_answer(
+        self: MemoryChallengeRegistry, token: str, key_authz: str, *a: Any
+    ) -> None:
+        published.append(key_authz)
+        real_add(self, token, token + ".not-the-key-authorization", *a)
+
+    monkeypatch.setattr(MemoryChallengeRegistry, "add", add_wrong_answer)
+    caplog.set_level("DEBUG")
+    rc, out, err = cli(capsys, "renew", "-v", "-c", str(config))
+    assert rc == 1
+    assert "www: failed:" in err and "did not match" in err
+    assert published, "no challenge was answered"
+    rc, status_out, _ = cli(capsys, "status", "-c", str(config), "--json")
+    (row,) = json.loads(status_out)
+    assert "did not match" in row["last_error"]
+    state_bytes = b"".join(p.read_bytes() for p in (tmp_path / "state").rglob("*") if p.is_file())
+    for key_authz in published:
+        thumbprint = key_authz.split(".", 1)[1]
+        assert key_authz not in out + err + caplog.text + status_out
+        assert thumbprint not in out + err + caplog.text + status_out
+        assert key_authz.encode() not in state_bytes

@@ -111,6 +111,8 @@ class AcmeStack:
         acme_keys: dict[str, Any] = {
             "directory": self.pebble.directory_url,
             "ca_bundle": self.pebble.ca_bundle,
+            # Issued chains must lead to a trusted root: Pebble's is private.
+            "trusted_roots": self.pebble.roots_file(),
             "email": "ops@example.com",
             "poll_interval": 0.05,
             "timeout": 20,

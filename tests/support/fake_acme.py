@@ -8,6 +8,7 @@ the real Pebble (tests/support/pebble.py), never this.
 
 Script responses per path with `server.script(path, [(status, headers, body), ...])`;
 once a path's script is used up it falls back to its default answer.
+`script_order(server, domain, fullchain_pem)` scripts one complete http-01 order.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ from types import TracebackType
 from typing import Any
 
 Reply = tuple[int, dict[str, str], Any]
+# A reply header (not sent) making the stand-in send only that many bytes of the body while
+# announcing its full Content-Length, then close the connection: a truncated answer.
+# "drop": close the connection without any answer (the request was received).
+TRUNCATE = "X-Fake-Truncate"
 
 
 def problem(code: str, detail: str = "", status: int = 400) -> Reply:
@@ -59,18 +64,25 @@ class FakeAcme:
 
             def _reply(self, reply: Reply, head: bool = False) -> None:
                 status, headers, body = reply
+                if headers.get(TRUNCATE) == "drop":  # hang up without an answer
+                    self.close_connection = True
+                    return
                 data = b""
                 if body is not None:
                     data = body if isinstance(body, bytes) else json.dumps(body).encode()
                 self.send_response(status)
                 headers = {"Content-Type": "application/json", **headers}
                 headers.setdefault("Replay-Nonce", fake.new_nonce())
+                cut = headers.pop(TRUNCATE, None)
                 for k, v in headers.items():
                     self.send_header(k, v)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 if not head:
-                    self.wfile.write(data)
+                    # TRUNCATE: announce the whole length, send the start, hang up.
+                    self.wfile.write(data if cut is None else data[: int(cut)])
+                if cut is not None:
+                    self.close_connection = True
 
             def do_HEAD(self) -> None:
                 fake._record("HEAD", self.path, None)
@@ -172,3 +184,32 @@ class FakeAcme:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def script_order(fake: FakeAcme, domain: str, fullchain_pem: bytes, token: str) -> None:
+    """Script one whole order for `domain` that becomes valid (the stand-in validates nothing):
+    newOrder /order -> authz /authz/1 (pending, then valid) -> challenge /chall/1 ->
+    finalize /finalize/1 -> certificate /cert/1 (`fullchain_pem`)."""
+    b = fake.base
+    ident = {"type": "dns", "value": domain}
+    chall = {"type": "http-01", "url": b + "/chall/1", "token": token, "status": "pending"}
+    pending = {"status": "pending", "identifier": ident, "challenges": [chall]}
+    valid = {"status": "valid", "identifier": ident, "challenges": [{**chall, "status": "valid"}]}
+    order = {
+        "status": "pending",
+        "identifiers": [ident],
+        "authorizations": [b + "/authz/1"],
+        "finalize": b + "/finalize/1",
+    }
+    fake.script("/order", [(201, {"Location": b + "/order/1"}, order)])
+    fake.script("/authz/1", [(200, {}, pending), (200, {}, valid)])
+    fake.script(
+        "/chall/1",
+        [(200, {"Link": f'<{b}/authz/1>;rel="up"'}, {**chall, "status": "processing"})],
+    )
+    done = {**order, "status": "valid", "certificate": b + "/cert/1"}
+    fake.script("/finalize/1", [(200, {"Location": b + "/order/1"}, done)])
+    fake.script("/order/1", [(200, {}, done)])
+    fake.script(
+        "/cert/1", [(200, {"Content-Type": "application/pem-certificate-chain"}, fullchain_pem)]
+    )

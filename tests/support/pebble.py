@@ -117,6 +117,7 @@ class PebbleProcess:
         cert_path, key_path = _server_cert(self._ca, self.workdir)
         self.ca_bundle = self.workdir / "pebble-listener-ca.pem"
         self.ca_bundle.write_bytes(self._ca.pem)
+        self.roots_path = self.workdir / "pebble-roots.pem"  # see roots_file()
         config: dict[str, object] = {
             "listenAddress": f"127.0.0.1:{self.acme_port}",
             "managementListenAddress": f"127.0.0.1:{self.management_port}",
@@ -205,6 +206,8 @@ class PebbleProcess:
                 env,
             )  # fmt: skip
             self._wait_ready()
+            if self.roots_path.exists():
+                self.roots_file()  # a new Pebble has a new root: keep trusted_roots current
         except BaseException:
             self.stop()
             raise
@@ -236,6 +239,11 @@ class PebbleProcess:
         with urllib.request.urlopen(url, context=self._ssl_context(), timeout=5) as r:
             data: bytes = r.read()
         return data
+
+    def roots_file(self) -> Path:
+        """A PEM file of Pebble's current root, for `[acme] trusted_roots` (rewritten per call)."""
+        self.roots_path.write_bytes(self.root_pem())
+        return self.roots_path
 
     def stop(self) -> None:
         """Stop pebble and challtestsrv through their handles (SIGTERM, then SIGKILL)."""
