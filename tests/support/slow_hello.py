@@ -43,6 +43,7 @@ class SlowHelloFlood:
         self.open: list[_Trickler] = []
         self.endings: Counter[int | None] = Counter()  # status code (None: no DISCONNECT) -> n
         self.connect_failures = 0
+        self.steps = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -74,6 +75,7 @@ class SlowHelloFlood:
         missing = self.count - len(self.open)
         for _ in range(min(missing, self.reconnect_per_step)):
             self._connect()
+        self.steps += 1
 
     def _reap(self) -> None:
         if not self.open:
@@ -124,6 +126,11 @@ class SlowHelloFlood:
         """run() in a thread; stop() ends it."""
         self._thread = threading.Thread(target=self.run, args=(duration, tick), daemon=True)
         self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        """True while the thread started by start() is still flooding."""
+        return self._thread is not None and self._thread.is_alive()
 
     def stop(self) -> None:
         self._stop.set()
