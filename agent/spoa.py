@@ -65,7 +65,7 @@ import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from types import TracebackType
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar, cast
 
 from agent.challenges import MAX_TOKEN_LENGTH, ChallengeRegistry, MemoryChallengeRegistry
 from agent.spop import (
@@ -81,6 +81,9 @@ from agent.spop import (
     encode_ack_set_txn_string,
     encode_empty_ack,
 )
+
+if TYPE_CHECKING:
+    from agent.config import SpoaConfig
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -319,6 +322,25 @@ class _DropLog:
                 peer,
                 detail,
             )
+
+
+class DoorSettings(TypedDict):
+    """SpoaServer's door keywords, as configured in [spoa] (docs/configuration.md)."""
+
+    hello_timeout: float
+    idle_timeout: float
+    max_connections: int
+    max_pending_per_peer: int
+
+
+def door_settings(spoa: SpoaConfig) -> DoorSettings:
+    """`SpoaServer(..., **door_settings(config.spoa))`: the [spoa] limits."""
+    return DoorSettings(
+        hello_timeout=spoa.hello_timeout,
+        idle_timeout=spoa.idle_timeout,
+        max_connections=spoa.max_connections,
+        max_pending_per_peer=spoa.max_pending_per_peer,
+    )
 
 
 class SpoaServer:
