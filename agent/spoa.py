@@ -354,7 +354,8 @@ class SpoaServer:
     status 2); `max_pending_per_peer` connections without HELLO per peer
     address and `max_connections` in all (status 13, the oldest connection
     without HELLO goes first); `warning_interval` seconds between two
-    warnings of one kind.
+    warnings of one kind. Timeouts are checked by one sweep every
+    min(1 s, timeout / 4), so they fire up to that much late.
     """
 
     def __init__(
