@@ -115,13 +115,13 @@ def test_complete_frames_keep_a_connection_past_the_idle_timeout(
     registry: MemoryChallengeRegistry,
 ) -> None:
     with (
-        SpoaThread(registry, port=0, idle_timeout=0.5) as agent,
+        SpoaThread(registry, port=0, idle_timeout=1.0) as agent,
         SpopClient(agent.port, timeout=2.0) as c,
     ):
         c.hello()
-        for i in range(15):  # 1.5 s: three idle periods of NOTIFYs every 0.1 s
+        for i in range(15):  # 3 s: three idle periods of NOTIFYs every 0.2 s
             assert served(c, i + 1)
-            time.sleep(0.1)
+            time.sleep(0.2)
 
 
 def test_connection_without_hello_is_closed_at_the_hello_deadline(
