@@ -104,11 +104,11 @@ def cmd_renew(args: argparse.Namespace) -> int:
 
     @contextlib.contextmanager
     def serve() -> Iterator[object]:
-        from agent.spoa import SpoaThread
+        from agent.spoa import SpoaThread, door_settings
 
         listen = config.spoa.listen
         try:
-            thread = SpoaThread(registry, listen.host, listen.port)
+            thread = SpoaThread(registry, listen.host, listen.port, **door_settings(config.spoa))
             thread.start()
         except OSError as e:
             raise OSError(

@@ -15,7 +15,8 @@ Schema (every key optional unless marked required):
                 poll_interval = 0.5 (s), timeout = 30 (s), max_concurrent_orders = 4,
                 trusted_roots (PEM file of roots issued chains must lead to; default: the
                 system trust store), allow_leaf_only = false
-    [spoa]      listen = "127.0.0.1:12345"
+    [spoa]      listen = "127.0.0.1:12345", hello_timeout = 5 (s), idle_timeout = 30 (s),
+                max_connections = 1000, max_pending_per_peer = 256
     [haproxy]   runtime_api = [] ("unix:/path" or "tcp:host:port"), cert_dir = <state_dir>/haproxy,
                 crt_list = "", verify = [] ("host:port"), reload_command = [], timeout = 5.0 (s),
                 bufsize = 16384 (bytes; must equal HAProxy's tune.bufsize)
@@ -100,6 +101,13 @@ class Listen:
 @dataclass(frozen=True)
 class SpoaConfig:
     listen: Listen = field(default_factory=lambda: Listen("127.0.0.1", 12345))
+    # The SPOA's door (agent/spoa.py module docstring): seconds from accept to
+    # a valid HELLO; seconds without a complete frame; connections in all;
+    # connections without HELLO yet per peer address.
+    hello_timeout: float = 5.0
+    idle_timeout: float = 30.0
+    max_connections: int = 1000
+    max_pending_per_peer: int = 256
 
 
 @dataclass(frozen=True)
@@ -406,7 +414,7 @@ class _Loader:
             raise top.error("state_dir", problem)
         acme = self._acme(top.section("acme"))
         spoa_s = top.section("spoa")
-        spoa = SpoaConfig(listen=self._listen(spoa_s, "listen", "127.0.0.1:12345"))
+        spoa = self._spoa(spoa_s)
         spoa_s.check_unknown()
         haproxy = self._haproxy(top.section("haproxy"), state_dir)
         metrics_s = top.section("metrics")
@@ -433,6 +441,20 @@ class _Loader:
             return parse_listen(value)
         except ValueError as e:
             raise s.error(name, str(e)) from None
+
+    def _spoa(self, s: _Section) -> SpoaConfig:
+        counts: dict[str, int] = {}
+        for key, default in (("max_connections", 1000), ("max_pending_per_peer", 256)):
+            counts[key] = s.get(key, int, default)
+            if not 1 <= counts[key] <= 1_000_000:
+                raise s.error(key, "must be between 1 and 1000000")
+        return SpoaConfig(
+            listen=self._listen(s, "listen", "127.0.0.1:12345"),
+            hello_timeout=s.get_number("hello_timeout", 5.0, 0.0, 600.0),
+            idle_timeout=s.get_number("idle_timeout", 30.0, 0.0, 86400.0),
+            max_connections=counts["max_connections"],
+            max_pending_per_peer=counts["max_pending_per_peer"],
+        )
 
     def _acme(self, s: _Section) -> AcmeConfig:
         directory = s.get_str("directory", required=True)

@@ -51,7 +51,7 @@ from agent.renewal import (
     load_meta,
     next_renewal_time,
 )
-from agent.spoa import SpoaServer
+from agent.spoa import SpoaServer, door_settings
 from agent.storage import FileStorage, ensure_private_dir
 
 log = logging.getLogger("agent.daemon")
@@ -406,7 +406,7 @@ class Daemon:
         self.config = new
         self._build(new)
         self._schedule_all()
-        if new.spoa.listen != old.spoa.listen:
+        if new.spoa != old.spoa:  # listen address or limits
             await self._restart_spoa()
         if new.metrics.listen != old.metrics.listen:
             await self._restart_metrics()
@@ -444,7 +444,11 @@ class Daemon:
     def _make_spoa(self) -> SpoaServer:
         listen = self.config.spoa.listen
         return SpoaServer(
-            self.registry, listen.host, listen.port, on_request=self.metrics.observe_challenge
+            self.registry,
+            listen.host,
+            listen.port,
+            on_request=self.metrics.observe_challenge,
+            **door_settings(self.config.spoa),
         )
 
     def _make_metrics_server(self) -> MetricsServer:

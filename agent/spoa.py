@@ -16,6 +16,40 @@ leave in one write.
 One bad peer never takes the agent down: a protocol error on a connection
 sends AGENT-DISCONNECT with the SPOP status code and closes that connection
 only.
+
+The door (who gets a connection, and for how long). SPOP has no
+authentication; a connection counts as HAProxy's once it has completed a
+valid HAPROXY-HELLO ("authenticated" below). Before that it is "pending".
+
+- HELLO deadline: a pending connection that has not completed a valid HELLO
+  `hello_timeout` seconds after accept gets AGENT-DISCONNECT status 2
+  (timeout). HAProxy sends its HELLO right after connecting, so only slow or
+  hostile peers ever hit it.
+- Idle timeout: only COMPLETE frames count as activity. Bytes of a frame that
+  never completes do not keep a connection open past `idle_timeout` seconds
+  (status 2). HAProxy's own `timeout idle` (haproxy/spoe-acme.conf) is kept
+  below it, so HAProxy normally closes its idle connections first.
+- Per-peer limit: at most `max_pending_per_peer` PENDING connections per peer
+  address. A new connection from an address at its limit closes that
+  address's oldest pending connection (status 13) and is accepted.
+  Authenticated connections are not counted: HAProxy on 127.0.0.1 shares its
+  address with any local attacker, and must never be refused for what the
+  attacker holds; its own connections leave "pending" within a round trip.
+- Global cap: at most `max_connections` connections (pending plus
+  authenticated; connections already told to go, still draining, are not
+  counted). At the cap a new connection closes the oldest pending
+  connection (status 13) and is accepted: the whole cap is reserved for
+  HAProxy, pending connections only borrow it. Only when every connection is
+  authenticated is the new one refused (status 13). An authenticated
+  connection is never closed to make room.
+- Limits left: a local peer that speaks SPOP correctly is indistinguishable
+  from HAProxy and can hold authenticated connections until it idles out;
+  the agent listens on loopback (or a firewalled address) for that reason.
+
+Warnings about dropped peers (malformed SPOP, HELLO deadline, limits) are
+throttled: the first of a kind is written at once, later ones are counted and
+written at most once per `warning_interval` seconds per kind, with the
+count. `SpoaServer.drops` holds the running totals per kind for metrics.
 """
 
 from __future__ import annotations
@@ -24,13 +58,14 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from types import TracebackType
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar, cast
 
 from agent.challenges import MAX_TOKEN_LENGTH, ChallengeRegistry, MemoryChallengeRegistry
 from agent.spop import (
@@ -47,6 +82,9 @@ from agent.spop import (
     encode_empty_ack,
 )
 
+if TYPE_CHECKING:
+    from agent.config import SpoaConfig
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -56,6 +94,19 @@ VAR_NAME = "keyauth"  # set in scope txn; with `option var-prefix acme` -> txn.a
 
 OnRequest = Callable[[str, float], None]  # (result "answered"|"unknown", seconds)
 
+# Why a peer was dropped -> the words used in the warning. Keys are stable
+# (metric labels); "idle_timeout" is counted but not logged (HAProxy's own
+# idle connections may meet it when its `timeout idle` is set above ours).
+DROP_REASONS: dict[str, str] = {
+    "malformed": "malformed SPOP",
+    "hello_deadline": "HELLO deadline",
+    "peer_limit": "too many connections without HELLO from one address",
+    "evicted": "connection limit, oldest connection without HELLO closed for a new one",
+    "refused": "connection limit, every connection has completed HELLO",
+    "idle_timeout": "idle timeout",
+}
+_SILENT_DROPS = frozenset({"idle_timeout"})
+
 # Stop reading from a peer that does not read our ACKs once this much is queued.
 _WRITE_HIGH_WATER = 256 * 1024
 
@@ -63,14 +114,25 @@ _WRITE_HIGH_WATER = 256 * 1024
 class _SpoaProtocol(asyncio.Protocol):
     """One HAProxy connection. All work happens in data_received."""
 
-    __slots__ = ("_closing", "_conn", "_server", "_transport", "last_activity")
+    __slots__ = (
+        "_closing",
+        "_conn",
+        "_server",
+        "_transport",
+        "accepted",
+        "last_activity",
+        "peer_host",
+    )
 
     def __init__(self, server: SpoaServer) -> None:
         self._server = server
         self._conn = AgentConnection(server.max_frame_size)
         self._transport: asyncio.Transport | None = None
         self._closing = False
-        self.last_activity = time.monotonic()
+        now = time.monotonic()
+        self.accepted = now  # for the HELLO deadline
+        self.last_activity = now  # last COMPLETE frame (or accept): for the idle timeout
+        self.peer_host: object = None  # the per-peer limit's key
 
     # -- asyncio callbacks
 
@@ -78,21 +140,15 @@ class _SpoaProtocol(asyncio.Protocol):
         # uvloop's transports are not asyncio.Transport subclasses: no isinstance check.
         transport = cast(asyncio.Transport, transport)
         self._transport = transport
-        server = self._server
-        if len(server._connections) >= server.max_connections:
-            log.warning(
-                "SPOE agent: refusing connection from %s, already %d connections (max %d)",
-                transport.get_extra_info("peername"),
-                len(server._connections),
-                server.max_connections,
-            )
+        if not self._server._admit(self):
             self._disconnect(Status.RESOURCE, "too many connections")
             return
-        server._connections.add(self)
         transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._server._connections.discard(self)
+        server = self._server
+        server._release(self)
+        server._connections.discard(self)
         self._closing = True
 
     def pause_writing(self) -> None:
@@ -107,7 +163,6 @@ class _SpoaProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._closing:
             return
-        self.last_activity = time.monotonic()
         conn = self._conn
         conn.receive_data(data)
         out: list[bytes] = []
@@ -119,7 +174,7 @@ class _SpoaProtocol(asyncio.Protocol):
                     append(answer(event))
                 elif type(event) is HaproxyHello:
                     out.append(conn.hello_reply(event))
-                    self._server._hello_seen(event.healthcheck)
+                    self._server._hello_seen(self, event.healthcheck)
                     if event.healthcheck:
                         close = True  # spec: answer a health check, then close
                         break
@@ -128,7 +183,7 @@ class _SpoaProtocol(asyncio.Protocol):
                     close = True
                     break
         except SpopError as err:
-            log.warning("SPOE agent: closing connection from %s: %s", self._peer(), err)
+            self._server._drops.count("malformed", self._peer(), str(err))
             out.append(conn.send(AgentDisconnect.for_error(err)))
             close = True
         except Exception as err:  # a bug must cost one connection, not the agent
@@ -138,9 +193,13 @@ class _SpoaProtocol(asyncio.Protocol):
         transport = self._transport
         assert transport is not None
         if out:
+            # Every complete frame produces an answer, and only complete frames
+            # count as activity: a byte of a frame that never ends does not.
+            self.last_activity = time.monotonic()
             transport.write(out[0] if len(out) == 1 else b"".join(out))
         if close:
             self._closing = True
+            self._server._release(self)
             transport.close()
 
     # -- helpers
@@ -194,11 +253,16 @@ class _SpoaProtocol(asyncio.Protocol):
                 log.exception("SPOE agent: on_request callback failed")
         return data
 
-    def _peer(self) -> object:
-        return self._transport.get_extra_info("peername") if self._transport else None
+    def _peer(self) -> str:
+        peer = self._transport.get_extra_info("peername") if self._transport else None
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            host = str(peer[0])
+            return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+        return str(peer)
 
     def _disconnect(self, status: int, message: str) -> None:
-        """Send AGENT-DISCONNECT and close (shutdown, idle timeout, overload)."""
+        """Send AGENT-DISCONNECT and close (shutdown, timeouts, limits)."""
+        self._server._release(self)
         transport = self._transport
         if transport is None or self._closing:
             return
@@ -209,14 +273,89 @@ class _SpoaProtocol(asyncio.Protocol):
             transport.close()
 
 
+class _DropLog:
+    """Counts dropped peers per kind (DROP_REASONS) and throttles their warnings.
+
+    The first drop of a kind after a quiet `interval` (seconds) is written at
+    once; the next ones are only counted, and written as one line with their
+    count by `flush` once `interval` has passed since the last line of that
+    kind. `totals` are running counts since start, for metrics. Costs a dict
+    update per drop; nothing on the NOTIFY path.
+    """
+
+    __slots__ = ("_last_line", "_unwritten", "interval", "totals")
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.totals: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
+        self._unwritten: dict[str, tuple[int, str, str]] = {}  # kind -> (count, peer, detail)
+        self._last_line: dict[str, float] = {}
+
+    def count(self, kind: str, peer: str, detail: str) -> None:
+        self.totals[kind] += 1
+        if kind in _SILENT_DROPS:
+            return
+        previous = self._unwritten.get(kind)
+        self._unwritten[kind] = ((previous[0] if previous else 0) + 1, peer, detail)
+        now = time.monotonic()
+        if now - self._last_line.get(kind, -math.inf) >= self.interval:
+            self._write(kind, now)
+
+    def flush(self, now: float, everything: bool = False) -> None:
+        """Write the counted drops whose interval has passed (all of them with `everything`)."""
+        for kind in list(self._unwritten):
+            if everything or now - self._last_line.get(kind, -math.inf) >= self.interval:
+                self._write(kind, now)
+
+    def _write(self, kind: str, now: float) -> None:
+        count, peer, detail = self._unwritten.pop(kind)
+        since = self._last_line.get(kind)
+        self._last_line[kind] = now
+        if count == 1:
+            log.warning("SPOE agent: dropped peer %s: %s: %s", peer, DROP_REASONS[kind], detail)
+        else:
+            log.warning(
+                "SPOE agent: dropped %d peers: %s, in the last %.3g s (latest %s: %s)",
+                count,
+                DROP_REASONS[kind],
+                now - since if since is not None else self.interval,
+                peer,
+                detail,
+            )
+
+
+class DoorSettings(TypedDict):
+    """SpoaServer's door keywords, as configured in [spoa] (docs/configuration.md)."""
+
+    hello_timeout: float
+    idle_timeout: float
+    max_connections: int
+    max_pending_per_peer: int
+
+
+def door_settings(spoa: SpoaConfig) -> DoorSettings:
+    """`SpoaServer(..., **door_settings(config.spoa))`: the [spoa] limits."""
+    return DoorSettings(
+        hello_timeout=spoa.hello_timeout,
+        idle_timeout=spoa.idle_timeout,
+        max_connections=spoa.max_connections,
+        max_pending_per_peer=spoa.max_pending_per_peer,
+    )
+
+
 class SpoaServer:
     """Asyncio SPOA server answering ACME http-01 challenges from `registry`.
 
     `on_request(result, seconds)` is called for every NOTIFY with result
-    "answered" or "unknown" and the lookup time. Connections idle longer than
-    `idle_timeout` seconds get AGENT-DISCONNECT (status 2) and are closed;
-    beyond `max_connections` new ones get status 13. `max_frame_size`
-    (bytes, >= 256) is our side of the HELLO negotiation.
+    "answered" or "unknown" and the lookup time. `max_frame_size` (bytes,
+    >= 256) is our side of the HELLO negotiation. The door (module
+    docstring): `hello_timeout` seconds from accept to a valid HELLO,
+    `idle_timeout` seconds without a complete frame (both: AGENT-DISCONNECT
+    status 2); `max_pending_per_peer` connections without HELLO per peer
+    address and `max_connections` in all (status 13, the oldest connection
+    without HELLO goes first); `warning_interval` seconds between two
+    warnings of one kind. Timeouts are checked by one sweep every
+    min(1 s, timeout / 4), so they fire up to that much late.
     """
 
     def __init__(
@@ -227,22 +366,41 @@ class SpoaServer:
         *,
         on_request: OnRequest | None = None,
         idle_timeout: float = 30.0,
+        hello_timeout: float = 5.0,
         max_connections: int = 1000,
+        max_pending_per_peer: int = 256,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        warning_interval: float = 10.0,
     ) -> None:
         if max_frame_size < MIN_FRAME_SIZE:
             raise ValueError(f"max_frame_size must be >= {MIN_FRAME_SIZE}, got {max_frame_size}")
-        if idle_timeout <= 0:
-            raise ValueError(f"idle_timeout must be positive, got {idle_timeout}")
+        for name, value in (
+            ("idle_timeout", idle_timeout),
+            ("hello_timeout", hello_timeout),
+            ("max_connections", max_connections),
+            ("max_pending_per_peer", max_pending_per_peer),
+            ("warning_interval", warning_interval),
+        ):
+            if not value > 0:
+                raise ValueError(f"{name} must be positive, got {value}")
         self.registry = registry
         self.host = host
         self._requested_port = port
         self.on_request = on_request
         self.idle_timeout = idle_timeout
+        self.hello_timeout = hello_timeout
         self.max_connections = max_connections
+        self.max_pending_per_peer = max_pending_per_peer
         self.max_frame_size = max_frame_size
         self._server: asyncio.Server | None = None
+        # Every open transport (also those told to go and still draining).
         self._connections: set[_SpoaProtocol] = set()
+        # Counted against the limits: pending (no HELLO yet), oldest first, in
+        # all and per peer address; and authenticated (HELLO done).
+        self._pending: dict[_SpoaProtocol, None] = {}
+        self._pending_by_peer: dict[object, dict[_SpoaProtocol, None]] = {}
+        self._authenticated: set[_SpoaProtocol] = set()
+        self._drops = _DropLog(warning_interval)
         self._sweeper: asyncio.Task[None] | None = None
         self._bad_args_warned = False
         self._lookup_failure_logged = -1e9
@@ -254,11 +412,85 @@ class SpoaServer:
 
     HEALTH_CHECKS_TO_RISE = 2
 
-    def _hello_seen(self, healthcheck: bool) -> None:
-        if healthcheck:
+    @property
+    def drops(self) -> dict[str, int]:
+        """Peers dropped since start, by reason (the keys of DROP_REASONS)."""
+        return dict(self._drops.totals)
+
+    @property
+    def pending_count(self) -> int:
+        """Connections that have not completed HELLO (and are not closing)."""
+        return len(self._pending)
+
+    @property
+    def authenticated_count(self) -> int:
+        """Connections that completed a (non-health-check) HELLO and are not closing."""
+        return len(self._authenticated)
+
+    # -- the door (module docstring); called from the protocol, never per NOTIFY
+
+    def _admit(self, proto: _SpoaProtocol) -> bool:
+        """Count a new connection in, making room if needed; False: refuse it."""
+        transport = proto._transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        host = peer[0] if isinstance(peer, tuple) and peer else peer
+        proto.peer_host = host
+        same_peer = self._pending_by_peer.get(host)
+        if same_peer is not None and len(same_peer) >= self.max_pending_per_peer:
+            self._drop(
+                next(iter(same_peer)),
+                "peer_limit",
+                Status.RESOURCE,
+                f"more than {self.max_pending_per_peer} connections without HELLO from {host}",
+            )
+        elif len(self._pending) + len(self._authenticated) >= self.max_connections:
+            if not self._pending:
+                self._drops.count(
+                    "refused",
+                    proto._peer(),
+                    f"{self.max_connections} connections (max_connections)",
+                )
+                return False
+            self._drop(
+                next(iter(self._pending)),
+                "evicted",
+                Status.RESOURCE,
+                f"{self.max_connections} connections (max_connections), making room",
+            )
+        self._connections.add(proto)
+        self._pending[proto] = None
+        self._pending_by_peer.setdefault(host, {})[proto] = None
+        return True
+
+    def _unpend(self, proto: _SpoaProtocol) -> None:
+        if proto in self._pending:
+            del self._pending[proto]
+            same_peer = self._pending_by_peer[proto.peer_host]
+            del same_peer[proto]
+            if not same_peer:
+                del self._pending_by_peer[proto.peer_host]
+
+    def _release(self, proto: _SpoaProtocol) -> None:
+        """`proto` is closing: it no longer counts against any limit. Idempotent."""
+        self._unpend(proto)
+        self._authenticated.discard(proto)
+
+    def _drop(self, proto: _SpoaProtocol, kind: str, status: int, message: str) -> None:
+        self._drops.count(kind, proto._peer(), message)
+        self._release(proto)
+        proto._disconnect(status, message)
+        # A peer that never reads the AGENT-DISCONNECT is aborted by the idle
+        # sweep one idle period from now.
+        proto.last_activity = time.monotonic()
+
+    def _hello_seen(self, proto: _SpoaProtocol, healthcheck: bool) -> None:
+        if healthcheck:  # answered, then closed: stays pending until it is
             self._health_checks += 1
             if self._health_checks < self.HEALTH_CHECKS_TO_RISE:
                 return
+        else:
+            self._unpend(proto)
+            self._authenticated.add(proto)
         self.haproxy_uses_us.set()
 
     @property
@@ -271,6 +503,7 @@ class SpoaServer:
 
     @property
     def connection_count(self) -> int:
+        """Open connections, including those told to go and still draining."""
         return len(self._connections)
 
     async def start(self) -> None:
@@ -289,7 +522,7 @@ class SpoaServer:
                 exc.errno,
                 f"SPOE agent cannot listen on {self.host}:{self._requested_port}: {exc.strerror}",
             ) from exc
-        self._sweeper = asyncio.create_task(self._sweep_idle())
+        self._sweeper = asyncio.create_task(self._sweep())
         log.info("SPOE agent listening on %s:%d", self.host, self.port)
 
     async def serve_forever(self) -> None:
@@ -318,28 +551,51 @@ class SpoaServer:
             if proto._transport is not None:
                 proto._transport.abort()
         self._connections.clear()
+        self._pending.clear()
+        self._pending_by_peer.clear()
+        self._authenticated.clear()
+        self._drops.flush(time.monotonic(), everything=True)
         if server is not None:
             await server.wait_closed()
 
-    async def _sweep_idle(self) -> None:
+    async def _sweep(self) -> None:
         # One timer for all connections instead of one per connection per frame.
-        interval = min(1.0, self.idle_timeout / 4)
+        interval = min(1.0, self.idle_timeout / 4, self.hello_timeout / 4)
         while True:
             await asyncio.sleep(interval)
             now = time.monotonic()
-            limit = now - self.idle_timeout
-            for proto in list(self._connections):
-                if proto.last_activity >= limit:
-                    continue
-                transport = proto._transport
-                if proto._closing and transport is not None:
-                    # Closed politely an idle period ago but the peer never read the
-                    # rest (close() waits for the buffer to drain): drop it.
-                    transport.abort()
-                    self._connections.discard(proto)
-                else:
-                    proto._disconnect(Status.TIMEOUT, "idle timeout")
-                    proto.last_activity = now
+            self._expire_hellos(now)
+            self._sweep_idle(now)
+            self._drops.flush(now)
+
+    def _expire_hellos(self, now: float) -> None:
+        # _pending is in accept order: stop at the first one still in time.
+        limit = now - self.hello_timeout
+        pending = self._pending
+        while pending:
+            proto = next(iter(pending))
+            if proto.accepted > limit:
+                break
+            self._drop(
+                proto,
+                "hello_deadline",
+                Status.TIMEOUT,
+                f"no valid HELLO within {self.hello_timeout:g} s of connecting",
+            )
+
+    def _sweep_idle(self, now: float) -> None:
+        limit = now - self.idle_timeout
+        for proto in list(self._connections):
+            if proto.last_activity >= limit:
+                continue
+            transport = proto._transport
+            if proto._closing and transport is not None:
+                # Closed politely an idle period ago but the peer never read the
+                # rest (close() waits for the buffer to drain): drop it.
+                transport.abort()
+                self._connections.discard(proto)
+            else:
+                self._drop(proto, "idle_timeout", Status.TIMEOUT, "idle timeout")
 
     def _log_lookup_failure(self) -> None:
         now = time.monotonic()
@@ -495,8 +751,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--listen", type=_parse_listen, default=("127.0.0.1", 12345))
     parser.add_argument("--token", type=_parse_token, action="append", default=[])
     parser.add_argument("--ttl", type=float, default=86400.0, help="token lifetime, seconds")
-    parser.add_argument("--idle-timeout", type=float, default=30.0)
+    parser.add_argument("--idle-timeout", type=float, default=30.0, help="seconds")
+    parser.add_argument("--hello-timeout", type=float, default=5.0, help="seconds")
     parser.add_argument("--max-connections", type=int, default=1000)
+    parser.add_argument("--max-pending-per-peer", type=int, default=256)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     registry = MemoryChallengeRegistry()
@@ -507,13 +765,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"--token {token[:40]}: {exc}", file=sys.stderr)
             return 2
     host, port = args.listen
-    server = SpoaServer(
-        registry,
-        host,
-        port,
-        idle_timeout=args.idle_timeout,
-        max_connections=args.max_connections,
-    )
+    try:
+        server = SpoaServer(
+            registry,
+            host,
+            port,
+            idle_timeout=args.idle_timeout,
+            hello_timeout=args.hello_timeout,
+            max_connections=args.max_connections,
+            max_pending_per_peer=args.max_pending_per_peer,
+        )
+    except ValueError as exc:
+        print(f"python -m agent.spoa: {exc}", file=sys.stderr)
+        return 2
     try:
         run(_serve(server))
     except OSError as exc:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -24,6 +25,7 @@ from agent.challenges import MemoryChallengeRegistry
 from agent.spoa import SpoaThread
 from tests.support.certs import write_crt_list
 from tests.support.haproxy import HAProxyProcess, free_port
+from tests.support.slow_hello import SlowHelloFlood
 
 pytestmark = pytest.mark.integration
 
@@ -90,8 +92,11 @@ class Stack:
         with self._lock:
             self.requests.append(result)
 
-    def start_agent(self) -> None:
-        self.agent = SpoaThread(self.registry, port=self.spoa_port, on_request=self._count)
+    def start_agent(self, **settings: Any) -> None:
+        """Start the agent; `settings` are SpoaServer's keyword arguments (limits)."""
+        self.agent = SpoaThread(
+            self.registry, port=self.spoa_port, on_request=self._count, **settings
+        )
         self.agent.start()
 
     def stop_agent(self) -> None:
@@ -212,6 +217,39 @@ def test_https_frontend_serves_the_crt_list_certificate(stack: Stack) -> None:
     assert der is not None
     cert = x509.load_der_x509_certificate(der)
     assert cert.subject.rfc4514_string() == "CN=example.test"
+
+
+def test_challenges_are_answered_while_a_slow_hello_flood_runs(
+    haproxy_bin: str, tmp_path: Path
+) -> None:
+    # Small limits: 200 local peers trickling HELLO bytes (and coming back when
+    # dropped) against a cap of 30, from the same 127.0.0.1 as HAProxy.
+    s = Stack(haproxy_bin, tmp_path)
+    s.start_agent(max_connections=30, max_pending_per_peer=20, hello_timeout=1.0)
+    assert s.agent is not None
+    flood = SlowHelloFlood(s.spoa_port, count=200, reconnect_per_step=20)
+    flood.start(duration=30.0)
+    try:
+        # The flood holds the agent's slots before HAProxy opens its first SPOE connection.
+        s.wait_for("flood in place", lambda: flood.steps >= 5)
+        s.haproxy.start()
+
+        def fetch(i: int) -> str:
+            return get(s.http_port, CHALLENGE + TOKEN).body
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            bodies = list(pool.map(fetch, range(40)))
+        assert bodies == [KEYAUTH] * 40
+        assert flood.running
+        drops = s.agent.server.drops
+    finally:
+        flood.close()
+        s.haproxy.stop()
+        s.stop_agent()
+    # Closed to make room (status 13), or at the HELLO deadline (status 2).
+    print(f"flood endings by status: {dict(flood.endings)}; agent drops: {drops}")
+    assert s.requests.count("answered") == 40
+    assert set(flood.endings) <= {2, 13}
 
 
 def test_shipped_configs_use_the_contract_names() -> None:
