@@ -90,6 +90,7 @@ def _args_renew(p: argparse.ArgumentParser) -> None:
 
 def cmd_renew(args: argparse.Namespace) -> int:
     """Renew due certificates, serving the SPOE agent on [spoa] listen while orders run."""
+    from agent import challenge_map
     from agent.challenges import MemoryChallengeRegistry
     from agent.renewal import renew_certificates
 
@@ -101,6 +102,10 @@ def cmd_renew(args: argparse.Namespace) -> int:
         if handed is not None:
             return handed
     registry = MemoryChallengeRegistry()
+    # answer = "map": HAProxy answers from its map; no SPOA needed for this run.
+    map_registry = challenge_map.from_config(config, registry)
+    if map_registry is not None and not args.dry_run:
+        challenge_map.startup_check(config)
 
     @contextlib.contextmanager
     def serve() -> Iterator[object]:
@@ -151,9 +156,9 @@ def cmd_renew(args: argparse.Namespace) -> int:
             args.names or None,
             args.force,
             args.dry_run,
-            registry,
+            registry if map_registry is None else map_registry,
             on_installed=hook,
-            serve_challenges=serve,
+            serve_challenges=serve if map_registry is None else None,
         )
     failed = _print_results(
         [(r.name, r.status, r.reason, r.serial, r.not_after) for r in results], args.quiet
