@@ -420,6 +420,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config check-config passed); writes nothing."""
     config = load(args)
     permissions.startup_checks(config)
+    from agent import challenge_map
+
+    challenge_map.startup_check(config)  # map mode: as `run` (only reachable instances)
     names = ", ".join(c.name for c in config.certificates) or "none"
     print(f"{config.path}: OK ({len(config.certificates)} certificates: {names})")
     return EXIT_OK
