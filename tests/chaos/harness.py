@@ -9,6 +9,7 @@ real TLS handshakes.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from tests.support.acme_stack import AcmeStack, toml_value
@@ -190,7 +192,9 @@ def daemon_table(reconcile: str = "2s", retry: str = "2s") -> str:
 
 # --- invariants ---------------------------------------------------------------------
 
-_PEM_KEY = re.compile(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----", re.S)
+_PEM_KEY = re.compile(
+    rb"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----", re.S
+)
 
 
 def _public(obj: Any) -> bytes:
@@ -220,10 +224,10 @@ def bundle_problems(path: Path) -> list[str]:
         problems.append(f"{path}: the private key does not match the leaf certificate")
     if len(certs) < 2:
         problems.append(f"{path}: leaf only, the issuer's certificate is missing (no chain)")
-    for child, parent in zip(certs, certs[1:], strict=False):
+    for child, parent in itertools.pairwise(certs):
         try:
             child.verify_directly_issued_by(parent)
-        except (ValueError, TypeError, x509.InvalidSignature) as exc:
+        except (ValueError, TypeError, InvalidSignature) as exc:
             problems.append(f"{path}: {child.subject} is not issued by {parent.subject}: {exc}")
     return problems
 
@@ -353,6 +357,4 @@ def wait_in_sync(site: Site, timeout: float = SYNC_TIMEOUT) -> None:
         if not problems:
             return
         time.sleep(1.0)
-    raise AssertionError(
-        f"HAProxy not in sync after {timeout} s:\n  " + "\n  ".join(problems)
-    )
+    raise AssertionError(f"HAProxy not in sync after {timeout} s:\n  " + "\n  ".join(problems))

@@ -50,7 +50,8 @@ def haproxy_c(site: CrtSite) -> subprocess.CompletedProcess[str]:
 def file_problems(site: CrtSite) -> list[str]:
     problems = [p for f in sorted(site.cert_dir.glob("*.pem")) for p in bundle_problems(f)]
     problems += [
-        f"crt-list names a missing file {e}" for e in crt_list_entries(site.crt_list)
+        f"crt-list names a missing file {e}"
+        for e in crt_list_entries(site.crt_list)
         if not e.exists()
     ]
     check = haproxy_c(site)

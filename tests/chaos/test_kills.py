@@ -147,8 +147,10 @@ def test_daemon_killed_at_random_points_then_a_restarted_daemon_brings_haproxy_i
             if client is not None:
                 terminate(client)
         tally["rounds"] += 1
-        if i == 0 and not site.keys and all(
-            (site.key_dir / f"{n}.key").exists() for n in site.names
+        if (
+            i == 0
+            and not site.keys
+            and all((site.key_dir / f"{n}.key").exists() for n in site.names)
         ):
             site.remember_keys()
         check_invariants(site)

@@ -5,9 +5,9 @@ Contract:
   listens on 127.0.0.1:<free port> with TLS (a throwaway CA from
   tests.support.certs; `.ca_bundle` is the PEM file the agent must trust) and
   forwards every request, re-encrypted, to the upstream (trusting
-  `upstream_ca`). Absolute URLs naming the upstream are rewritten to the proxy
-  in bodies and in Location/Link headers, so a client given
-  `.directory_url` stays on the proxy.
+  `upstream_ca`), with the client's Host header, so the CA names the proxy in
+  its URLs (any absolute URL naming the upstream is rewritten as well); a
+  client given `.directory_url` stays on the proxy.
 - Per request, with a `random.Random(seed)`, one fault may be injected:
   `"5xx"` (a 500/503 answer, the request never reaches the CA), `"reset"`
   (TCP RST, no answer), `"truncate"` (the CA's answer cut in the middle of its
@@ -42,7 +42,14 @@ UPSTREAM_TIMEOUT = 30.0  # seconds per forwarded request
 
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----\n?", re.S)
 # Hop-by-hop headers (and the ones we recompute) are not copied from the CA's answer.
-_SKIP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "server", "date"}
+_SKIP_HEADERS = {
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "content-length",
+    "server",
+    "date",
+}
 
 
 class FaultProxy:
@@ -164,9 +171,11 @@ class FaultProxy:
                     headers = {
                         k: v
                         for k, v in self.headers.items()
-                        if k.lower() not in ("host", "connection", "content-length")
+                        if k.lower() not in ("connection", "content-length")
                     }
-                    headers["Host"] = f"{proxy.upstream[0]}:{proxy.upstream[1]}"
+                    # The client's Host (the proxy) is passed on: Pebble builds its URLs
+                    # and checks the JWS "url" against it, so both name the proxy.
+                    headers.setdefault("Host", f"127.0.0.1:{proxy.port}")
                     conn.request(self.command, self.path, body=body or None, headers=headers)
                     resp = conn.getresponse()
                     data = resp.read()
