@@ -5,8 +5,8 @@ brought in sync."""
 from __future__ import annotations
 
 import socket
-import subprocess
 import struct
+import subprocess
 import threading
 from collections import Counter
 from collections.abc import Iterator
