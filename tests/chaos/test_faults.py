@@ -4,6 +4,7 @@ brought in sync."""
 
 from __future__ import annotations
 
+import json
 import socket
 import struct
 import subprocess
@@ -23,7 +24,6 @@ from tests.chaos.harness import (
     daemon_table,
     run_agent,
     spawn_agent,
-    status_json,
     terminate,
     wait_in_sync,
     wait_until,
@@ -106,16 +106,24 @@ def test_status_and_deploys_against_a_runtime_api_that_closes_hangs_drips_and_fl
             # `status` gives up on an unresponsive instance after one timeout (plus
             # start-up), not one timeout per certificate.
             try:
-                rows = status_json(site, timeout=API_TIMEOUT * 2 + 15)
+                cp = run_agent(
+                    "status", "--json", "-c", str(site.config), timeout=API_TIMEOUT * 2 + 15
+                )
             except subprocess.TimeoutExpired as exc:
                 raise AssertionError(
                     f"`status` against a runtime API that does {mode!r} did not give up after "
                     f"one [haproxy] timeout ({API_TIMEOUT} s) for {len(site.names)} certificates"
                 ) from exc
-            for row in rows:
-                assert row["haproxy"], f"{mode}: no instance entry for {row['name']}"
-                for entry in row["haproxy"]:
-                    assert entry["in_sync"] is not True, f"{mode}: in sync with a fake: {entry}"
+            tally["status_runs"] += 1
+            assert cp.returncode in (0, 1), f"{mode}: status exited {cp.returncode}: {cp.stderr}"
+            assert "Traceback" not in cp.stderr, f"{mode}: status crashed:\n{cp.stderr[-2000:]}"
+            # It says which instance is in trouble (in its JSON or on stderr)...
+            assert str(fake.path) in cp.stdout + cp.stderr, f"{mode}: the instance is not named"
+            # ...and never calls a certificate in sync with an instance that answers nothing.
+            if cp.returncode == 0:
+                for row in json.loads(cp.stdout):
+                    for entry in row.get("haproxy", []):
+                        assert entry.get("in_sync") is not True, f"{mode}: in sync? {entry}"
             # The Deployer against it: a brand-new certificate, bounded, not ok.
             deployer = Deployer(
                 [fake.address],
@@ -220,11 +228,20 @@ def test_slow_hello_flood_does_not_lock_haproxy_out_of_the_spoa(
         site.stack.haproxy.restart()
         wait_until("the control socket", control.exists, 30)
         for _ in range(chaos_rounds()):
-            cp = run_agent("renew", "--force", "-c", str(site.config), timeout=150)
+            # Two tries per round: an agent may need its HELLO deadline to pass once
+            # before it has room for the restarted HAProxy; locked out is never ok.
+            outputs = []
+            for _attempt in range(2):
+                cp = run_agent("renew", "--force", "-c", str(site.config), timeout=150)
+                tally["renew_runs"] += 1
+                outputs.append(cp.stdout + cp.stderr[-1500:])
+                if cp.returncode == 0 and all(f"{n}: renewed" in cp.stdout for n in site.names):
+                    break
+            else:
+                raise AssertionError(
+                    "validation failed under a slow-HELLO flood:\n" + "\n---\n".join(outputs)
+                )
             tally["rounds"] += 1
-            assert cp.returncode == 0 and all(f"{n}: renewed" in cp.stdout for n in site.names), (
-                f"validation failed under a slow-HELLO flood:\n{cp.stdout}{cp.stderr[-2000:]}"
-            )
         tally["closed_by_agent"] = flood.closed_by_agent
         check_invariants(site)
         wait_in_sync(site)
