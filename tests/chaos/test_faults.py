@@ -5,6 +5,7 @@ brought in sync."""
 from __future__ import annotations
 
 import json
+import resource
 import socket
 import struct
 import subprocess
@@ -214,6 +215,14 @@ class SlowHelloFlood:
 def test_slow_hello_flood_does_not_lock_haproxy_out_of_the_spoa(
     site: Site, tally: Counter[str]
 ) -> None:
+    # The flood needs more descriptors than a 1024 soft limit, here and in the daemon
+    # (which inherits the limit).
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = FLOOD_CONNECTIONS * 2 + 512
+    if soft < need:
+        if hard != resource.RLIM_INFINITY and hard < need:
+            pytest.fail(f"RLIMIT_NOFILE hard limit {hard} < {need}: cannot run the flood")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
     control = site.root / "control.sock"
     site.write_config(daemon_table() + f'control_socket = "{control}"\n', timeout=20)
     log = site.root / "daemon.log"
