@@ -102,52 +102,59 @@ def test_status_and_deploys_against_a_runtime_api_that_closes_hangs_drips_and_fl
     ca = make_ca("intruder CA")
     with FakeRuntimeAPI(site.root / "fake.sock") as fake:
         site.set_runtime_api([fake.address], timeout=API_TIMEOUT)
-        for mode in MODES:
-            fake.mode = mode
-            # `status` gives up on an unresponsive instance after one timeout (plus
-            # start-up), not one timeout per certificate.
-            try:
-                cp = run_agent(
-                    "status", "--json", "-c", str(site.config), timeout=API_TIMEOUT * 2 + 15
+        try:
+            for mode in MODES:
+                fake.mode = mode
+                # `status` gives up on an unresponsive instance after one timeout (plus
+                # start-up), not one timeout per certificate.
+                try:
+                    cp = run_agent(
+                        "status", "--json", "-c", str(site.config), timeout=API_TIMEOUT * 2 + 15
+                    )
+                except subprocess.TimeoutExpired as exc:
+                    raise AssertionError(
+                        f"`status` against a runtime API that does {mode!r} did not give up "
+                        f"after one [haproxy] timeout ({API_TIMEOUT} s) for "
+                        f"{len(site.names)} certificates"
+                    ) from exc
+                tally["status_runs"] += 1
+                assert cp.returncode in (0, 1), (
+                    f"{mode}: status exited {cp.returncode}: {cp.stderr}"
                 )
-            except subprocess.TimeoutExpired as exc:
-                raise AssertionError(
-                    f"`status` against a runtime API that does {mode!r} did not give up after "
-                    f"one [haproxy] timeout ({API_TIMEOUT} s) for {len(site.names)} certificates"
-                ) from exc
-            tally["status_runs"] += 1
-            assert cp.returncode in (0, 1), f"{mode}: status exited {cp.returncode}: {cp.stderr}"
-            assert "Traceback" not in cp.stderr, f"{mode}: status crashed:\n{cp.stderr[-2000:]}"
-            # It says which instance is in trouble (in its JSON or on stderr)...
-            assert str(fake.path) in cp.stdout + cp.stderr, f"{mode}: the instance is not named"
-            # ...and never calls a certificate in sync with an instance that answers nothing.
-            if cp.returncode == 0:
-                for row in json.loads(cp.stdout):
-                    for entry in row.get("haproxy", []):
-                        assert entry.get("in_sync") is not True, f"{mode}: in sync? {entry}"
-            # The Deployer against it: a brand-new certificate, bounded, not ok.
-            deployer = Deployer(
-                [fake.address],
-                site.stack.cert_dir,
-                crt_list=site.stack.crt_list,
-                verify=[f"127.0.0.1:{site.stack.https_port}"],
-                timeout=API_TIMEOUT,
-            )
-            domain = f"intruder-{mode}.chaos.test"
-            bundle, cert, _ = make_bundle(ca, [domain])
-            target = DeployTarget(f"intruder-{mode}", bundle, cert.serial_number, [domain])
-            box: list[DeployResult] = []
-            t = threading.Thread(target=_deploy_into, args=(deployer, target, box), daemon=True)
-            t.start()
-            t.join(timeout=120)
-            assert not t.is_alive(), f"deploy against a runtime API that does {mode} never ended"
-            assert box, f"deploy against a runtime API that does {mode} raised"
-            assert not box[0].ok, f"{mode}: a deploy to a fake API reported ok"
-            tally["rounds"] += 1
-            check_invariants(site)
-        for mode, n in fake.connections.items():
-            tally[f"fault_{mode}"] = n
-        tally["faults"] = fake.total()
+                assert "Traceback" not in cp.stderr, f"{mode}: status crashed:\n{cp.stderr[-2000:]}"
+                # It says which instance is in trouble (in its JSON or on stderr)...
+                assert str(fake.path) in cp.stdout + cp.stderr, f"{mode}: the instance is not named"
+                # ...and never calls a certificate in sync with an instance that answers nothing.
+                if cp.returncode == 0:
+                    for row in json.loads(cp.stdout):
+                        for entry in row.get("haproxy", []):
+                            assert entry.get("in_sync") is not True, f"{mode}: in sync? {entry}"
+                # The Deployer against it: a brand-new certificate, bounded, not ok.
+                deployer = Deployer(
+                    [fake.address],
+                    site.stack.cert_dir,
+                    crt_list=site.stack.crt_list,
+                    verify=[f"127.0.0.1:{site.stack.https_port}"],
+                    timeout=API_TIMEOUT,
+                )
+                domain = f"intruder-{mode}.chaos.test"
+                bundle, cert, _ = make_bundle(ca, [domain])
+                target = DeployTarget(f"intruder-{mode}", bundle, cert.serial_number, [domain])
+                box: list[DeployResult] = []
+                t = threading.Thread(target=_deploy_into, args=(deployer, target, box), daemon=True)
+                t.start()
+                t.join(timeout=120)
+                assert not t.is_alive(), (
+                    f"deploy against a runtime API that does {mode} never ended"
+                )
+                assert box, f"deploy against a runtime API that does {mode} raised"
+                assert not box[0].ok, f"{mode}: a deploy to a fake API reported ok"
+                tally["rounds"] += 1
+                check_invariants(site)
+        finally:
+            for mode, n in fake.connections.items():
+                tally[f"fault_{mode}"] = n
+            tally["faults"] = fake.total()
     site.set_runtime_api([real_api])
     cp = run_agent("renew", "-c", str(site.config))
     assert cp.returncode == 0, cp.stdout + cp.stderr
@@ -251,9 +258,9 @@ def test_slow_hello_flood_does_not_lock_haproxy_out_of_the_spoa(
                     "validation failed under a slow-HELLO flood:\n" + "\n---\n".join(outputs)
                 )
             tally["rounds"] += 1
-        tally["closed_by_agent"] = flood.closed_by_agent
         check_invariants(site)
         wait_in_sync(site)
     finally:
+        tally["closed_by_agent"] = flood.closed_by_agent
         flood.stop()
         assert terminate(daemon) == 0, log.read_text()[-3000:]
