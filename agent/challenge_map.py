@@ -212,7 +212,9 @@ class HAProxyMapRegistry(ChallengeRegistry):
             return resynced
         for inst in self._instances:
             try:
-                if pending and self._check(inst):
+                with inst.lock:
+                    changed = bool(pending) and self._check(inst)
+                if changed:
                     resynced.append(inst.api.name)
             except (HAProxyError, MapNotDeclared) as e:
                 log.warning("challenge map on HAProxy %s: %s", inst.api.name, e)
