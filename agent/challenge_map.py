@@ -97,7 +97,8 @@ class HAProxyMapRegistry(ChallengeRegistry):
 
     `map_name`: the map as HAProxy names it; None picks per instance
     ("virt@acme" if declared, else `default_file`). `timeout`: seconds `add`
-    keeps retrying instances that fail. Thread-safe.
+    keeps retrying instances that fail (no new attempt starts after it; one in
+    flight is bounded by the RuntimeAPI's own timeout). Thread-safe.
     """
 
     def __init__(
@@ -139,7 +140,8 @@ class HAProxyMapRegistry(ChallengeRegistry):
         with self._lock:
             self._pending[token] = (key_authorization, expires_at)
             self._stale.pop(token, None)
-        deadline = time.monotonic() + self.timeout
+        start = time.monotonic()
+        waited = 0.0  # the sleeps alone: bounds the loop even with an injected sleep
         todo = list(self._instances)
         errors: dict[str, str] = {}
         delay = 0.25
@@ -152,9 +154,11 @@ class HAProxyMapRegistry(ChallengeRegistry):
                     errors[inst.api.name] = str(e)
                     failed.append(inst)
             todo = failed
-            if not todo or time.monotonic() + delay > deadline:
+            elapsed = max(time.monotonic() - start, waited)
+            if not todo or elapsed + delay > self.timeout:
                 break
             self._sleep(delay)
+            waited += delay
             delay = min(delay * 2, 2.0)
         if todo:
             self.remove(token)

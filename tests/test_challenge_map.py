@@ -136,6 +136,16 @@ def test_instance_down_past_map_timeout_fails_naming_instance_and_map_and_rolls_
     assert registry.pending() == {}
 
 
+def test_retries_stop_when_the_waits_reach_map_timeout_whatever_the_clock() -> None:
+    b = FakeAPI("b")
+    b.down = -1
+    registry, _, slept = make(b, timeout=30.0)  # sleeps are recorded, not slept
+    with pytest.raises(ChallengeMapError):
+        registry.add(TOK_A, ka(TOK_A), time.time() + 60)
+    assert sum(slept) <= 30.0
+    assert 10 <= len(slept) <= 20  # 0.25, 0.5, 1, then 2 s steps
+
+
 def test_challenge_map_error_is_an_acme_error_the_renewal_records_as_a_failure() -> None:
     from agent.issuer import AcmeError
     from agent.renewal import error_type
