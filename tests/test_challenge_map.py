@@ -437,3 +437,24 @@ def test_shipped_haproxy_map_cfg_passes_haproxy_check(haproxy_bin: str, tmp_path
             env=env,
         )
         assert r.returncode == 0, (acme_map, r.stdout + r.stderr)
+
+
+@pytest.mark.integration
+def test_haproxy_config_asks_the_running_haproxy_for_its_version(
+    haproxy_bin: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from agent.cli import main
+
+    sock = tmp_path / "admin.sock"
+    text = f'global\n    noreuseport\n    stats socket "{sock}" mode 600 level admin\n'
+    cfg_path = write(tmp_path, '[challenges]\nanswer = "map"\n')
+    with HAProxyProcess(haproxy_bin, text, {}, tmp_path / "h"):
+        rc = main(["haproxy-config", "-c", str(cfg_path)])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    version = _version_of(haproxy_bin)
+    assert f"HAProxy {version[0]}.{version[1]}." in out
+    if version >= (3, 0):
+        assert "map(virt@acme)" in out
+    else:
+        assert f"map({tmp_path / 'certs' / 'acme-challenge.map'})" in out
