@@ -39,9 +39,13 @@ key (for ours: the leaf HAProxy serves over TLS for every name, and
 native: TLS too; for certbot: the files it wrote).
 
 Output: one table per N (median, min-max over rounds, ms per certificate,
-median over rounds of native time / variant time). LAST line:
+median over rounds of native time / variant time). A run that fails its checks
+(or, for native, does not finish within 120 s) is printed as FAILED, its full
+reason kept in a file under /tmp, and left out of medians and ratios; the
+table says how many rounds failed. LAST line:
 speedup_vs_haproxy_native=<median over rounds of native/ours at the largest N>
-(above 1 means our shipped defaults are faster).
+(above 1 means our shipped defaults are faster). Exit status 1 if our agent
+with its shipped defaults failed any run at the largest N.
 
     .venv/bin/python -m bench.issuance [--counts 10,20,50] [--rounds 3]
         [--tuned 16,32,32:0.05] [--certbot] [--haproxy-native PATH] [--pebble PATH]
@@ -68,7 +72,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 import tests.support.pebble as pebble_support
 from agent import keys
-from bench.haproxy_native import Site, run_native
+from bench.haproxy_native import NativeFailed, Site, run_native
 from tests.support.acme_stack import SHIPPED_CFG, SHIPPED_SPOE, SITE_STUB, toml_value
 from tests.support.certs import write_crt_list
 from tests.support.haproxy import HAProxyProcess, free_port
@@ -388,38 +392,72 @@ def main() -> int:
                 f"{args.rounds} rounds, ECDSA P-256 stable keys, 2 names per certificate",
                 flush=True,
             )
-            results: dict[int, dict[str, list[float]]] = {}
+            results: dict[int, dict[str, list[float | None]]] = {}
             for n in counts:
                 sites_csr = make_sites(work / f"sites-{n}", n)
                 variants = make_variants(
                     pebble, native_bin, haproxy_bin, http_port, sites_csr, tuned, args.certbot
                 )
-                times: dict[str, list[float]] = {label: [] for label, _ in variants}
+                # times[label][round]: seconds, or None when that run failed its checks.
+                times: dict[str, list[float | None]] = {label: [] for label, _ in variants}
                 for r in range(args.rounds):
                     shift = r % len(variants)
                     for label, run in variants[shift:] + variants[:shift]:
-                        elapsed = run(work / f"n{n}-r{r}-{label}")
+                        elapsed = attempt(label, n, r, run, work / f"n{n}-r{r}-{label}")
                         times[label].append(elapsed)
-                        print(f"  N={n} round {r + 1}: {label:<16} {elapsed:7.2f} s", flush=True)
+                        shown = "FAILED" if elapsed is None else f"{elapsed:7.2f} s"
+                        print(f"  N={n} round {r + 1}: {label:<16} {shown}", flush=True)
                 results[n] = times
-                native = times["haproxy-native"]
-                print(f"\nN={n}: median (min-max) over {args.rounds} rounds")
-                print(f"  {'variant':<16} {'time':>26}  {'ms/cert':>8}  native/variant")
-                for label, _ in variants:
-                    ts = times[label]
-                    ratio = statistics.median(nt / t for nt, t in zip(native, ts, strict=True))
-                    print(
-                        f"  {label:<16} {summary(ts)}  {statistics.median(ts) / n * 1000:8.0f}"
-                        f"  {ratio:6.2f}x"
-                    )
-                print(flush=True)
-    largest = max(counts)
-    t = results[largest]
-    speedup = statistics.median(
-        nt / ot for nt, ot in zip(t["haproxy-native"], t["ours"], strict=True)
-    )
+                print_table(n, args.rounds, [label for label, _ in variants], times)
+    t = results[max(counts)]
+    if any(x is None for x in t["ours"]):
+        print("our agent failed a run: see above", file=sys.stderr)
+        return 1
+    speedup = median_ratio(t["haproxy-native"], t["ours"])
+    if speedup is None:
+        raise SystemExit("haproxy-native failed every round at the largest N: no ratio")
     print(f"speedup_vs_haproxy_native={speedup:.2f}")
     return 0
+
+
+def attempt(
+    label: str, n: int, r: int, run: Callable[[Path], float], workdir: Path
+) -> float | None:
+    """run(workdir); on a failed run, None, with the whole reason kept in a file under /tmp."""
+    try:
+        return run(workdir)
+    except (BenchFailed, NativeFailed) as e:
+        fd, path = tempfile.mkstemp(prefix=f"bench-issuance-{label}-n{n}-r{r + 1}-", suffix=".log")
+        with os.fdopen(fd, "w") as f:
+            f.write(str(e))
+        print(f"  {label} N={n} round {r + 1} failed: {str(e).splitlines()[0]} (all: {path})")
+        return None
+
+
+def median_ratio(native: list[float | None], other: list[float | None]) -> float | None:
+    """Median over rounds of native/other, over the rounds where both succeeded."""
+    ratios = [a / b for a, b in zip(native, other, strict=True) if a is not None and b is not None]
+    return statistics.median(ratios) if ratios else None
+
+
+def print_table(
+    n: int, rounds: int, labels: list[str], times: dict[str, list[float | None]]
+) -> None:
+    print(f"\nN={n}: median (min-max) over {rounds} rounds")
+    print(f"  {'variant':<16} {'time':>26}  {'ms/cert':>8}  native/variant")
+    for label in labels:
+        ok = [t for t in times[label] if t is not None]
+        failed = len(times[label]) - len(ok)
+        note = f"  ({failed} of {rounds} rounds FAILED)" if failed else ""
+        if not ok:
+            print(f"  {label:<16} {'every round failed':>26}{note}")
+            continue
+        ratio = median_ratio(times["haproxy-native"], times[label])
+        shown = "     -" if ratio is None else f"{ratio:6.2f}x"
+        print(
+            f"  {label:<16} {summary(ok)}  {statistics.median(ok) / n * 1000:8.0f}  {shown}{note}"
+        )
+    print(flush=True)
 
 
 if __name__ == "__main__":
