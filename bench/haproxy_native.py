@@ -22,8 +22,8 @@
   name: the served leaf has the serial seen above, is not the placeholder, and
   carries the site's stable key. Raises NativeFailed (with `acme status` and
   HAProxy's whole log) if any order does not finish within `timeout` s (a
-  normal run takes 10-14 s; once in a full bench run all 20 orders of a run
-  stalled for 300 s), or if any check fails.
+  normal run takes 10-14 s; a stall seen here was Pebble's, see
+  bench/issuance.py), or if any check fails.
 Returns the START-STOP time in seconds.
 """
 
