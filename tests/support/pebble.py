@@ -69,6 +69,8 @@ def _server_cert(ca: CA, workdir: Path) -> tuple[Path, Path]:
             x509.SubjectAlternativeName(
                 [
                     x509.DNSName("localhost"),
+                    # HAProxy 3.2's ACME client checks the CA's name against DNS SANs only.
+                    x509.DNSName("127.0.0.1"),
                     x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
                     x509.IPAddress(ipaddress.ip_address("::1")),
                 ]
