@@ -480,11 +480,18 @@ class FileStorage(Storage):
             return 0
         now = time.time()
         removed = 0
+        locks = self.root / "locks"
         for p in base.rglob(".*.tmp"):
             try:
-                if not p.is_file() or now - p.stat().st_mtime < older_than:
+                if p.parent == locks:
+                    # Lock records are only written under the guard: holding it,
+                    # a temp file there is a leftover whatever its age.
+                    with self._guard():
+                        p.unlink()
+                elif p.is_file() and now - p.stat().st_mtime >= older_than:
+                    p.unlink()
+                else:
                     continue
-                p.unlink()
             except FileNotFoundError:
                 continue
             removed += 1
@@ -545,10 +552,10 @@ class FileStorage(Storage):
                 owner = self._read_owner(path, expires_after)
                 if owner is None or holder_is_gone(owner, now):
                     if owner is not None:
+                        why = "its lease ran out" if owner.expires <= now else "it is gone"
                         log.warning(
-                            "lock %r: taking over from %s pid %d (lease ended %s)",
-                            name, owner.host, owner.pid,
-                            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(owner.expires)),
+                            "lock %r: taking over from %s pid %d (%s)",
+                            name, owner.host, owner.pid, why,
                         )  # fmt: skip
                     mine = LockOwner.for_this_process(expires_after, now)
                     atomic_write(path, json.dumps(mine.to_json()).encode(), SECRET_MODE)

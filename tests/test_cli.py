@@ -207,7 +207,7 @@ def test_a_killed_renew_does_not_block_the_next_run(
     }
     _killed_run_record(site, **owner)
     path = write(site, BASE + "timeout = 0.2\n" + cert_block())
-    rc, out, err = run(capsys, "renew", "-c", str(path))
+    rc, _, err = run(capsys, "renew", "-c", str(path))
     # This run did the work (and failed only because no CA listens here).
     assert "another `renew` run is in progress" not in err
     assert "www: failed:" in err and rc == 1
