@@ -105,6 +105,7 @@ class Daemon:
         self._closing = threading.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._renewals: dict[str, asyncio.Task[RenewResult]] = {}
+        self._fresh_metas: dict[str, CertMeta | None] = {}  # set by _reconcile (a thread)
         self._started = False
         ensure_private_dir(config.state_dir)  # before the loop runs
         self._build(config)
@@ -231,7 +232,8 @@ class Daemon:
                 )  # fmt: skip
             elif s.error:
                 log.warning("certificate %s on %s: %s", s.name, s.instance, s.error)
-        record_sync(self.storage, statuses, self.clock())
+        changed = record_sync(self.storage, statuses, self.clock())
+        self._fresh_metas = {name: load_meta(self.storage, name) for name in changed}
         try:
             self.deployer.finish()
         except deploy_mod.ReloadError as e:
@@ -353,6 +355,11 @@ class Daemon:
         while not self._stop.is_set():
             try:
                 await asyncio.to_thread(self._reconcile, full)
+                # New deployed facts: the metrics read them from the states.
+                for name, meta in self._fresh_metas.items():
+                    if name in self.states and not self.states[name].running:
+                        self.states[name].meta = meta
+                self._fresh_metas = {}
             except Exception:
                 log.exception("reconcile failed")
             now = self.clock()

@@ -440,9 +440,15 @@ class Renewer:
         return parse_instances(self.config.haproxy.runtime_api) or [DISK_INSTANCE]
 
     def _due(
-        self, cfg: CertificateConfig, force: bool, refresh_ari: bool
+        self,
+        cfg: CertificateConfig,
+        force: bool,
+        refresh_ari: bool,
+        started_at: float | None = None,
     ) -> tuple[str | None, str, CertMeta | None]:
-        """(what to do: "order", "deploy" or None, why, meta)."""
+        """(what to do: "order", "deploy" or None, why, meta). `force` does not
+        apply to a certificate installed at or after `started_at` (UNIX s): a
+        concurrent run we waited for renewed it after our run began."""
         meta = load_meta(self.storage, cfg.name)
         if refresh_ari:
             meta = self._refresh_ari(cfg, meta)
@@ -455,7 +461,14 @@ class Renewer:
                 pin = meta.key_pin
             if pin != meta.key_pin:
                 return "order", "the configured key differs from the certificate's", meta
-        if force:
+        renewed_meanwhile = (
+            force
+            and started_at is not None
+            and meta is not None
+            and meta.installed_at is not None
+            and meta.installed_at >= started_at
+        )
+        if force and not renewed_meanwhile:
             return "order", "forced", meta
         if when <= now:
             return "order", why, meta
@@ -464,6 +477,9 @@ class Renewer:
             if missing:
                 return "deploy", f"stored serial {meta.serial if meta else '-'} is not " \
                     f"confirmed served by {', '.join(missing)}", meta  # fmt: skip
+        if renewed_meanwhile:
+            assert meta is not None and meta.installed_at is not None
+            return None, f"renewed by a concurrent run at {_fmt_time(meta.installed_at)}", meta
         return None, f"next renewal at {_fmt_time(when)} ({why})", meta
 
     def _renew_one(self, cfg: CertificateConfig, force: bool, started_at: float) -> RenewResult:
@@ -481,19 +497,9 @@ class Renewer:
             return RenewResult(cfg.name, "not-due", "another process is renewing it right now")
         try:
             # Re-check under the lock: a concurrent run may have just renewed it.
-            action, why, meta = self._due(cfg, force, refresh_ari=False)
-            if (
-                action == "order"
-                and force
-                and meta is not None
-                and meta.installed_at is not None
-                and meta.installed_at >= started_at
-            ):
-                # Forced, but a run we waited for installed it after we started:
-                # that is what was asked for; do not order it a second time.
-                action, why = None, f"renewed by a concurrent run at {_fmt_time(meta.installed_at)}"
-                if self.on_installed is not None and undeployed(meta, self.deploy_instances()):
-                    action = "deploy"
+            # Forced, but a run we waited for installed it after we started:
+            # that is what was asked for; it is not ordered a second time.
+            action, why, meta = self._due(cfg, force, refresh_ari=False, started_at=started_at)
             if action == "order":
                 return self._order_and_install(cfg, why, meta, token)
             if action == "deploy":
@@ -614,7 +620,7 @@ class Renewer:
         due: list[CertificateConfig] = []
         pushes: list[CertificateConfig] = []
         for cfg in certs:
-            action, why, meta = self._due(cfg, force, refresh_ari=not dry_run)
+            action, why, meta = self._due(cfg, force, refresh_ari=not dry_run, started_at=started)
             serial, not_after = (meta.serial, meta.not_after) if meta else (None, None)
             if action is None:
                 results[cfg.name] = RenewResult(cfg.name, "not-due", why, serial, not_after)
@@ -734,10 +740,12 @@ def record_deploy(
     return update_state(storage, name, change)
 
 
-def record_sync(storage: Storage, statuses: Iterable[Any], now: float) -> None:
+def record_sync(storage: Storage, statuses: Iterable[Any], now: float) -> list[str]:
     """Record what the reconciler saw (`agent.deploy.SyncStatus`: name, instance,
     served_serial, error): per certificate under its lock; a certificate whose
-    lock is busy (a renewal runs) is skipped, that renewal records its own."""
+    lock is busy (a renewal runs) is skipped, that renewal records its own.
+    Returns the names whose facts changed."""
+    changed: list[str] = []
     by_name: dict[str, dict[str, Deployed]] = {}
     for s in statuses:
         served = s.served_serial
@@ -759,6 +767,9 @@ def record_sync(storage: Storage, statuses: Iterable[Any], now: float) -> None:
             continue
         except OSError as e:
             log.warning("certificate %s: cannot record what HAProxy serves: %s", name, e)
+            continue
+        changed.append(name)
+    return changed
 
 
 def node_bundle(cfg: CertificateConfig, fullchain_pem: bytes) -> bytes:

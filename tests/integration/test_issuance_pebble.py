@@ -274,3 +274,50 @@ def test_short_lived_certificate_renews_by_itself_after_two_thirds_of_its_life(
         assert rc == 0, err
         assert "short: renewed: 1/3 of the lifetime left" in out
         assert leaf_of(tmp_path / "state", "short").serial_number != first.serial_number
+
+
+def test_four_concurrent_forced_renews_order_each_certificate_once(
+    tmp_path: Path, stack: AcmeStack, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sys
+
+    certs: list[dict[str, Any]] = [
+        {"name": f"c{i}", "domains": [f"c{i}.example.com"], "key": str(tmp_path / f"c{i}.key"),
+         "generate_key": True}
+        for i in range(3)
+    ]  # fmt: skip
+    config = stack.write_config(tmp_path / "config.toml", certs, timeout=60)
+    state = tmp_path / "state"
+    rc, _, err = cli(capsys, "renew", "-c", str(config))
+    assert rc == 0, err
+    firsts = {c["name"]: current_id(state, c["name"]) for c in certs}
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "agent.cli", "renew", "--force", "-c", str(config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=repo,
+        )
+        for _ in range(4)
+    ]
+    outs = []
+    for p in procs:
+        try:
+            outs.append((*p.communicate(timeout=300), p.returncode))
+        finally:
+            p.kill()
+            p.wait(10)
+    assert all(rc == 0 for _, _, rc in outs), outs
+    # One run orders the three; the three runs that waited for it see that
+    # they were renewed after they started and order nothing.
+    assert sum(out.count(": renewed: forced") for out, _, _ in outs) == 3, outs
+    assert sum(out.count("renewed by a concurrent run") for out, _, _ in outs) == 9, outs
+    for c in certs:
+        name = c["name"]
+        assert generation_ids(state, name) == [firsts[name], current_id(state, name)]
+        leaf = leaf_of(state, name)
+        assert served_leaf(stack.https_port, c["domains"][0]).serial_number == leaf.serial_number
