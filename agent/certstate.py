@@ -451,8 +451,9 @@ def repair(
     For every certificate among `names` and those found in storage, under its
     lock (one held by a running renewal for `lock_timeout` s is skipped: that
     run owns the state): remove temp files; migrate the old flat layout;
-    point `current` at the newest complete generation if it points nowhere
-    valid; delete incomplete generations it does not point to. Temp files
+    point `current` at the newest complete generation (one an install
+    completed but did not switch to, or when it points nowhere valid); delete
+    incomplete generations and all but the current and previous complete ones. Temp files
     elsewhere in storage (accounts, locks) older than a minute go too.
     """
     report = RepairReport()
@@ -508,14 +509,24 @@ def _repair_one(storage: Storage, name: str, report: RepairReport) -> None:
                 report.incomplete_generations += 1
             continue
         complete.append(gen_id)
-    if current not in complete and complete:
-        # Cannot happen with this version's order of writes (pointer last);
-        # a damaged pointer or generation is replaced by the newest good one.
+    if complete and (current not in complete or complete[-1] > current):
+        # A kill after a generation was complete (meta.json is written last,
+        # after the checks) but before the switch: adopt it rather than order
+        # again. A damaged pointer or generation: the newest good one.
         storage.store(layout.current_key(name), complete[-1].encode())
+        update_state(storage, name, lambda s: replace(s, ari=None))  # the old leaf's window
         report.repointed.append(name)
         if current is not None and current not in complete:
             storage.delete_all(layout.generation_prefix(name, current))
             report.incomplete_generations += 1
+        current = complete[-1]
+    # A kill between the pointer switch and the prune leaves a third one:
+    # keep the current generation and the newest before it, as a switch does.
+    older = [g for g in complete if g != current and (current is None or g < current)]
+    keep = {current, *older[-1:]}
+    for gen_id in complete:
+        if gen_id not in keep:
+            storage.delete_all(layout.generation_prefix(name, gen_id))
 
 
 def _consistent_chain(certs: list[x509.Certificate]) -> bool:

@@ -276,3 +276,33 @@ def test_start_removes_temp_files_and_incomplete_generations_but_keeps_current(
     assert sorted(p.name for p in cert_dir.iterdir()) == [".other.pem.abcdefgh.tmp", "other.pem"]
     gen = load_current(store, "www")
     assert gen is not None and gen.leaf.serial_number == 5
+
+
+def test_a_complete_generation_not_yet_switched_to_is_adopted_and_old_ones_pruned(
+    config: Config,
+) -> None:
+    from agent.certstate import install_generation, write_generation
+
+    store = FileStorage(config.state_dir)
+    key = serialization.load_pem_private_key(config.certificate("www").key.read_bytes(), None)
+    ca = TinyCA()
+    now = time.time()
+    leaves = [
+        ca.leaf(key, ["www.example.com"], now - 60, now + 90 * DAY, serial=20 + i)  # type: ignore[arg-type]
+        for i in range(4)
+    ]
+    with store.locked(layout.cert_lock("www")):
+        for i, leaf in enumerate(leaves[:3]):
+            install_generation(store, "www", leaf, [ca.intermediate], now + i, None)
+        # A kill after the switch but before the prune: three generations.
+        store.store(layout.generation_key("www", layout.new_generation_id(now - 9, 1), "cert.pem"),
+                    b"old and incomplete")  # fmt: skip
+        old = write_generation(store, "www", leaves[0], [ca.intermediate], now - 5, None)
+        # A kill after the newest generation was complete, before the switch.
+        newest = write_generation(store, "www", leaves[3], [ca.intermediate], now + 10, None)
+    repair(store, ["www"])
+    gen = load_current(store, "www")
+    assert gen is not None and gen.id == newest.generation and gen.leaf.serial_number == 23
+    kept = sorted(p.name for p in (config.state_dir / "certificates" / "www" / "gen").iterdir())
+    assert len(kept) == 2 and kept[-1] == newest.generation
+    assert old.generation not in kept

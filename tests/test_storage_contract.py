@@ -220,10 +220,10 @@ def test_unlock_after_a_takeover_leaves_the_new_holders_lock(backend: Backend) -
 
 def test_a_renewed_lease_keeps_the_lock(backend: Backend) -> None:
     a, b = backend.open(), backend.open()
-    with a.locked("www", timeout=1, expires_after=0.3) as token:
+    with a.locked("www", timeout=1, expires_after=1.0) as token:
         # Held for several leases: the renewer thread keeps extending it.
         with pytest.raises(LockTimeout):
-            b.lock("www", timeout=1.0)
+            b.lock("www", timeout=2.5)
         owner = a.lock_owner("www")
         assert owner is not None and owner.token == token
     b.unlock("www", b.lock("www", timeout=1))
