@@ -40,6 +40,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent import keys
+from agent.certstate import load_current
+from agent.storage import FileStorage
 from tests.support.acme_stack import AcmeStack
 from tests.support.haproxy import HAProxyProcess, free_port, haproxy_binaries
 
@@ -113,9 +115,12 @@ def run_agent(
     elapsed = time.monotonic() - t0
     if proc.returncode != 0:
         raise SystemExit(f"agent renew failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    store = FileStorage(work / "state")
     for name, _, key_path, _ in sites:
-        check((work / "state" / "certificates" / name / "fullchain.pem").read_bytes(), key_path,
-              f"agent {name}")  # fmt: skip
+        gen = load_current(store, name)
+        if gen is None:
+            raise SystemExit(f"agent {name}: nothing stored")
+        check(gen.fullchain_pem, key_path, f"agent {name}")
     return elapsed
 
 
