@@ -457,18 +457,26 @@ def repair(
     elsewhere in storage (accounts, locks) older than a minute go too.
     """
     report = RepairReport()
-    with_temps = {
-        k.split("/")[1] for k in storage.list_temporaries(layout.CERTIFICATES) if k.count("/") >= 2
-    }
-    for name in sorted(set(names) | set(stored_names(storage))):
-        if name not in with_temps and not _needs_repair(storage, name):
-            continue  # the common case: a look at the keys, no lock, no parsing
+    # One listing of every key (cheap), then a lock and a closer look only
+    # where something is off: a start with 10,000 certificates stays quick.
+    all_keys, temps = storage.scan(layout.CERTIFICATES)
+    with_temps = {k.split("/")[1] for k in temps if k.count("/") >= 2}
+    by_name: dict[str, list[str]] = {}
+    for key in all_keys:
+        parts = key.split("/", 2)
+        if len(parts) == 3:
+            by_name.setdefault(parts[1], []).append(parts[2])
+    for name in sorted(set(names) | set(by_name)):
+        if name not in with_temps and not _needs_repair(storage, name, by_name.get(name, [])):
+            continue
         try:
             with storage.locked(layout.cert_lock(name), timeout=lock_timeout):
                 _repair_one(storage, name, report)
         except LockTimeout:
             report.skipped.append(name)
-    report.temp_files += storage.remove_temporaries("", older_than=60.0)
+    for top in storage.list(""):
+        if top != layout.CERTIFICATES:  # accounts, locks: few files
+            report.temp_files += storage.remove_temporaries(top, older_than=60.0)
     if report.temp_files or report.incomplete_generations or report.migrated or report.repointed:
         log.info(
             "storage repaired: %d temp files removed, %d incomplete generations removed, "
@@ -479,19 +487,24 @@ def repair(
     return report
 
 
-def _needs_repair(storage: Storage, name: str) -> bool:
-    """Cheap: old flat files, or generations other than `current` and one older one."""
-    prefix = layout.cert_prefix(name) + "/"
-    entries = {k[len(prefix) :] for k in storage.list(layout.cert_prefix(name))}
-    if entries & set(layout.LEGACY_FILES):
+def _needs_repair(storage: Storage, name: str, keys_below: Sequence[str]) -> bool:
+    """Cheap, from the keys below certificates/NAME (relative): old flat files,
+    a generation without meta.json, or generations other than `current` and
+    one older one."""
+    if set(keys_below) & set(layout.LEGACY_FILES):
         return True
-    gens = generation_ids(storage, name)
+    gens: dict[str, set[str]] = {}
+    for k in keys_below:
+        parts = k.split("/")
+        if len(parts) == 3 and parts[0] == layout.GENERATIONS:
+            gens.setdefault(parts[1], set()).add(parts[2])
     if not gens:
         return False
-    current = read_current(storage, name)
+    if len(gens) > 2 or any(layout.META not in files for files in gens.values()):
+        return True
     # Installs write the newest generation and then point at it; anything
-    # else (a newer one not pointed to, a third one, no pointer) is a crash.
-    return current is None or gens[-1] != current or len(gens) > 2
+    # else (a newer one not pointed to, no pointer) is a crash.
+    return read_current(storage, name) != max(gens)
 
 
 def _repair_one(storage: Storage, name: str, report: RepairReport) -> None:

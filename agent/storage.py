@@ -348,6 +348,11 @@ class Storage(ABC):
         writes below `prefix`; none for a store that leaves nothing behind."""
         return []
 
+    def scan(self, prefix: str) -> tuple[builtins.list[str], builtins.list[str]]:
+        """(`list(prefix, recursive=True)`, `list_temporaries(prefix)`) in one pass
+        where the store can do that."""
+        return self.list(prefix, recursive=True), self.list_temporaries(prefix)
+
     @contextlib.contextmanager
     def locked(
         self, name: str, timeout: float = 60.0, expires_after: float = DEFAULT_LEASE
@@ -444,9 +449,12 @@ class FileStorage(Storage):
         prefix_rel = safe_key(prefix) + "/" if prefix else ""
         out: list[str] = []
         if recursive:
-            for p in base.rglob("*"):
-                if p.is_file() and not p.name.startswith("."):
-                    out.append(prefix_rel + p.relative_to(base).as_posix())
+            # os.walk, not Path.rglob: several times faster on 10,000 certificates.
+            for dirpath, dirnames, filenames in os.walk(base):
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+                rel = os.path.relpath(dirpath, base)
+                head = prefix_rel + ("" if rel == "." else rel.replace(os.sep, "/") + "/")
+                out += [head + f for f in filenames if not f.startswith(".")]
         else:
             for p in base.iterdir():
                 if not p.name.startswith("."):
@@ -498,10 +506,22 @@ class FileStorage(Storage):
         return removed
 
     def list_temporaries(self, prefix: str = "") -> builtins.list[str]:
+        return self.scan(prefix)[1]
+
+    def scan(self, prefix: str) -> tuple[builtins.list[str], builtins.list[str]]:
         base = self._path(prefix) if prefix else self.root
-        if not base.is_dir():
-            return []
-        return sorted(p.relative_to(self.root).as_posix() for p in base.rglob(".*.tmp"))
+        keys: list[str] = []
+        temps: list[str] = []
+        root = str(self.root) + os.sep
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            rel = (dirpath + os.sep)[len(root) :].replace(os.sep, "/")
+            for f in filenames:
+                if not f.startswith("."):
+                    keys.append(rel + f)
+                elif f.endswith(".tmp"):
+                    temps.append(rel + f)
+        return sorted(keys), sorted(temps)
 
     # --- locks ---
     #
