@@ -191,11 +191,19 @@ def _one_renew_at_a_time(config: Config, dry_run: bool) -> Iterator[bool]:
     try:
         # A lease renewed from a thread while we run: a killed run stops
         # blocking the next one when its lease ends (at once on this host).
-        held = storage.locked(RENEW_COMMAND_LOCK, timeout=config.acme.timeout)
+        held = storage.locked(RENEW_COMMAND_LOCK, timeout=0)
         held.__enter__()
     except LockTimeout:
-        yield False
-        return
+        owner = storage.lock_owner(RENEW_COMMAND_LOCK)
+        who = f" ({owner.host} pid {owner.pid})" if owner else ""
+        print(f"renew: waiting for another `renew` run{who} to finish", file=sys.stderr)
+        sys.stderr.flush()
+        try:
+            held = storage.locked(RENEW_COMMAND_LOCK, timeout=config.acme.timeout)
+            held.__enter__()
+        except LockTimeout:
+            yield False
+            return
     try:
         yield True
     finally:

@@ -293,21 +293,53 @@ def test_four_concurrent_forced_renews_order_each_certificate_once(
     firsts = {c["name"]: current_id(state, c["name"]) for c in certs}
     repo = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "renew", "--force", "-c", str(config)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-            cwd=repo,
-        )
-        for _ in range(4)
-    ]
+    import queue
+    import threading
+
+    from agent.storage import FileStorage
+
+    # Hold the command lock until all four runs are queued on it, so they are
+    # concurrent however slowly they start on a loaded machine.
+    gate = FileStorage(state).locked("renew-command", timeout=5)
+    gate.__enter__()
+    procs = []
+    waiting: queue.Queue[str] = queue.Queue()
+    errs: list[list[str]] = []
+
+    def read_err(stream: Any, lines: list[str]) -> None:
+        for line in stream:
+            lines.append(line)
+            if "waiting for another `renew` run" in line:
+                waiting.put(line)
+
+    readers = []
+    try:
+        for _ in range(4):
+            p = subprocess.Popen(
+                [sys.executable, "-m", "agent.cli", "renew", "--force", "-c", str(config)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+                cwd=repo,
+            )
+            procs.append(p)
+            errs.append([])
+            t = threading.Thread(target=read_err, args=(p.stderr, errs[-1]), daemon=True)
+            t.start()
+            readers.append(t)
+        for _ in range(4):
+            waiting.get(timeout=120)
+    finally:
+        gate.__exit__(None, None, None)
     outs = []
-    for p in procs:
+    for p, t, err_lines in zip(procs, readers, errs, strict=True):
         try:
-            outs.append((*p.communicate(timeout=300), p.returncode))
+            assert p.stdout is not None
+            out = p.stdout.read()  # stderr is read by its thread
+            p.wait(300)
+            t.join(10)
+            outs.append((out, "".join(err_lines), p.returncode))
         finally:
             p.kill()
             p.wait(10)
