@@ -145,7 +145,7 @@ class LockLost(RuntimeError):
 # The lease a holder gets by default (seconds). Holders renew it while they
 # work (`Storage.locked` does so from a thread), so it only bounds how long a
 # holder that died, froze or lost its host blocks the others.
-DEFAULT_LEASE = 120.0
+DEFAULT_LEASE = 60.0
 
 
 def _boot_id() -> str | None:
