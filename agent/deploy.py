@@ -1207,29 +1207,56 @@ def parse_instances(addresses: Iterable[str]) -> list[str]:
 
 
 def stored_targets(config: Any, storage: Any | None = None) -> list[DeployTarget]:
-    """DeployTargets for every configured certificate that has a stored bundle.
+    """DeployTargets for every configured certificate that has a stored generation.
 
     `config` is agent.config.Config; `storage` an agent.storage.Storage
-    (default: FileStorage at the state dir). Certificates without a bundle yet
-    are skipped; an unreadable bundle raises BundleError naming it.
+    (default: FileStorage at the state dir). The bundle is assembled here, on
+    the deploying node, from the stored full chain and this node's key file
+    (`agent.renewal.node_bundle`): storage never holds a private key.
+    Certificates without a stored generation are skipped; one whose key
+    cannot be read, or does not belong to the stored leaf, raises BundleError
+    naming the certificate and the key file.
     """
-    from agent.renewal import cert_key
     from agent.storage import FileStorage
 
     store = storage if storage is not None else FileStorage(config.state_dir)
     targets = []
     for cert in config.certificates:
-        key = cert_key(cert.name, "bundle.pem")
-        if store.exists(key):
-            targets.append(DeployTarget.from_bundle(cert.name, store.load(key)))
+        target = stored_target(cert, store)
+        if target is not None:
+            targets.append(target)
     return targets
 
 
+def stored_target(cert: Any, storage: Any) -> DeployTarget | None:
+    """The DeployTarget of one certificate (`agent.config.CertificateConfig`)
+    from its current stored generation; None when none is stored."""
+    from agent.certstate import load_current
+    from agent.keys import StableKeyError
+    from agent.renewal import node_bundle
+
+    gen = load_current(storage, cert.name)
+    if gen is None:
+        return None
+    try:
+        bundle = node_bundle(cert, gen.fullchain_pem)
+    except (OSError, StableKeyError) as exc:
+        raise BundleError(
+            f"certificate {cert.name!r}: cannot read its key {cert.key}: {exc}"
+        ) from exc
+    try:
+        return DeployTarget.from_bundle(cert.name, bundle)
+    except BundleError as exc:
+        raise BundleError(f"{exc} (key file {cert.key}, stored generation {gen.id})") from exc
+
+
 class RenewalDeployHook:
-    """`on_installed(name)` for `renew_certificates`: deploys the freshly stored
-    bundle of `name` and raises DeployError if it is not served everywhere.
-    Call `finish()` once at the end of the run (runs the reload command in
-    reload mode). `results` keeps every DeployResult of the run.
+    """`on_installed(name)` for `renew_certificates`: deploys the stored
+    certificate `name` (bundle built on this node, see `stored_target`),
+    returns the DeployResult (the renewer records its per-instance facts) and
+    raises DeployError if it is not served everywhere. Call `finish()` once
+    at the end of the run (runs the reload command in reload mode). `results`
+    keeps every DeployResult of the run.
     """
 
     def __init__(self, config: Any, storage: Any | None = None) -> None:
@@ -1240,13 +1267,14 @@ class RenewalDeployHook:
         self.deployer = Deployer.from_config(config)
         self.results: list[DeployResult] = []
 
-    def __call__(self, name: str) -> None:
-        from agent.renewal import cert_key
-
-        target = DeployTarget.from_bundle(name, self.storage.load(cert_key(name, "bundle.pem")))
+    def __call__(self, name: str) -> DeployResult:
+        cert = self.config.certificate(name)
+        target = stored_target(cert, self.storage)
+        if target is None:
+            raise BundleError(f"certificate {name!r}: nothing stored to deploy")
         result = self.deployer.deploy(target)
         self.results.append(result)
-        result.raise_for_errors()
+        return result.raise_for_errors()
 
     def finish(self) -> bool:
         """Run the reload command if needed (see Deployer.finish)."""
