@@ -9,8 +9,10 @@ what HAProxy serves. Every test runs on HAProxy 2.6 and 2.8.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import re
 import stat
 import subprocess
 import time
@@ -63,8 +65,8 @@ def verify_chain_to(root_pem: bytes, state: Path, name: str) -> None:
 
 
 @pytest.fixture
-def stack(tmp_path: Path, haproxy_bin: str) -> Iterator[AcmeStack]:
-    with AcmeStack(tmp_path / "stack", haproxy_bin) as s:
+def stack(tmp_path: Path, haproxy_bin: str, pebble_bin: str) -> Iterator[AcmeStack]:
+    with AcmeStack(tmp_path / "stack", haproxy_bin, pebble_binary=pebble_bin) as s:
         yield s
 
 
@@ -102,6 +104,7 @@ def three_certificates(site: Path) -> list[dict[str, Any]]:
     ]
 
 
+@pytest.mark.every_version  # heavy end-to-end case: every HAProxy x Pebble pair
 def test_three_stable_keys_are_issued_and_renewed_with_unchanged_pins(
     tmp_path: Path, stack: AcmeStack, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -172,7 +175,7 @@ def test_three_stable_keys_are_issued_and_renewed_with_unchanged_pins(
 
 
 def test_every_order_succeeds_while_pebble_rejects_30_percent_of_nonces(
-    tmp_path: Path, haproxy_bin: str, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, haproxy_bin: str, pebble_bin: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     certs = [
         {"name": f"n{i}", "domains": [f"n{i}.example.com", f"www.n{i}.example.com"],
@@ -180,7 +183,9 @@ def test_every_order_succeeds_while_pebble_rejects_30_percent_of_nonces(
         for i in range(4)
     ]  # fmt: skip
     rejected_before = issuer.RETRY_COUNTS["badNonce"]
-    with AcmeStack(tmp_path / "stack", haproxy_bin, nonce_reject=30) as stack:
+    with AcmeStack(
+        tmp_path / "stack", haproxy_bin, nonce_reject=30, pebble_binary=pebble_bin
+    ) as stack:
         config = stack.write_config(tmp_path / "config.toml", certs)
         for argv in (["renew"], ["renew", "--force"]):
             rc, out, err = cli(capsys, *argv, "-c", str(config))
@@ -195,7 +200,21 @@ def test_pebble_stopped_mid_run_leaves_the_bundle_untouched_and_the_next_run_suc
     stack: AcmeStack,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
 ) -> None:
+    if "renewalInfo" in stack.pebble.directory():
+        # Known agent defect, left for an agent/ change (strict: an XPASS fails the run
+        # once it is fixed): on a CA with ARI, `renew --force` after the CA restarted
+        # sends `replaces` naming a certificate of the old CA; Pebble 2.10 answers
+        # malformed "no known issuer matches the provided Authority Key Identifier"
+        # and the agent retries nothing without `replaces` (issue 10, item 3).
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True,
+                reason="after a CA restart the order's `replaces` is refused as malformed "
+                "and the agent does not order again without it",
+            )
+        )
     certs = [{"name": "www", "domains": ["www.example.com"], "key": str(tmp_path / "www.key"),
               "generate_key": True}]  # fmt: skip
     config = stack.write_config(tmp_path / "config.toml", certs, timeout=3)
@@ -235,11 +254,13 @@ def test_pebble_stopped_mid_run_leaves_the_bundle_untouched_and_the_next_run_suc
 
 
 def test_short_lived_certificate_renews_by_itself_after_two_thirds_of_its_life(
-    tmp_path: Path, haproxy_bin: str, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, haproxy_bin: str, pebble_bin: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     certs = [{"name": "short", "domains": ["short.example.com"],
               "key": str(tmp_path / "short.key"), "generate_key": True}]  # fmt: skip
-    with AcmeStack(tmp_path / "stack", haproxy_bin, validity_period=7) as stack:
+    with AcmeStack(
+        tmp_path / "stack", haproxy_bin, validity_period=7, pebble_binary=pebble_bin
+    ) as stack:
         config = stack.write_config(tmp_path / "config.toml", certs)
         rc, _, err = cli(capsys, "renew", "-c", str(config))
         assert rc == 0, err
@@ -247,9 +268,19 @@ def test_short_lived_certificate_renews_by_itself_after_two_thirds_of_its_life(
         lifetime = (first.not_valid_after_utc - first.not_valid_before_utc).total_seconds()
         rc, out, _ = cli(capsys, "renew", "-c", str(config))
         assert "short: not-due:" in out
-        due_at = first.not_valid_after_utc.timestamp() - lifetime / 3
+        if "renewalInfo" in stack.pebble.directory():
+            # Pebble 2.10 offers ARI, which takes precedence over the 1/3 rule: the
+            # renewal then happens at the time picked inside the CA's window.
+            m = re.search(r"next renewal at (\S+Z) \(inside the CA's renewal window", out)
+            assert m, out
+            due_at = datetime.datetime.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S%z").timestamp()
+            due_at += 1.0  # the printed time is truncated to the second
+            reason = "inside the CA's renewal window (ARI)"
+        else:  # Pebble 2.4: no ARI
+            due_at = first.not_valid_after_utc.timestamp() - lifetime / 3
+            reason = "1/3 of the lifetime left"
         time.sleep(max(0.0, due_at - time.time()) + 0.3)
         rc, out, err = cli(capsys, "renew", "-c", str(config))
         assert rc == 0, err
-        assert "short: renewed: 1/3 of the lifetime left" in out
+        assert f"short: renewed: {reason}" in out
         assert leaf_of(tmp_path / "state", "short").serial_number != first.serial_number
