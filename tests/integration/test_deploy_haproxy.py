@@ -1,4 +1,4 @@
-"""Hot-swap certificates into a real HAProxy (2.6 and 2.8) through its runtime API.
+"""Hot-swap certificates into a real HAProxy (every tested version) through its runtime API.
 
 Every test starts its own HAProxy on free 127.0.0.1 ports with a throwaway CA's
 certificates and checks what a real TLS handshake gets served.

@@ -4,15 +4,13 @@ Pebble (PEBBLE_AUTHZREUSE=0: every order is really validated) sends its
 http-01 requests to HAProxy running the shipped haproxy/ configs; HAProxy asks
 the SPOE agent that `haproxy-acme-agent renew` serves while it runs. Then
 `renew` deploys through HAProxy's runtime API, and a real TLS handshake shows
-what HAProxy serves. Every test runs on HAProxy 2.6 and 2.8.
+what HAProxy serves. Every test runs on every HAProxy version (tests/conftest.py).
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import re
 import stat
 import subprocess
 import time
@@ -254,13 +252,16 @@ def test_pebble_stopped_mid_run_leaves_the_bundle_untouched_and_the_next_run_suc
 
 
 def test_short_lived_certificate_renews_by_itself_after_two_thirds_of_its_life(
-    tmp_path: Path, haproxy_bin: str, pebble_bin: str, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, haproxy_bin: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    # The 1/3 rule is the fallback for a CA without ARI: this runs on the first Pebble
+    # (Debian 12's 2.4, no renewalInfo) only. On 2.10 ARI decides instead, and for a
+    # 7 s certificate its window may already be open at the second run; ARI gets its
+    # own tests against 2.10 (issue 10, item 3).
     certs = [{"name": "short", "domains": ["short.example.com"],
               "key": str(tmp_path / "short.key"), "generate_key": True}]  # fmt: skip
-    with AcmeStack(
-        tmp_path / "stack", haproxy_bin, validity_period=7, pebble_binary=pebble_bin
-    ) as stack:
+    with AcmeStack(tmp_path / "stack", haproxy_bin, validity_period=7) as stack:
+        assert "renewalInfo" not in stack.pebble.directory(), "needs a Pebble without ARI"
         config = stack.write_config(tmp_path / "config.toml", certs)
         rc, _, err = cli(capsys, "renew", "-c", str(config))
         assert rc == 0, err
@@ -268,17 +269,8 @@ def test_short_lived_certificate_renews_by_itself_after_two_thirds_of_its_life(
         lifetime = (first.not_valid_after_utc - first.not_valid_before_utc).total_seconds()
         rc, out, _ = cli(capsys, "renew", "-c", str(config))
         assert "short: not-due:" in out
-        if "renewalInfo" in stack.pebble.directory():
-            # Pebble 2.10 offers ARI, which takes precedence over the 1/3 rule: the
-            # renewal then happens at the time picked inside the CA's window.
-            m = re.search(r"next renewal at (\S+Z) \(inside the CA's renewal window", out)
-            assert m, out
-            due_at = datetime.datetime.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S%z").timestamp()
-            due_at += 1.0  # the printed time is truncated to the second
-            reason = "inside the CA's renewal window (ARI)"
-        else:  # Pebble 2.4: no ARI
-            due_at = first.not_valid_after_utc.timestamp() - lifetime / 3
-            reason = "1/3 of the lifetime left"
+        due_at = first.not_valid_after_utc.timestamp() - lifetime / 3
+        reason = "1/3 of the lifetime left"
         time.sleep(max(0.0, due_at - time.time()) + 0.3)
         rc, out, err = cli(capsys, "renew", "-c", str(config))
         assert rc == 0, err

@@ -86,8 +86,11 @@ def _dpkg_version(path: str) -> str | None:
 
 def pebble_label(binary: str) -> str:
     """'2.10' for a Pebble 2.10.x build; the path when its version cannot be told."""
-    version_file = Path(binary).resolve().parents[2] / "VERSION"
-    version = version_file.read_text().strip() if version_file.is_file() else None
+    unpacked = Path(binary).resolve().parents[2]  # .cache/pebble-2.10 for .../usr/bin/pebble
+    version_file = unpacked / "VERSION"
+    version = None
+    if unpacked.name.startswith("pebble-") and version_file.is_file():
+        version = version_file.read_text().strip()
     version = version or _dpkg_version(binary)
     m = _MAJOR_MINOR.match(version or "")
     return m.group(1) if m else binary
