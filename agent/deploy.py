@@ -56,8 +56,8 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -437,6 +437,61 @@ class _Item:
     def fail(self, api: RuntimeAPI, exc: BaseException) -> None:
         self.result.instances.append(InstanceResult(api.name, "failed", error=str(exc)))
         self.result.errors.append(str(exc))
+
+
+def _handshake(address: str, sni: str | None, timeout: float) -> bytes | Exception:
+    try:
+        return tls_leaf(address, sni, timeout)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        return exc
+
+
+class _Handshakes:
+    """The TLS checks of one batch, started as soon as a certificate is through
+    its last instance (while the batch pushes the next ones), at most
+    HANDSHAKE_WORKERS at a time.
+
+    Which certificates: every one, unless the deployer has a `handshake_sample`
+    smaller than the batch; then every certificate added to the crt-list (its
+    SNI routing is new) plus `handshake_sample` of the others picked at random
+    (every serial is still checked by the `show ssl cert` pass).
+    """
+
+    def __init__(self, deployer: Deployer, items: Sequence[_Item]) -> None:
+        self.verify = list(deployer.verify)
+        self.timeout = deployer.timeout
+        sample = deployer.handshake_sample
+        self.sampled: set[int] | None = None
+        if sample is not None and len(items) > sample:
+            self.sampled = {id(it) for it in random.sample(list(items), sample)}
+        self._pool: ThreadPoolExecutor | None = None
+        self._jobs: list[tuple[_Item, str, str | None, Future[bytes | Exception]]] = []
+
+    def pushed(self, it: _Item, api: RuntimeAPI) -> None:
+        """`it` is through `api`: start its checks if that was its last instance."""
+        if not self.verify or it.failed or not it.touched or it.apis[-1].name != api.name:
+            return
+        added = any(action == "added" for _, action in it.touched)
+        if self.sampled is not None and not added and id(it) not in self.sampled:
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(HANDSHAKE_WORKERS, thread_name_prefix="verify")
+        for address in self.verify:
+            for name in _verify_names(it.target):
+                sni = _sni_for(name) if name else None
+                future = self._pool.submit(_handshake, address, sni, self.timeout)
+                self._jobs.append((it, address, sni, future))
+
+    def collect(self) -> list[tuple[_Item, str, str | None, bytes | Exception]]:
+        """Wait for every check; (item, address, sni, leaf DER or the error)."""
+        out = [(it, address, sni, future.result()) for it, address, sni, future in self._jobs]
+        self._jobs = []
+        return out
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
 
 
 # ---------------------------------------------------------------------------
@@ -930,17 +985,31 @@ class Deployer:
         for it in items:
             it.old = self._read_file(it.path)
         changed = [it for it in items if it.old != it.target.bundle]
-        self._write_files([(it.path, it.target.bundle) for it in changed])
-        for it in changed:
-            it.result.file_changed = True
-        self._add_crt_list_lines(items)
-        live = [it for it in items if not it.done]
+        # The files are written (fsyncs on the disk) while the instances are
+        # pushed (CPU in HAProxy); both are done before the crt-list file names
+        # a new bundle and before anything is reported served.
+        writer = ThreadPoolExecutor(1, thread_name_prefix="write")
+        written = writer.submit(self._write_files, [(it.path, it.target.bundle) for it in changed])
+        writer.shutdown(wait=False)
+        live = list(items)
         sessions: dict[str, Session] = {}
+        checks = _Handshakes(self, live)
+        write_error: BaseException | None = None
         try:
-            for api in self.apis:
-                todo = [it for it in live if it.wants(api) and not it.failed]
-                if todo:
-                    self._push_all(api, sessions, todo)
+            try:
+                for api in self.apis:
+                    todo = [it for it in live if it.wants(api) and not it.failed]
+                    if todo:
+                        self._push_all(api, sessions, todo, checks.pushed)
+            finally:
+                write_error = written.exception()
+                for it in changed:
+                    it.result.file_changed = True
+            if write_error is not None:
+                for it in live:
+                    it.result.errors.append(f"cannot write the bundle files: {write_error}")
+            else:
+                self._add_crt_list_lines([it for it in live if not it.failed])
             for it in live:
                 if it.apis and not it.touched and not it.failed:
                     it.result.errors.append(
@@ -948,16 +1017,23 @@ class Deployer:
                         "is pushed when an instance answers again"
                     )
                     it.done = True
-            self._verify_batch([it for it in live if it.touched and not it.done], sessions)
-            failed = [it for it in live if it.failed and it.apis and not it.done]
+            self._verify_batch(
+                [it for it in live if it.touched and not it.done and not it.failed],
+                sessions,
+                checks,
+            )
+            failed = [it for it in live if it.failed and not it.done]
             if failed:
                 self._roll_back_batch(failed, sessions)
             refused = [it for it in items if it.refused is not None]
             if refused:
                 self._observe(refused, sessions)
         finally:
+            checks.close()
             for session in sessions.values():
                 session.close()
+        if write_error is not None:
+            raise write_error
         for it in live:
             if it.failed:
                 continue
@@ -981,10 +1057,10 @@ class Deployer:
 
     def _add_crt_list_lines(self, items: Sequence[_Item]) -> None:
         """One locked edit of the crt-list file giving every item's path a line
-        (the bundles are written). An item whose line is refused fails: its file
-        is restored and nothing is pushed for it."""
+        (the bundles are written). An item whose line is refused fails (and is
+        rolled back by the caller)."""
         editor = self._crt_list_editor()
-        if editor is None:
+        if editor is None or self._crt_list_names_all(editor, [it.path for it in items]):
             return
         try:
             added = editor.add_many(
@@ -998,56 +1074,94 @@ class Deployer:
                     added.append(editor.add(it.path, self._crt_list_line(it.path, it.target)))
                 except (CrtListError, TimeoutError) as one:
                     it.result.errors.append(str(one))
-                    it.refused = str(one)
-                    it.done = True
                     added.append(None)
-            if not any(it.done for it in items):
-                for it in items:
-                    it.result.errors.append(str(exc))
-                    it.refused = str(exc)
-                    it.done = True
+            del exc  # each item got its own verdict
         for it, line in zip(items, added, strict=True):
             it.added_line = line
-        self._restore_files([it for it in items if it.done])
+        self._crt_list_seen(editor, [it.path for it in items if not it.failed])
 
-    def _push_all(self, api: RuntimeAPI, sessions: dict[str, Session], todo: list[_Item]) -> None:
-        """Push every item of `todo` to `api` in one session, one transaction at a time."""
+    def _crt_list_names_all(self, editor: CrtListFile, paths: Sequence[Path]) -> bool:
+        """True if the crt-list file is as we last left it (same st_ino, st_size,
+        st_mtime_ns) and named all `paths` then: no need to read it again."""
+        try:
+            st = os.stat(editor.path)
+        except OSError:
+            return False
+        with self._state:
+            known = self._crt_list_known
+        return (
+            known is not None
+            and known[0] == (st.st_ino, st.st_size, st.st_mtime_ns)
+            and all(str(p) in known[1] for p in paths)
+        )
+
+    def _crt_list_seen(self, editor: CrtListFile, paths: Sequence[Path]) -> None:
+        """Remember that the crt-list file, as it is now, names `paths`."""
+        try:
+            st = os.stat(editor.path)
+        except OSError:
+            return
+        identity = (st.st_ino, st.st_size, st.st_mtime_ns)
+        with self._state:
+            known = self._crt_list_known
+            before = known[1] if known is not None and known[0] == identity else frozenset()
+            self._crt_list_known = (identity, before | {str(p) for p in paths})
+
+    def _push_all(
+        self,
+        api: RuntimeAPI,
+        sessions: dict[str, Session],
+        todo: list[_Item],
+        pushed: Callable[[_Item, RuntimeAPI], None],
+    ) -> None:
+        """Push every item of `todo` to `api` in one session, one transaction at a
+        time; `pushed(item, api)` is called as soon as each item is through."""
         session = sessions.setdefault(api.name, Session(api))
         try:
-            with _locked(_instance_lock(api.name), self._lock_timeout, f"HAProxy {api.name}"):
-                try:
-                    loaded = self._start_session(session)
-                except InstanceUnreachable as exc:
-                    for it in todo:
-                        self._unreachable(it, api, exc)
-                    return
-                except (HAProxyError, ValueError) as exc:
-                    for it in todo:
-                        it.fail(api, exc)
-                    return
-                for i, it in enumerate(todo):
-                    try:
-                        action = self._transaction(
-                            session, it.path, it.target, str(it.path) in loaded
-                        )
-                    except HAProxyConnectionError as exc:
-                        # The connection died mid-batch (HAProxy killed or
-                        # restarted): this one may be half done and is rolled
-                        # back; nothing was sent for the rest, whose files are on
-                        # disk for its restart, and poll() reconciles it.
-                        it.fail(api, exc)
-                        for rest in todo[i + 1 :]:
-                            self._unreachable(rest, api, exc)
-                        return
-                    except (HAProxyError, ValueError) as exc:
-                        it.fail(api, exc)
-                        continue
-                    it.touched.append((api, action))
-                    loaded.add(str(it.path))
+            self._push_each(api, session, todo, pushed)
         except TimeoutError as exc:
             for it in todo:
                 if not it.touched_on(api):
                     it.fail(api, exc)
+
+    def _push_each(
+        self,
+        api: RuntimeAPI,
+        session: Session,
+        todo: list[_Item],
+        pushed: Callable[[_Item, RuntimeAPI], None],
+    ) -> None:
+        with _locked(_instance_lock(api.name), self._lock_timeout, f"HAProxy {api.name}"):
+            try:
+                loaded = self._start_session(session)
+            except InstanceUnreachable as exc:
+                for it in todo:
+                    self._unreachable(it, api, exc)
+                    pushed(it, api)
+                return
+            except (HAProxyError, ValueError) as exc:
+                for it in todo:
+                    it.fail(api, exc)
+                return
+            for i, it in enumerate(todo):
+                try:
+                    action = self._transaction(session, it.path, it.target, str(it.path) in loaded)
+                except HAProxyConnectionError as exc:
+                    # The connection died mid-batch (HAProxy killed or
+                    # restarted): this one may be half done and is rolled
+                    # back; nothing was sent for the rest, whose files are on
+                    # disk for its restart, and poll() reconciles it.
+                    it.fail(api, exc)
+                    for rest in todo[i + 1 :]:
+                        self._unreachable(rest, api, exc)
+                        pushed(rest, api)
+                    return
+                except (HAProxyError, ValueError) as exc:
+                    it.fail(api, exc)
+                    continue
+                it.touched.append((api, action))
+                loaded.add(str(it.path))
+                pushed(it, api)
 
     def _unreachable(self, it: _Item, api: RuntimeAPI, exc: Exception) -> None:
         # Not a reason to hold the deploy back from the others: the file is on
@@ -1062,11 +1176,12 @@ class Deployer:
 
     # -- verification ----------------------------------------------------------
 
-    def _verify_batch(self, items: Sequence[_Item], sessions: dict[str, Session]) -> None:
+    def _verify_batch(
+        self, items: Sequence[_Item], sessions: dict[str, Session], checks: _Handshakes
+    ) -> None:
         """Per instance one pipelined `show ssl cert <path>` pass (every serial);
-        then TLS handshakes to every `verify` address, in parallel, for every
-        name of every item (or, past `handshake_sample` items, of the sample
-        `_handshake_items` picks). Problems go into each item's result."""
+        then the outcome of the TLS handshakes `checks` ran while the batch was
+        pushing. Problems go into each item's result."""
         if not items:
             return
         for api in self.apis:
@@ -1094,27 +1209,9 @@ class Deployer:
                         f"{'none' if served is None else f'{served:X}'}, "
                         f"expected {it.target.serial:X}"
                     )
-        jobs: list[tuple[_Item, str, str | None]] = []
-        for it in self._handshake_items(items):
-            for address in self.verify:
-                for name in _verify_names(it.target):
-                    jobs.append((it, address, _sni_for(name) if name else None))
-
-        def handshake(job: tuple[_Item, str, str | None]) -> bytes | OSError | ValueError:
-            _, address, sni = job
-            try:
-                return tls_leaf(address, sni, self.timeout)
-            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-                return exc
-
-        if len(jobs) <= 1:
-            outcomes = [handshake(job) for job in jobs]
-        else:
-            with ThreadPoolExecutor(
-                max_workers=min(HANDSHAKE_WORKERS, len(jobs)), thread_name_prefix="verify"
-            ) as pool:
-                outcomes = list(pool.map(handshake, jobs))
-        for (it, address, sni), outcome in zip(jobs, outcomes, strict=True):
+        checked: set[int] = set()
+        for it, address, sni, outcome in checks.collect():
+            checked.add(id(it))
             result = it.result
             if isinstance(outcome, ConnectionRefusedError):
                 # Nothing listens (that HAProxy is down): proves nothing either
@@ -1134,30 +1231,15 @@ class Deployer:
                     f"TLS handshake to {address} with SNI {sni} returned serial {served:X}, "
                     f"expected {it.target.serial:X}"
                 )
-        checked = {id(it) for it, _, _ in jobs}
         for it in items:
             if (
                 id(it) in checked
-                and self.verify
                 and not any(h.ok for h in it.result.handshakes)
                 and not it.result.errors
             ):
                 it.result.errors.append(
                     f"no TLS frontend answered ({', '.join(self.verify)}): the swap is not proven"
                 )
-
-    def _handshake_items(self, items: Sequence[_Item]) -> list[_Item]:
-        """The items whose names get TLS handshakes: all of them, unless there are
-        more than `handshake_sample`; then every certificate added to the
-        crt-list (its SNI routing is new) plus `handshake_sample` of the
-        updated ones picked at random. Every serial is checked by the show pass
-        whatever the sample."""
-        if self.handshake_sample is None or len(items) <= self.handshake_sample:
-            return list(items)
-        added = [it for it in items if any(action == "added" for _, action in it.touched)]
-        updated = [it for it in items if it not in added]
-        picked = random.sample(updated, min(self.handshake_sample, len(updated)))
-        return added + picked
 
     # -- rollback ----------------------------------------------------------------
 
@@ -1462,25 +1544,11 @@ class Deployer:
         self, entries: Sequence[tuple[DeployTarget, Path]]
     ) -> dict[str, str]:
         """Give every path a crt-list line (one edit); returns name -> error for
-        those that could not get one. Skipped while the crt-list file is as we
-        last left it, with all these paths named."""
+        those that could not get one. Nothing is read while the crt-list file is
+        as we last left it, with all these paths named."""
         editor = self._crt_list_editor()
-        if editor is None or not entries:
-            return {}
-        try:
-            st = os.stat(editor.path)
-            identity: tuple[int, int, int] | None = (st.st_ino, st.st_size, st.st_mtime_ns)
-        except OSError:
-            identity = None
-        paths = frozenset(str(p) for _, p in entries)
-        with self._state:
-            known = self._crt_list_known
-        if (
-            identity is not None
-            and known is not None
-            and known[0] == identity
-            and paths <= known[1]
-        ):
+        paths = [p for _, p in entries]
+        if editor is None or not entries or self._crt_list_names_all(editor, paths):
             return {}
         errors: dict[str, str] = {}
         try:
@@ -1491,13 +1559,7 @@ class Deployer:
                     editor.add(path, self._crt_list_line(path, target))
                 except (CrtListError, TimeoutError) as exc:
                     errors[target.name] = str(exc)
-        if not errors:
-            try:
-                st = os.stat(editor.path)
-                with self._state:
-                    self._crt_list_known = ((st.st_ino, st.st_size, st.st_mtime_ns), paths)
-            except OSError:
-                pass
+        self._crt_list_seen(editor, [p for t, p in entries if t.name not in errors])
         return errors
 
     @contextlib.contextmanager
