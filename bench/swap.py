@@ -406,8 +406,7 @@ def run(
             f"reload {[round(x * 1000, 1) for x in reload_one]}"
         )
         print(
-            f"  runtime API per certificate in the batch: "
-            f"{swap_all.seconds / count * 1000:.2f} ms"
+            f"  runtime API per certificate in the batch: {swap_all.seconds / count * 1000:.2f} ms"
         )
         one = reload1.seconds / swap1.seconds
         bulk_ratio = reload_all.seconds / swap_all.seconds
