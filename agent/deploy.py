@@ -1,24 +1,34 @@
 """Deploy certificates into running HAProxy instances: persisted, swapped, proven.
 
-The flow for one certificate (`Deployer.deploy`):
+Every deploy is a BATCH (`Deployer.deploy_batch`; `deploy` is a batch of one,
+`deploy_many` and `reconcile` use it too). For the certificates of a batch:
 
-1. check the bundle locally (leaf + private key that belongs to it, fits in
-   `tune.bufsize`): a bad bundle is refused before anything is written;
-2. write it atomically to `<cert_dir>/<name>.pem` (the file HAProxy's config
-   references, so a reload or restart serves the same certificate), keeping
-   the previous bytes; a certificate HAProxy has never seen also gets a line
-   in the crt-list file;
-3. on every runtime API instance, in one transaction each: `set ssl cert`,
-   check the pending transaction's serial, `commit ssl cert` (a certificate
-   HAProxy does not know yet is created with `new ssl cert` and added with
-   `add ssl crt-list`);
-4. verify: `show ssl cert` reports the new serial on every instance AND a real
-   TLS handshake to each `verify` address, with SNI set to each of the
-   certificate's names, returns the new leaf;
-5. on any failure: abort open transactions, push the previous bundle back
-   (or remove a certificate that was new), remove the crt-list line this
-   deploy added (before its bundle), restore the bundle file, and report why
-   in the `DeployResult`.
+1. check each bundle locally (leaf + private key that belongs to it, fits in
+   `tune.bufsize`): a bad bundle is refused before anything of it is written;
+2. write every bundle atomically to `<cert_dir>/<name>.pem` (the file HAProxy's
+   config references, so a reload or restart serves the same certificate),
+   keeping the previous bytes: temp files fsynced in parallel, renamed, one
+   fsync of the directory, all while step 3 runs and finished before the
+   crt-list names a new bundle or anything is reported served; then ONE
+   locked edit of the crt-list file gives every bundle a line;
+3. per runtime API instance ONE session (HAProxy's prompt mode, commands
+   pipelined) and one `show ssl cert` listing; then one certificate
+   transaction at a time: `set ssl cert` (after `new ssl cert` for a
+   certificate HAProxy does not know), the pending serial checked with
+   `show ssl cert *<path>`, `commit ssl cert` (or abort), and `add ssl
+   crt-list` for a new one; never two transactions open at once;
+4. verify: one pipelined `show ssl cert <path>` pass per instance checks every
+   serial, AND real TLS handshakes to each `verify` address with SNI set to
+   each of the certificate's names return the new leaf (run in parallel, each
+   started as soon as its certificate is through its last instance; past
+   `handshake_sample` certificates, for a documented sample);
+5. a failure rolls back only the certificates it concerns: push the previous
+   bundle back (or remove a certificate that was new), remove the crt-list
+   lines they added (one edit, before their bundles), restore their bundle
+   files, and report why in their `DeployResult`. The others stay deployed
+   and verified. A connection that dies mid-batch fails the certificate in
+   flight (rolled back) and leaves the rest "unreachable" on that instance
+   (their files are on disk for its restart; `poll` reconciles it).
 
 Every edit of the crt-list file goes through agent/crtlist.py (one lock per
 file across threads and processes, edits of the current content, never a
@@ -32,11 +42,14 @@ second `set ssl cert` into the open one, so every transaction on an instance
 runs under that instance's lock (shared by all Deployers in the process),
 always ends in commit or abort, and is checked before commit.
 
-`reconcile` compares each instance's served serial with the stored bundle and
-deploys what is stale through the same path (push, verify, roll back);
-`poll` notices an instance that came back (or restarted: new PID or start
-time) and reconciles it. Without any runtime API, `finish`
-runs the configured reload command once if a file changed.
+`reconcile` reads each instance's served serials in one pipelined session and
+deploys what is stale as one batch through the same path (push, verify, roll
+back). It re-parses nothing that did not change: checked bundles are cached
+by content (`checked_leaf`), a bundle file is read only when its (st_ino,
+st_size, st_mtime_ns) changed, and the crt-list file only when its identity
+changed. `poll` notices an instance that came back (or restarted: new PID or
+start time) and reconciles it. Without any runtime API, `finish` runs the
+configured reload command once if a file changed.
 
 Everything here is synchronous and thread-safe; the asyncio daemon calls it
 through `asyncio.to_thread`.
@@ -691,6 +704,30 @@ class Deployer:
         The caller holds the instance lock. On any error the transaction is
         aborted (and a store this call created deleted) and the error raised.
         """
+        created, status = self._open_checked(session, path, target, exists)
+        return self._commit(session, path, target, created, status)
+
+    def _needs_add(self, created: bool, status: str) -> bool:
+        """Whether a committed store must still get an `add ssl crt-list`."""
+        return self.crt_list is not None and (created or status != "Used")
+
+    def _open_checked(
+        self,
+        session: Session,
+        path: Path,
+        target: DeployTarget,
+        exists: bool,
+        before: Sequence[tuple[str, bytes | None]] = (),
+        settle: Callable[[list[str]], None] | None = None,
+    ) -> tuple[bool, str]:
+        """Open the transaction of `path` with `target`'s bundle and check its
+        pending serial; returns (store created, its status before). One round
+        trip: `before` (the commit + abort closing the previous certificate's
+        transaction, so HAProxy runs them first) + [show or new, set, show
+        *pending]; `settle` gets the replies of `before` as soon as they are
+        in, before anything is checked. On an error after sending, this
+        transaction is aborted (a store it created deleted) and the error raised.
+        """
         p = check_arg(str(path), "certificate path")
         name = session.name
         if not exists and self.crt_list is None:
@@ -702,11 +739,19 @@ class Deployer:
             )
         first = f"show ssl cert {p}" if exists else f"new ssl cert {p}"
         set_command = f"set ssl cert {p}"
+        replies = session.pipeline(
+            [
+                *before,
+                (first, None),
+                (set_command, target.bundle),
+                (f"show ssl cert *{p}", None),
+            ]
+        )
+        if settle is not None:
+            settle(replies[: len(before)])
+        r_first, r_set, r_pending = replies[len(before) :]
         created = False
         try:
-            r_first, r_set, r_pending = session.pipeline(
-                [(first, None), (set_command, target.bundle), (f"show ssl cert *{p}", None)]
-            )
             status = ""
             if exists:
                 info = cert_info_or_none(name, first, r_first)
@@ -735,18 +780,33 @@ class Deployer:
                     f"show ssl cert *{p}",
                     f"pending transaction holds serial {got}, expected {target.serial:X}",
                 )
-            commit = f"commit ssl cert {p}"
+        except BaseException:
+            self._abort(session, p, created)
+            raise
+        return created, status
+
+    def _abort(self, session: Session, p: str, created: bool) -> None:
+        with contextlib.suppress(HAProxyError):
+            session.command(f"abort ssl cert {p}")
+        if created:
+            with contextlib.suppress(HAProxyError):
+                session.command(f"del ssl cert {p}")
+
+    def _commit(
+        self, session: Session, path: Path, target: DeployTarget, created: bool, status: str
+    ) -> str:
+        """Commit the checked transaction of `path` (then `add ssl crt-list` if
+        needed). Returns "updated" or "added"; on error aborts and raises."""
+        p = str(path)
+        commit = f"commit ssl cert {p}"
+        try:
             reply = session.command(commit)
             if "Success!" not in reply:
-                raise CommandFailed(name, commit, reply)
+                raise CommandFailed(session.name, commit, reply)
         except BaseException:
-            with contextlib.suppress(HAProxyError):
-                session.command(f"abort ssl cert {p}")
-            if created:
-                with contextlib.suppress(HAProxyError):
-                    session.command(f"del ssl cert {p}")
+            self._abort(session, p, created)
             raise
-        if self.crt_list is None or not (created or status != "Used"):
+        if not self._needs_add(created, status):
             return "updated"
         try:
             self._add_live(session, p, target)
@@ -1143,15 +1203,50 @@ class Deployer:
                 for it in todo:
                     it.fail(api, exc)
                 return
+            # An updated certificate's commit (+ an abort that closes its
+            # transaction even if the commit failed) travels in front of the
+            # next certificate's set: one round trip per certificate, and
+            # still one transaction open at a time, checked before its commit.
+            carried: _Item | None = None
+
+            def closing(it: _Item) -> list[tuple[str, bytes | None]]:
+                p = check_arg(str(it.path), "certificate path")
+                return [(f"commit ssl cert {p}", None), (f"abort ssl cert {p}", None)]
+
+            def settle(replies: list[str]) -> None:
+                nonlocal carried
+                it, carried = carried, None
+                assert it is not None
+                if "Success!" in replies[0]:
+                    it.touched.append((api, "updated"))
+                    pushed(it, api)
+                else:
+                    it.fail(api, CommandFailed(api.name, f"commit ssl cert {it.path}", replies[0]))
+
             for i, it in enumerate(todo):
                 try:
-                    action = self._transaction(session, it.path, it.target, str(it.path) in loaded)
+                    before = closing(carried) if carried is not None else []
+                    created, status = self._open_checked(
+                        session,
+                        it.path,
+                        it.target,
+                        str(it.path) in loaded,
+                        before,
+                        settle if before else None,
+                    )
+                    if not created and not self._needs_add(created, status):
+                        carried = it
+                        continue
+                    action = self._commit(session, it.path, it.target, created, status)
                 except HAProxyConnectionError as exc:
                     # The connection died mid-batch (HAProxy killed or
-                    # restarted): this one may be half done and is rolled
-                    # back; nothing was sent for the rest, whose files are on
-                    # disk for its restart, and poll() reconciles it.
-                    it.fail(api, exc)
+                    # restarted): this one (and a commit in flight) may be
+                    # half done and is rolled back; nothing was sent for the
+                    # rest, whose files are on disk for its restart, and
+                    # poll() reconciles it.
+                    for dead in [carried, it] if carried is not None else [it]:
+                        dead.fail(api, exc)
+                    carried = None
                     for rest in todo[i + 1 :]:
                         self._unreachable(rest, api, exc)
                         pushed(rest, api)
@@ -1162,6 +1257,11 @@ class Deployer:
                 it.touched.append((api, action))
                 loaded.add(str(it.path))
                 pushed(it, api)
+            if carried is not None:
+                try:
+                    settle(session.pipeline(closing(carried)))
+                except HAProxyError as exc:
+                    carried.fail(api, exc)
 
     def _unreachable(self, it: _Item, api: RuntimeAPI, exc: Exception) -> None:
         # Not a reason to hold the deploy back from the others: the file is on

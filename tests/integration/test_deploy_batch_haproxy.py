@@ -9,10 +9,11 @@ import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from agent.deploy import Deployer, DeployTarget
+from agent.deploy import Deployer
 from agent.haproxy_api import RuntimeAPI, Session
 from tests.integration.test_deploy_concurrency import assert_loadable
 from tests.integration.test_deploy_haproxy import Site, _start_site
@@ -81,22 +82,20 @@ def test_batch_cut_by_an_haproxy_restart_is_served_after_the_next_reconcile(
     renewed = site.target("site", ["site.test", "www.site.test"])
     shops = [site.target(f"shop{i}", [f"shop{i}.test"]) for i in range(12)]
     targets = [renewed, *shops]
-    real = Deployer._transaction
+    real = Deployer._open_checked
     calls = {"n": 0}
 
-    def restart_mid_batch(
-        self: Deployer, session: Session, path: Path, target: DeployTarget, exists: bool
-    ) -> str:
+    def restart_mid_batch(self: Deployer, session: Session, *args: Any) -> tuple[bool, str]:
         calls["n"] += 1
         if calls["n"] == 6:  # five certificates through, seven to go
             os.kill(site.haproxy.pid, signal.SIGKILL)
             site.haproxy.stop()  # reaps the killed process (by its handle)
             site.haproxy.start()  # loads whatever the files say right now
-        return real(self, session, path, target, exists)
+        return real(self, session, *args)
 
-    monkeypatch.setattr(Deployer, "_transaction", restart_mid_batch)
+    monkeypatch.setattr(Deployer, "_open_checked", restart_mid_batch)
     results = deployer.deploy_batch(targets)
-    monkeypatch.setattr(Deployer, "_transaction", real)
+    monkeypatch.setattr(Deployer, "_open_checked", real)
 
     assert calls["n"] >= 6
     assert not all(r.ok for r in results)  # the batch did see the restart
