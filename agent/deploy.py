@@ -20,8 +20,9 @@ Every deploy is a BATCH (`Deployer.deploy_batch`; `deploy` is a batch of one,
 4. verify: one pipelined `show ssl cert <path>` pass per instance checks every
    serial, AND real TLS handshakes to each `verify` address with SNI set to
    each of the certificate's names return the new leaf (run in parallel, each
-   started as soon as its certificate is through its last instance; past
-   `handshake_sample` certificates, for a documented sample);
+   started as soon as its certificate is through its last instance; in a
+   batch of more than `handshake_sample` certificates, for every new one plus
+   a random sample of the others, and for all of them if one of those fails);
 5. a failure rolls back only the certificates it concerns: push the previous
    bundle back (or remove a certificate that was new), remove the crt-list
    lines they added (one edit, before their bundles), restore their bundle
@@ -109,6 +110,10 @@ FSYNC_WORKERS = 16
 # TLS handshakes of one batch's verification running at once (each waits on
 # HAProxy most of the time, so more than the cores).
 HANDSHAKE_WORKERS = 8
+# Updated certificates of a large batch verified by TLS handshake when all is
+# well (see _Handshakes). Handshakes cost HAProxy the CPU its commits need: on
+# 3.2, 200 of them during a 200-certificate batch tripled the push time.
+DEFAULT_HANDSHAKE_SAMPLE = 32
 # Checked bundles kept (name, sha256 of the bundle) -> leaf: a reconcile pass
 # over unchanged bundles parses nothing. Bounded: a full cache is emptied.
 LEAF_CACHE_SIZE = 50_000
@@ -464,10 +469,13 @@ class _Handshakes:
     its last instance (while the batch pushes the next ones), at most
     HANDSHAKE_WORKERS at a time.
 
-    Which certificates: every one, unless the deployer has a `handshake_sample`
-    smaller than the batch; then every certificate added to the crt-list (its
-    SNI routing is new) plus `handshake_sample` of the others picked at random
-    (every serial is still checked by the `show ssl cert` pass).
+    Which certificates: every one, unless the batch holds more than the
+    deployer's `handshake_sample`; then every certificate added to the
+    crt-list (its SNI routing is new) plus `handshake_sample` of the others
+    picked at random, and every serial is still checked by the `show ssl
+    cert` pass. If any handshake of the sample fails, the skipped ones are
+    checked too (`check_skipped`), so each certificate's fate rests on its own
+    handshake and a failure never rolls back a random few.
     """
 
     def __init__(self, deployer: Deployer, items: Sequence[_Item]) -> None:
@@ -477,6 +485,7 @@ class _Handshakes:
         self.sampled: set[int] | None = None
         if sample is not None and len(items) > sample:
             self.sampled = {id(it) for it in random.sample(list(items), sample)}
+        self.skipped: list[_Item] = []
         self._pool: ThreadPoolExecutor | None = None
         self._jobs: list[tuple[_Item, str, str | None, Future[bytes | Exception]]] = []
 
@@ -486,7 +495,11 @@ class _Handshakes:
             return
         added = any(action == "added" for _, action in it.touched)
         if self.sampled is not None and not added and id(it) not in self.sampled:
+            self.skipped.append(it)
             return
+        self._submit(it)
+
+    def _submit(self, it: _Item) -> None:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(HANDSHAKE_WORKERS, thread_name_prefix="verify")
         for address in self.verify:
@@ -495,8 +508,17 @@ class _Handshakes:
                 future = self._pool.submit(_handshake, address, sni, self.timeout)
                 self._jobs.append((it, address, sni, future))
 
+    def check_skipped(self) -> None:
+        """Start the checks of every certificate the sample skipped (still pushed
+        and not failed)."""
+        skipped, self.skipped = self.skipped, []
+        for it in skipped:
+            if not it.failed:
+                self._submit(it)
+
     def collect(self) -> list[tuple[_Item, str, str | None, bytes | Exception]]:
-        """Wait for every check; (item, address, sni, leaf DER or the error)."""
+        """Wait for every check started so far; (item, address, sni, leaf DER or
+        the error)."""
         out = [(it, address, sni, future.result()) for it, address, sni, future in self._jobs]
         self._jobs = []
         return out
@@ -539,10 +561,12 @@ class Deployer:
     `finish` when no runtime API is configured. `timeout`: seconds per runtime
     API call and per handshake. `bufsize`: HAProxy's `tune.bufsize`, used where
     HAProxy does not show it in `show pools` (or with `probe_bufsize` False).
-    `handshake_sample`: None (default) verifies every name of every certificate
-    of a batch by TLS handshake; N verifies, in batches of more than N, every
-    name of each certificate added to the crt-list plus N updated ones picked
-    at random (every serial is still checked by `show ssl cert`).
+    `handshake_sample` (default DEFAULT_HANDSHAKE_SAMPLE): in a batch of more
+    certificates than that, TLS handshakes go to every name of each certificate
+    added to the crt-list plus that many updated ones picked at random, and to
+    all of them as soon as one of those fails (every serial is still checked
+    by `show ssl cert`); smaller batches, and any batch with None, get a
+    handshake for every name of every certificate.
     """
 
     def __init__(
@@ -556,7 +580,7 @@ class Deployer:
         bufsize: int = DEFAULT_BUFSIZE,
         reload_timeout: float = 120.0,
         probe_bufsize: bool = True,
-        handshake_sample: int | None = None,
+        handshake_sample: int | None = DEFAULT_HANDSHAKE_SAMPLE,
     ) -> None:
         self.apis = [RuntimeAPI(address, timeout, bufsize, probe_bufsize) for address in instances]
         names = [api.name for api in self.apis]
@@ -1310,7 +1334,14 @@ class Deployer:
                         f"expected {it.target.serial:X}"
                     )
         checked: set[int] = set()
-        for it, address, sni, outcome in checks.collect():
+        outcomes = checks.collect()
+        if checks.skipped and any(
+            not isinstance(o, bytes) or o != it.leaf_der for it, _, _, o in outcomes
+        ):
+            # The sample saw a problem: no certificate is left to chance.
+            checks.check_skipped()
+            outcomes += checks.collect()
+        for it, address, sni, outcome in outcomes:
             checked.add(id(it))
             result = it.result
             if isinstance(outcome, ConnectionRefusedError):

@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cryptography import x509
 
-from agent.deploy import Deployer, DeployTarget, tls_leaf
+from agent.deploy import DEFAULT_HANDSHAKE_SAMPLE, Deployer, DeployTarget, tls_leaf
 from tests.support.certs import CA, make_bundle, make_ca
 from tests.support.haproxy import HAProxyProcess, free_port
 
@@ -423,16 +423,18 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=5, help="runs of the 1-cert change")
     parser.add_argument(
         "--handshake-sample",
-        type=int,
-        default=None,
-        help="Deployer handshake_sample (default: a handshake for every name)",
+        default=str(DEFAULT_HANDSHAKE_SAMPLE),
+        help="Deployer handshake_sample: a number, or 'all' for a handshake for every "
+        f"name of every certificate (default {DEFAULT_HANDSHAKE_SAMPLE}, as the agent)",
     )
     args = parser.parse_args()
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    print(f"HAProxy {haproxy_version(args.haproxy)} ({args.haproxy})")
-    outcomes = [
-        run(args.haproxy, n, args.threads, args.repeat, args.handshake_sample) for n in args.certs
-    ]
+    sample = None if args.handshake_sample == "all" else int(args.handshake_sample)
+    print(
+        f"HAProxy {haproxy_version(args.haproxy)} ({args.haproxy}); handshakes: "
+        + ("every name" if sample is None else f"sample of {sample} + every new certificate")
+    )
+    outcomes = [run(args.haproxy, n, args.threads, args.repeat, sample) for n in args.certs]
     print(f"swap_speedup_vs_reload={outcomes[0][0]:.1f}")
     print(f"bulk_vs_reload={outcomes[-1][1]:.2f}")
     return 0

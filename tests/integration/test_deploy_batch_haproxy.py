@@ -75,6 +75,24 @@ def test_batch_with_one_certificate_failing_verification_rolls_back_only_that_on
     assert ("clash", False) in statuses and ("site", True) in statuses
 
 
+def test_a_failing_sampled_handshake_makes_every_certificate_of_the_batch_checked(
+    site: Site,
+) -> None:
+    shops = [site.target(f"shop{i}", [f"shop{i}.test"]) for i in range(4)]
+    assert all(r.ok for r in site.deployer().deploy_batch(shops))
+    renewed = [site.target(s.name, list(s.names)) for s in shops]
+    # One handshake in the sample, against a listener that serves another
+    # certificate: it fails, so the three skipped ones are checked too (and fail).
+    deployer = site.deployer(verify=[f"127.0.0.1:{site.static_port}"], handshake_sample=1)
+
+    results = deployer.deploy_batch(renewed)
+
+    assert all(not r.ok and r.rolled_back for r in results), [r.errors for r in results]
+    assert all(r.handshakes and not r.handshakes[0].ok for r in results)
+    for shop in shops:
+        assert site.served_serial(shop.names[0]) == shop.serial
+
+
 def test_batch_cut_by_an_haproxy_restart_is_served_after_the_next_reconcile(
     site: Site, monkeypatch: pytest.MonkeyPatch
 ) -> None:
