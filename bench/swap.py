@@ -238,6 +238,14 @@ class RssSampler:
 # ---------------------------------------------------------------------------
 
 
+def wait_one_worker(master: int, timeout: float = 15.0) -> None:
+    """Wait (bounded) until the worker a reload replaced has exited, so the next
+    window's RSS and failures are its own."""
+    deadline = time.monotonic() + timeout
+    while len(_worker_pids(master)) > 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def serial_of(port: int, sni: str) -> int:
     der = tls_leaf(f"127.0.0.1:{port}", sni, 5.0)
     return x509.load_der_x509_certificate(der).serial_number
@@ -330,6 +338,13 @@ def run(
                 handshake_sample=sample,
             )
             reload = Deployer([], cert_dir, reload_command=["kill", "-USR2", str(proc.pid)])
+            # Stored -> served and verified on a quiet machine (no load yet).
+            quiet: list[float] = []
+            for r in range(repeat):
+                [target] = new_targets(ca, names, [r % count])
+                start = time.monotonic()
+                swap.deploy(target).raise_for_errors()
+                quiet.append(time.monotonic() - start)
             rss.start()
             load.start()
             time.sleep(1.5)  # let the load settle
@@ -362,7 +377,8 @@ def run(
                 start, end = by_reload(new_targets(ca, names, [i]))
                 reload_one.append(end - start)
                 windows.append(("reload1", start, end))
-                time.sleep(2.0)  # the old worker finishes its connections
+                wait_one_worker(proc.pid)  # the old worker finishes its connections
+                time.sleep(0.3)
             bulk = new_targets(ca, names, range(count))
             start, end = by_swap(bulk)
             windows.append(("swapN", start, end))
@@ -370,7 +386,7 @@ def run(
             bulk = new_targets(ca, names, range(count))
             start, end = by_reload(bulk)
             windows.append(("reloadN", start, end))
-            time.sleep(2.0)
+            wait_one_worker(proc.pid)
         finally:
             if load is not None and hasattr(load, "_proc"):
                 load.finish()
@@ -410,7 +426,11 @@ def run(
         )
         one = reload1.seconds / swap1.seconds
         bulk_ratio = reload_all.seconds / swap_all.seconds
-        print(f"  N={count} single_swap_ms={swap1.seconds * 1000:.1f} speedup_1={one:.1f}")
+        print(
+            f"  N={count} single_swap_ms={swap1.seconds * 1000:.1f} (under load), "
+            f"{statistics.median(quiet) * 1000:.1f} (no load: "
+            f"{[round(x * 1000, 1) for x in quiet]}) speedup_1={one:.1f}"
+        )
         print(f"  N={count} bulk_vs_reload={bulk_ratio:.2f}")
         return one, bulk_ratio
 
