@@ -622,6 +622,7 @@ class Deployer:
             reload_command=list(section.reload_command),
             timeout=float(section.timeout),
             bufsize=int(getattr(section, "bufsize", DEFAULT_BUFSIZE)),
+            handshake_sample=getattr(section, "handshake_sample", DEFAULT_HANDSHAKE_SAMPLE),
         )
 
     # -- helpers -------------------------------------------------------------

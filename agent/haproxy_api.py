@@ -701,6 +701,7 @@ class Session:
         self.name = api.name
         self._sock: socket.socket | None = None
         self._buffer = b""
+        self._prompt_pending = False
         self.connections = 0  # connections opened so far (tests count them)
 
     def __enter__(self) -> Session:
@@ -732,12 +733,9 @@ class Session:
         self.connections += 1
         self._sock = sock
         self._buffer = b""
-        try:
-            sock.sendall(b"prompt\n")
-            self._read_reply("prompt", deadline)  # the prompt after `prompt` itself
-        except BaseException:
-            self.close()
-            raise
+        # `prompt` goes out with the first commands (HAProxy switches modes before
+        # reading the next line); its own empty reply is read before theirs.
+        self._prompt_pending = True
         return sock
 
     def _read_reply(self, command: str, deadline: float) -> str:
@@ -805,9 +803,10 @@ class Session:
                 window = messages[start : start + PIPELINE_WINDOW]
                 deadline = time.monotonic() + self.api.timeout
                 sock = self._open(deadline)
+                prompt = b"prompt\n" if self._prompt_pending else b""
                 try:
                     sock.settimeout(max(deadline - time.monotonic(), 0.001))
-                    sock.sendall(b"".join(m for _, m, _ in window))
+                    sock.sendall(prompt + b"".join(m for _, m, _ in window))
                 except TimeoutError as exc:
                     raise HAProxyTimeout(
                         self.name, window[0][0], f"could not send within {self.api.timeout:g} s"
@@ -816,6 +815,9 @@ class Session:
                     raise HAProxyConnectionError(
                         self.name, window[0][0], str(exc) or repr(exc)
                     ) from exc
+                if prompt:
+                    self._read_reply("prompt", deadline)  # the prompt after `prompt`
+                    self._prompt_pending = False
                 for command, message, has_payload in window:
                     try:
                         reply = self._read_reply(command, deadline)
