@@ -373,7 +373,7 @@ def run(
                 start, end = by_swap(new_targets(ca, names, [i]))
                 swap_one.append(end - start)
                 windows.append(("swap1", start, end))
-                time.sleep(0.3)
+                time.sleep(1.0)  # past the 0.5 s tail of this window before the reload
                 start, end = by_reload(new_targets(ca, names, [i]))
                 reload_one.append(end - start)
                 windows.append(("reload1", start, end))
