@@ -72,7 +72,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-import tests.support.pebble as pebble_support
 from agent import keys
 from bench.haproxy_native import NativeFailed, Site, run_native
 from tests.support.acme_stack import SHIPPED_CFG, SHIPPED_SPOE, SITE_STUB, toml_value
@@ -378,7 +377,7 @@ def main() -> int:
         raise SystemExit("--counts needs positive integers and --rounds at least 1")
     native_bin = pick_native(args.haproxy_native)
     haproxy_bin = args.haproxy or native_bin
-    pebble_support.PEBBLE_BIN = pick_pebble(args.pebble)
+    pebble_bin = pick_pebble(args.pebble)
     for tool in ("haproxy-acme-agent", *(["certbot"] if args.certbot else [])):
         if not (BIN / tool).exists():
             raise SystemExit(f"{BIN / tool} is missing: pip install -e '.[test]'")
@@ -387,9 +386,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-issuance-") as tmp:
         work = Path(tmp)
         http_port = free_port()
-        with PebbleProcess(work / "pebble", http_port) as pebble:
+        with PebbleProcess(work / "pebble", http_port, binary=pebble_bin) as pebble:
             print(
-                f"Pebble {pebble_support.PEBBLE_BIN} (AUTHZREUSE=0, VA_NOSLEEP); HAProxy "
+                f"Pebble {pebble_bin} (AUTHZREUSE=0, VA_NOSLEEP); HAProxy "
                 f"{haproxy_bin} for ours/certbot, {native_bin} for native; "
                 f"{args.rounds} rounds, ECDSA P-256 stable keys, 2 names per certificate",
                 flush=True,
