@@ -79,12 +79,14 @@ def test_order_is_validated_through_the_map_and_leaves_it_empty(
     out, err = capsys.readouterr()
     assert rc == 0, err
     assert "www: renewed:" in out
-    state = tmp_path / "state"
-    leaf = (state / "certificates" / "www" / "cert.pem").read_bytes()
-    served = served_leaf(stack.https_port, "www.example.com")
     from cryptography import x509
 
-    assert served.serial_number == x509.load_pem_x509_certificate(leaf).serial_number
+    # Deployed: HAProxy serves the bundle the agent wrote, issued for the order's names.
+    bundle = x509.load_pem_x509_certificates((stack.cert_dir / "www.pem").read_bytes())[0]
+    served = served_leaf(stack.https_port, "www.example.com")
+    assert served.serial_number == bundle.serial_number
+    san = served.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sorted(san.get_values_for_type(x509.DNSName)) == ["api.example.com", "www.example.com"]
     # Both authorizations' tokens were taken out when the order ended.
     assert map_entries(stack) == {}
     # No SPOE in this HAProxy config: the map answered Pebble.
@@ -184,7 +186,7 @@ def test_unreachable_instance_fails_the_order_before_the_ca_is_asked_to_validate
     assert answered == []
     # The instance that did take the token had it removed again.
     assert map_entries(stack) == {}
-    assert not (tmp_path / "state" / "certificates" / "www" / "cert.pem").exists()
+    assert not (stack.cert_dir / "www.pem").exists()  # nothing issued, nothing deployed
 
 
 def test_instance_that_comes_back_within_map_timeout_lets_the_order_go_on(
