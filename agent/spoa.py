@@ -13,6 +13,14 @@ microsecond on this path is a request per second less; NOTIFYs are answered
 synchronously inside data_received, so pipelined frames that arrive together
 leave in one write.
 
+Fast path: whole NOTIFY frames of exactly the shape spoe-acme.conf produces
+are matched against a byte template and answered with cached ACK bytes
+around HAProxy's own id bytes (`_SpoaProtocol._fast_notifies`); any other
+byte sequence goes to the general decoder in `agent.spop`, which defines the
+semantics (tests/test_spoa_fast_path.py proves both answer byte for byte
+alike). Metrics cost no call per request: the agent increments plain ints on
+`SpoaCounters`, which agent.metrics reads at scrape time.
+
 One bad peer never takes the agent down: a protocol error on a connection
 sends AGENT-DISCONNECT with the SPOP status code and closes that connection
 only.
@@ -27,8 +35,10 @@ valid HAPROXY-HELLO ("authenticated" below). Before that it is "pending".
   hostile peers ever hit it.
 - Idle timeout: only COMPLETE frames count as activity. Bytes of a frame that
   never completes do not keep a connection open past `idle_timeout` seconds
-  (status 2). HAProxy's own `timeout idle` (haproxy/spoe-acme.conf) is kept
-  below it, so HAProxy normally closes its idle connections first.
+  (status 2). HAProxy's own idle limits are kept below it, so HAProxy
+  closes its idle connections first and never sends a NOTIFY into one the
+  agent is closing: `timeout idle` (haproxy/spoe-acme.conf) up to 3.0, the
+  SPOA server's `pool-purge-delay` (haproxy/haproxy.cfg) from 3.1.
 - Per-peer limit: at most `max_pending_per_peer` PENDING connections per peer
   address. A new connection from an address at its limit closes that
   address's oldest pending connection (status 13) and is accepted.
@@ -101,7 +111,7 @@ OnRequest = Callable[[str, float], None]  # (result "answered"|"unknown", second
 
 # Why a peer was dropped -> the words used in the warning. Keys are stable
 # (metric labels); "idle_timeout" is counted but not logged (HAProxy's own
-# idle connections may meet it when its `timeout idle` is set above ours).
+# idle connections meet it when its idle limits are set above ours).
 DROP_REASONS: dict[str, str] = {
     "malformed": "malformed SPOP",
     "hello_deadline": "HELLO deadline",
