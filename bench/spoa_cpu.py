@@ -1,6 +1,7 @@
 """Agent CPU per NOTIFY, in process: `data_received` over a fake transport.
 
-    python -m bench.spoa_cpu [--rounds 7] [--n 200000] [--batch 1] [--metrics] [--profile]
+    python -m bench.spoa_cpu [--rounds 7] [--n 200000] [--batch 1] [--metrics] [--general]
+                             [--profile]
 
 Plays HAProxy's side of one connection (HELLO, then NOTIFYs of the shape
 haproxy/spoe-acme.conf configures: message `acme-challenge`, one string
@@ -8,9 +9,12 @@ argument `token`, stream ids counting up like HAProxy 2.6's stream counter)
 and times the agent's `data_received` for every NOTIFY. `--batch K` hands K
 pipelined NOTIFYs to one `data_received` call, as HAProxy does under load.
 `--metrics` wires the daemon's metrics (agent.metrics.Metrics) the way the
-daemon does. Half the NOTIFYs ask for a pending token, half for an unknown
-one. Prints the best of `--rounds` rounds in microseconds per NOTIFY (best
-of N: the machine is shared, the minimum is the least disturbed round).
+daemon does (its SpoaCounters; the agent counts into its own otherwise, at
+the same cost). `--general` switches the fast path off. `--profile` prints
+cProfile's top functions for one round instead. Half the NOTIFYs ask for
+a pending token, half for an unknown one. Prints the best of `--rounds`
+rounds in microseconds per NOTIFY (best of N: the machine is shared, the
+minimum is the least disturbed round).
 """
 
 from __future__ import annotations
