@@ -499,7 +499,7 @@ class Daemon:
             self.registry,
             listen.host,
             listen.port,
-            on_request=self.metrics.observe_challenge,
+            counters=self.metrics.spoa,  # read at scrape time; survives SPOA restarts
             **door_settings(self.config.spoa),
         )
 

@@ -3,8 +3,11 @@
 Certificate gauges are not kept as prometheus-client children: a custom
 collector reads the daemon's current view of every certificate at scrape time,
 so 10,000 certificates cost nothing between scrapes and can never go stale
-after a config reload drops a certificate. Event counters (renewals,
-challenges, ACME errors) and the SPOE latency histogram are ordinary
+after a config reload drops a certificate. The SPOE agent's hot-path metrics
+(challenges answered/unknown, the lookup-time histogram, dropped peers) are
+plain integers on `agent.spoa.SpoaCounters`, incremented by the agent and
+turned into metric families only at scrape time: no Prometheus call per
+request. Event counters (renewals, ACME errors, deploy errors) are ordinary
 prometheus-client objects on a registry of our own (not the global one, so
 several agents can live in one test process).
 
@@ -20,18 +23,26 @@ import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from agent.spoa import LOOKUP_BUCKETS, SpoaCounters
 
 log = logging.getLogger(__name__)
 
 PREFIX = "haproxy_acme_"
 
-# SPOE answers are in-process dictionary lookups: the interesting range is
-# tens of microseconds to a few milliseconds.
-SPOE_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0)
+# Registry lookups are in-process dictionary reads (or a shared store): the
+# interesting range is tens of microseconds to a few milliseconds.
+SPOE_BUCKETS = LOOKUP_BUCKETS
 
 
 @dataclass(frozen=True)
@@ -103,6 +114,46 @@ class _CertificateCollector(Collector):
         yield deployed
 
 
+class _SpoaCollector(Collector):
+    """Reads SpoaCounters at scrape time (from the scrape thread; see SpoaCounters)."""
+
+    def __init__(self, counters: SpoaCounters) -> None:
+        self._counters = counters
+
+    def collect(self) -> Iterator[Metric]:
+        c = self._counters
+        challenges = CounterMetricFamily(
+            PREFIX + "challenges",
+            "http-01 challenge requests asked of the SPOE agent, by result (answered or unknown).",
+            labels=["result"],
+        )
+        challenges.add_metric(["answered"], c.answered)
+        challenges.add_metric(["unknown"], c.unknown)
+        yield challenges
+        counts = list(c.lookup_buckets)  # one snapshot: buckets and count agree
+        cumulative: list[tuple[str, float]] = []
+        running = 0
+        for bound, count in zip(LOOKUP_BUCKETS, counts, strict=False):
+            running += count
+            cumulative.append((floatToGoString(bound), running))  # type: ignore[no-untyped-call]
+        cumulative.append(("+Inf", running + counts[-1]))
+        yield HistogramMetricFamily(
+            PREFIX + "spoe_request_duration_seconds",
+            "Time the SPOE agent's challenge-registry lookup took for one NOTIFY, in seconds.",
+            buckets=cumulative,
+            sum_value=c.lookup_seconds,
+        )
+        drops = CounterMetricFamily(
+            PREFIX + "spoe_dropped_peers",
+            "Connections the SPOE agent closed on a peer, by reason (malformed, hello_deadline, "
+            "peer_limit, evicted, refused, idle_timeout).",
+            labels=["reason"],
+        )
+        for reason, count in list(c.drops.items()):
+            drops.add_metric([reason], count)
+        yield drops
+
+
 class Metrics:
     """All metrics of one agent process, on a registry of its own."""
 
@@ -115,12 +166,9 @@ class Metrics:
             ["certificate", "result"],
             registry=self.registry,
         )
-        self.challenges = Counter(
-            PREFIX + "challenges",
-            "http-01 challenge requests asked of the SPOE agent, by result (answered or unknown).",
-            ["result"],
-            registry=self.registry,
-        )
+        # The SPOE agent's counts: pass to SpoaServer(counters=...) (the daemon does).
+        self.spoa = SpoaCounters()
+        self.registry.register(_SpoaCollector(self.spoa))
         self.acme_errors = Counter(
             PREFIX + "acme_errors",
             "ACME failures by error type (e.g. rateLimited, connection, badNonce).",
@@ -133,19 +181,11 @@ class Metrics:
             ["certificate", "instance"],
             registry=self.registry,
         )
-        self.spoe_duration = Histogram(
-            PREFIX + "spoe_request_duration_seconds",
-            "Time the SPOE agent took to answer one NOTIFY, in seconds.",
-            buckets=SPOE_BUCKETS,
-            registry=self.registry,
-        )
-        for result in ("answered", "unknown"):
-            self.challenges.labels(result)
 
     def observe_challenge(self, result: str, seconds: float) -> None:
-        """SPOA hook: one challenge lookup with its result and duration."""
-        self.challenges.labels(result).inc()
-        self.spoe_duration.observe(seconds)
+        """One challenge lookup with its result and duration, for callers outside the
+        SPOA (the SPOA itself increments `self.spoa` directly)."""
+        self.spoa.count_result(result, seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -13,6 +13,14 @@ microsecond on this path is a request per second less; NOTIFYs are answered
 synchronously inside data_received, so pipelined frames that arrive together
 leave in one write.
 
+Fast path: whole NOTIFY frames of exactly the shape spoe-acme.conf produces
+are matched against a byte template and answered with cached ACK bytes
+around HAProxy's own id bytes (`_SpoaProtocol._fast_notifies`); any other
+byte sequence goes to the general decoder in `agent.spop`, which defines the
+semantics (tests/test_spoa_fast_path.py proves both answer byte for byte
+alike). Metrics cost no call per request: the agent increments plain ints on
+`SpoaCounters`, which agent.metrics reads at scrape time.
+
 One bad peer never takes the agent down: a protocol error on a connection
 sends AGENT-DISCONNECT with the SPOP status code and closes that connection
 only.
@@ -27,8 +35,10 @@ valid HAPROXY-HELLO ("authenticated" below). Before that it is "pending".
   hostile peers ever hit it.
 - Idle timeout: only COMPLETE frames count as activity. Bytes of a frame that
   never completes do not keep a connection open past `idle_timeout` seconds
-  (status 2). HAProxy's own `timeout idle` (haproxy/spoe-acme.conf) is kept
-  below it, so HAProxy normally closes its idle connections first.
+  (status 2). HAProxy's own idle limits are kept below it, so HAProxy
+  closes its idle connections first and never sends a NOTIFY into one the
+  agent is closing: `timeout idle` (haproxy/spoe-acme.conf) up to 3.0, the
+  SPOA server's `pool-purge-delay` (haproxy/haproxy.cfg) from 3.1.
 - Per-peer limit: at most `max_pending_per_peer` PENDING connections per peer
   address. A new connection from an address at its limit closes that
   address's oldest pending connection (status 13) and is accepted.
@@ -56,6 +66,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import contextlib
 import logging
 import math
@@ -77,9 +88,13 @@ from agent.spop import (
     InvalidFrame,
     Notify,
     SpopError,
+    State,
     Status,
+    ack_head,
     encode_ack_set_txn_string,
     encode_empty_ack,
+    encode_string,
+    set_txn_string_action,
 )
 
 if TYPE_CHECKING:
@@ -96,7 +111,7 @@ OnRequest = Callable[[str, float], None]  # (result "answered"|"unknown", second
 
 # Why a peer was dropped -> the words used in the warning. Keys are stable
 # (metric labels); "idle_timeout" is counted but not logged (HAProxy's own
-# idle connections may meet it when its `timeout idle` is set above ours).
+# idle connections meet it when its idle limits are set above ours).
 DROP_REASONS: dict[str, str] = {
     "malformed": "malformed SPOP",
     "hello_deadline": "HELLO deadline",
@@ -110,6 +125,70 @@ _SILENT_DROPS = frozenset({"idle_timeout"})
 # Stop reading from a peer that does not read our ACKs once this much is queued.
 _WRITE_HIGH_WATER = 256 * 1024
 
+# Upper bounds (seconds) of the registry lookup histogram. Lookups are
+# in-process dictionary reads (or a shared store): tens of microseconds to a
+# few milliseconds are the interesting range.
+LOOKUP_BUCKETS: tuple[float, ...] = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0,
+)  # fmt: skip
+_FIRST_BUCKET = LOOKUP_BUCKETS[0]
+
+
+class SpoaCounters:
+    """The SPOA's running totals since start: plain ints, read at scrape time.
+
+    Incremented by the event loop thread, read by the metrics collector
+    (agent.metrics) from another thread: each value is one int or float read
+    under the GIL, so a scrape may see the counts of a NOTIFY a moment apart,
+    never a torn value. One object can outlive several SpoaServers (the
+    daemon restarts the server on a config change; counters stay monotonic).
+
+    - `answered` / `unknown`: NOTIFYs answered with a key authorization / without.
+    - `lookup_buckets[i]`: registry lookups that took at most LOOKUP_BUCKETS[i]
+      seconds and more than the bound before (the last: more than the last
+      bound); `lookup_seconds`: their total time (seconds).
+    - `drops[reason]`: peers dropped, keys of DROP_REASONS.
+    """
+
+    __slots__ = ("answered", "drops", "lookup_buckets", "lookup_seconds", "unknown")
+
+    def __init__(self) -> None:
+        self.answered = 0
+        self.unknown = 0
+        self.lookup_buckets = [0] * (len(LOOKUP_BUCKETS) + 1)
+        self.lookup_seconds = 0.0
+        self.drops: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
+
+    def observe_lookup(self, seconds: float) -> None:
+        """Count one lookup of `seconds` in its bucket (and in the sum)."""
+        self.lookup_buckets[bisect.bisect_left(LOOKUP_BUCKETS, seconds)] += 1
+        self.lookup_seconds += seconds
+
+    def count_result(self, result: str, seconds: float) -> None:
+        """One NOTIFY answered ("answered") or not ("unknown") after a `seconds` lookup."""
+        if result == "answered":
+            self.answered += 1
+        else:
+            self.unknown += 1
+        self.observe_lookup(seconds)
+
+
+# The one NOTIFY shape haproxy/spoe-acme.conf produces, after the ids:
+# message name, one argument, argument name, STRING type byte. Then comes
+# the token's one-byte length and the token.
+_NOTIFY_TYPE_FLAGS = b"\x03\x00\x00\x00\x01"  # NOTIFY, flags FIN only
+_NOTIFY_TEMPLATE = encode_string(MESSAGE_NAME) + b"\x01" + encode_string(TOKEN_ARG) + b"\x08"
+_TEMPLATE_LEN = len(_NOTIFY_TEMPLATE)
+# Shortest frame of that shape: length, type+flags, two one-byte ids, template, value length.
+_FAST_MIN = 4 + 5 + 2 + _TEMPLATE_LEN + 1
+_READY = State.READY
+# ACK length+type+flags by the size of what follows (ids and actions), and
+# the action bytes by key authorization: built once, reused by every answer.
+_HEADS_MAX = 1024
+_ACK_HEADS: list[bytes] = [ack_head(rest) for rest in range(_HEADS_MAX)]
+_ACTIONS: dict[str, bytes] = {}
+_ACTIONS_MAX = 1024
+
 
 class _SpoaProtocol(asyncio.Protocol):
     """One HAProxy connection. All work happens in data_received."""
@@ -117,6 +196,8 @@ class _SpoaProtocol(asyncio.Protocol):
     __slots__ = (
         "_closing",
         "_conn",
+        "_counters",
+        "_fast",
         "_server",
         "_transport",
         "accepted",
@@ -126,6 +207,8 @@ class _SpoaProtocol(asyncio.Protocol):
 
     def __init__(self, server: SpoaServer) -> None:
         self._server = server
+        self._counters = server.counters
+        self._fast = server.fast_path
         self._conn = AgentConnection(server.max_frame_size)
         self._transport: asyncio.Transport | None = None
         self._closing = False
@@ -164,8 +247,133 @@ class _SpoaProtocol(asyncio.Protocol):
         if self._closing:
             return
         conn = self._conn
+        if self._fast and conn.state is _READY and not conn.buffered:
+            done, fast_out = self._fast_notifies(data)
+            if done == len(data):
+                if fast_out:
+                    self.last_activity = time.monotonic()
+                    transport = self._transport
+                    assert transport is not None
+                    transport.write(fast_out)
+                return
+            self._general(data[done:] if done else data, fast_out)
+        else:
+            self._general(data, None)
+
+    def _fast_notifies(self, data: bytes) -> tuple[int, bytearray | None]:
+        """Answer the leading NOTIFYs of `data` that have exactly our shape.
+
+        Returns (bytes consumed, ACK bytes or None). Stops, consuming nothing
+        of it, at the first frame that is anything else: not a whole frame,
+        other type or flags, ids longer than 6 bytes, other message or
+        argument names, a non-ASCII token, a token length of 240 or more. The
+        general decoder then handles the rest and gives the same answers
+        (tests/test_spoa_fast_path.py checks both byte for byte). The ACK
+        echoes HAProxy's id bytes: HAProxy's varint encoding is canonical, so
+        they are the bytes the encoder would produce.
+        """
+        n = len(data)
+        pos = 0
+        out: bytearray | None = None
+        max_size = self._conn.max_frame_size
+        server = self._server
+        lookup = server.registry.lookup
+        on_request = server.on_request
+        counters = self._counters
+        clock = time.perf_counter
+        heads = _ACK_HEADS
+        actions = _ACTIONS
+        answered = unknown = fast_bucket = 0
+        fast_seconds = 0.0
+        try:
+            while n - pos >= _FAST_MIN:
+                end = pos + 4 + int.from_bytes(data[pos : pos + 4])
+                if end > n or end - pos - 4 > max_size:
+                    break
+                if data[pos + 4 : pos + 9] != _NOTIFY_TYPE_FLAGS:
+                    break
+                ids = pos + 9
+                q = ids
+                if data[q] < 240:
+                    q += 1
+                else:  # at most 5 continuation bytes: values far below 2**64
+                    q += 1
+                    while data[q] >= 128:
+                        q += 1
+                    q += 1
+                    if q - ids > 6:
+                        break
+                if data[q] < 240:
+                    q += 1
+                else:
+                    stop = q
+                    q += 1
+                    while data[q] >= 128:
+                        q += 1
+                    q += 1
+                    if q - stop > 6:
+                        break
+                t = q + _TEMPLATE_LEN
+                if data[q:t] != _NOTIFY_TEMPLATE:
+                    break
+                vlen = data[t]
+                if vlen >= 240 or t + 1 + vlen != end:
+                    break
+                try:
+                    token = data[t + 1 : end].decode("ascii")
+                except UnicodeDecodeError:
+                    break
+                started = clock()
+                try:
+                    answer = lookup(token)
+                except Exception:  # a broken shared store must not drop HAProxy's connection
+                    server._log_lookup_failure()
+                    answer = None
+                seconds = clock() - started
+                if seconds <= _FIRST_BUCKET:
+                    fast_bucket += 1
+                    fast_seconds += seconds
+                else:
+                    counters.observe_lookup(seconds)
+                if out is None:
+                    out = bytearray()
+                if answer is not None:
+                    action = actions.get(answer)
+                    if action is None:
+                        action = actions[answer] = set_txn_string_action(VAR_NAME, answer)
+                        if len(actions) > _ACTIONS_MAX:  # few tokens are pending at once
+                            actions.clear()
+                    rest = q - ids + len(action)
+                    if rest + 5 <= max_size:
+                        out += heads[rest] if rest < _HEADS_MAX else ack_head(rest)
+                        out += data[ids:q]
+                        out += action
+                        answered += 1
+                        if on_request is not None:
+                            self._report(on_request, "answered", seconds)
+                        pos = end
+                        continue
+                    self._log_too_big(answer)
+                out += heads[q - ids]
+                out += data[ids:q]
+                unknown += 1
+                if on_request is not None:
+                    self._report(on_request, "unknown", seconds)
+                pos = end
+        except IndexError:  # a frame cut short inside its ids: the general path decides
+            pass
+        counters.answered += answered
+        counters.unknown += unknown
+        if fast_bucket:
+            counters.lookup_buckets[0] += fast_bucket
+            counters.lookup_seconds += fast_seconds
+        return pos, out
+
+    def _general(self, data: bytes, prefix: bytearray | None) -> None:
+        """The general decoder for `data`; `prefix`: ACKs the fast path already made."""
+        conn = self._conn
         conn.receive_data(data)
-        out: list[bytes] = []
+        out: list[bytes] = [bytes(prefix)] if prefix else []
         close = False
         next_event, answer, append = conn.next_event, self._answer, out.append
         try:
@@ -204,10 +412,23 @@ class _SpoaProtocol(asyncio.Protocol):
 
     # -- helpers
 
+    def _report(self, on_request: OnRequest, result: str, seconds: float) -> None:
+        try:
+            on_request(result, seconds)
+        except Exception:
+            log.exception("SPOE agent: on_request callback failed")
+
+    def _log_too_big(self, answer: str) -> None:
+        log.error(
+            "SPOE agent: key authorization of %d bytes does not fit max-frame-size %d",
+            len(answer),
+            self._conn.max_frame_size,
+        )
+
     def _answer(self, notify: Notify) -> bytes:
         server = self._server
         on_request = server.on_request
-        started = time.perf_counter() if on_request is not None else 0.0
+        seconds = 0.0
         stream_id, frame_id, messages = notify
         answer: str | None = None
         for name, args in messages:
@@ -226,10 +447,12 @@ class _SpoaProtocol(asyncio.Protocol):
                     f"token of {len(token)} characters exceeds {MAX_TOKEN_LENGTH} "
                     f"(stream-id {stream_id})"
                 )
+            started = time.perf_counter()
             try:
                 answer = server.registry.lookup(token)
             except Exception:  # a broken shared store must not drop HAProxy's connection
                 server._log_lookup_failure()
+            seconds = time.perf_counter() - started
             break
         if answer is None:
             data = encode_empty_ack(stream_id, frame_id)
@@ -237,20 +460,14 @@ class _SpoaProtocol(asyncio.Protocol):
         else:
             data = encode_ack_set_txn_string(stream_id, frame_id, VAR_NAME, answer.encode())
             if len(data) - 4 > self._conn.max_frame_size:
-                log.error(
-                    "SPOE agent: key authorization of %d bytes does not fit max-frame-size %d",
-                    len(answer),
-                    self._conn.max_frame_size,
-                )
+                self._log_too_big(answer)
                 data = encode_empty_ack(stream_id, frame_id)
                 result = "unknown"
             else:
                 result = "answered"
+        self._counters.count_result(result, seconds)
         if on_request is not None:
-            try:
-                on_request(result, time.perf_counter() - started)
-            except Exception:
-                log.exception("SPOE agent: on_request callback failed")
+            self._report(on_request, result, seconds)
         return data
 
     def _peer(self) -> str:
@@ -285,9 +502,10 @@ class _DropLog:
 
     __slots__ = ("_last_line", "_unwritten", "interval", "totals")
 
-    def __init__(self, interval: float) -> None:
+    def __init__(self, interval: float, totals: dict[str, int] | None = None) -> None:
         self.interval = interval
-        self.totals: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
+        # Shared with SpoaCounters.drops (the metrics read them), or our own.
+        self.totals = totals if totals is not None else dict.fromkeys(DROP_REASONS, 0)
         self._unwritten: dict[str, tuple[int, str, str]] = {}  # kind -> (count, peer, detail)
         self._last_line: dict[str, float] = {}
 
@@ -346,8 +564,13 @@ def door_settings(spoa: SpoaConfig) -> DoorSettings:
 class SpoaServer:
     """Asyncio SPOA server answering ACME http-01 challenges from `registry`.
 
-    `on_request(result, seconds)` is called for every NOTIFY with result
-    "answered" or "unknown" and the lookup time. `max_frame_size` (bytes,
+    `counters` (SpoaCounters, made if not given) hold the running totals the
+    metrics export; pass the same object to a replacement server to keep
+    them monotonic. `on_request(result, seconds)`, if given, is also called
+    for every NOTIFY with result "answered" or "unknown" and the lookup time
+    (for tests and tools: a Python call per request). `fast_path=False`
+    answers every NOTIFY through the general decoder (for the differential
+    test; the answers are the same). `max_frame_size` (bytes,
     >= 256) is our side of the HELLO negotiation. The door (module
     docstring): `hello_timeout` seconds from accept to a valid HELLO,
     `idle_timeout` seconds without a complete frame (both: AGENT-DISCONNECT
@@ -371,6 +594,8 @@ class SpoaServer:
         max_pending_per_peer: int = 256,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         warning_interval: float = 10.0,
+        counters: SpoaCounters | None = None,
+        fast_path: bool = True,
     ) -> None:
         if max_frame_size < MIN_FRAME_SIZE:
             raise ValueError(f"max_frame_size must be >= {MIN_FRAME_SIZE}, got {max_frame_size}")
@@ -400,7 +625,9 @@ class SpoaServer:
         self._pending: dict[_SpoaProtocol, None] = {}
         self._pending_by_peer: dict[object, dict[_SpoaProtocol, None]] = {}
         self._authenticated: set[_SpoaProtocol] = set()
-        self._drops = _DropLog(warning_interval)
+        self.counters = counters if counters is not None else SpoaCounters()
+        self.fast_path = fast_path
+        self._drops = _DropLog(warning_interval, self.counters.drops)
         self._sweeper: asyncio.Task[None] | None = None
         self._bad_args_warned = False
         self._lookup_failure_logged = -1e9

@@ -1070,6 +1070,33 @@ def encode_ack_set_txn_string(stream_id: int, frame_id: int, name: str, value: b
     )
 
 
+def set_txn_string_action(name: str, value: str) -> bytes:
+    """The action bytes of `set-var txn <name> <string value>`, cached.
+
+    `encode_ack_set_txn_string(s, f, name, value.encode())` is
+    `ack_head(len(ids) + len(action)) + ids + action` with `ids` the varints
+    of s and f: the SPOA's fast path echoes HAProxy's id bytes instead of
+    re-encoding them.
+    """
+    key = (name, value)
+    action = _SET_TXN_ACTIONS.get(key)
+    if action is None:
+        if len(_SET_TXN_ACTIONS) >= _SET_TXN_SUFFIXES_MAX:
+            _SET_TXN_ACTIONS.clear()
+        raw = value.encode()
+        action = b"\x01\x03\x02" + encode_string(name) + b"\x08" + _varint(len(raw)) + raw
+        _SET_TXN_ACTIONS[key] = action
+    return action
+
+
+_SET_TXN_ACTIONS: dict[tuple[str, str], bytes] = {}
+
+
+def ack_head(rest: int) -> bytes:
+    """Length, type and flags of an ACK whose ids and actions take `rest` bytes."""
+    return _U32.pack(5 + rest) + _ACK_PREFIX
+
+
 def encode_empty_ack(stream_id: int, frame_id: int) -> bytes:
     sid = _VARINT_CACHE[stream_id] if 0 <= stream_id < 4096 else encode_varint(stream_id)
     fid = _VARINT_CACHE[frame_id] if 0 <= frame_id < 4096 else encode_varint(frame_id)

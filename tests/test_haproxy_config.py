@@ -4,6 +4,7 @@ SPOE agent while unknown tokens fall through to the site."""
 
 from __future__ import annotations
 
+import dataclasses
 import http.server
 import re
 import socket
@@ -19,7 +20,7 @@ import pytest
 from cryptography import x509
 
 from agent.challenges import MemoryChallengeRegistry
-from agent.config import Config, ConfigError, load_config
+from agent.config import Config, ConfigError, SpoaConfig, load_config
 from agent.haproxy_config import (
     Options,
     full_config,
@@ -92,6 +93,61 @@ def test_generated_spoe_conf_has_the_shipped_contract() -> None:
     # Same directives as haproxy/spoe-acme.conf (the file helper A ships and tests).
     assert directives(spoe_conf()) == directives((REPO / "haproxy" / "spoe-acme.conf").read_text())
     assert directives(spoe_conf()) == directives((REPO / "docker" / "spoe-acme.conf").read_text())
+
+
+_TIME = re.compile(r"^(\d+)(ms|s|m)?$")
+
+
+def seconds(value: str) -> float:
+    m = _TIME.match(value)
+    assert m, value
+    return int(m.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, None: 0.001}[m.group(2)]
+
+
+def spoe_idle_timeouts(cfg: str, spoe: str) -> dict[str, float]:
+    """HAProxy's idle limits on agent connections: spoe `timeout idle`, the SPOA
+    backend's `timeout server` and its server's `pool-purge-delay`, in seconds."""
+    backend = cfg[cfg.index("backend acme-spoa") :]
+    server = re.search(r"^\s*timeout server\s+(\S+)", backend, re.M)
+    purge = re.search(r"^\s*server agent1 .* pool-purge-delay (\S+)", backend, re.M)
+    idle = re.search(r"^\s*timeout idle\s+(\S+)", spoe, re.M)
+    assert server and purge and idle, "a SPOE idle timeout is missing"
+    return {
+        "timeout idle": seconds(idle.group(1)),
+        "timeout server": seconds(server.group(1)),
+        "pool-purge-delay": seconds(purge.group(1)),
+    }
+
+
+@pytest.mark.parametrize("where", ["haproxy", "docker"])
+def test_shipped_haproxy_idle_timeouts_are_below_the_agents(where: str) -> None:
+    # HAProxy must close idle agent connections first (2.6-3.0: timeout idle;
+    # 3.1+: the pool purge; timeout server kept below too), else it may send a
+    # NOTIFY into a connection the agent just closed.
+    timeouts = spoe_idle_timeouts(
+        (REPO / where / "haproxy.cfg").read_text(), (REPO / where / "spoe-acme.conf").read_text()
+    )
+    agent_idle = SpoaConfig().idle_timeout
+    assert all(t <= agent_idle * 2 / 3 for t in timeouts.values()), (timeouts, agent_idle)
+
+
+@pytest.mark.parametrize("idle", [30.0, 12.0, 0.9])
+def test_generated_idle_timeouts_follow_the_agents_idle_timeout(
+    tmp_path: Path, idle: float
+) -> None:
+    cfg = write_config(tmp_path, crt_list=False)
+    cfg = dataclasses.replace(cfg, spoa=dataclasses.replace(cfg.spoa, idle_timeout=idle))
+    s = render(cfg)
+    timeouts = spoe_idle_timeouts(s.spoa_backend, s.spoe_conf)
+    assert (
+        timeouts["timeout idle"]
+        == timeouts["timeout server"]
+        == pytest.approx(idle * 2 / 3, abs=0.001)
+    )
+    # The purge must run between two 5 s health checks, and closed idle
+    # connections within 4 purge intervals on 3.2.
+    assert timeouts["pool-purge-delay"] <= 1.0
+    assert timeouts["pool-purge-delay"] * 4 < idle
 
 
 def test_stats_socket_is_shared_through_the_agents_group(tmp_path: Path) -> None:
@@ -247,7 +303,7 @@ def test_docker_demo_haproxy_cfg_holds_the_generated_pieces(tmp_path: Path) -> N
     missing = [ln for ln in expected if ln not in docker_cfg]
     assert missing == []
     assert (
-        "server agent1 agent:12345 check inter 5s downinter 1s "
+        "server agent1 agent:12345 check inter 5s downinter 1s pool-purge-delay 1s "
         "resolvers docker init-addr last,libc,none"
     ) in docker_cfg
 

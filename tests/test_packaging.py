@@ -45,6 +45,7 @@ FIXED_METRICS = {
     "haproxy_acme_haproxy_in_sync",
     "haproxy_acme_challenges_total",
     "haproxy_acme_spoe_request_duration_seconds",
+    "haproxy_acme_spoe_dropped_peers_total",
 }
 
 

@@ -22,6 +22,7 @@ import pytest
 from cryptography import x509
 
 from agent.challenges import MemoryChallengeRegistry
+from agent.config import SpoaConfig
 from agent.spoa import SpoaThread
 from tests.support.certs import write_crt_list
 from tests.support.haproxy import HAProxyProcess, free_port
@@ -65,7 +66,9 @@ def get(port: int, path: str, timeout: float = 5.0) -> Response:
 class Stack:
     """HAProxy (shipped config) + the agent in a thread + call counting."""
 
-    def __init__(self, binary: str, workdir: Path) -> None:
+    def __init__(
+        self, binary: str, workdir: Path, cfg_text: str | None = None, spoe: Path | None = None
+    ) -> None:
         self.registry = MemoryChallengeRegistry()
         self.registry.add(TOKEN, KEYAUTH, time.time() + 600)
         self.requests: list[str] = []
@@ -74,12 +77,13 @@ class Stack:
         self.http_port = free_port()
         self.https_port = free_port()
         site_port = free_port()
-        config = "global\n    noreuseport\n\n" + SHIPPED_CFG.read_text() + SITE_STUB
+        shipped = SHIPPED_CFG.read_text() if cfg_text is None else cfg_text
+        config = "global\n    noreuseport\n\n" + shipped + SITE_STUB
         env = {
             "HAPROXY_ADMIN_SOCKET": str(workdir / "admin.sock"),
             "HTTP_BIND": f"127.0.0.1:{self.http_port}",
             "HTTPS_BIND": f"127.0.0.1:{self.https_port}",
-            "SPOE_ACME_CONF": str(SHIPPED_SPOE),
+            "SPOE_ACME_CONF": str(SHIPPED_SPOE if spoe is None else spoe),
             "CRT_LIST": str(write_crt_list(workdir, "example.test")),
             "SITE_ADDR": f"127.0.0.1:{site_port}",
             "SITE_PORT": str(site_port),
@@ -250,6 +254,70 @@ def test_challenges_are_answered_while_a_slow_hello_flood_runs(
     print(f"flood endings by status: {dict(flood.endings)}; agent drops: {drops}")
     assert s.requests.count("answered") == 40
     assert set(flood.endings) <= {2, 13}
+
+
+_TIME = re.compile(r"^(\d+)(ms|s|m)?$")
+
+
+def haproxy_seconds(value: str) -> float:
+    """An HAProxy time value ("20s", "500ms", "1m"; bare numbers are ms) in seconds."""
+    m = _TIME.match(value)
+    assert m, f"not an HAProxy time: {value!r}"
+    return int(m.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, None: 0.001}[m.group(2)]
+
+
+def scaled_idle_timeouts(workdir: Path, factor: float) -> tuple[str, Path, float]:
+    """The shipped haproxy.cfg and spoe-acme.conf with their SPOE idle timeouts (the
+    acme-spoa backend's `timeout server`, spoe-acme.conf's `timeout idle`) and the
+    agent's default idle_timeout all multiplied by `factor`: the same race, faster.
+    Returns (haproxy.cfg text, spoe-acme.conf path, agent idle_timeout in seconds)."""
+    cfg = SHIPPED_CFG.read_text()
+    start = cfg.index("\nbackend acme-spoa\n")
+    server = re.compile(r"^(    timeout server\s+)(\S+)$", re.M)
+    m = server.search(cfg, start)
+    assert m, "backend acme-spoa has no timeout server"
+    ms = round(haproxy_seconds(m.group(2)) * factor * 1000)
+    cfg = cfg[: m.start()] + f"{m.group(1)}{ms}ms" + cfg[m.end() :]
+    spoe = SHIPPED_SPOE.read_text()
+    idle = re.compile(r"^(    timeout idle\s+)(\S+)$", re.M)
+    m = idle.search(spoe)
+    assert m, "spoe-acme.conf has no timeout idle"
+    ms = round(haproxy_seconds(m.group(2)) * factor * 1000)
+    spoe_path = workdir / "spoe-acme.conf"
+    spoe_path.write_text(spoe[: m.start()] + f"{m.group(1)}{ms}ms" + spoe[m.end() :])
+    return cfg, spoe_path, SpoaConfig().idle_timeout * factor
+
+
+def test_idle_agent_connection_is_closed_by_haproxy_first_and_reconnects(
+    haproxy_bin: str, tmp_path: Path
+) -> None:
+    # The shipped idle timeouts at a quarter of their size (20 s -> 5 s, the
+    # agent's 30 s -> 7.5 s): HAProxy must close its idle SPOE connections
+    # before the agent does, and the next challenge opens a new one. Up to
+    # 3.0 "timeout idle" closes them; on 3.1+ the server pool's purge
+    # (pool-purge-delay 1s, kept as shipped, as are the 5 s health checks).
+    cfg, spoe, agent_idle = scaled_idle_timeouts(tmp_path, 0.25)
+    s = Stack(haproxy_bin, tmp_path, cfg_text=cfg, spoe=spoe)
+    s.start_agent(idle_timeout=agent_idle)
+    assert s.agent is not None
+    server = s.agent.server
+    try:
+        s.haproxy.start()
+        assert get(s.http_port, CHALLENGE + TOKEN).body == KEYAUTH
+        assert server.authenticated_count >= 1
+        s.wait_for(
+            "idle SPOE connections closed",
+            lambda: server.authenticated_count == 0,
+            timeout=agent_idle * 5,
+        )
+        assert server.drops["idle_timeout"] == 0, "the agent closed an idle connection first"
+        assert get(s.http_port, CHALLENGE + TOKEN).body == KEYAUTH
+        assert server.authenticated_count >= 1
+    finally:
+        s.haproxy.stop()
+        s.stop_agent()
+    assert s.requests == ["answered", "answered"]
+    assert server.drops["idle_timeout"] == 0
 
 
 def test_shipped_configs_use_the_contract_names() -> None:
