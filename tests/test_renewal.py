@@ -196,7 +196,13 @@ class StandInIssuer:
         return replace(self.window, cert_id=ari.cert_id(cert))
 
     def issue(
-        self, csr_pem: bytes, domains: Sequence[str], replaces: str | None = None
+        self,
+        csr_pem: bytes,
+        domains: Sequence[str],
+        replaces: str | None = None,
+        *,
+        challenge: str = "http-01",
+        cert_name: str | None = None,
     ) -> IssuedCertificate:
         self.replaces.append(replaces)
         if self.fail is not None:

@@ -31,7 +31,6 @@ from tests.support.tls import served_leaf
 pytestmark = pytest.mark.integration
 
 
-
 def mode(p: Path) -> int:
     return stat.S_IMODE(os.stat(p).st_mode)
 

@@ -55,6 +55,8 @@ class AcmeStack:
         nonce_reject: int = 0,
         validity_period: int | None = None,
         pebble_env: dict[str, str] | None = None,
+        dns_server: str | None = None,
+        pebble_binary: str | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         hdir = self.workdir / "haproxy"
@@ -84,6 +86,8 @@ class AcmeStack:
             nonce_reject=nonce_reject,
             validity_period=validity_period,
             extra_env=pebble_env,
+            dns_server=dns_server,
+            binary=pebble_binary,
         )
 
     def start(self) -> None:

@@ -103,7 +103,13 @@ class PebbleProcess:
         validity_period: int | None = None,
         eab_keys: dict[str, str] | None = None,
         extra_env: dict[str, str] | None = None,
+        dns_server: str | None = None,
+        binary: str | None = None,
     ) -> None:
+        # dns_server "127.0.0.1:PORT": Pebble resolves through that server (a real BIND,
+        # tests/support/bind.py) and challtestsrv is not started. binary: another Pebble.
+        self.dns_server = dns_server
+        self.binary = binary or PEBBLE_BIN
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.http_port = http_port
@@ -176,7 +182,7 @@ class PebbleProcess:
         if self.running:
             raise PebbleError("pebble is already running")
         try:
-            self._cts = self._spawn(
+            self._cts = None if self.dns_server else self._spawn(
                 [
                     CHALLTESTSRV_BIN,
                     "-dns01", f"127.0.0.1:{self.dns_port}",
@@ -198,9 +204,9 @@ class PebbleProcess:
             env.pop("PEBBLE_VA_ALWAYS_VALID", None)
             self._pebble = self._spawn(
                 [
-                    PEBBLE_BIN,
+                    self.binary,
                     "-config", str(self.config_path),
-                    "-dnsserver", f"127.0.0.1:{self.dns_port}",
+                    "-dnsserver", self.dns_server or f"127.0.0.1:{self.dns_port}",
                     "-strict=false",
                 ],
                 env,

@@ -1,0 +1,236 @@
+"""dns-01 and wildcards against a real BIND9, real Pebble and real HAProxy.
+
+BIND (tests/support/bind.py) is authoritative for `acme.test` and accepts
+TSIG-signed updates; Pebble's `-dnsserver` points at it, so Pebble resolves
+the names and reads the `_acme-challenge` TXT records from that real server.
+`haproxy-acme-agent renew` publishes them over RFC 2136, deploys through
+HAProxy's runtime API, and real TLS handshakes show what HAProxy serves.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+
+from agent import keys
+from agent.cli import main
+from tests.support.acme_stack import AcmeStack
+from tests.support.bind import BindServer
+from tests.support.haproxy import free_port
+from tests.support.tls import served_leaf
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+ZONE = "acme.test"
+NAMES = ["acme.test", "*.acme.test"]
+CHALLENGE_NAME = "_acme-challenge.acme.test"
+
+
+@pytest.fixture
+def bind(tmp_path: Path) -> Iterator[BindServer]:
+    with BindServer(tmp_path / "bind", ZONE, ("acme.test", "*.acme.test")) as b:
+        yield b
+
+
+@pytest.fixture
+def stack(tmp_path: Path, haproxy_bin: str, bind: BindServer) -> Iterator[AcmeStack]:
+    with AcmeStack(tmp_path / "stack", haproxy_bin, dns_server=bind.address) as s:
+        yield s
+
+
+def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def dns_section(bind: BindServer, **over: Any) -> str:
+    keys_: dict[str, Any] = {
+        "zone": ZONE,
+        "server": bind.address,
+        "tsig_key_name": bind.key_name,
+        "tsig_algorithm": "hmac-sha256",
+        "tsig_secret_file": str(bind.secret_file),
+        "check_servers": [bind.address],
+        "propagation_timeout": 10,
+    }
+    keys_.update(over)
+    lines = ["[[dns]]"]
+    for k, v in keys_.items():
+        if v is None:
+            continue
+        if isinstance(v, list):
+            lines.append(f"{k} = [" + ", ".join(f'"{x}"' for x in v) + "]")
+        elif isinstance(v, str):
+            lines.append(f'{k} = "{v}"')
+        else:
+            lines.append(f"{k} = {v}")
+    return "\n".join(lines) + "\n"
+
+
+def write_config(
+    tmp_path: Path, stack: AcmeStack, bind: BindServer, name: str = "config.toml", **dns: Any
+) -> Path:
+    site = tmp_path / "site"
+    site.mkdir(exist_ok=True)
+    cert = {
+        "name": "wild",
+        "domains": NAMES,
+        "key": str(site / "wild.key"),
+        "generate_key": True,
+        "challenge": "dns-01",
+    }
+    config = stack.write_config(tmp_path / name, [cert])
+    with config.open("a") as f:
+        f.write(dns_section(bind, **dns))
+    return config
+
+
+def leaf_of(state: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(
+        (state / "certificates" / "wild" / "cert.pem").read_bytes()
+    )
+
+
+def test_wildcard_and_apex_through_dns01_are_served_and_the_txt_records_are_gone(
+    tmp_path: Path, stack: AcmeStack, bind: BindServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path, stack, bind)
+    rc, out, err = cli(capsys, "renew", "-c", str(config))
+    assert rc == 0, out + err
+    assert "wild: renewed" in out
+    leaf = leaf_of(tmp_path / "state")
+    assert sorted(keys.cert_domains(leaf)) == sorted(NAMES)
+    # HAProxy serves it over TLS for a concrete name under the wildcard and for the apex.
+    for sni in ("www.acme.test", "anything.acme.test", "acme.test"):
+        assert served_leaf(stack.https_port, sni).serial_number == leaf.serial_number
+    # Both values (apex and wildcard share the name) were published in one update, then
+    # removed: BIND answers nothing at the challenge name now.
+    assert bind.txt(CHALLENGE_NAME) == set()
+    log = bind.update_log()
+    assert sum("adding an RR" in line for line in log) == 2
+    assert sum("deleting an RR" in line for line in log) == 2
+    assert not list((tmp_path / "state" / "dns" / "pending").glob("*"))
+    # No challtestsrv runs: Pebble resolved through BIND, and a wildcard is only ever
+    # offered dns-01 (RFC 8555 section 7.1.3), so BIND's records did validate it.
+
+
+def test_wrong_tsig_secret_is_a_clear_error_and_nothing_installed_changes(
+    tmp_path: Path, stack: AcmeStack, bind: BindServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path, stack, bind)
+    rc, out, err = cli(capsys, "renew", "-c", str(config))
+    assert rc == 0, out + err
+    state = tmp_path / "state"
+    before = {p: p.read_bytes() for p in (state / "certificates" / "wild").glob("*.pem")}
+    served = served_leaf(stack.https_port, "www.acme.test").serial_number
+
+    wrong = tmp_path / "wrong.secret"
+    wrong.write_text("c2VjcmV0IHRoYXQgYmluZCBkb2VzIG5vdCBrbm93IGF0IGFsbA==\n")
+    wrong.chmod(0o600)
+    bad_config = write_config(tmp_path, stack, bind, "bad.toml", tsig_secret_file=str(wrong))
+    rc, out, err = cli(capsys, "renew", "-c", str(bad_config), "--force")
+    assert rc != 0
+    text = out + err
+    assert "zone acme.test" in text
+    assert bind.address in text
+    assert "key acme-update" in text
+    assert "wrong secret" in text
+    assert {p: p.read_bytes() for p in (state / "certificates" / "wild").glob("*.pem")} == before
+    assert served_leaf(stack.https_port, "www.acme.test").serial_number == served
+    assert bind.txt(CHALLENGE_NAME) == set()
+
+
+def test_kill_9_between_publishing_and_cleanup_leaves_a_record_the_next_run_removes(
+    tmp_path: Path, stack: AcmeStack, bind: BindServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The first run also waits for a server that never answers: it publishes, then
+    # sits in the propagation wait, where it is killed.
+    silent = f"127.0.0.1:{free_port()}"
+    stuck = write_config(
+        tmp_path, stack, bind, "stuck.toml",
+        check_servers=[bind.address, silent], propagation_timeout=60,
+    )  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    log = (tmp_path / "stuck.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "renew", "-c", str(stuck)],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while len(bind.txt(CHALLENGE_NAME)) < 2:
+            assert proc.poll() is None, (tmp_path / "stuck.log").read_text()
+            assert time.monotonic() < deadline, "the records never appeared in BIND"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        log.close()
+    assert len(bind.txt(CHALLENGE_NAME)) == 2  # left behind by the killed run
+    assert len(list((tmp_path / "state" / "dns" / "pending").glob("*.json"))) == 1
+
+    config = write_config(tmp_path, stack, bind)
+    rc, out, err = cli(capsys, "renew", "-c", str(config))
+    assert rc == 0, out + err
+    assert bind.txt(CHALLENGE_NAME) == set()
+    assert not list((tmp_path / "state" / "dns" / "pending").glob("*"))
+    leaf = leaf_of(tmp_path / "state")
+    assert served_leaf(stack.https_port, "acme.test").serial_number == leaf.serial_number
+
+
+def test_hook_solver_drives_bind_through_nsupdate(
+    tmp_path: Path, stack: AcmeStack, bind: BindServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hook = REPO / "docs" / "examples" / "dns-hook-nsupdate.sh"
+    assert os.access(hook, os.X_OK)
+    config = write_config(
+        tmp_path, stack, bind,
+        server=None, tsig_key_name=None, tsig_algorithm=None, tsig_secret_file=None,
+        hook=[str(hook)],
+    )  # fmt: skip
+    host, port = bind.address.rsplit(":", 1)
+    os.environ["NSUPDATE_SERVER"] = host
+    os.environ["NSUPDATE_PORT"] = port
+    os.environ["NSUPDATE_KEY_FILE"] = str(bind.nsupdate_key_file)
+    try:
+        rc, out, err = cli(capsys, "renew", "-c", str(config))
+    finally:
+        for k in ("NSUPDATE_SERVER", "NSUPDATE_PORT", "NSUPDATE_KEY_FILE"):
+            del os.environ[k]
+    assert rc == 0, out + err
+    leaf = leaf_of(tmp_path / "state")
+    assert served_leaf(stack.https_port, "www.acme.test").serial_number == leaf.serial_number
+    log = bind.update_log()
+    assert sum("adding an RR" in line for line in log) == 2
+    assert sum("deleting an RR" in line for line in log) == 2
+    assert bind.txt(CHALLENGE_NAME) == set()
+
+
+def test_failing_hook_reports_exit_status_and_stderr(
+    tmp_path: Path, stack: AcmeStack, bind: BindServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hook = tmp_path / "bad-hook.sh"
+    hook.write_text("#!/bin/sh\necho 'provider said: token expired' >&2\nexit 7\n")
+    hook.chmod(0o755)
+    config = write_config(
+        tmp_path, stack, bind,
+        server=None, tsig_key_name=None, tsig_algorithm=None, tsig_secret_file=None,
+        hook=[str(hook)],
+    )  # fmt: skip
+    rc, out, err = cli(capsys, "renew", "-c", str(config))
+    assert rc != 0
+    text = out + err
+    assert "exited with status 7" in text
+    assert "provider said: token expired" in text
+    assert not (tmp_path / "state" / "certificates" / "wild" / "cert.pem").exists()
