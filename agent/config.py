@@ -247,6 +247,8 @@ def validate_domain(name: str, wildcard_ok: bool = False) -> str:
                 f'{name!r}: wildcard names need challenge = "dns-01" or "dns-persist-01"; '
                 "http-01 cannot validate them"
             )
+        if "*" in lower[2:]:
+            raise ValueError(f"{name!r}: a wildcard may only be the whole leftmost label")
         validate_domain(lower[2:])
         return lower
     try:

@@ -63,12 +63,12 @@ from agent.challenges import ChallengeRegistry
 from agent.config import AcmeConfig
 from agent.solvers import (
     DEFAULT_CHALLENGE,
-    ChallengeAnswer,
     ChallengeTask,
     Http01Solver,
     NoMatchingChallenge,
     Solver,
     SolverError,
+    challenge_answer,
     count_challenge,
     pick_challenge,
 )
@@ -802,7 +802,7 @@ class Issuer:
                 response: challenges.ChallengeResponse
                 response, validation = challb.chall.response_and_validation(self.account_key)
             else:  # dns-persist-01: nothing to compute, the answer is {}
-                response, validation = ChallengeAnswer(), ""
+                response, validation = challenge_answer(), ""
             tasks.append(
                 ChallengeTask(
                     domain=authzr.body.identifier.value,

@@ -139,11 +139,17 @@ def challenge_type_of(challb: messages.ChallengeBody) -> str:
     return str(jobj.get("type", "unknown"))
 
 
-class ChallengeAnswer(challenges.ChallengeResponse):  # type: ignore[misc]
+class _ChallengeAnswer(challenges.KeyAuthorizationChallengeResponse):  # type: ignore[misc]
+    # Built on the key-authorization response on purpose: its (never serialised)
+    # field makes the object truthy, and the library sends an empty, falsy object
+    # as a POST-as-GET instead of "{}".
+    typ = "generic-answer"
+
+
+def challenge_answer() -> challenges.ChallengeResponse:
     """The `{}` POSTed to a challenge URL to say "validate now" (RFC 8555 section 7.5.1),
     for types the acme library has no response class of (dns-persist-01)."""
-
-    typ = "generic-answer"
+    return _ChallengeAnswer(key_authorization="")
 
 
 def pick_challenge(
