@@ -29,7 +29,8 @@ Schema (every key optional unless marked required):
                 renew_before ("30d", "12h", "90m", "3600s"), allow_leaf_only (default: [acme]'s),
                 challenge = "http-01" | "dns-01" | "dns-persist-01" (wildcards "*.example.com"
                 need a DNS challenge; dns-01 names must lie in a [[dns]] zone)
-    [[dns]]     zone (required), then either server ("host:port", default port 53),
+    [[dns]]     zone (required), then either nothing (lookup only: dns-persist-01
+                checks), or server ("host:port", default port 53),
                 tsig_key_name, tsig_algorithm = "hmac-sha256", tsig_secret_file (base64 or a
                 BIND key file; mode 0600) or hook = ["/path/prog", ...], hook_timeout = 30 (s);
                 check_servers = [] ("host:port"; default: the zone's NS set on port 53),
@@ -683,7 +684,9 @@ class _Loader:
         secret_file = s.get_path("tsig_secret_file")
         if hook and (server or key_name or secret_file):
             raise s.error("hook", "use either hook or server + tsig_* keys, not both")
-        if not hook:
+        # None of server/tsig_*/hook: a lookup-only zone (dns-persist-01 checks its records;
+        # dns-01 cannot publish there, refused in _certificate).
+        if not hook and (server or key_name or secret_file):
             for key, value in (
                 ("server", server),
                 ("tsig_key_name", key_name),
@@ -747,12 +750,20 @@ class _Loader:
                 norm = validate_domain(d, wildcard_ok=challenge != "http-01")
             except ValueError as e:
                 raise ConfigError(self.file, dkey, str(e)) from None
-            if challenge == "dns-01" and not _zone_holds(self.dns_zones, norm):
+            holder = _zone_holding(self.dns_zones, norm)
+            if challenge == "dns-01" and holder is None:
                 raise ConfigError(
                     self.file,
                     dkey,
                     f"{norm!r} uses challenge dns-01 but no [[dns]] zone holds it "
                     f"(zones: {', '.join(z.zone for z in self.dns_zones) or 'none'})",
+                )
+            if challenge == "dns-01" and holder is not None and not (holder.server or holder.hook):
+                raise ConfigError(
+                    self.file,
+                    dkey,
+                    f"{norm!r} uses challenge dns-01 but its [[dns]] zone {holder.zone!r} has "
+                    "neither server + tsig_* keys nor a hook to publish records with",
                 )
             if norm in domains:
                 raise ConfigError(self.file, dkey, f"duplicate domain {norm!r}")
@@ -859,9 +870,11 @@ class _Loader:
         )
 
 
-def _zone_holds(zones: tuple[DnsZoneConfig, ...], name: str) -> bool:
+def _zone_holding(zones: tuple[DnsZoneConfig, ...], name: str) -> DnsZoneConfig | None:
+    """The longest zone holding `name` (agent.dns01.zone_for uses the same rule)."""
     bare = name.removeprefix("*.")
-    return any(bare == z.zone or bare.endswith("." + z.zone) for z in zones)
+    holding = [z for z in zones if bare == z.zone or bare.endswith("." + z.zone)]
+    return max(holding, key=lambda z: len(z.zone), default=None)
 
 
 def _not_a_directory(path: Path) -> str | None:

@@ -471,6 +471,17 @@ class IssuedCertificate:
     order_url: str | None
 
 
+@dataclass(frozen=True)
+class PersistChallenge:
+    """One authorization's dns-persist-01 challenge: the name (a wildcard's base name),
+    whether it is a wildcard, the CA's issuer domain names and our account URI."""
+
+    domain: str
+    wildcard: bool
+    issuer_domain_names: tuple[str, ...]
+    account_uri: str
+
+
 def account_slug(directory_url: str) -> str:
     """Storage key part for the account of one CA directory (host + short hash of the URL)."""
     host = urlsplit(directory_url).hostname or "ca"
@@ -738,6 +749,61 @@ class Issuer:
         finally:
             for tasks in presented:
                 solver.cleanup(label, tasks)
+            net.session.close()
+
+    def persist_challenges(self, domains: Sequence[str]) -> list[PersistChallenge]:
+        """What the CA's dns-persist-01 challenges for `domains` ask for: one entry per
+        authorization, with the issuer domain names and the account URI.
+
+        Places a new order and reads its authorizations without answering any
+        challenge (the order simply expires at the CA). Raises ValidationFailed
+        when an authorization offers no dns-persist-01 challenge.
+        """
+        self.connect()
+        assert self.directory is not None and self.account is not None
+        net = self._net(time.monotonic() + self.cfg.timeout)
+        try:
+            order_msg = ari.NewOrder(
+                identifiers=[
+                    messages.Identifier(typ=messages.IDENTIFIER_FQDN, value=d) for d in domains
+                ],
+                profile=self.cfg.profile or None,
+            )
+            resp = net.post(
+                self.directory["newOrder"], order_msg, new_nonce_url=self.directory["newNonce"]
+            )
+            order = _parse(messages.Order, resp, net.last_what, ("authorizations",))
+            out: list[PersistChallenge] = []
+            for authz_url in order.authorizations:
+                authz = _parse(
+                    messages.Authorization,
+                    self._post_as_get(net, authz_url),
+                    net.last_what,
+                    ("identifier", "challenges"),
+                )
+                try:
+                    challb = pick_challenge(", ".join(domains), authz, "dns-persist-01")
+                except NoMatchingChallenge as e:
+                    raise ValidationFailed(authz.identifier.value, str(e)) from None
+                jobj = challb.chall.to_partial_json()
+                names = jobj.get("issuer-domain-names") or []
+                if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                    raise AcmeProtocolError(
+                        f"the CA's answer to {net.last_what} has a dns-persist-01 challenge "
+                        "without a list of issuer-domain-names"
+                    )
+                out.append(
+                    PersistChallenge(
+                        domain=authz.identifier.value,
+                        wildcard=bool(authz.wildcard),
+                        issuer_domain_names=tuple(names),
+                        account_uri=str(jobj.get("accounturi") or self.account.uri),
+                    )
+                )
+            return out
+        except messages.Error as e:
+            raise AcmeServerError(f"the CA refused: {_problem_text(e)}", e.typ) from e
+        finally:
             net.session.close()
 
     def _post_as_get(self, net: RetryingNetwork, url: str) -> requests.Response:

@@ -9,6 +9,7 @@ HAProxy's runtime API, and real TLS handshakes show what HAProxy serves.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -234,3 +235,115 @@ def test_failing_hook_reports_exit_status_and_stderr(
     assert "exited with status 7" in text
     assert "provider said: token expired" in text
     assert not (tmp_path / "state" / "certificates" / "wild" / "cert.pem").exists()
+
+
+PEBBLE_2_10 = os.environ.get(
+    "PEBBLE_2_10_BIN", str(REPO / ".cache" / "pebble-2.10" / "usr" / "bin" / "pebble")
+)
+
+
+def publish_once(bind: BindServer, line: str) -> None:
+    """The operator's one-time step: add the printed record to the zone (here over RFC 2136
+    with BIND's key; any means of editing the zone would do)."""
+    import base64
+
+    import dns.name
+    import dns.query
+    import dns.rdataclass
+    import dns.rdatatype
+    import dns.rdtypes.ANY.TXT
+    import dns.tsigkeyring
+    import dns.update
+
+    name, ttl, _, _, quoted = line.split(" ", 4)
+    value = quoted.strip().removeprefix('"').removesuffix('"')
+    upd = dns.update.UpdateMessage(
+        ZONE + ".",
+        keyring={dns.name.from_text(bind.key_name): base64.b64decode(bind.secret)},
+        keyname=dns.name.from_text(bind.key_name),
+    )
+    upd.add(
+        name, int(ttl),
+        dns.rdtypes.ANY.TXT.TXT(dns.rdataclass.IN, dns.rdatatype.TXT, [value.encode()]),
+    )  # fmt: skip
+    assert dns.query.tcp(upd, "127.0.0.1", timeout=5, port=bind.port).rcode() == 0
+
+
+def test_dns_persist01_record_published_once_then_renewals_write_nothing_to_dns(
+    tmp_path: Path, haproxy_bin: str, bind: BindServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with AcmeStack(
+        tmp_path / "stack", haproxy_bin, dns_server=bind.address, pebble_binary=PEBBLE_2_10
+    ) as stack:
+        site = tmp_path / "site"
+        site.mkdir()
+        cert = {
+            "name": "persist",
+            "domains": NAMES,
+            "key": str(site / "persist.key"),
+            "generate_key": True,
+            "challenge": "dns-persist-01",
+        }
+        config = stack.write_config(tmp_path / "config.toml", [cert])
+        with config.open("a") as f:  # lookup only: the agent has no DNS write access at all
+            f.write(f'[[dns]]\nzone = "{ZONE}"\ncheck_servers = ["{bind.address}"]\n')
+
+        rc, out, err = cli(capsys, "dns-persist", "-c", str(config), "persist")
+        assert rc == 0, out + err
+        (line,) = [x for x in out.splitlines() if not x.startswith(";")]
+        assert line.startswith('_validation-persist.acme.test. 300 IN TXT "')
+        account = json.loads(
+            next((tmp_path / "state" / "accounts").glob("*/account.json")).read_text()
+        )
+        # Pebble's issuer domain name, our account, and the wildcard policy.
+        assert line.endswith(
+            f'"pebble.letsencrypt.org; accounturi={account["uri"]}; policy=wildcard"'
+        )
+
+        rc, out, _ = cli(capsys, "status", "-c", str(config))
+        assert rc == 0
+        assert "_validation-persist.acme.test. TXT is missing" in out
+
+        publish_once(bind, line)
+        published = len(bind.update_log())
+        rc, out, _ = cli(capsys, "status", "-c", str(config), "--json")
+        (row,) = json.loads(out)
+        assert row["dns_persist"] == {"ok": True, "problems": []}
+
+        serials = []
+        for argv in (["renew"], ["renew", "--force"]):
+            rc, out, err = cli(capsys, *argv, "-c", str(config))
+            assert rc == 0, out + err
+            assert "persist: renewed" in out
+            leaf = leaf_of_cert(tmp_path / "state", "persist")
+            serials.append(leaf.serial_number)
+            for sni in ("www.acme.test", "acme.test"):
+                assert served_leaf(stack.https_port, sni).serial_number == leaf.serial_number
+        assert serials[0] != serials[1]
+        # Two orders validated, and BIND applied no update since the record was published.
+        assert len(bind.update_log()) == published
+        assert not (tmp_path / "state" / "dns" / "pending").exists()
+
+
+def leaf_of_cert(state: Path, name: str) -> x509.Certificate:
+    return x509.load_pem_x509_certificate((state / "certificates" / name / "cert.pem").read_bytes())
+
+
+def test_persist_check_tells_a_wrong_account_and_a_missing_wildcard_policy(
+    bind: BindServer,
+) -> None:
+    from agent.config import parse_listen
+    from agent.dns01 import check_persist_record
+
+    server = [parse_listen(bind.address)]
+    publish_once(
+        bind, '_validation-persist.acme.test. 300 IN TXT "ca.test; accounturi=https://a/1"'
+    )
+    ok = check_persist_record(server, "acme.test", ["ca.test"], "https://a/1", wildcard=False)
+    assert ok is None
+    wrong = check_persist_record(server, "acme.test", ["ca.test"], "https://a/2", wildcard=False)
+    assert wrong is not None and "accounturi is 'https://a/1', not 'https://a/2'" in wrong
+    no_policy = check_persist_record(server, "acme.test", ["ca.test"], "https://a/1", wildcard=True)
+    assert no_policy is not None and "policy=wildcard" in no_policy
+    other_ca = check_persist_record(server, "acme.test", ["ca.other"], "https://a/1", False)
+    assert other_ca is not None and "names no issuer of this CA" in other_ca
