@@ -25,6 +25,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
+from agent.solvers import listen_to_challenge_results
+
 log = logging.getLogger(__name__)
 
 PREFIX = "haproxy_acme_"
@@ -104,8 +106,10 @@ class Metrics:
         )
         self.challenges = Counter(
             PREFIX + "challenges",
-            "http-01 challenge requests asked of the SPOE agent, by result (answered or unknown).",
-            ["result"],
+            "Challenges by type (http-01, dns-01, dns-persist-01) and result: answered or "
+            "unknown (http-01 requests asked of the SPOE agent); valid, invalid or error "
+            "(authorizations the agent had validated, per challenge type).",
+            ["type", "result"],
             registry=self.registry,
         )
         self.acme_errors = Counter(
@@ -127,12 +131,17 @@ class Metrics:
             registry=self.registry,
         )
         for result in ("answered", "unknown"):
-            self.challenges.labels(result)
+            self.challenges.labels("http-01", result)
+        listen_to_challenge_results(self.observe_validation)
 
     def observe_challenge(self, result: str, seconds: float) -> None:
         """SPOA hook: one challenge lookup with its result and duration."""
-        self.challenges.labels(result).inc()
+        self.challenges.labels("http-01", result).inc()
         self.spoe_duration.observe(seconds)
+
+    def observe_validation(self, challenge_type: str, result: str) -> None:
+        """Issuer hook (via agent.solvers): one authorization's outcome."""
+        self.challenges.labels(challenge_type, result).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

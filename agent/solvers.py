@@ -26,8 +26,9 @@ from __future__ import annotations
 import collections
 import threading
 import time
+import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from acme import challenges, messages
@@ -42,12 +43,26 @@ DEFAULT_CHALLENGE = "http-01"
 # Authorization outcomes since the process started, by (challenge type, result).
 CHALLENGE_RESULTS: collections.Counter[tuple[str, str]] = collections.Counter()
 _RESULTS_LOCK = threading.Lock()
+# Called with (type, result) for every outcome; agent.metrics.Metrics adds itself
+# (weakly: a dropped Metrics stops listening).
+_LISTENERS: list[weakref.WeakMethod[Callable[[str, str], None]]] = []
 
 
 def count_challenge(challenge_type: str, result: str) -> None:
     """Count one authorization outcome (`result` is "valid", "invalid" or "error")."""
     with _RESULTS_LOCK:
         CHALLENGE_RESULTS[(challenge_type, result)] += 1
+        listeners = [ref() for ref in _LISTENERS]
+        _LISTENERS[:] = [ref for ref, fn in zip(_LISTENERS, listeners, strict=True) if fn]
+    for fn in listeners:
+        if fn is not None:
+            fn(challenge_type, result)
+
+
+def listen_to_challenge_results(method: Callable[[str, str], None]) -> None:
+    """Have the bound `method(type, result)` called for every later outcome."""
+    with _RESULTS_LOCK:
+        _LISTENERS.append(weakref.WeakMethod(method))
 
 
 class SolverError(Exception):
