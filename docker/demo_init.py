@@ -2,7 +2,12 @@
 
 Makes, once (existing files are kept):
 - a throwaway demo CA and the HTTPS certificate Pebble serves (names "pebble",
-  "localhost"), in --ca-dir; the agent trusts that CA through [acme] ca_bundle;
+  "localhost"), in --ca-dir; the agent trusts that CA through [acme] ca_bundle
+  (with --ca-only it stops here: the `init-ca` service, which Pebble needs);
+- Pebble's issuing root, fetched from its management API (`--pebble-roots`) into
+  --ca-dir/pebble-roots.pem, where [acme] trusted_roots points: the agent
+  refuses chains that lead to no trusted root, and Pebble makes a new root at
+  every start, so it is fetched at every `up` (before the config is loaded);
 - the agent's key directory (0700, owned by the agent's uid/gid);
 - what HAProxy needs to start before the first issuance, through
   `haproxy-acme-agent haproxy-config --bootstrap` (self-signed fallback and
@@ -15,9 +20,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import ssl
 import subprocess
 import sys
+import time
 import tomllib
+import urllib.request
 from pathlib import Path
 
 from cryptography import x509
@@ -73,14 +81,40 @@ def make_ca(ca_dir: Path) -> None:
     (ca_dir / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
 
 
+def fetch_roots(url: str, ca_dir: Path, timeout: float = 60.0) -> None:
+    """Write Pebble's root (PEM) to ca_dir/pebble-roots.pem; wait for Pebble, bounded."""
+    ctx = ssl.create_default_context(cafile=str(ca_dir / "ca.pem"))
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5, context=ctx) as r:
+                pem = r.read()
+            break
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise SystemExit(f"cannot fetch Pebble's root from {url}: {e}") from e
+            time.sleep(1)
+    if b"-----BEGIN CERTIFICATE-----" not in pem:
+        raise SystemExit(f"{url} did not answer a PEM certificate")
+    tmp = ca_dir / ".pebble-roots.pem.tmp"
+    tmp.write_bytes(pem)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, ca_dir / "pebble-roots.pem")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--ca-dir", type=Path, required=True)
     p.add_argument("--config", type=Path, required=True)
     p.add_argument("--uid", type=int, default=10000)
     p.add_argument("--gid", type=int, default=10000)
+    p.add_argument("--ca-only", action="store_true", help="only make the demo CA")
+    p.add_argument("--pebble-roots", default="https://pebble:15000/roots/0")
     a = p.parse_args()
     make_ca(a.ca_dir)
+    if a.ca_only:
+        return 0
+    fetch_roots(a.pebble_roots, a.ca_dir)
     # The config must load, and generate_key needs the key directory to exist.
     raw = tomllib.loads(a.config.read_text())
     for cert in raw.get("certificates", []):

@@ -9,12 +9,14 @@ against what agent/metrics.py really exports.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ import pytest
 import yaml
 
 from agent.metrics import CertificateView, Metrics
+from tests.support.certs import make_ca
 
 REPO = Path(__file__).resolve().parents[1]
 UNIT = REPO / "systemd" / "haproxy-acme-agent.service"
@@ -388,8 +391,18 @@ def test_demo_init_makes_the_ca_and_the_files_haproxy_needs(tmp_path: Path) -> N
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
     cmd = [sys.executable, str(REPO / "docker" / "demo_init.py"), "--ca-dir", str(tmp_path / "ca")]
     cmd += ["--config", str(cfg), "--uid", str(os.getuid()), "--gid", str(os.getgid())]
-    r = run(cmd, env=env)
+    # `init-ca` first (Pebble needs its HTTPS certificate), then `init`, which
+    # fetches Pebble's root from its management API: here a stand-in serving
+    # one PEM over HTTPS with Pebble's demo certificate (its names include localhost).
+    r = run([*cmd, "--ca-only"], env=env)
     assert r.returncode == 0, r.stdout + r.stderr
+    assert not (tmp_path / "ca" / "pebble-roots.pem").exists()
+    root_pem = make_ca("Pebble Root CA stand-in").pem
+    with _pem_server(tmp_path / "ca", root_pem) as port:
+        cmd += ["--pebble-roots", f"https://localhost:{port}/roots/0"]
+        r = run(cmd, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (tmp_path / "ca" / "pebble-roots.pem").read_bytes() == root_pem
     # Pebble's listener certificate is for "pebble" and chains to the demo CA.
     ctx = ssl.create_default_context(cafile=str(tmp_path / "ca" / "ca.pem"))
     assert ctx.get_ca_certs()
@@ -403,5 +416,39 @@ def test_demo_init_makes_the_ca_and_the_files_haproxy_needs(tmp_path: Path) -> N
     assert (tmp_path / "state" / "keys").stat().st_mode & 0o777 == 0o700
     # Run twice (compose restarts): nothing is replaced.
     before = (tmp_path / "ca" / "ca.pem").read_bytes()
-    assert run(cmd, env=env).returncode == 0
+    with _pem_server(tmp_path / "ca", root_pem) as port:
+        cmd[-1] = f"https://localhost:{port}/roots/0"
+        assert run(cmd, env=env).returncode == 0
     assert (tmp_path / "ca" / "ca.pem").read_bytes() == before
+
+
+@contextlib.contextmanager
+def _pem_server(ca_dir: Path, pem: bytes) -> Iterator[int]:
+    """An HTTPS server on 127.0.0.1 answering `pem` to every GET, with Pebble's demo cert."""
+    import http.server
+    import ssl
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/pem-certificate-chain")
+            self.send_header("Content-Length", str(len(pem)))
+            self.end_headers()
+            self.wfile.write(pem)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(ca_dir / "pebble.pem", ca_dir / "pebble.key")
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
