@@ -881,8 +881,12 @@ class Issuer:
             pending.append(authzr)
 
         # Publish everything (one propagation wait for all names), then answer.
+        # The order's deadline (acme.timeout) covers talking to the CA; the DNS propagation
+        # wait has its own bound (propagation_timeout), so it moves the deadline on.
         if tasks:
-            solving.present(tasks)
+            waited = solving.present(tasks)
+            deadline += waited
+            net.deadline += waited
         for challb, response in answers:
             acme.answer_challenge(challb, response)
 
@@ -954,14 +958,17 @@ class _OrderSolver:
         self.label = label
         self.presented = presented
 
-    def present(self, tasks: list[ChallengeTask]) -> None:
+    def present(self, tasks: list[ChallengeTask]) -> float:
+        """Present `tasks`; return the seconds it took."""
         # Recorded before presenting: a half-done present is cleaned up too.
         self.presented.append(tasks)
+        start = time.monotonic()
         try:
             self.solver.present(self.label, tasks)
         except SolverError as e:
             count_challenge(self.solver.challenge_type, "error")
             raise ChallengeSetupFailed(f"certificate {self.label}: {e}") from None
+        return time.monotonic() - start
 
 
 def _authz_error(authzr: messages.AuthorizationResource) -> str:

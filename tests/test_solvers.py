@@ -182,6 +182,28 @@ def test_solver_failure_asks_the_ca_nothing_and_still_cleans_up(
     assert CHALLENGE_RESULTS[("dns-01", "error")] == before + 1
 
 
+class SlowSolver(RecordingSolver):
+    def present(self, cert_name: str, tasks: Sequence[ChallengeTask]) -> None:
+        super().present(cert_name, tasks)
+        time.sleep(0.8)  # longer than the order's whole acme.timeout below
+
+
+def test_dns_propagation_wait_does_not_eat_the_orders_deadline(
+    tmp_path: Path, ca: FakeAcme
+) -> None:
+    script_authz(ca, [chall(ca, "dns-01", 1, token=TOKEN)])
+    solver = SlowSolver("dns-01")
+    cfg = AcmeConfig(directory=ca.directory_url, email="ops@example.com", timeout=0.5,
+                     poll_interval=0.01)  # fmt: skip
+    issuer = Issuer(cfg, FileStorage(tmp_path / "state"), MemoryChallengeRegistry(),
+                    solvers={"dns-01": solver})  # fmt: skip
+    issuer.connect()
+    csr = keys.csr_pem(keys.build_csr(CSR_KEY, ["example.com"]))
+    issued = issuer.issue(csr, ["example.com"], challenge="dns-01", cert_name="slow")
+    assert issued.fullchain_pem == "x"
+    assert ca.posts("/chall/1") == [{}]
+
+
 def test_wildcard_leaf_passes_the_install_checks() -> None:
     tiny = TinyCA()
     key = ec.generate_private_key(ec.SECP256R1())
