@@ -294,12 +294,18 @@ def authoritative_servers(zone: DnsZoneConfig) -> list[Listen]:
         raise SolverError(f"zone {zone.zone}: cannot look up its NS records: {e}") from None
     servers: list[Listen] = []
     for target in targets:
-        for rdtype in ("A", "AAAA"):
-            try:
-                for r in dns.resolver.resolve(target, rdtype, lifetime=QUERY_TIMEOUT):
-                    servers.append(Listen(r.address, 53))
-            except dns.exception.DNSException:
-                continue
+        # In-zone name servers are known to the primary (glue); others to the system.
+        for res in (resolver, dns.resolver.get_default_resolver()):
+            found: list[Listen] = []
+            for rdtype in ("A", "AAAA"):
+                try:
+                    answer = res.resolve(target, rdtype, lifetime=QUERY_TIMEOUT)
+                except dns.exception.DNSException:
+                    continue
+                found += [Listen(r.address, 53) for r in answer]
+            if found:
+                servers += [s for s in found if s not in servers]
+                break
     if not servers:
         raise SolverError(
             f"zone {zone.zone}: no address for its name servers ({', '.join(targets)})"

@@ -347,3 +347,14 @@ def test_persist_check_tells_a_wrong_account_and_a_missing_wildcard_policy(
     assert no_policy is not None and "policy=wildcard" in no_policy
     other_ca = check_persist_record(server, "acme.test", ["ca.other"], "https://a/1", False)
     assert other_ca is not None and "names no issuer of this CA" in other_ca
+
+
+def test_without_check_servers_the_zones_ns_set_is_found_at_the_primary(
+    bind: BindServer,
+) -> None:
+    from agent.config import DnsZoneConfig, parse_listen
+    from agent.dns01 import authoritative_servers
+
+    zone = DnsZoneConfig(zone=ZONE, server=parse_listen(bind.address))
+    # BIND's zone: NS ns.acme.test., ns.acme.test. A 127.0.0.1; name servers serve port 53.
+    assert authoritative_servers(zone) == [parse_listen("127.0.0.1:53")]
