@@ -91,7 +91,7 @@ def _args_renew(p: argparse.ArgumentParser) -> None:
 def cmd_renew(args: argparse.Namespace) -> int:
     """Renew due certificates, serving the SPOE agent on [spoa] listen while orders run."""
     from agent.challenges import MemoryChallengeRegistry
-    from agent.renewal import renew_certificates
+    from agent.renewal import prepare_state, renew_certificates
 
     config = load(args)
     _select(config, args.names)
@@ -138,6 +138,9 @@ def cmd_renew(args: argparse.Namespace) -> int:
     # Every installed certificate is written to [haproxy] cert_dir and pushed
     # through the runtime API (or, without one, picked up by one reload).
     hook = RenewalDeployHook(config)
+    # A forced certificate that a run we wait for installs after this moment
+    # is not ordered again (four concurrent `renew --force` order it once).
+    started_at = time.time()
     with _one_renew_at_a_time(config, args.dry_run) as got_it:
         if not got_it:
             # Overlapping cron runs: the other run renews (and reports) what is due.
@@ -146,6 +149,10 @@ def cmd_renew(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return EXIT_OK
+        if not args.dry_run:
+            # Temp files, half-written generations and the old flat layout a
+            # kill or an older version left behind; then our temp files in cert_dir.
+            prepare_state(config)
         results = renew_certificates(
             config,
             args.names or None,
@@ -154,6 +161,7 @@ def cmd_renew(args: argparse.Namespace) -> int:
             registry,
             on_installed=hook,
             serve_challenges=serve,
+            started_at=started_at,
         )
     failed = _print_results(
         [(r.name, r.status, r.reason, r.serial, r.not_after) for r in results], args.quiet
@@ -176,18 +184,30 @@ def _one_renew_at_a_time(config: Config, dry_run: bool) -> Iterator[bool]:
     if dry_run:
         yield True
         return
+    from agent.layout import RENEW_COMMAND_LOCK
     from agent.storage import FileStorage, LockTimeout
 
     storage = FileStorage(config.state_dir)
     try:
-        storage.lock("renew-command", timeout=config.acme.timeout, expires_after=6 * 3600)
+        # A lease renewed from a thread while we run: a killed run stops
+        # blocking the next one when its lease ends (at once on this host).
+        held = storage.locked(RENEW_COMMAND_LOCK, timeout=0)
+        held.__enter__()
     except LockTimeout:
-        yield False
-        return
+        owner = storage.lock_owner(RENEW_COMMAND_LOCK)
+        who = f" ({owner.host} pid {owner.pid})" if owner else ""
+        print(f"renew: waiting for another `renew` run{who} to finish", file=sys.stderr)
+        sys.stderr.flush()
+        try:
+            held = storage.locked(RENEW_COMMAND_LOCK, timeout=config.acme.timeout)
+            held.__enter__()
+        except LockTimeout:
+            yield False
+            return
     try:
         yield True
     finally:
-        storage.unlock("renew-command")
+        held.__exit__(None, None, None)
 
 
 # Without a runtime API, `renew` waits this long (seconds) for HAProxy's health
@@ -265,11 +285,14 @@ def _args_status(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from agent.renewal import certificate_status
+    from agent.renewal import certificate_status, prepare_state
 
     config = load(args)
     now = time.time()
-    rows = certificate_status(config, now)
+    # Repair what a crash left (never waiting on a renewal in progress); the
+    # bundles in cert_dir are left to `run` and `renew`, which deploy them.
+    storage = prepare_state(config, bundles=False, lock_timeout=0.2)
+    rows = certificate_status(config, now, storage)
     for row in rows:
         row["haproxy"] = []
     if config.haproxy.runtime_api:
@@ -288,7 +311,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"{row['name']}")
         print(f"  domains       {', '.join(row['domains'])}")
         print(f"  key pin       {row['key_pin'] or '(key not created yet)'}")
-        print(f"  serial        {row['serial'] or '-'}")
+        print(f"  stored serial {row['serial'] or '-'}")
         print(f"  not after     {_fmt_time(row['not_after'])}  ({days} days left)")
         print(f"  next renewal  {due}")
         result = row["last_result"] or "never attempted"
@@ -297,6 +320,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         if row["last_error"]:
             result += f": {row['last_error']}"
         print(f"  last result   {result}")
+        if row["serial"]:
+            for inst, d in row["deployed"].items():
+                if d["matches"]:
+                    fact = f"serves the stored serial (confirmed {_fmt_time(d['at'])})"
+                elif d["serial"] or d["error"]:
+                    fact = f"NOT DEPLOYED: last confirmed {d['serial'] or 'unknown'}"
+                    fact += f" at {_fmt_time(d['at'])}" + (f" ({d['error']})" if d["error"] else "")
+                else:
+                    fact = "NOT DEPLOYED: never confirmed"
+                print(f"  deployed      {inst}: {fact}")
         for h in row["haproxy"]:
             if h["error"]:
                 state = f"unknown: {h['error']}"

@@ -33,7 +33,7 @@ import fcntl
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from agent.storage import atomic_write
@@ -66,6 +66,15 @@ def _same(a: str, b: str) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return False
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of an existing file, None if it cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def line_names(line: str, base: Path | str, path: Path | str) -> bool:
@@ -196,6 +205,72 @@ class CrtListFile:
                     self._write("".join(raws), f"removing line {line!r}")
                     return True
             return False
+
+    def add_many(self, items: Sequence[tuple[Path | str, str]]) -> list[str | None]:
+        """`add` for every (path, line) of a batch in ONE locked edit (one read, one write).
+
+        Returns, per item, the line added or None if a line already names its
+        path (or an earlier item of the batch added one). Raises CrtListError
+        (nothing written) if the result would name a missing file. Matching is
+        one stat per line and per path (not one per pair), so a batch of N
+        paths into a file of M lines costs O(N + M).
+        """
+        base = self.path.parent
+        for path, line in items:
+            if not line_names(line, base, path):
+                raise ValueError(f"crt-list line {line!r} does not name {path}")
+        if not items:
+            return []
+        with self.locked():
+            text = self.read()
+            literal: set[str] = set()
+            identity: set[tuple[int, int]] = set()
+            for raw in text.splitlines():
+                named = line_path(raw, base)
+                if named is not None:
+                    literal.add(named)
+                    ident = _identity(named)
+                    if ident is not None:
+                        identity.add(ident)
+            out: list[str | None] = []
+            new_lines: list[str] = []
+            for path, line in items:
+                p = os.path.abspath(path)
+                ident = _identity(p)
+                if p in literal or (ident is not None and ident in identity):
+                    out.append(None)
+                    continue
+                literal.add(p)
+                if ident is not None:
+                    identity.add(ident)
+                new_lines.append(line)
+                out.append(line)
+            if new_lines:
+                if text and not text.endswith("\n"):
+                    text += "\n"
+                self._write(
+                    text + "".join(f"{line}\n" for line in new_lines),
+                    f"adding {len(new_lines)} line(s)",
+                )
+            return out
+
+    def remove_lines(self, lines: Sequence[str]) -> int:
+        """`remove_line` for each of `lines` in ONE locked edit (the last equal line
+        each). Returns how many lines were removed."""
+        if not lines:
+            return 0
+        with self.locked():
+            raws = self.read().splitlines(keepends=True)
+            removed = 0
+            for line in lines:
+                for i in range(len(raws) - 1, -1, -1):
+                    if raws[i].rstrip("\r\n") == line:
+                        del raws[i]
+                        removed += 1
+                        break
+            if removed:
+                self._write("".join(raws), f"removing {removed} line(s)")
+            return removed
 
     def _write(self, text: str, why: str) -> None:
         missing = self.missing(text)

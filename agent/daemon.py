@@ -37,19 +37,21 @@ from pathlib import Path
 from typing import Any
 
 from agent import deploy as deploy_mod
+from agent.certstate import undeployed
 from agent.challenges import MemoryChallengeRegistry
 from agent.config import Config, ConfigError, load_config
 from agent.control import ControlServer
-from agent.deploy import Deployer, DeployTarget, SyncStatus, stored_targets
+from agent.deploy import Deployer, DeployResult, SyncStatus, stored_target, stored_targets
 from agent.metrics import CertificateView, Metrics, MetricsServer
 from agent.renewal import (
     EMERGENCY_FRACTION,
     CertMeta,
     Renewer,
     RenewResult,
-    cert_key,
     load_meta,
     next_renewal_time,
+    prepare_state,
+    record_sync,
 )
 from agent.spoa import SpoaServer, door_settings
 from agent.storage import FileStorage, ensure_private_dir
@@ -103,7 +105,9 @@ class Daemon:
         self._closing = threading.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._renewals: dict[str, asyncio.Task[RenewResult]] = {}
+        self._fresh_metas: dict[str, CertMeta | None] = {}  # set by _reconcile (a thread)
         self._started = False
+        ensure_private_dir(config.state_dir)  # before the loop runs
         self._build(config)
         self.spoa = self._make_spoa()
         self.metrics_server = self._make_metrics_server()
@@ -112,8 +116,8 @@ class Daemon:
     # -- set-up -------------------------------------------------------------------
 
     def _build(self, config: Config) -> None:
-        """Objects that depend on the config (rebuilt on SIGHUP)."""
-        ensure_private_dir(config.state_dir)
+        """Objects that depend on the config (rebuilt on SIGHUP). No storage I/O
+        here: it also runs on the event loop (reload)."""
         self.storage = FileStorage(config.state_dir)
         self.deployer = Deployer.from_config(config)
         self.renewer = Renewer(
@@ -129,14 +133,28 @@ class Daemon:
         if old_executor is not None:
             old_executor.shutdown(wait=False)
 
-    def _schedule_all(self) -> None:
-        """(Re)compute every certificate's next attempt from the stored metadata."""
+    def _load_metas(self) -> dict[str, CertMeta | None]:
+        """Worker thread: the stored metadata of every configured certificate."""
+        return {cfg.name: load_meta(self.storage, cfg.name) for cfg in self.config.certificates}
+
+    async def _schedule_all(self) -> None:
+        """(Re)compute every certificate's next attempt from the stored metadata
+        (read on a worker thread: the loop keeps answering SPOE meanwhile). A
+        stored certificate some instance is not confirmed to serve is due now:
+        the renewer pushes it."""
+        config = self.config
+        metas = await asyncio.to_thread(self._load_metas)
+        if config is not self.config:
+            return  # reloaded meanwhile: that reload schedules again
         now = self.clock()
+        instances = self.renewer.deploy_instances()
         states: dict[str, CertState] = {}
         for cfg in self.config.certificates:
             old = self.states.get(cfg.name)
-            meta = load_meta(self.storage, cfg.name)
+            meta = metas.get(cfg.name)
             when = next_renewal_time(meta, cfg, now, meta.ari if meta else None)
+            if undeployed(meta, instances):
+                when = min(when, now)
             if old is not None and old.failures and old.next_at > when:
                 when = old.next_at  # keep backing off across a reload
             states[cfg.name] = CertState(
@@ -153,6 +171,7 @@ class Daemon:
         sync: dict[str, dict[str, bool]] = {}
         for s in self.deployer.status():
             sync.setdefault(s.name, {})[s.instance] = s.in_sync
+        instances = self.renewer.deploy_instances()
         for name, st in list(self.states.items()):
             meta = st.meta
             last_ok = None
@@ -167,6 +186,11 @@ class Daemon:
                 next_renewal=st.next_at,
                 last_success=last_ok,
                 in_sync=sync.get(name, {}),
+                deployed=(
+                    {inst: inst not in undeployed(meta, [inst]) for inst in instances}
+                    if meta is not None and meta.installed
+                    else {}
+                ),
             )
 
     def healthy(self) -> bool:
@@ -174,16 +198,20 @@ class Daemon:
 
     # -- deploys ----------------------------------------------------------------------
 
-    def _deploy_installed(self, name: str) -> None:
-        """Renewer hook (worker thread): push the new bundle; raise if not served."""
+    def _deploy_installed(self, name: str) -> DeployResult:
+        """Renewer hook (worker thread): push the stored certificate with this
+        node's key; return the result (the renewer records its facts), raise
+        if not served."""
         if self._closing.is_set():
-            raise RuntimeError("agent is stopping: deploy left to the next start's reconcile")
-        bundle = self.storage.load(cert_key(name, "bundle.pem"))
-        result = self.deployer.deploy(DeployTarget.from_bundle(name, bundle))
+            raise RuntimeError("agent is stopping: deploy left to the next start")
+        target = stored_target(self.config.certificate(name), self.storage)
+        if target is None:
+            raise deploy_mod.BundleError(f"certificate {name!r}: nothing stored to deploy")
+        result = self.deployer.deploy(target)
         for inst in result.instances:
             if inst.error:
                 self.metrics.deploy_errors.labels(name, inst.instance).inc()
-        result.raise_for_errors()
+        return result.raise_for_errors()
 
     def _reconcile(self, full: bool) -> list[SyncStatus]:
         """Worker thread: make HAProxy serve what is stored (full, or instances that changed)."""
@@ -204,6 +232,8 @@ class Daemon:
                 )  # fmt: skip
             elif s.error:
                 log.warning("certificate %s on %s: %s", s.name, s.instance, s.error)
+        changed = record_sync(self.storage, statuses, self.clock())
+        self._fresh_metas = {name: load_meta(self.storage, name) for name in changed}
         try:
             self.deployer.finish()
         except deploy_mod.ReloadError as e:
@@ -241,28 +271,32 @@ class Daemon:
                     self._executor, self.renewer.run, [name], force, False
                 )
             result = results[0]
+            meta = await asyncio.to_thread(load_meta, self.storage, name)
         except KeyError:
             result = RenewResult(name, "failed", "certificate removed from the config meanwhile")
+            meta = st.meta
         except Exception as e:  # one certificate's bug must not stop the scheduler
             log.exception("certificate %s: renewal crashed", name)
             result = RenewResult(name, "failed", f"internal error: {e!r}")
+            meta = st.meta
         finally:
             st.running = False
-        self._after_renewal(name, result)
+        self._after_renewal(name, result, meta)
         self._wake.set()  # the scheduler skipped us while running: let it see next_at
-        if result.status == "renewed":
+        if result.status in ("renewed", "deployed"):
             try:
                 await asyncio.to_thread(self.deployer.finish)
             except deploy_mod.ReloadError as e:
                 log.error("%s", e)
         return result
 
-    def _after_renewal(self, name: str, result: RenewResult) -> None:
+    def _after_renewal(self, name: str, result: RenewResult, meta: CertMeta | None) -> None:
+        """Reschedule `name` after a run; `meta` is what is stored now (read by
+        the caller on a worker thread: no storage I/O on the loop)."""
         st = self.states.get(name)
         if st is None:  # dropped by a reload while running
             return
         now = self.clock()
-        meta = load_meta(self.storage, name)
         st.meta = meta
         cfg = next((c for c in self.config.certificates if c.name == name), None)
         extra = {"certificate": name, "outcome": result.status, "reason": result.reason}
@@ -288,6 +322,9 @@ class Daemon:
             st.failures = 0
             self.metrics.renewals.labels(name, "success").inc()
             log.info("renewal done", extra={**extra, "serial": result.serial})
+        elif result.status == "deployed":
+            st.failures = 0
+            log.info("stored certificate deployed", extra={**extra, "serial": result.serial})
         if cfg is not None:
             st.next_at = next_renewal_time(meta, cfg, now, meta.ari if meta else None)
             if st.next_at <= now:
@@ -318,6 +355,11 @@ class Daemon:
         while not self._stop.is_set():
             try:
                 await asyncio.to_thread(self._reconcile, full)
+                # New deployed facts: the metrics read them from the states.
+                for name, meta in self._fresh_metas.items():
+                    if name in self.states and not self.states[name].running:
+                        self.states[name].meta = meta
+                self._fresh_metas = {}
             except Exception:
                 log.exception("reconcile failed")
             now = self.clock()
@@ -403,9 +445,10 @@ class Daemon:
             log.error("reload refused, keeping the running config: %s: %s", path, e)
             return False
         old = self.config
+        await asyncio.to_thread(ensure_private_dir, new.state_dir)
         self.config = new
         self._build(new)
-        self._schedule_all()
+        await self._schedule_all()
         if new.spoa != old.spoa:  # listen address or limits
             await self._restart_spoa()
         if new.metrics.listen != old.metrics.listen:
@@ -460,7 +503,10 @@ class Daemon:
     async def run(self) -> int:
         """Serve until SIGTERM/SIGINT; returns the exit code (0 on a graceful stop)."""
         loop = asyncio.get_running_loop()
-        self._schedule_all()
+        # A crash (kill -9) or an older version may have left temp files,
+        # half-written generations or the old flat layout: repair first.
+        await asyncio.to_thread(prepare_state, self.config, self.storage)
+        await self._schedule_all()
         try:
             await self.control.start()
             await self.spoa.start()
@@ -521,10 +567,6 @@ class Daemon:
         for server in (self.spoa, self.metrics_server, self.control):
             with contextlib.suppress(Exception):
                 await server.stop()
-
-
-def _hex(serial: int | None) -> str | None:
-    return None if serial is None else f"{serial:x}"
 
 
 def run_daemon(config_path: Path, log_format: str | None = None, verbose: bool = False) -> int:

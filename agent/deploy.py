@@ -1,24 +1,35 @@
 """Deploy certificates into running HAProxy instances: persisted, swapped, proven.
 
-The flow for one certificate (`Deployer.deploy`):
+Every deploy is a BATCH (`Deployer.deploy_batch`; `deploy` is a batch of one,
+`deploy_many` and `reconcile` use it too). For the certificates of a batch:
 
-1. check the bundle locally (leaf + private key that belongs to it, fits in
-   `tune.bufsize`): a bad bundle is refused before anything is written;
-2. write it atomically to `<cert_dir>/<name>.pem` (the file HAProxy's config
-   references, so a reload or restart serves the same certificate), keeping
-   the previous bytes; a certificate HAProxy has never seen also gets a line
-   in the crt-list file;
-3. on every runtime API instance, in one transaction each: `set ssl cert`,
-   check the pending transaction's serial, `commit ssl cert` (a certificate
-   HAProxy does not know yet is created with `new ssl cert` and added with
-   `add ssl crt-list`);
-4. verify: `show ssl cert` reports the new serial on every instance AND a real
-   TLS handshake to each `verify` address, with SNI set to each of the
-   certificate's names, returns the new leaf;
-5. on any failure: abort open transactions, push the previous bundle back
-   (or remove a certificate that was new), remove the crt-list line this
-   deploy added (before its bundle), restore the bundle file, and report why
-   in the `DeployResult`.
+1. check each bundle locally (leaf + private key that belongs to it, fits in
+   `tune.bufsize`): a bad bundle is refused before anything of it is written;
+2. write every bundle atomically to `<cert_dir>/<name>.pem` (the file HAProxy's
+   config references, so a reload or restart serves the same certificate),
+   keeping the previous bytes: temp files fsynced in parallel, renamed, one
+   fsync of the directory, all while step 3 runs and finished before the
+   crt-list names a new bundle or anything is reported served; then ONE
+   locked edit of the crt-list file gives every bundle a line;
+3. per runtime API instance ONE session (HAProxy's prompt mode, commands
+   pipelined) and one `show ssl cert` listing; then one certificate
+   transaction at a time: `set ssl cert` (after `new ssl cert` for a
+   certificate HAProxy does not know), the pending serial checked with
+   `show ssl cert *<path>`, `commit ssl cert` (or abort), and `add ssl
+   crt-list` for a new one; never two transactions open at once;
+4. verify: one pipelined `show ssl cert <path>` pass per instance checks every
+   serial, AND real TLS handshakes to each `verify` address with SNI set to
+   each of the certificate's names return the new leaf (run in parallel, each
+   started as soon as its certificate is through its last instance; in a
+   batch of more than `handshake_sample` certificates, for every new one plus
+   a random sample of the others, and for all of them if one of those fails);
+5. a failure rolls back only the certificates it concerns: push the previous
+   bundle back (or remove a certificate that was new), remove the crt-list
+   lines they added (one edit, before their bundles), restore their bundle
+   files, and report why in their `DeployResult`. The others stay deployed
+   and verified. A connection that dies mid-batch fails the certificate in
+   flight (rolled back) and leaves the rest "unreachable" on that instance
+   (their files are on disk for its restart; `poll` reconciles it).
 
 Every edit of the crt-list file goes through agent/crtlist.py (one lock per
 file across threads and processes, edits of the current content, never a
@@ -32,11 +43,14 @@ second `set ssl cert` into the open one, so every transaction on an instance
 runs under that instance's lock (shared by all Deployers in the process),
 always ends in commit or abort, and is checked before commit.
 
-`reconcile` compares each instance's served serial with the stored bundle and
-deploys what is stale through the same path (push, verify, roll back);
-`poll` notices an instance that came back (or restarted: new PID or start
-time) and reconciles it. Without any runtime API, `finish`
-runs the configured reload command once if a file changed.
+`reconcile` reads each instance's served serials in one pipelined session and
+deploys what is stale as one batch through the same path (push, verify, roll
+back). It re-parses nothing that did not change: checked bundles are cached
+by content (`checked_leaf`), a bundle file is read only when its (st_ino,
+st_size, st_mtime_ns) changed, and the crt-list file only when its identity
+changed. `poll` notices an instance that came back (or restarted: new PID or
+start time) and reconciles it. Without any runtime API, `finish` runs the
+configured reload command once if a file changed.
 
 Everything here is synchronous and thread-safe; the asyncio daemon calls it
 through `asyncio.to_thread`.
@@ -45,16 +59,19 @@ through `asyncio.to_thread`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import ipaddress
 import os
+import random
 import re
 import socket
 import ssl
 import subprocess
+import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -65,17 +82,21 @@ from cryptography.hazmat.primitives import serialization
 from agent.crtlist import CrtListError, CrtListFile
 from agent.haproxy_api import (
     DEFAULT_BUFSIZE,
+    CommandFailed,
     HAProxyConnectionError,
     HAProxyError,
     PayloadTooLarge,
     ProcessInfo,
     RuntimeAPI,
+    Session,
+    cert_info_or_none,
     check_arg,
     check_size,
     frame_command,
     parse_address,
+    parse_set_reply,
 )
-from agent.storage import atomic_write, safe_name
+from agent.storage import fsync_dir, safe_name
 
 BUNDLE_MODE = 0o600  # the bundle holds the private key
 # A cert_dir the agent creates: the owner writes, HAProxy's group may read
@@ -84,6 +105,18 @@ CERT_DIR_MODE = 0o750
 # How long a transaction someone else opened may stay open before we act (s).
 # Ours last milliseconds; one still open after this is left over from a crash.
 STALE_TRANSACTION_WAIT = 1.0
+# Threads writing + fsyncing bundle files of one batch at once.
+FSYNC_WORKERS = 16
+# TLS handshakes of one batch's verification running at once (each waits on
+# HAProxy most of the time, so more than the cores).
+HANDSHAKE_WORKERS = 8
+# Updated certificates of a large batch verified by TLS handshake when all is
+# well (see _Handshakes). Handshakes cost HAProxy the CPU its commits need: on
+# 3.2, 200 of them during a 200-certificate batch tripled the push time.
+DEFAULT_HANDSHAKE_SAMPLE = 32
+# Checked bundles kept (name, sha256 of the bundle) -> leaf: a reconcile pass
+# over unchanged bundles parses nothing. Bounded: a full cache is emptied.
+LEAF_CACHE_SIZE = 50_000
 # Disk state reported when no runtime API is configured (reload mode).
 DISK_INSTANCE = "disk"
 
@@ -146,16 +179,10 @@ class DeployTarget:
         crt_list_options: str = "",
         sni_filters: Sequence[str] = (),
     ) -> DeployTarget:
-        """Build a target from a bundle, reading serial and names from its leaf."""
-        leaf = inspect_bundle(name, bundle)
-        return cls(
-            name,
-            bundle,
-            leaf.serial_number,
-            _cert_names(leaf),
-            crt_list_options,
-            tuple(sni_filters),
-        )
+        """Build a target from a bundle, reading serial and names from its leaf
+        (checked once per bundle content: see `checked_leaf`)."""
+        leaf = checked_leaf(name, bundle)
+        return cls(name, bundle, leaf.serial, leaf.names, crt_list_options, tuple(sni_filters))
 
 
 @dataclass(frozen=True)
@@ -269,6 +296,43 @@ def inspect_bundle(name: str, bundle: bytes) -> x509.Certificate:
     return leaf
 
 
+@dataclass(frozen=True)
+class CheckedLeaf:
+    """What `inspect_bundle` found in a deployable bundle."""
+
+    serial: int
+    names: tuple[str, ...]
+    der: bytes
+
+
+_LEAF_GUARD = threading.Lock()
+_LEAF_CACHE: dict[tuple[str, bytes], CheckedLeaf] = {}
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def checked_leaf(name: str, bundle: bytes) -> CheckedLeaf:
+    """`inspect_bundle` once per (name, bundle content): later calls with the same
+    bytes return the cached leaf without parsing (a refused bundle is never
+    cached, so it raises BundleError every time)."""
+    key = (name, _digest(bundle))
+    with _LEAF_GUARD:
+        hit = _LEAF_CACHE.get(key)
+    if hit is not None:
+        return hit
+    leaf = inspect_bundle(name, bundle)
+    checked = CheckedLeaf(
+        leaf.serial_number, _cert_names(leaf), leaf.public_bytes(serialization.Encoding.DER)
+    )
+    with _LEAF_GUARD:
+        if len(_LEAF_CACHE) >= LEAF_CACHE_SIZE:
+            _LEAF_CACHE.clear()
+        _LEAF_CACHE[key] = checked
+    return checked
+
+
 def _sni_for(name: str) -> str | None:
     """The SNI to send to reach `name`: None for an IP, a concrete label for a wildcard."""
     try:
@@ -288,6 +352,17 @@ def _verify_names(target: DeployTarget) -> tuple[str, ...]:
     return positive or tuple(target.names) or ("",)
 
 
+def _client_context() -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+# One context for every check (thread-safe; building one costs more than a handshake).
+_CLIENT_CONTEXT = _client_context()
+
+
 def tls_leaf(address: str, server_name: str | None, timeout: float) -> bytes:
     """DER of the leaf certificate a TLS server at "host:port" presents for `server_name`.
 
@@ -295,12 +370,9 @@ def tls_leaf(address: str, server_name: str | None, timeout: float) -> bytes:
     certificate is served, not whether a client would trust it.
     """
     host, port = _split_host_port(address)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
     with (
         socket.create_connection((host, port), timeout=timeout) as raw,
-        context.wrap_socket(raw, server_hostname=server_name) as tls,
+        _CLIENT_CONTEXT.wrap_socket(raw, server_hostname=server_name) as tls,
     ):
         der = tls.getpeercert(binary_form=True)
     if not der:
@@ -347,6 +419,117 @@ def _locked(lock: threading.Lock, timeout: float, what: str) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------
+# One certificate of a batch
+
+
+@dataclass(eq=False)
+class _Item:
+    """One target of a batch and what the batch did with it so far."""
+
+    target: DeployTarget
+    path: Path
+    leaf_der: bytes
+    apis: list[RuntimeAPI]  # the instances it goes to
+    result: DeployResult = field(init=False)
+    old: bytes | None = None  # the file before the batch (None: did not exist)
+    old_target: DeployTarget | None = None
+    added_line: str | None = None  # the crt-list line the batch added
+    touched: list[tuple[RuntimeAPI, str]] = field(default_factory=list)  # (api, action)
+    unreachable: set[str] = field(default_factory=set)
+    done: bool = False  # finished early: crt-list refused, or no instance reachable
+    refused: str | None = None  # why the instances were refused it (for status)
+
+    def __post_init__(self) -> None:
+        self.result = DeployResult(self.target.name, self.path, self.target.serial)
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.result.errors)
+
+    def wants(self, api: RuntimeAPI) -> bool:
+        return any(a.name == api.name for a in self.apis)
+
+    def touched_on(self, api: RuntimeAPI) -> bool:
+        return any(a.name == api.name for a, _ in self.touched)
+
+    def fail(self, api: RuntimeAPI, exc: BaseException) -> None:
+        self.result.instances.append(InstanceResult(api.name, "failed", error=str(exc)))
+        self.result.errors.append(str(exc))
+
+
+def _handshake(address: str, sni: str | None, timeout: float) -> bytes | Exception:
+    try:
+        return tls_leaf(address, sni, timeout)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        return exc
+
+
+class _Handshakes:
+    """The TLS checks of one batch, started as soon as a certificate is through
+    its last instance (while the batch pushes the next ones), at most
+    HANDSHAKE_WORKERS at a time.
+
+    Which certificates: every one, unless the batch holds more than the
+    deployer's `handshake_sample`; then every certificate added to the
+    crt-list (its SNI routing is new) plus `handshake_sample` of the others
+    picked at random, and every serial is still checked by the `show ssl
+    cert` pass. If any handshake of the sample fails, the skipped ones are
+    checked too (`check_skipped`), so each certificate's fate rests on its own
+    handshake and a failure never rolls back a random few.
+    """
+
+    def __init__(self, deployer: Deployer, items: Sequence[_Item]) -> None:
+        self.verify = list(deployer.verify)
+        self.timeout = deployer.timeout
+        sample = deployer.handshake_sample
+        self.sampled: set[int] | None = None
+        if sample is not None and len(items) > sample:
+            self.sampled = {id(it) for it in random.sample(list(items), sample)}
+        self.skipped: list[_Item] = []
+        self._pool: ThreadPoolExecutor | None = None
+        self._jobs: list[tuple[_Item, str, str | None, Future[bytes | Exception]]] = []
+
+    def pushed(self, it: _Item, api: RuntimeAPI) -> None:
+        """`it` is through `api`: start its checks if that was its last instance."""
+        if not self.verify or it.failed or not it.touched or it.apis[-1].name != api.name:
+            return
+        added = any(action == "added" for _, action in it.touched)
+        if self.sampled is not None and not added and id(it) not in self.sampled:
+            self.skipped.append(it)
+            return
+        self._submit(it)
+
+    def _submit(self, it: _Item) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(HANDSHAKE_WORKERS, thread_name_prefix="verify")
+        for address in self.verify:
+            for name in _verify_names(it.target):
+                sni = _sni_for(name) if name else None
+                future = self._pool.submit(_handshake, address, sni, self.timeout)
+                self._jobs.append((it, address, sni, future))
+
+    def check_skipped(self) -> None:
+        """Start the checks of every certificate the sample skipped (still pushed
+        and not failed)."""
+        skipped, self.skipped = self.skipped, []
+        for it in skipped:
+            if not it.failed:
+                self._submit(it)
+
+    def collect(self) -> list[tuple[_Item, str, str | None, bytes | Exception]]:
+        """Wait for every check started so far; (item, address, sni, leaf DER or
+        the error)."""
+        out = [(it, address, sni, future.result()) for it, address, sni, future in self._jobs]
+        self._jobs = []
+        return out
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+# ---------------------------------------------------------------------------
 # The deployer
 
 
@@ -378,6 +561,12 @@ class Deployer:
     `finish` when no runtime API is configured. `timeout`: seconds per runtime
     API call and per handshake. `bufsize`: HAProxy's `tune.bufsize`, used where
     HAProxy does not show it in `show pools` (or with `probe_bufsize` False).
+    `handshake_sample` (default DEFAULT_HANDSHAKE_SAMPLE): in a batch of more
+    certificates than that, TLS handshakes go to every name of each certificate
+    added to the crt-list plus that many updated ones picked at random, and to
+    all of them as soon as one of those fails (every serial is still checked
+    by `show ssl cert`); smaller batches, and any batch with None, get a
+    handshake for every name of every certificate.
     """
 
     def __init__(
@@ -391,6 +580,7 @@ class Deployer:
         bufsize: int = DEFAULT_BUFSIZE,
         reload_timeout: float = 120.0,
         probe_bufsize: bool = True,
+        handshake_sample: int | None = DEFAULT_HANDSHAKE_SAMPLE,
     ) -> None:
         self.apis = [RuntimeAPI(address, timeout, bufsize, probe_bufsize) for address in instances]
         names = [api.name for api in self.apis]
@@ -414,6 +604,11 @@ class Deployer:
         self._changed = False
         self._status: dict[tuple[str, str], SyncStatus] = {}
         self._seen: dict[str, ProcessInfo | None] = {}
+        # Bundle files last found equal to a bundle: path -> (identity, sha256).
+        self._disk: dict[Path, tuple[tuple[int, int, int], bytes]] = {}
+        # The crt-list file as we last left it (identity) and the paths it names.
+        self._crt_list_known: tuple[tuple[int, int, int], frozenset[str]] | None = None
+        self.handshake_sample = handshake_sample
 
     @classmethod
     def from_config(cls, haproxy: HAProxySettings | Any) -> Deployer:
@@ -427,6 +622,7 @@ class Deployer:
             reload_command=list(section.reload_command),
             timeout=float(section.timeout),
             bufsize=int(getattr(section, "bufsize", DEFAULT_BUFSIZE)),
+            handshake_sample=getattr(section, "handshake_sample", DEFAULT_HANDSHAKE_SAMPLE),
         )
 
     # -- helpers -------------------------------------------------------------
@@ -460,11 +656,11 @@ class Deployer:
             path = self.path_for(target.name)
         except ValueError as exc:
             raise BundleError(f"certificate name {target.name!r}: {exc}") from exc
-        leaf = inspect_bundle(target.name, target.bundle)
-        if leaf.serial_number != target.serial:
+        leaf = checked_leaf(target.name, target.bundle)
+        if leaf.serial != target.serial:
             raise BundleError(
                 f"certificate {target.name!r}: serial {target.serial:X} given but the bundle's "
-                f"leaf has {leaf.serial_number:X}"
+                f"leaf has {leaf.serial:X}"
             )
         if self.apis:
             command = f"set ssl cert {path}"
@@ -473,7 +669,7 @@ class Deployer:
             # shows it): refuse before anything is written.
             api = min(self.apis, key=lambda a: a.payload_limit())
             check_size(api.name, command, message, api.payload_limit())
-        return path, leaf.public_bytes(serialization.Encoding.DER)
+        return path, leaf.der
 
     # -- files ---------------------------------------------------------------
 
@@ -495,174 +691,282 @@ class Deployer:
         crt_list = self._crt_list_file()
         return None if crt_list is None else CrtListFile(crt_list, self._lock_timeout)
 
-    def _add_to_crt_list_file(self, path: Path, target: DeployTarget) -> str | None:
-        """Give `path` a line in the crt-list file if none names it (the bundle must
-        already be written). Returns the line added (None: nothing changed).
-        Raises CrtListError if the result would not load."""
-        editor = self._crt_list_editor()
-        if editor is None:
-            return None
-        return editor.add(path, self._crt_list_line(path, target))
+    # -- one session per instance ------------------------------------------------
 
-    # -- one transaction on one instance --------------------------------------
-
-    def _clear_stale_transaction(self, api: RuntimeAPI) -> None:
-        """Wait (bounded) for an open transaction to end; then abort one left open
-        under cert_dir (ours, from a crashed run) and refuse to run next to
-        anyone else's. Raises InstanceUnreachable if `api` cannot be reached:
-        this is the first call of every transaction, so nothing changed yet.
+    def _start_session(self, session: Session) -> set[str]:
+        """First call of a batch on an instance: one `show ssl cert` listing. Waits
+        (bounded) for an open transaction to end; then aborts one left open under
+        cert_dir (ours, from a crashed run) and refuses to run next to anyone
+        else's. Returns the loaded certificate paths. Raises InstanceUnreachable
+        if the instance cannot be reached (nothing changed on it yet).
         """
         deadline = time.monotonic() + STALE_TRANSACTION_WAIT
         while True:
             try:
-                transactions = api.list_certs().transactions
+                listing = session.list_certs()
             except HAProxyConnectionError as exc:
                 raise InstanceUnreachable(exc.instance, exc.command, exc.reply) from exc
-            if not transactions or time.monotonic() >= deadline:
+            if not listing.transactions or time.monotonic() >= deadline:
                 break
             time.sleep(0.05)
-        for pending in transactions:
+        for pending in listing.transactions:
             if os.path.dirname(pending) == str(self.cert_dir):
-                api.abort_cert(pending)
+                session.command(f"abort ssl cert {check_arg(pending, 'certificate path')}")
             else:
                 raise HAProxyError(
-                    api.name,
+                    session.name,
                     "show ssl cert",
                     f"another client has a certificate transaction open for {pending}; "
                     "not starting one next to it (HAProxy 2.6 would merge them)",
                 )
+        return set(listing.certificates)
 
-    def _push(self, api: RuntimeAPI, path: Path, target: DeployTarget) -> str:
-        """Make `api` serve `target` from `path`. Returns "updated" or "added".
-
-        Holds the instance lock for the whole transaction; on any error the
-        transaction is aborted (and a store we created is deleted) and the
-        error is raised.
+    def _transaction(self, session: Session, path: Path, target: DeployTarget, exists: bool) -> str:
+        """Make the instance serve `target` from `path` in ONE certificate transaction
+        (opened, checked, committed or aborted before this returns). Returns
+        "updated" or "added". Round trips: [show or new, set, show *pending]
+        pipelined; then commit; then `add ssl crt-list` for a store not in use.
+        The caller holds the instance lock. On any error the transaction is
+        aborted (and a store this call created deleted) and the error raised.
         """
-        p = str(path)
-        with _locked(_instance_lock(api.name), self._lock_timeout, f"HAProxy {api.name}"):
-            self._clear_stale_transaction(api)
-            info = api.show_cert(p)
-            created = False
-            if info is None:
-                if self.crt_list is None:
-                    raise HAProxyError(
-                        api.name,
-                        f"show ssl cert {p}",
-                        f"HAProxy does not load {p} and [haproxy] crt_list is not set, so "
-                        f"certificate {target.name!r} cannot be added at runtime",
-                    )
-                api.new_cert(p)
-                created = True
-            try:
-                owner = api.set_cert(p, target.bundle)
-                if owner != p:
-                    # 2.6 merged our payload into another open transaction:
-                    # that transaction now holds our bundle and must not be committed.
-                    api.abort_cert(owner)
-                    raise HAProxyError(
-                        api.name,
-                        f"set ssl cert {p}",
-                        f"HAProxy put the payload into the open transaction of {owner}; aborted it",
-                    )
-                pending = api.show_cert(p, pending=True)
-                if pending is None or pending.serial != target.serial:
-                    got = (
-                        "none"
-                        if pending is None or pending.serial is None
-                        else (f"{pending.serial:X}")
-                    )
-                    raise HAProxyError(
-                        api.name,
-                        f"show ssl cert *{p}",
-                        f"pending transaction holds serial {got}, expected {target.serial:X}",
-                    )
-                api.commit_cert(p)
-            except BaseException:
-                with contextlib.suppress(HAProxyError):
-                    api.abort_cert(p)
-                if created:
-                    with contextlib.suppress(HAProxyError):
-                        api.del_cert(p)
-                raise
-            if self.crt_list is not None and (
-                created or (info is not None and info.status != "Used")
-            ):
-                try:
-                    if self.crt_list.is_dir():
-                        # A `crt /dir/` bind: its crt-list is named without the slash
-                        # and takes no options.
-                        api.add_crt_list(str(self.crt_list), p)
-                    else:
-                        api.add_crt_list(
-                            str(self.crt_list), p, target.crt_list_options, target.sni_filters
-                        )
-                except BaseException:
-                    if created:
-                        with contextlib.suppress(HAProxyError):
-                            api.del_cert(p)
-                    raise
-                return "added"
-            return "updated"
+        created, status = self._open_checked(session, path, target, exists)
+        return self._commit(session, path, target, created, status)
 
-    def _remove(self, api: RuntimeAPI, path: Path) -> None:
-        """Undo an "added": drop the crt-list entry, then the certificate."""
-        p = str(path)
-        with _locked(_instance_lock(api.name), self._lock_timeout, f"HAProxy {api.name}"):
-            if self.crt_list is not None:
-                with contextlib.suppress(HAProxyError):
-                    api.del_crt_list(str(self.crt_list), p)
-            api.del_cert(p)
+    def _needs_add(self, created: bool, status: str) -> bool:
+        """Whether a committed store must still get an `add ssl crt-list`."""
+        return self.crt_list is not None and (created or status != "Used")
 
-    # -- verification ----------------------------------------------------------
-
-    def _verify(
+    def _open_checked(
         self,
+        session: Session,
         path: Path,
         target: DeployTarget,
-        leaf_der: bytes,
-        result: DeployResult,
-        apis: Sequence[RuntimeAPI],
-    ) -> None:
-        for api in apis:
-            try:
-                info = api.show_cert(str(path))
-            except HAProxyError as exc:
-                result.errors.append(str(exc))
-                continue
-            served = info.serial if info else None
-            if served != target.serial:
-                result.errors.append(
-                    f"HAProxy {api.name}: `show ssl cert {path}` reports serial "
-                    f"{'none' if served is None else f'{served:X}'}, expected {target.serial:X}"
-                )
-        for address in self.verify:
-            for name in _verify_names(target):
-                sni = _sni_for(name) if name else None
-                try:
-                    der = tls_leaf(address, sni, self.timeout)
-                except ConnectionRefusedError as exc:
-                    # Nothing listens (that HAProxy is down): proves nothing either
-                    # way; the instance catches up from disk or via poll().
-                    result.handshakes.append(HandshakeResult(address, sni, None, False, str(exc)))
-                    result.warnings.append(f"TLS check of {address} (SNI {sni}) skipped: {exc}")
-                    continue
-                except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-                    result.handshakes.append(HandshakeResult(address, sni, None, False, str(exc)))
-                    result.errors.append(f"TLS handshake to {address} (SNI {sni}) failed: {exc}")
-                    continue
-                served = x509.load_der_x509_certificate(der).serial_number
-                ok = der == leaf_der
-                result.handshakes.append(HandshakeResult(address, sni, served, ok))
-                if not ok:
-                    result.errors.append(
-                        f"TLS handshake to {address} with SNI {sni} returned serial {served:X}, "
-                        f"expected {target.serial:X}"
-                    )
-        if self.verify and not any(h.ok for h in result.handshakes) and not result.errors:
-            result.errors.append(
-                f"no TLS frontend answered ({', '.join(self.verify)}): the swap is not proven"
+        exists: bool,
+        before: Sequence[tuple[str, bytes | None]] = (),
+        settle: Callable[[list[str]], None] | None = None,
+    ) -> tuple[bool, str]:
+        """Open the transaction of `path` with `target`'s bundle and check its
+        pending serial; returns (store created, its status before). One round
+        trip: `before` (the commit + abort closing the previous certificate's
+        transaction, so HAProxy runs them first) + [show or new, set, show
+        *pending]; `settle` gets the replies of `before` as soon as they are
+        in, before anything is checked. On an error after sending, this
+        transaction is aborted (a store it created deleted) and the error raised.
+        """
+        p = check_arg(str(path), "certificate path")
+        name = session.name
+        if not exists and self.crt_list is None:
+            raise HAProxyError(
+                name,
+                f"show ssl cert {p}",
+                f"HAProxy does not load {p} and [haproxy] crt_list is not set, so "
+                f"certificate {target.name!r} cannot be added at runtime",
             )
+        first = f"show ssl cert {p}" if exists else f"new ssl cert {p}"
+        set_command = f"set ssl cert {p}"
+        replies = session.pipeline(
+            [
+                *before,
+                (first, None),
+                (set_command, target.bundle),
+                (f"show ssl cert *{p}", None),
+            ]
+        )
+        if settle is not None:
+            settle(replies[: len(before)])
+        r_first, r_set, r_pending = replies[len(before) :]
+        created = False
+        try:
+            status = ""
+            if exists:
+                info = cert_info_or_none(name, first, r_first)
+                status = info.status if info is not None else ""
+            elif "New empty certificate store" in r_first:
+                created = True
+            else:
+                raise CommandFailed(name, first, r_first)
+            owner = parse_set_reply(r_set)
+            if owner is None:
+                raise CommandFailed(name, set_command, r_set)
+            if owner != p:
+                # 2.6 merged our payload into another open transaction: that
+                # transaction now holds our bundle and must not be committed.
+                session.command(f"abort ssl cert {check_arg(owner, 'certificate path')}")
+                raise HAProxyError(
+                    name,
+                    set_command,
+                    f"HAProxy put the payload into the open transaction of {owner}; aborted it",
+                )
+            pending = cert_info_or_none(name, f"show ssl cert *{p}", r_pending)
+            if pending is None or pending.serial != target.serial:
+                got = "none" if pending is None or pending.serial is None else f"{pending.serial:X}"
+                raise HAProxyError(
+                    name,
+                    f"show ssl cert *{p}",
+                    f"pending transaction holds serial {got}, expected {target.serial:X}",
+                )
+        except BaseException:
+            self._abort(session, p, created)
+            raise
+        return created, status
+
+    def _abort(self, session: Session, p: str, created: bool) -> None:
+        with contextlib.suppress(HAProxyError):
+            session.command(f"abort ssl cert {p}")
+        if created:
+            with contextlib.suppress(HAProxyError):
+                session.command(f"del ssl cert {p}")
+
+    def _commit(
+        self, session: Session, path: Path, target: DeployTarget, created: bool, status: str
+    ) -> str:
+        """Commit the checked transaction of `path` (then `add ssl crt-list` if
+        needed). Returns "updated" or "added"; on error aborts and raises."""
+        p = str(path)
+        commit = f"commit ssl cert {p}"
+        try:
+            reply = session.command(commit)
+            if "Success!" not in reply:
+                raise CommandFailed(session.name, commit, reply)
+        except BaseException:
+            self._abort(session, p, created)
+            raise
+        if not self._needs_add(created, status):
+            return "updated"
+        try:
+            self._add_live(session, p, target)
+        except BaseException:
+            if created:
+                with contextlib.suppress(HAProxyError):
+                    session.command(f"del ssl cert {p}")
+            raise
+        return "added"
+
+    def _add_live(self, session: Session, p: str, target: DeployTarget) -> None:
+        """`add ssl crt-list` for `p` (options and SNI filters in the payload form)."""
+        assert self.crt_list is not None
+        crt_list = check_arg(str(self.crt_list), "crt-list")
+        options = target.crt_list_options.strip()
+        if self.crt_list.is_dir() or (not options and not target.sni_filters):
+            # A `crt /dir/` bind: its crt-list is named without the slash and
+            # takes no options.
+            command, payload = f"add ssl crt-list {crt_list} {p}", None
+        else:
+            if any(c in options for c in "[];\n"):
+                raise ValueError(f"crt-list options {options!r} contain '[', ']', ';' or a newline")
+            line = p + (f" [{options}]" if options else "")
+            for item in target.sni_filters:
+                line += " " + check_arg(item, "SNI filter")
+            command, payload = f"add ssl crt-list {crt_list}", line.encode()
+        reply = session.command(command, payload)
+        if "Success!" not in reply:
+            raise CommandFailed(session.name, command, reply)
+
+    def _remove_live(self, session: Session, path: Path) -> None:
+        """Undo an "added": drop the crt-list entry, then the certificate."""
+        p = check_arg(str(path), "certificate path")
+        steps: list[tuple[str, bytes | None]] = []
+        if self.crt_list is not None:
+            steps.append(
+                (f"del ssl crt-list {check_arg(str(self.crt_list), 'crt-list')} {p}", None)
+            )
+        steps.append((f"del ssl cert {p}", None))
+        reply = session.pipeline(steps)[-1]
+        if "deleted!" not in reply:
+            raise CommandFailed(session.name, f"del ssl cert {p}", reply)
+
+    # -- files -------------------------------------------------------------------
+
+    def _read_file(self, path: Path) -> bytes | None:
+        """The bytes of `path`, None if it does not exist."""
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def _remember_disk(self, path: Path, bundle: bytes) -> None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return
+        with self._state:
+            self._disk[path] = ((st.st_ino, st.st_size, st.st_mtime_ns), _digest(bundle))
+
+    def _disk_matches(self, path: Path, bundle: bytes) -> bool:
+        """Whether the file at `path` holds `bundle`. Read only when its identity
+        (st_ino, st_size, st_mtime_ns) changed since it was last found equal."""
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return False
+        with self._state:
+            known = self._disk.get(path)
+        if known == ((st.st_ino, st.st_size, st.st_mtime_ns), _digest(bundle)):
+            return True
+        same = self._read_file(path) == bundle
+        if same:
+            self._remember_disk(path, bundle)
+        return same
+
+    def _write_files(self, files: Sequence[tuple[Path, bytes]]) -> None:
+        """Write every (path, data) atomically, mode BUNDLE_MODE: temp files written
+        and fsynced in parallel, renamed over their targets, then ONE fsync per
+        directory. On an error before the renames nothing is changed."""
+        if not files:
+            return
+
+        def write_tmp(item: tuple[Path, bytes]) -> Path:
+            path, data = item
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            try:
+                os.fchmod(fd, BUNDLE_MODE)
+                with os.fdopen(fd, "wb") as f:
+                    fd = -1
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except BaseException:
+                if fd >= 0:
+                    os.close(fd)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp_name)
+                raise
+            return Path(tmp_name)
+
+        if len(files) == 1:
+            tmps = [write_tmp(files[0])]
+        else:
+            with ThreadPoolExecutor(
+                max_workers=min(FSYNC_WORKERS, len(files)), thread_name_prefix="fsync"
+            ) as pool:
+                futures = [pool.submit(write_tmp, item) for item in files]
+                wait(futures)
+            errors = [f.exception() for f in futures if f.exception() is not None]
+            if errors:
+                for f in futures:
+                    if f.exception() is None:
+                        with contextlib.suppress(FileNotFoundError):
+                            f.result().unlink()
+                raise errors[0]  # type: ignore[misc]
+            tmps = [f.result() for f in futures]
+        for (path, _), tmp in zip(files, tmps, strict=True):
+            os.replace(tmp, path)
+        for directory in {path.parent for path, _ in files}:
+            fsync_dir(directory)
+        for path, data in files:
+            self._remember_disk(path, data)
+
+    def _restore_files(self, items: Sequence[_Item]) -> None:
+        """Put each item's bundle file back as it was (deleted if it did not exist)."""
+        rewrite = [
+            (it.path, it.old) for it in items if it.old is not None and it.result.file_changed
+        ]
+        for it in items:
+            if it.old is None:
+                with contextlib.suppress(FileNotFoundError):
+                    it.path.unlink()
+            it.result.file_changed = False
+        self._write_files([(p, old) for p, old in rewrite if old is not None])
 
     # -- public API --------------------------------------------------------------
 
@@ -675,29 +979,58 @@ class Deployer:
         cannot be written. Afterwards `status()` holds, per instance, what it
         serves (read back with `show ssl cert`) against `target.serial`: after
         a rollback that is the old serial and in_sync False.
+
+        The same path as `deploy_batch`, with a batch of one: one runtime-API
+        session per instance.
         """
         path, leaf_der = self._check_target(target)
-        result = DeployResult(target.name, path, target.serial)
-        with _locked(_file_lock(path), self._lock_timeout, f"certificate {target.name!r}"):
-            self._deploy(target, path, leaf_der, result, self.apis)
-        order = {name: i for i, name in enumerate(self.instances())}
-        result.instances.sort(key=lambda r: order.get(r.instance, len(order)))
-        return result
+        return self._run_batch([_Item(target, path, leaf_der, list(self.apis))])[0]
+
+    def deploy_batch(self, targets: Iterable[DeployTarget]) -> list[DeployResult]:
+        """Deploy `targets` together as ONE batch; results in the order given.
+
+        Per instance one runtime-API session (prompt mode, pipelined) and one
+        `show ssl cert` listing; one certificate transaction at a time in it
+        (set, pending serial checked, commit or abort); every file written with
+        parallel fsyncs and one directory fsync; the crt-list file edited once
+        (adding every new line); verified by one pipelined `show ssl cert` pass
+        for every serial plus TLS handshakes in parallel (see `handshake_sample`).
+        A failure rolls back only the certificates it concerns; the others stay
+        deployed and verified. A target named twice goes in a later batch.
+
+        A BundleError (or PayloadTooLarge / ValueError) of one target is raised
+        after all the others are done; nothing of that target is written.
+        """
+        items: list[_Item] = []
+        first_error: Exception | None = None
+        for target in targets:
+            try:
+                path, leaf_der = self._check_target(target)
+            except (BundleError, PayloadTooLarge, ValueError) as exc:
+                first_error = first_error or exc
+                continue
+            items.append(_Item(target, path, leaf_der, list(self.apis)))
+        results: dict[int, DeployResult] = {}
+        rounds: list[list[_Item]] = []
+        for it in items:
+            for batch in rounds:
+                if all(other.path != it.path for other in batch):
+                    batch.append(it)
+                    break
+            else:
+                rounds.append([it])
+        for batch in rounds:
+            for it, result in zip(batch, self._run_batch(batch), strict=True):
+                results[id(it)] = result
+        if first_error is not None:
+            raise first_error
+        return [results[id(it)] for it in items]
 
     def deploy_many(self, targets: Iterable[DeployTarget], workers: int = 4) -> list[DeployResult]:
-        """`deploy` each target, `workers` at a time; results in the order given.
-
-        Transactions still run one at a time per instance (its lock); what
-        overlaps is file writing and TLS verification. A BundleError or
-        OSError for one target is raised after all others are done.
-        """
-        items = list(targets)
-        if workers <= 1 or len(items) <= 1:
-            return [self.deploy(t) for t in items]
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deploy") as pool:
-            futures = [pool.submit(self.deploy, t) for t in items]
-            wait(futures)
-        return [f.result() for f in futures]
+        """`deploy_batch(targets)` (kept for callers; `workers` is ignored: the
+        batch sets its own parallelism for fsyncs and handshakes)."""
+        del workers
+        return self.deploy_batch(targets)
 
     def _ensure_cert_dir(self) -> None:
         """Create cert_dir (and missing parents) with CERT_DIR_MODE whatever the
@@ -714,179 +1047,444 @@ class Deployer:
                 continue  # created by someone else meanwhile: not ours to chmod
             os.chmod(d, CERT_DIR_MODE)  # mkdir's mode was masked by the umask
 
-    def _deploy(
-        self,
-        target: DeployTarget,
-        path: Path,
-        leaf_der: bytes,
-        result: DeployResult,
-        apis: Sequence[RuntimeAPI],
-    ) -> DeployResult:
-        """The deploy of `target` to `apis` (all of them, or the stale ones of a
-        reconcile). The caller holds the file lock of `path`."""
+    def _run_batch(self, items: list[_Item]) -> list[DeployResult]:
+        """Take the file lock of every item (in path order), run the batch, sort
+        each result's instances into configuration order."""
+        with contextlib.ExitStack() as stack:
+            for path in sorted({it.path for it in items}):
+                stack.enter_context(
+                    _locked(_file_lock(path), self._lock_timeout, f"certificate {path.stem!r}")
+                )
+            self._deploy_batch(items)
+        order = {name: i for i, name in enumerate(self.instances())}
+        for it in items:
+            it.result.instances.sort(key=lambda r: order.get(r.instance, len(order)))
+        return [it.result for it in items]
+
+    def _deploy_batch(self, items: Sequence[_Item]) -> None:
+        """The batch (the caller holds every item's file lock). Each item is
+        deployed to its own `apis` (all of them, or the stale ones of a reconcile)."""
+        if not items:
+            return
         self._ensure_cert_dir()
-        old = path.read_bytes() if path.exists() else None
-        if old != target.bundle:
-            atomic_write(path, target.bundle, BUNDLE_MODE)
-            result.file_changed = True
+        for it in items:
+            it.old = self._read_file(it.path)
+        changed = [it for it in items if it.old != it.target.bundle]
+        # The files are written (fsyncs on the disk) while the instances are
+        # pushed (CPU in HAProxy); both are done before the crt-list file names
+        # a new bundle and before anything is reported served.
+        writer = ThreadPoolExecutor(1, thread_name_prefix="write")
+        written = writer.submit(self._write_files, [(it.path, it.target.bundle) for it in changed])
+        writer.shutdown(wait=False)
+        live = list(items)
+        sessions: dict[str, Session] = {}
+        checks = _Handshakes(self, live)
+        write_error: BaseException | None = None
         try:
-            added_line = self._add_to_crt_list_file(path, target)
-        except (CrtListError, TimeoutError) as exc:
-            result.errors.append(str(exc))
-            added_line = None
-            self._restore_file(path, old, result)
-            self._observe_all(target, path, apis, result, refused=str(exc))
-            return result
-        touched: list[tuple[RuntimeAPI, str]] = []
-        unreachable: set[str] = set()
-        for api in apis:
             try:
-                action = self._push(api, path, target)
-            except InstanceUnreachable as exc:
-                # Not a reason to hold the renewal back from the others: the
-                # file is on disk for its restart and poll() pushes it when
-                # it answers again.
-                result.instances.append(InstanceResult(api.name, "unreachable", error=str(exc)))
-                result.warnings.append(str(exc))
-                unreachable.add(api.name)
-                self._mark_down(api.name)
+                for api in self.apis:
+                    todo = [it for it in live if it.wants(api) and not it.failed]
+                    if todo:
+                        self._push_all(api, sessions, todo, checks.pushed)
+            finally:
+                write_error = written.exception()
+                for it in changed:
+                    it.result.file_changed = True
+            if write_error is not None:
+                for it in live:
+                    it.result.errors.append(f"cannot write the bundle files: {write_error}")
+            else:
+                self._add_crt_list_lines([it for it in live if not it.failed])
+            for it in live:
+                if it.apis and not it.touched and not it.failed:
+                    it.result.errors.append(
+                        "no HAProxy runtime API instance reachable; the file is written and "
+                        "is pushed when an instance answers again"
+                    )
+                    it.done = True
+            self._verify_batch(
+                [it for it in live if it.touched and not it.done and not it.failed],
+                sessions,
+                checks,
+            )
+            failed = [it for it in live if it.failed and not it.done]
+            if failed:
+                self._roll_back_batch(failed, sessions)
+            refused = [it for it in items if it.refused is not None]
+            if refused:
+                self._observe(refused, sessions)
+        finally:
+            checks.close()
+            for session in sessions.values():
+                session.close()
+        if write_error is not None:
+            raise write_error
+        for it in live:
+            if it.failed:
+                continue
+            for api, action in it.touched:
+                it.result.instances.append(InstanceResult(api.name, action, it.target.serial))
+                # The show pass read this serial back and the handshakes returned
+                # this leaf: a fact, not an assumption.
                 self._remember(
-                    SyncStatus(target.name, api.name, None, target.serial, False, error=str(exc))
+                    SyncStatus(it.target.name, api.name, it.target.serial, it.target.serial, True)
                 )
-                continue
-            except (HAProxyError, TimeoutError) as exc:
-                result.instances.append(InstanceResult(api.name, "failed", error=str(exc)))
-                result.errors.append(str(exc))
-                break
-            touched.append((api, action))
-        if apis and not touched and not result.errors:
-            result.errors.append(
-                "no HAProxy runtime API instance reachable; the file is written and is "
-                "pushed when an instance answers again"
-            )
-            return result
-        if not result.errors and apis:
-            # Reload mode proves nothing until `finish` has reloaded.
-            self._verify(path, target, leaf_der, result, [api for api, _ in touched])
-        if result.errors and apis:
-            self._roll_back(path, target, old, added_line, touched, result, apis)
-            reached = [api for api in apis if api.name not in unreachable]
-            self._observe_all(
-                target, path, reached, result, refused="deploy rolled back: " + result.errors[0]
-            )
-            return result
-        for api, action in touched:
-            result.instances.append(InstanceResult(api.name, action, target.serial))
-            # _verify read this serial back with `show ssl cert` and the
-            # handshakes returned this leaf: a fact, not an assumption.
-            self._remember(SyncStatus(target.name, api.name, target.serial, target.serial, True))
-        if not self.apis:
-            self._remember(
-                SyncStatus(target.name, DISK_INSTANCE, target.serial, target.serial, True)
-            )
-            if result.file_changed or added_line is not None:
-                with self._state:
-                    self._changed = True
-        result.ok = True
-        return result
-
-    def _observe_all(
-        self,
-        target: DeployTarget,
-        path: Path,
-        apis: Sequence[RuntimeAPI],
-        result: DeployResult,
-        refused: str,
-    ) -> None:
-        """Record what each instance serves now, after a failed deploy: in sync only
-        if it serves the stored serial and the deploy did not refuse it."""
-        for api in apis:
-            try:
-                info = api.show_cert(str(path))
-            except HAProxyError as exc:
+            if not self.apis:
                 self._remember(
-                    SyncStatus(target.name, api.name, None, target.serial, False, error=str(exc))
+                    SyncStatus(
+                        it.target.name, DISK_INSTANCE, it.target.serial, it.target.serial, True
+                    )
                 )
-                continue
-            served = info.serial if info else None
-            # An instance this deploy changed (rolled back, failed) was refused
-            # the stored certificate, whatever it serves now.
-            changed = any(
-                r.instance == api.name and r.action != "not touched" for r in result.instances
-            )
-            in_sync = served == target.serial and not changed
-            self._remember(
-                SyncStatus(
-                    target.name,
-                    api.name,
-                    served,
-                    target.serial,
-                    in_sync,
-                    error=None if in_sync else refused,
-                )
-            )
+                if it.result.file_changed or it.added_line is not None:
+                    with self._state:
+                        self._changed = True
+            it.result.ok = True
 
-    def _restore_file(self, path: Path, old: bytes | None, result: DeployResult) -> None:
-        """Put the bundle file back as it was (None: it did not exist)."""
-        if old is None:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-        elif result.file_changed:
-            atomic_write(path, old, BUNDLE_MODE)
-        result.file_changed = False
-
-    def _roll_back(
-        self,
-        path: Path,
-        target: DeployTarget,
-        old: bytes | None,
-        added_line: str | None,
-        touched: list[tuple[RuntimeAPI, str]],
-        result: DeployResult,
-        apis: Sequence[RuntimeAPI],
-    ) -> None:
-        """Put back what was served and on disk before the deploy started; of the
-        crt-list file, remove only the line this deploy added."""
-        old_target: DeployTarget | None = None
-        if old is not None:
-            try:
-                old_target = DeployTarget.from_bundle(target.name, old)
-            except BundleError as exc:
-                result.errors.append(f"cannot roll back to the previous file: {exc}")
-        touched_names = {api.name for api, _ in touched}
-        for api in apis:
-            if api.name not in touched_names:
-                if not any(r.instance == api.name for r in result.instances):
-                    result.instances.append(InstanceResult(api.name, "not touched"))
-                continue
-            action = dict((a.name, act) for a, act in touched)[api.name]
-            try:
-                if action == "added":
-                    self._remove(api, path)
-                    served = None
-                elif old_target is not None:
-                    self._push(api, path, old_target)
-                    served = old_target.serial
-                else:
-                    raise HAProxyError(api.name, "rollback", "no previous bundle to put back")
-                result.instances.append(InstanceResult(api.name, "rolled back", served))
-            except (HAProxyError, TimeoutError) as exc:
-                result.instances.append(InstanceResult(api.name, "failed", error=str(exc)))
-                result.errors.append(f"rollback failed: {exc}")
-        # Files last: if HAProxy restarts now it serves what it served before.
-        # The line goes before its bundle: a line never names a deleted file.
+    def _add_crt_list_lines(self, items: Sequence[_Item]) -> None:
+        """One locked edit of the crt-list file giving every item's path a line
+        (the bundles are written). An item whose line is refused fails (and is
+        rolled back by the caller)."""
         editor = self._crt_list_editor()
-        keep_file = False
-        if added_line is not None and editor is not None:
+        if editor is None or self._crt_list_names_all(editor, [it.path for it in items]):
+            return
+        try:
+            added = editor.add_many(
+                [(it.path, self._crt_list_line(it.path, it.target)) for it in items]
+            )
+        except (CrtListError, TimeoutError) as exc:
+            # The whole edit was refused: retry one by one to find the culprits.
+            added = []
+            for it in items:
+                try:
+                    added.append(editor.add(it.path, self._crt_list_line(it.path, it.target)))
+                except (CrtListError, TimeoutError) as one:
+                    it.result.errors.append(str(one))
+                    added.append(None)
+            del exc  # each item got its own verdict
+        for it, line in zip(items, added, strict=True):
+            it.added_line = line
+        self._crt_list_seen(editor, [it.path for it in items if not it.failed])
+
+    def _crt_list_names_all(self, editor: CrtListFile, paths: Sequence[Path]) -> bool:
+        """True if the crt-list file is as we last left it (same st_ino, st_size,
+        st_mtime_ns) and named all `paths` then: no need to read it again."""
+        try:
+            st = os.stat(editor.path)
+        except OSError:
+            return False
+        with self._state:
+            known = self._crt_list_known
+        return (
+            known is not None
+            and known[0] == (st.st_ino, st.st_size, st.st_mtime_ns)
+            and all(str(p) in known[1] for p in paths)
+        )
+
+    def _crt_list_seen(self, editor: CrtListFile, paths: Sequence[Path]) -> None:
+        """Remember that the crt-list file, as it is now, names `paths`."""
+        try:
+            st = os.stat(editor.path)
+        except OSError:
+            return
+        identity = (st.st_ino, st.st_size, st.st_mtime_ns)
+        with self._state:
+            known = self._crt_list_known
+            before = known[1] if known is not None and known[0] == identity else frozenset()
+            self._crt_list_known = (identity, before | {str(p) for p in paths})
+
+    def _push_all(
+        self,
+        api: RuntimeAPI,
+        sessions: dict[str, Session],
+        todo: list[_Item],
+        pushed: Callable[[_Item, RuntimeAPI], None],
+    ) -> None:
+        """Push every item of `todo` to `api` in one session, one transaction at a
+        time; `pushed(item, api)` is called as soon as each item is through."""
+        session = sessions.setdefault(api.name, Session(api))
+        try:
+            self._push_each(api, session, todo, pushed)
+        except TimeoutError as exc:
+            for it in todo:
+                if not it.touched_on(api):
+                    it.fail(api, exc)
+
+    def _push_each(
+        self,
+        api: RuntimeAPI,
+        session: Session,
+        todo: list[_Item],
+        pushed: Callable[[_Item, RuntimeAPI], None],
+    ) -> None:
+        with _locked(_instance_lock(api.name), self._lock_timeout, f"HAProxy {api.name}"):
             try:
-                editor.remove_line(added_line)
+                loaded = self._start_session(session)
+            except InstanceUnreachable as exc:
+                for it in todo:
+                    self._unreachable(it, api, exc)
+                    pushed(it, api)
+                return
+            except (HAProxyError, ValueError) as exc:
+                for it in todo:
+                    it.fail(api, exc)
+                return
+            # An updated certificate's commit (+ an abort that closes its
+            # transaction even if the commit failed) travels in front of the
+            # next certificate's set: one round trip per certificate, and
+            # still one transaction open at a time, checked before its commit.
+            carried: _Item | None = None
+
+            def closing(it: _Item) -> list[tuple[str, bytes | None]]:
+                p = check_arg(str(it.path), "certificate path")
+                return [(f"commit ssl cert {p}", None), (f"abort ssl cert {p}", None)]
+
+            def settle(replies: list[str]) -> None:
+                nonlocal carried
+                it, carried = carried, None
+                assert it is not None
+                if "Success!" in replies[0]:
+                    it.touched.append((api, "updated"))
+                    pushed(it, api)
+                else:
+                    it.fail(api, CommandFailed(api.name, f"commit ssl cert {it.path}", replies[0]))
+
+            for i, it in enumerate(todo):
+                try:
+                    before = closing(carried) if carried is not None else []
+                    created, status = self._open_checked(
+                        session,
+                        it.path,
+                        it.target,
+                        str(it.path) in loaded,
+                        before,
+                        settle if before else None,
+                    )
+                    if not created and not self._needs_add(created, status):
+                        carried = it
+                        continue
+                    action = self._commit(session, it.path, it.target, created, status)
+                except HAProxyConnectionError as exc:
+                    # The connection died mid-batch (HAProxy killed or
+                    # restarted): this one (and a commit in flight) may be
+                    # half done and is rolled back; nothing was sent for the
+                    # rest, whose files are on disk for its restart, and
+                    # poll() reconciles it.
+                    for dead in [carried, it] if carried is not None else [it]:
+                        dead.fail(api, exc)
+                    carried = None
+                    for rest in todo[i + 1 :]:
+                        self._unreachable(rest, api, exc)
+                        pushed(rest, api)
+                    return
+                except (HAProxyError, ValueError) as exc:
+                    it.fail(api, exc)
+                    continue
+                it.touched.append((api, action))
+                loaded.add(str(it.path))
+                pushed(it, api)
+            if carried is not None:
+                try:
+                    settle(session.pipeline(closing(carried)))
+                except HAProxyError as exc:
+                    carried.fail(api, exc)
+
+    def _unreachable(self, it: _Item, api: RuntimeAPI, exc: Exception) -> None:
+        # Not a reason to hold the deploy back from the others: the file is on
+        # disk for its restart and poll() pushes it when it answers again.
+        it.result.instances.append(InstanceResult(api.name, "unreachable", error=str(exc)))
+        it.result.warnings.append(str(exc))
+        it.unreachable.add(api.name)
+        self._mark_down(api.name)
+        self._remember(
+            SyncStatus(it.target.name, api.name, None, it.target.serial, False, error=str(exc))
+        )
+
+    # -- verification ----------------------------------------------------------
+
+    def _verify_batch(
+        self, items: Sequence[_Item], sessions: dict[str, Session], checks: _Handshakes
+    ) -> None:
+        """Per instance one pipelined `show ssl cert <path>` pass (every serial);
+        then the outcome of the TLS handshakes `checks` ran while the batch was
+        pushing. Problems go into each item's result."""
+        if not items:
+            return
+        for api in self.apis:
+            mine = [it for it in items if it.touched_on(api)]
+            if not mine:
+                continue
+            session = sessions.setdefault(api.name, Session(api))
+            commands = [f"show ssl cert {it.path}" for it in mine]
+            try:
+                replies = session.pipeline([(c, None) for c in commands])
+            except HAProxyError as exc:
+                for it in mine:
+                    it.result.errors.append(str(exc))
+                continue
+            for it, command, reply in zip(mine, commands, replies, strict=True):
+                try:
+                    info = cert_info_or_none(api.name, command, reply)
+                except HAProxyError as exc:
+                    it.result.errors.append(str(exc))
+                    continue
+                served = info.serial if info else None
+                if served != it.target.serial:
+                    it.result.errors.append(
+                        f"HAProxy {api.name}: `show ssl cert {it.path}` reports serial "
+                        f"{'none' if served is None else f'{served:X}'}, "
+                        f"expected {it.target.serial:X}"
+                    )
+        checked: set[int] = set()
+        outcomes = checks.collect()
+        if checks.skipped and any(
+            not isinstance(o, bytes) or o != it.leaf_der for it, _, _, o in outcomes
+        ):
+            # The sample saw a problem: no certificate is left to chance.
+            checks.check_skipped()
+            outcomes += checks.collect()
+        for it, address, sni, outcome in outcomes:
+            checked.add(id(it))
+            result = it.result
+            if isinstance(outcome, ConnectionRefusedError):
+                # Nothing listens (that HAProxy is down): proves nothing either
+                # way; the instance catches up from disk or via poll().
+                result.handshakes.append(HandshakeResult(address, sni, None, False, str(outcome)))
+                result.warnings.append(f"TLS check of {address} (SNI {sni}) skipped: {outcome}")
+                continue
+            if isinstance(outcome, Exception):
+                result.handshakes.append(HandshakeResult(address, sni, None, False, str(outcome)))
+                result.errors.append(f"TLS handshake to {address} (SNI {sni}) failed: {outcome}")
+                continue
+            served = x509.load_der_x509_certificate(outcome).serial_number
+            ok = outcome == it.leaf_der
+            result.handshakes.append(HandshakeResult(address, sni, served, ok))
+            if not ok:
+                result.errors.append(
+                    f"TLS handshake to {address} with SNI {sni} returned serial {served:X}, "
+                    f"expected {it.target.serial:X}"
+                )
+        for it in items:
+            if (
+                id(it) in checked
+                and not any(h.ok for h in it.result.handshakes)
+                and not it.result.errors
+            ):
+                it.result.errors.append(
+                    f"no TLS frontend answered ({', '.join(self.verify)}): the swap is not proven"
+                )
+
+    # -- rollback ----------------------------------------------------------------
+
+    def _roll_back_batch(self, items: Sequence[_Item], sessions: dict[str, Session]) -> None:
+        """Put back what was served and on disk before, for the failed `items` only;
+        of the crt-list file remove only the lines they added (one edit)."""
+        for it in items:
+            if it.old is not None:
+                try:
+                    it.old_target = DeployTarget.from_bundle(it.target.name, it.old)
+                except BundleError as exc:
+                    it.result.errors.append(f"cannot roll back to the previous file: {exc}")
+        for api in self.apis:
+            work = [(it, action) for it in items for a, action in it.touched if a.name == api.name]
+            if not work:
+                continue
+            session = sessions.setdefault(api.name, Session(api))
+            try:
+                with _locked(_instance_lock(api.name), self._lock_timeout, f"HAProxy {api.name}"):
+                    for it, action in work:
+                        try:
+                            if action == "added":
+                                self._remove_live(session, it.path)
+                                served = None
+                            elif it.old_target is not None:
+                                self._transaction(session, it.path, it.old_target, exists=True)
+                                served = it.old_target.serial
+                            else:
+                                raise HAProxyError(
+                                    api.name, "rollback", "no previous bundle to put back"
+                                )
+                            it.result.instances.append(
+                                InstanceResult(api.name, "rolled back", served)
+                            )
+                        except (HAProxyError, ValueError) as exc:
+                            it.result.instances.append(
+                                InstanceResult(api.name, "failed", error=str(exc))
+                            )
+                            it.result.errors.append(f"rollback failed: {exc}")
+            except TimeoutError as exc:
+                for it, _ in work:
+                    it.result.errors.append(f"rollback failed: {exc}")
+        for it in items:
+            for api in it.apis:
+                if not any(r.instance == api.name for r in it.result.instances):
+                    it.result.instances.append(InstanceResult(api.name, "not touched"))
+            it.refused = "deploy rolled back: " + it.result.errors[0]
+        # Files last: if HAProxy restarts now it serves what it served before.
+        # The lines go before their bundles: a line never names a deleted file.
+        editor = self._crt_list_editor()
+        keep: set[int] = set()
+        lines = [it.added_line for it in items if it.added_line is not None]
+        if lines and editor is not None:
+            try:
+                editor.remove_lines(lines)
             except (CrtListError, TimeoutError) as exc:
-                result.errors.append(f"rollback of the crt-list file failed: {exc}")
-                keep_file = old is None  # the line still names the bundle: keep it
-        if not keep_file:
-            self._restore_file(path, old, result)
-        result.rolled_back = True
-        result.file_changed = False
+                for it in items:
+                    if it.added_line is not None:
+                        it.result.errors.append(f"rollback of the crt-list file failed: {exc}")
+                        if it.old is None:
+                            keep.add(id(it))  # the line still names the bundle: keep it
+        self._restore_files([it for it in items if id(it) not in keep])
+        for it in items:
+            it.result.rolled_back = True
+            it.result.file_changed = False
+
+    def _observe(self, items: Sequence[_Item], sessions: dict[str, Session]) -> None:
+        """Record what each instance serves now for failed items (one pipelined
+        pass per instance): in sync only if it serves the stored serial and the
+        deploy did not change it there."""
+        for api in self.apis:
+            mine = [it for it in items if it.wants(api) and api.name not in it.unreachable]
+            if not mine:
+                continue
+            session = sessions.setdefault(api.name, Session(api))
+            commands = [f"show ssl cert {it.path}" for it in mine]
+            try:
+                replies: list[str | HAProxyError] = list(
+                    session.pipeline([(c, None) for c in commands])
+                )
+            except HAProxyError as exc:
+                replies = [exc] * len(mine)
+            for it, command, reply in zip(mine, commands, replies, strict=True):
+                target = it.target
+                try:
+                    if isinstance(reply, HAProxyError):
+                        raise reply
+                    info = cert_info_or_none(api.name, command, reply)
+                except HAProxyError as exc:
+                    self._remember(
+                        SyncStatus(
+                            target.name, api.name, None, target.serial, False, error=str(exc)
+                        )
+                    )
+                    continue
+                served = info.serial if info else None
+                # An instance this deploy changed (rolled back, failed) was refused
+                # the stored certificate, whatever it serves now.
+                changed = any(
+                    r.instance == api.name and r.action != "not touched"
+                    for r in it.result.instances
+                )
+                in_sync = served == target.serial and not changed
+                self._remember(
+                    SyncStatus(
+                        target.name,
+                        api.name,
+                        served,
+                        target.serial,
+                        in_sync,
+                        error=None if in_sync else it.refused,
+                    )
+                )
 
     def remove(self, name: str) -> list[str]:
         """Stop serving certificate `name`: on every instance `del ssl crt-list`
@@ -938,15 +1536,22 @@ class Deployer:
     ) -> list[SyncStatus]:
         """Make every instance (or only `instances`) serve the stored `targets`.
 
-        Each instance's served serials are read first (`show ssl cert`); an
-        instance that does not answer is given up on after that one failure
-        (error statuses for all its certificates, marked down for `poll`). A
-        target whose file on disk differs from the stored bundle, or that an
-        instance serves stale, is deployed through the same path as `deploy`
-        (push, `show ssl cert` + TLS handshakes, roll back on mismatch) to the
-        stale instances: a certificate the TLS check refuses is rolled back,
-        never left served. Returns one SyncStatus per (target, instance), also
-        kept for `status()`. Never raises for HAProxy problems.
+        Each instance's served serials are read first, in one session (one
+        pipelined `show ssl cert <path>` per target); an instance that does not
+        answer is given up on after that one failure (error statuses for all
+        its certificates, marked down for `poll`). The targets an instance
+        serves stale are deployed as ONE batch through the same path as
+        `deploy_batch` (push, `show ssl cert` + TLS handshakes, roll back on
+        mismatch) to the stale instances: a certificate the TLS check refuses
+        is rolled back, never left served. The others get their file (for a
+        restart) and crt-list line made to match, which also repairs a line
+        lost earlier. Returns one SyncStatus per (target, instance), also kept
+        for `status()`. Never raises for HAProxy problems.
+
+        Nothing is re-parsed or re-read when nothing changed: bundles are
+        checked once per content (cached by name and bytes), and a bundle file
+        is read only when its (st_ino, st_size, st_mtime_ns) changed since it
+        was last found equal to the stored bundle.
         """
         targets = list(targets)
         if instances is None:
@@ -968,14 +1573,15 @@ class Deployer:
                 continue
             checked.append((target, path, leaf_der))
         if not self.apis:
-            for target, path, _ in checked:
-                with _locked(_file_lock(path), self._lock_timeout, f"certificate {target.name!r}"):
-                    self._ensure_cert_dir()
-                    disk = path.read_bytes() if path.exists() else None
-                    if disk != target.bundle:
-                        atomic_write(path, target.bundle, BUNDLE_MODE)
-                        with self._state:
-                            self._changed = True
+            with self._files_locked([path for _, path, _ in checked]):
+                self._ensure_cert_dir()
+                stale_files = [(t, p) for t, p, _ in checked if not self._disk_matches(p, t.bundle)]
+                self._write_files([(p, t.bundle) for t, p in stale_files])
+                if stale_files:
+                    with self._state:
+                        self._changed = True
+            pushed = {t.name for t, _ in stale_files}
+            for target, _, _ in checked:
                 self._remember(
                     SyncStatus(
                         target.name,
@@ -983,36 +1589,43 @@ class Deployer:
                         target.serial,
                         target.serial,
                         True,
-                        pushed=disk != target.bundle,
+                        pushed=target.name in pushed,
                     )
                 )
             return self._statuses_of([DISK_INSTANCE], targets)
         wanted = [api for api in self.apis if instances is None or api.name in set(instances)]
-        # 1. What every wanted instance serves (one failure gives up on it).
+        # 1. What every wanted instance serves (one session each; one failure
+        #    gives up on it).
         served: dict[tuple[str, str], int | None] = {}
         for api in wanted:
-            down: str | None = None
-            for target, path, _ in checked:
-                if down is None:
-                    try:
-                        info = api.show_cert(str(path))
-                    except HAProxyConnectionError as exc:
-                        down = str(exc)
-                        self._mark_down(api.name)
-                    except HAProxyError as exc:
-                        self._remember(
-                            SyncStatus(
-                                target.name, api.name, None, target.serial, False, error=str(exc)
-                            )
+            commands = [f"show ssl cert {path}" for _, path, _ in checked]
+            try:
+                with Session(api) as session:
+                    replies = session.pipeline([(c, None) for c in commands])
+            except HAProxyError as exc:
+                if isinstance(exc, HAProxyConnectionError):
+                    self._mark_down(api.name)
+                for target, _, _ in checked:
+                    self._remember(
+                        SyncStatus(
+                            target.name, api.name, None, target.serial, False, error=str(exc)
                         )
-                        continue
-                    else:
-                        served[(target.name, api.name)] = info.serial if info else None
-                        continue
-                self._remember(
-                    SyncStatus(target.name, api.name, None, target.serial, False, error=down)
-                )
-        # 2. Deploy what is stale, with the full verification and rollback.
+                    )
+                continue
+            for (target, _, _), command, reply in zip(checked, commands, replies, strict=True):
+                try:
+                    info = cert_info_or_none(api.name, command, reply)
+                except HAProxyError as exc:
+                    self._remember(
+                        SyncStatus(
+                            target.name, api.name, None, target.serial, False, error=str(exc)
+                        )
+                    )
+                    continue
+                served[(target.name, api.name)] = info.serial if info else None
+        # 2. Deploy what is stale as one batch, with the full verification and rollback.
+        items: list[_Item] = []
+        in_step: list[tuple[DeployTarget, Path]] = []
         for target, path, leaf_der in checked:
             stale = [
                 api
@@ -1020,44 +1633,76 @@ class Deployer:
                 if (target.name, api.name) in served
                 and served[(target.name, api.name)] != target.serial
             ]
-            fresh = [
-                api for api in wanted if served.get((target.name, api.name), -1) == target.serial
-            ]
-            crt_error: str | None = None
-            with _locked(_file_lock(path), self._lock_timeout, f"certificate {target.name!r}"):
-                if stale:
-                    result = DeployResult(target.name, path, target.serial)
-                    self._deploy(target, path, leaf_der, result, stale)
-                    if result.ok:
-                        for api in stale:
-                            with self._state:
-                                status = self._status.get((target.name, api.name))
-                            if status is not None:
-                                self._remember(replace(status, pushed=True))
-                else:
-                    # Nothing to push: the file (for a restart) and its crt-list
-                    # line are still made to match what is stored, which also
-                    # repairs a line lost earlier.
-                    self._ensure_cert_dir()
-                    disk = path.read_bytes() if path.exists() else None
-                    if disk != target.bundle:
-                        atomic_write(path, target.bundle, BUNDLE_MODE)
-                    try:
-                        self._add_to_crt_list_file(path, target)
-                    except (CrtListError, TimeoutError) as exc:
-                        crt_error = str(exc)
-            for api in fresh:
+            if stale:
+                items.append(_Item(target, path, leaf_der, stale))
+            else:
+                in_step.append((target, path))
+        crt_errors: dict[str, str] = {}
+        with self._files_locked([path for _, path, _ in checked]):
+            self._deploy_batch(items)
+            # Nothing to push for these: the file (for a restart) and its crt-list
+            # line are still made to match what is stored.
+            if in_step:
+                self._ensure_cert_dir()
+                self._write_files(
+                    [(p, t.bundle) for t, p in in_step if not self._disk_matches(p, t.bundle)]
+                )
+                crt_errors = self._ensure_crt_list_lines(in_step)
+        for it in items:
+            if it.result.ok:
+                for api in it.apis:
+                    with self._state:
+                        status = self._status.get((it.target.name, api.name))
+                    if status is not None:
+                        self._remember(replace(status, pushed=True))
+        for target, _, _ in checked:
+            for api in wanted:
+                if served.get((target.name, api.name), -1) != target.serial:
+                    continue
+                error = crt_errors.get(target.name)
                 self._remember(
                     SyncStatus(
                         target.name,
                         api.name,
                         target.serial,
                         target.serial,
-                        crt_error is None,
-                        error=crt_error,
+                        error is None,
+                        error=error,
                     )
                 )
         return self._statuses_of([api.name for api in wanted], targets)
+
+    def _ensure_crt_list_lines(
+        self, entries: Sequence[tuple[DeployTarget, Path]]
+    ) -> dict[str, str]:
+        """Give every path a crt-list line (one edit); returns name -> error for
+        those that could not get one. Nothing is read while the crt-list file is
+        as we last left it, with all these paths named."""
+        editor = self._crt_list_editor()
+        paths = [p for _, p in entries]
+        if editor is None or not entries or self._crt_list_names_all(editor, paths):
+            return {}
+        errors: dict[str, str] = {}
+        try:
+            editor.add_many([(p, self._crt_list_line(p, t)) for t, p in entries])
+        except (CrtListError, TimeoutError):
+            for target, path in entries:
+                try:
+                    editor.add(path, self._crt_list_line(path, target))
+                except (CrtListError, TimeoutError) as exc:
+                    errors[target.name] = str(exc)
+        self._crt_list_seen(editor, [p for t, p in entries if t.name not in errors])
+        return errors
+
+    @contextlib.contextmanager
+    def _files_locked(self, paths: Iterable[Path]) -> Iterator[None]:
+        """Hold the file lock of every path (taken in path order: no deadlock)."""
+        with contextlib.ExitStack() as stack:
+            for path in sorted(set(paths)):
+                stack.enter_context(
+                    _locked(_file_lock(path), self._lock_timeout, f"certificate {path.stem!r}")
+                )
+            yield
 
     def _statuses_of(
         self,
@@ -1076,39 +1721,45 @@ class Deployer:
 
     def served(self, targets: Iterable[DeployTarget]) -> list[SyncStatus]:
         """Read-only: what each instance serves for each target (nothing pushed,
-        nothing recorded). Per instance, one `show ssl cert` listing, then one
-        `show ssl cert <path>` per certificate it loads; the first connection
-        failure or timeout gives up on that instance, so an unresponsive one
-        costs one timeout, not one per certificate, and all its certificates
-        get that error. Ordered by instance, then target.
+        nothing recorded). Per instance ONE session: a `show ssl cert` listing,
+        then a pipelined `show ssl cert <path>` per certificate it loads; a
+        connection failure or timeout gives up on that instance, so an
+        unresponsive one costs one timeout, not one per certificate, and all
+        its certificates get that error. Ordered by instance, then target.
         """
         targets = list(targets)
         out: list[SyncStatus] = []
         for api in self.apis:
-            down: str | None = None
             try:
-                loaded = set(api.list_certs().certificates)
+                with Session(api) as session:
+                    loaded = set(session.list_certs().certificates)
+                    paths = [str(self.path_for(t.name)) for t in targets]
+                    asked = [(t, p) for t, p in zip(targets, paths, strict=True) if p in loaded]
+                    commands = [f"show ssl cert {p}" for _, p in asked]
+                    replies = dict(
+                        zip(
+                            [t.name for t, _ in asked],
+                            zip(
+                                commands,
+                                session.pipeline([(c, None) for c in commands]),
+                                strict=True,
+                            ),
+                            strict=True,
+                        )
+                    )
             except HAProxyError as exc:
                 down = f"instance unreachable: {exc}"
-                loaded = set()
+                out += [
+                    SyncStatus(t.name, api.name, None, t.serial, False, error=down) for t in targets
+                ]
+                continue
             for target in targets:
-                if down is not None:
-                    out.append(
-                        SyncStatus(target.name, api.name, None, target.serial, False, error=down)
-                    )
-                    continue
-                p = str(self.path_for(target.name))
-                if p not in loaded:
+                if target.name not in replies:
                     out.append(SyncStatus(target.name, api.name, None, target.serial, False))
                     continue
+                command, reply = replies[target.name]
                 try:
-                    info = api.show_cert(p)
-                except HAProxyConnectionError as exc:
-                    down = f"instance unreachable: {exc}"
-                    out.append(
-                        SyncStatus(target.name, api.name, None, target.serial, False, error=down)
-                    )
-                    continue
+                    info = cert_info_or_none(api.name, command, reply)
                 except HAProxyError as exc:
                     out.append(
                         SyncStatus(
@@ -1116,10 +1767,10 @@ class Deployer:
                         )
                     )
                     continue
-                served = info.serial if info else None
+                serial = info.serial if info else None
                 out.append(
                     SyncStatus(
-                        target.name, api.name, served, target.serial, served == target.serial
+                        target.name, api.name, serial, target.serial, serial == target.serial
                     )
                 )
         return out
@@ -1207,29 +1858,56 @@ def parse_instances(addresses: Iterable[str]) -> list[str]:
 
 
 def stored_targets(config: Any, storage: Any | None = None) -> list[DeployTarget]:
-    """DeployTargets for every configured certificate that has a stored bundle.
+    """DeployTargets for every configured certificate that has a stored generation.
 
     `config` is agent.config.Config; `storage` an agent.storage.Storage
-    (default: FileStorage at the state dir). Certificates without a bundle yet
-    are skipped; an unreadable bundle raises BundleError naming it.
+    (default: FileStorage at the state dir). The bundle is assembled here, on
+    the deploying node, from the stored full chain and this node's key file
+    (`agent.renewal.node_bundle`): storage never holds a private key.
+    Certificates without a stored generation are skipped; one whose key
+    cannot be read, or does not belong to the stored leaf, raises BundleError
+    naming the certificate and the key file.
     """
-    from agent.renewal import cert_key
     from agent.storage import FileStorage
 
     store = storage if storage is not None else FileStorage(config.state_dir)
     targets = []
     for cert in config.certificates:
-        key = cert_key(cert.name, "bundle.pem")
-        if store.exists(key):
-            targets.append(DeployTarget.from_bundle(cert.name, store.load(key)))
+        target = stored_target(cert, store)
+        if target is not None:
+            targets.append(target)
     return targets
 
 
+def stored_target(cert: Any, storage: Any) -> DeployTarget | None:
+    """The DeployTarget of one certificate (`agent.config.CertificateConfig`)
+    from its current stored generation; None when none is stored."""
+    from agent.certstate import load_current
+    from agent.keys import StableKeyError
+    from agent.renewal import node_bundle
+
+    gen = load_current(storage, cert.name)
+    if gen is None:
+        return None
+    try:
+        bundle = node_bundle(cert, gen.fullchain_pem)
+    except (OSError, StableKeyError) as exc:
+        raise BundleError(
+            f"certificate {cert.name!r}: cannot read its key {cert.key}: {exc}"
+        ) from exc
+    try:
+        return DeployTarget.from_bundle(cert.name, bundle)
+    except BundleError as exc:
+        raise BundleError(f"{exc} (key file {cert.key}, stored generation {gen.id})") from exc
+
+
 class RenewalDeployHook:
-    """`on_installed(name)` for `renew_certificates`: deploys the freshly stored
-    bundle of `name` and raises DeployError if it is not served everywhere.
-    Call `finish()` once at the end of the run (runs the reload command in
-    reload mode). `results` keeps every DeployResult of the run.
+    """`on_installed(name)` for `renew_certificates`: deploys the stored
+    certificate `name` (bundle built on this node, see `stored_target`),
+    returns the DeployResult (the renewer records its per-instance facts) and
+    raises DeployError if it is not served everywhere. Call `finish()` once
+    at the end of the run (runs the reload command in reload mode). `results`
+    keeps every DeployResult of the run.
     """
 
     def __init__(self, config: Any, storage: Any | None = None) -> None:
@@ -1240,13 +1918,14 @@ class RenewalDeployHook:
         self.deployer = Deployer.from_config(config)
         self.results: list[DeployResult] = []
 
-    def __call__(self, name: str) -> None:
-        from agent.renewal import cert_key
-
-        target = DeployTarget.from_bundle(name, self.storage.load(cert_key(name, "bundle.pem")))
+    def __call__(self, name: str) -> DeployResult:
+        cert = self.config.certificate(name)
+        target = stored_target(cert, self.storage)
+        if target is None:
+            raise BundleError(f"certificate {name!r}: nothing stored to deploy")
         result = self.deployer.deploy(target)
         self.results.append(result)
-        result.raise_for_errors()
+        return result.raise_for_errors()
 
     def finish(self) -> bool:
         """Run the reload command if needed (see Deployer.finish)."""

@@ -66,6 +66,7 @@ import dns.tsig
 import dns.tsigkeyring
 import dns.update
 
+from agent import layout
 from agent.config import DnsZoneConfig, Listen
 from agent.solvers import ChallengeTask, Solver, SolverError
 from agent.storage import Storage, StorageKeyError
@@ -74,7 +75,7 @@ log = logging.getLogger(__name__)
 
 TXT_TTL = 60  # seconds; short, the record lives for one validation
 QUERY_TIMEOUT = 3.0  # seconds per DNS query / update
-JOURNAL_PREFIX = "dns/pending"
+JOURNAL_PREFIX = layout.DNS_PENDING
 JOURNAL_MAX_AGE = 86400.0  # s: an entry this old is a leftover even if its pid is alive
 _POLL_START = 0.1  # s between propagation checks, doubled up to _POLL_MAX
 _POLL_MAX = 2.0
@@ -391,7 +392,7 @@ class Dns01Solver(Solver):
     def _journal_key(cert_name: str, records: Sequence[_Record]) -> str:
         # Derived from the values (unique per challenge): present and cleanup agree on it.
         digest = hashlib.sha256("\n".join(sorted(r.value for r in records)).encode())
-        return f"{JOURNAL_PREFIX}/{cert_name}-{digest.hexdigest()[:16]}.json"
+        return layout.dns_pending_key(cert_name, digest.hexdigest()[:16])
 
     def present(self, cert_name: str, tasks: Sequence[ChallengeTask]) -> None:
         records = self._records(tasks)

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 
 import dns.resolver
 
+from agent import layout
 from agent.config import CertificateConfig, Config, Listen
 from agent.dns01 import (
     authoritative_servers,
@@ -49,10 +50,6 @@ class PersistRecord:
         return f'{self.name} 300 IN TXT "{self.value}"'
 
 
-def _key(cert_name: str) -> str:
-    return f"dns/persist/{cert_name}.json"
-
-
 def records_for(
     config: Config, cert: CertificateConfig, issuer: Issuer, storage: Storage
 ) -> list[PersistRecord]:
@@ -77,7 +74,7 @@ def records_for(
         )
     records = [by_domain[d] for d in sorted(by_domain)]
     data = {"certificate": cert.name, "records": [asdict(r) for r in records]}
-    storage.store(_key(cert.name), (json.dumps(data, indent=2) + "\n").encode())
+    storage.store(layout.dns_persist_key(cert.name), (json.dumps(data, indent=2) + "\n").encode())
     return records
 
 
@@ -91,7 +88,7 @@ def _servers(config: Config, name: str) -> Sequence[Listen]:
 def record_problems(config: Config, cert: CertificateConfig, storage: Storage) -> list[str]:
     """What is missing or wrong in DNS for `cert`'s dns-persist-01 records ([] = all good)."""
     try:
-        data = json.loads(storage.load(_key(cert.name)))
+        data = json.loads(storage.load(layout.dns_persist_key(cert.name)))
     except (OSError, ValueError):
         return [f"the records are not known yet: run `haproxy-acme-agent dns-persist {cert.name}`"]
     problems: list[str] = []

@@ -21,6 +21,7 @@ our tests. So the size is checked before anything is sent.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import re
 import socket
@@ -659,3 +660,227 @@ class RuntimeAPI:
         if not reply.lstrip().startswith("#"):
             raise CommandFailed(self.name, command, reply)
         return parse_crt_list(reply)
+
+
+# ---------------------------------------------------------------------------
+# One prompt-mode session: many commands over one connection
+
+PROMPT = b"\n> "
+# 2.6 prints "+ " for every payload line it reads in prompt mode, before the reply.
+_PAYLOAD_PROMPTS = re.compile(r"^(?:\+ )+")
+_SET_REPLY = re.compile(r"Transaction (?:created|updated) for certificate (\S+?)!")
+# Commands sent ahead of their replies: small enough that what HAProxy writes
+# back before we read it (about 1 KB per `show ssl cert <path>`) fits in the
+# socket buffers, so neither side blocks on a full buffer.
+PIPELINE_WINDOW = 64
+
+
+def parse_set_reply(reply: str) -> str | None:
+    """The path a `set ssl cert` reply says the transaction is about (None: refused)."""
+    match = _SET_REPLY.search(reply)
+    return match.group(1) if match else None
+
+
+class Session:
+    """One connection to an instance in HAProxy's prompt mode (`prompt`, then one
+    command after another; each reply ends at the next "\\n> " prompt).
+
+    `pipeline` sends several commands before reading their replies (at most
+    PIPELINE_WINDOW ahead), in order: HAProxy runs them one after the other
+    in this session, so a command always sees the effect of the ones before.
+    Payload rules are those of `RuntimeAPI.command`: blank lines stripped, the
+    command plus payload checked against `tune.bufsize` before anything is
+    sent. Every read has the API's timeout (per command, counted from when it
+    was sent); a connection that dies or hangs raises HAProxyConnectionError
+    / HAProxyTimeout naming the instance and the command, and the session is
+    closed (a later call reconnects). Not thread-safe: one user at a time.
+    """
+
+    def __init__(self, api: RuntimeAPI) -> None:
+        self.api = api
+        self.name = api.name
+        self._sock: socket.socket | None = None
+        self._buffer = b""
+        self._prompt_pending = False
+        self.connections = 0  # connections opened so far (tests count them)
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection (HAProxy ends the session; nothing is left open
+        as long as every transaction was committed or aborted)."""
+        sock, self._sock = self._sock, None
+        self._buffer = b""
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def _open(self, deadline: float) -> socket.socket:
+        if self._sock is not None:
+            return self._sock
+        try:
+            sock = self.api._connect(deadline)
+        except TimeoutError as exc:
+            raise HAProxyTimeout(
+                self.name, "prompt", f"no connection within {self.api.timeout:g} s"
+            ) from exc
+        except OSError as exc:
+            raise HAProxyConnectionError(self.name, "prompt", str(exc) or repr(exc)) from exc
+        self.connections += 1
+        self._sock = sock
+        self._buffer = b""
+        # `prompt` goes out with the first commands (HAProxy switches modes before
+        # reading the next line); its own empty reply is read before theirs.
+        self._prompt_pending = True
+        return sock
+
+    def _read_reply(self, command: str, deadline: float) -> str:
+        sock = self._sock
+        assert sock is not None
+        while True:
+            end = self._buffer.find(PROMPT)
+            if end >= 0:
+                raw, self._buffer = self._buffer[:end], self._buffer[end + len(PROMPT) :]
+                text = raw.decode("utf-8", errors="replace").replace("\x00", "")
+                return _PAYLOAD_PROMPTS.sub("", text.lstrip("\n"))
+            if len(self._buffer) > MAX_REPLY_BYTES:
+                raise HAProxyConnectionError(
+                    self.name, command, f"reply larger than {MAX_REPLY_BYTES} bytes"
+                )
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise HAProxyTimeout(
+                    self.name, command, f"no complete reply within {self.api.timeout:g} s"
+                )
+            try:
+                sock.settimeout(remaining)
+                data = sock.recv(65536)
+            except TimeoutError as exc:
+                raise HAProxyTimeout(
+                    self.name, command, f"no complete reply within {self.api.timeout:g} s"
+                ) from exc
+            except OSError as exc:
+                raise HAProxyConnectionError(self.name, command, str(exc) or repr(exc)) from exc
+            if not data:
+                raise HAProxyConnectionError(
+                    self.name,
+                    command,
+                    "the connection closed in the middle of the session"
+                    + (f" (partial reply {self._buffer[-200:]!r})" if self._buffer.strip() else ""),
+                )
+            self._buffer += data
+
+    def pipeline(self, steps: Sequence[tuple[str, bytes | None]]) -> list[str]:
+        """Run `steps` ((command, payload or None), in order) and return their replies.
+
+        A reply saying certificate operations are "currently locked" (another
+        session is committing) means that command had no effect: it and every
+        later step are run again, one at a time, until the timeout. On any
+        transport error the session is closed and the error raised (the steps
+        not answered may or may not have run).
+        """
+        replies = self._run(steps)
+        for i, reply in enumerate(replies):
+            if LOCKED_REPLY in reply:
+                return replies[:i] + [self.command(c, p) for c, p in steps[i:]]
+        return replies
+
+    def _run(self, steps: Sequence[tuple[str, bytes | None]]) -> list[str]:
+        """Send `steps` (windowed) and read their replies; no lock retry."""
+        messages: list[tuple[str, bytes, bool]] = []
+        for command, payload in steps:
+            message = frame_command(command, payload)
+            if payload is not None:
+                check_size(self.name, command, message, self.api.payload_limit())
+            messages.append((command, message, payload is not None))
+        replies: list[str] = []
+        try:
+            for start in range(0, len(messages), PIPELINE_WINDOW):
+                window = messages[start : start + PIPELINE_WINDOW]
+                deadline = time.monotonic() + self.api.timeout
+                sock = self._open(deadline)
+                prompt = b"prompt\n" if self._prompt_pending else b""
+                try:
+                    sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                    sock.sendall(prompt + b"".join(m for _, m, _ in window))
+                except TimeoutError as exc:
+                    raise HAProxyTimeout(
+                        self.name, window[0][0], f"could not send within {self.api.timeout:g} s"
+                    ) from exc
+                except OSError as exc:
+                    raise HAProxyConnectionError(
+                        self.name, window[0][0], str(exc) or repr(exc)
+                    ) from exc
+                if prompt:
+                    self._read_reply("prompt", deadline)  # the prompt after `prompt`
+                    self._prompt_pending = False
+                for command, message, has_payload in window:
+                    try:
+                        reply = self._read_reply(command, deadline)
+                    except HAProxyTimeout:
+                        raise
+                    except HAProxyConnectionError:
+                        if (
+                            has_payload
+                            and not _PAYLOAD_PROMPTS.sub(
+                                "", self._buffer.decode(errors="replace")
+                            ).strip()
+                        ):
+                            self.close()
+                            # 2.6 drops an over-size command with no reply: tell
+                            # that apart from a HAProxy that died.
+                            limit = self.api.payload_limit()
+                            self.api._explain_empty_reply(command, len(message), limit, deadline)
+                        raise
+                    if has_payload and "too big for the buffer size" in reply:
+                        raise PayloadTooLarge(
+                            self.name, command, len(message), self.api.payload_limit()
+                        )
+                    replies.append(reply)
+        except BaseException:
+            self.close()
+            raise
+        return replies
+
+    def command(self, command: str, payload: bytes | None = None) -> str:
+        """Run one command (retrying a "currently locked" reply until the timeout)."""
+        deadline = time.monotonic() + self.api.timeout
+        delay = 0.005
+        while True:
+            [reply] = self._run([(command, payload)])
+            if LOCKED_REPLY not in reply or time.monotonic() + delay >= deadline:
+                return reply
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+    # -- typed helpers (each one round trip) ---------------------------------
+
+    def list_certs(self) -> CertList:
+        """`show ssl cert`: loaded certificate paths and open transactions."""
+        return parse_cert_list(self.command("show ssl cert"))
+
+    def show_certs(self, paths: Sequence[str], pending: bool = False) -> list[CertInfo | None]:
+        """`show ssl cert [*]<path>` for every path, pipelined; None where HAProxy
+        has no such certificate (or transaction). Raises CommandFailed on a
+        reply that is neither."""
+        commands = [
+            f"show ssl cert {'*' if pending else ''}{check_arg(p, 'certificate path')}"
+            for p in paths
+        ]
+        replies = self.pipeline([(c, None) for c in commands])
+        return [cert_info_or_none(self.name, c, r) for c, r in zip(commands, replies, strict=True)]
+
+
+def cert_info_or_none(instance: str, command: str, reply: str) -> CertInfo | None:
+    """The CertInfo of a `show ssl cert` reply; None for "not found" / "no transaction";
+    CommandFailed for anything else."""
+    info = parse_cert_info(reply)
+    if info is not None:
+        return info
+    if "Not found" in reply or "No ongoing transaction" in reply:
+        return None
+    raise CommandFailed(instance, command, reply)

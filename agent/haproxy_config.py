@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from agent import layout
 from agent.config import Config, Listen, load_config
 from agent.storage import SECRET_MODE, atomic_write
 
@@ -133,7 +134,7 @@ def spoa_server_address(listen: Listen) -> str:
 
 def bundle_path(config: Config, name: str) -> Path:
     """The file HAProxy serves for certificate `name` (the agent's deploy writes it)."""
-    return config.haproxy.cert_dir / f"{name}.pem"
+    return layout.bundle_path(config.haproxy.cert_dir, name)
 
 
 def fallback_path(config: Config) -> Path:

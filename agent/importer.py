@@ -16,8 +16,9 @@ that signs it.
    (atomically; the key and CSR are referenced where they are, never copied,
    rewritten or regenerated) and validates the resulting config;
 3. stores each current certificate in the state directory the way a renewal
-   installs it (cert, chain, fullchain, bundle, meta.json), so the agent's
-   next `renew` finds it valid and issues nothing until it is due.
+   installs it (a generation: cert, chain, fullchain, meta.json; never the
+   key), so the agent's next `renew` finds it valid and issues nothing until
+   it is due (it deploys it, verified, since no instance is known to serve it).
 A site whose name is already configured is skipped. Nothing is written when
 any site has a problem; errors name the directory and the file.
 """
@@ -36,7 +37,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
-from agent import keys
+from agent import keys, layout
 from agent.config import Config, ConfigError, load_config
 from agent.storage import SECRET_MODE, atomic_write
 
@@ -241,7 +242,7 @@ def import_sites(
 ) -> ImportResult:
     """Adopt the site directories under `paths` into the config and state; see the module doc."""
     from agent.challenges import MemoryChallengeRegistry
-    from agent.renewal import CheckedChain, Renewer, cert_key
+    from agent.renewal import CheckedChain, Renewer, node_bundle
 
     config = load_config(config_path)
     known = {c.name: c for c in config.certificates}
@@ -288,13 +289,16 @@ def import_sites(
         if s.leaf is None:
             continue
         cfg = new_config.certificate(s.name)
-        key_pem = s.key.read_bytes()
-        renewer.install(cfg, CheckedChain(s.leaf, s.chain), key_pem)
-        # The file HAProxy's crt line will name; an existing one is left to the
-        # agent's deploy (it is replaced, verified, at the next renewal or reconcile).
-        target = new_config.haproxy.cert_dir / f"{s.name}.pem"
+        with renewer.storage.locked(layout.cert_lock(s.name), timeout=30.0) as token:
+            renewer.install(cfg, CheckedChain(s.leaf, s.chain), token)
+        # The file HAProxy's crt line will name, assembled here from the chain
+        # and the site's key (storage holds no key); an existing one is left
+        # to the agent's deploy (it is replaced, verified, at the next run:
+        # no instance is recorded as serving the imported certificate yet).
+        target = layout.bundle_path(new_config.haproxy.cert_dir, s.name)
         if new_config.haproxy.cert_dir.is_dir() and not target.exists():
-            atomic_write(target, renewer.storage.load(cert_key(s.name, "bundle.pem")), SECRET_MODE)
+            atomic_write(target, node_bundle(cfg, CheckedChain(s.leaf, s.chain).fullchain_pem),
+                         SECRET_MODE)  # fmt: skip
             written.append(target)
     return ImportResult(sites, skipped, text, written)
 

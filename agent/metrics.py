@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -45,8 +45,11 @@ class CertificateView:
     not_after: float | None
     next_renewal: float | None
     last_success: float | None
-    # instance address -> served serial equals the stored one
+    # instance address -> served serial equals the stored one (what HAProxy serves now)
     in_sync: Mapping[str, bool]
+    # instance ("disk" in reload mode) -> the serial last confirmed served by a
+    # deploy there (the recorded fact, agent.certstate.Deployed) is the stored one
+    deployed: Mapping[str, bool] = field(default_factory=dict)
 
 
 class _CertificateCollector(Collector):
@@ -90,6 +93,16 @@ class _CertificateCollector(Collector):
             for instance, ok in v.in_sync.items():
                 in_sync.add_metric([v.name, instance], 1.0 if ok else 0.0)
         yield in_sync
+        deployed = GaugeMetricFamily(
+            PREFIX + "certificate_deployed",
+            "1 when the last deploy confirmed that the instance serves the stored "
+            "certificate's serial, else 0 (stored but not deployed there).",
+            labels=["certificate", "instance"],
+        )
+        for v in views:
+            for instance, ok in v.deployed.items():
+                deployed.add_metric([v.name, instance], 1.0 if ok else 0.0)
+        yield deployed
 
 
 class Metrics:

@@ -16,20 +16,23 @@
   `acme.max_concurrent_orders`), checks and installs them; a failed order
   never touches installed files. One `RenewResult` per certificate.
 
-Storage layout (keys of `agent.storage.Storage`), per certificate NAME:
-certificates/NAME/{cert.pem, chain.pem, fullchain.pem, meta.json} (0644) and
-certificates/NAME/{bundle.pem, bundle.prev.pem} (fullchain + key [+ dhparam],
-the HAProxy bundle, 0600).
+Storage: see `agent.layout` (names) and `agent.certstate` (generations,
+state.json, repair). A renewal writes a new generation and switches the
+`current` pointer to it, under the certificate's lock; no private key is ever
+stored: the HAProxy bundle is assembled at deploy time (`node_bundle`).
+
+Deployed state is a fact: after every deploy the per-instance serial HAProxy
+was confirmed to serve is recorded in state.json (`record_deploy`), and a run
+pushes a stored certificate some instance is not confirmed to serve before it
+decides that nothing is due.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
@@ -40,7 +43,20 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
-from agent import ari, keys
+from agent import ari, keys, layout
+from agent.certstate import Attempt as Attempt
+from agent.certstate import CertMeta as CertMeta
+from agent.certstate import (
+    CertState,
+    Deployed,
+    install_generation,
+    load_current,
+    repair,
+    undeployed,
+    update_state,
+)
+from agent.certstate import load_meta as load_meta
+from agent.certstate import meta_from_certificate as meta_from_certificate
 from agent.chain import ChainError, ChainPolicy, policy_for, verify_chain
 from agent.challenges import ChallengeRegistry
 from agent.config import CertificateConfig, Config
@@ -56,133 +72,15 @@ from agent.issuer import (
     ValidationFailed,
 )
 from agent.solvers import build_solvers
-from agent.storage import FileStorage, LockTimeout, Storage, safe_name
+from agent.storage import FileStorage, LockLost, LockTimeout, Storage
 
 log = logging.getLogger(__name__)
 
 RENEW_FRACTION = 1 / 3  # renew when this fraction of the lifetime is left
 EMERGENCY_FRACTION = 1 / 20  # renew regardless of ARI when this fraction is left
 
-CERT_FILES = ("cert.pem", "chain.pem", "fullchain.pem", "bundle.pem", "bundle.prev.pem")
-
-
-def cert_key(name: str, filename: str) -> str:
-    """Storage key of one file of certificate `name`."""
-    return f"certificates/{safe_name(name)}/{filename}"
-
-
-# --- metadata --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Attempt:
-    """The last renewal attempt: UNIX time, "success" or "failed", and the error text."""
-
-    time: float
-    result: str
-    error: str | None = None
-
-
-@dataclass(frozen=True)
-class CertMeta:
-    """meta.json: what we know about a certificate's installed state. Times: UNIX s, UTC."""
-
-    name: str
-    domains: tuple[str, ...] = ()
-    serial: str | None = None  # lowercase hex
-    not_before: float | None = None
-    not_after: float | None = None
-    key_pin: str | None = None
-    installed_at: float | None = None
-    ari: ari.RenewalWindow | None = None
-    last_attempt: Attempt | None = None
-    retry_not_before: float | None = None  # from a rateLimited Retry-After
-    directory: str | None = None
-
-    @property
-    def installed(self) -> bool:
-        return self.serial is not None and self.not_after is not None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "version": 1,
-            "name": self.name,
-            "domains": list(self.domains),
-            "serial": self.serial,
-            "not_before": self.not_before,
-            "not_after": self.not_after,
-            "key_pin": self.key_pin,
-            "installed_at": self.installed_at,
-            "ari": self.ari.to_json() if self.ari else None,
-            "last_attempt": (
-                {
-                    "time": self.last_attempt.time,
-                    "result": self.last_attempt.result,
-                    "error": self.last_attempt.error,
-                }
-                if self.last_attempt
-                else None
-            ),
-            "retry_not_before": self.retry_not_before,
-            "directory": self.directory,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> CertMeta:
-        la = data.get("last_attempt")
-        return cls(
-            name=str(data["name"]),
-            domains=tuple(data.get("domains") or ()),
-            serial=data.get("serial"),
-            not_before=_opt_float(data.get("not_before")),
-            not_after=_opt_float(data.get("not_after")),
-            key_pin=data.get("key_pin"),
-            installed_at=_opt_float(data.get("installed_at")),
-            ari=ari.RenewalWindow.from_json(data["ari"]) if data.get("ari") else None,
-            last_attempt=(
-                Attempt(float(la["time"]), str(la["result"]), la.get("error")) if la else None
-            ),
-            retry_not_before=_opt_float(data.get("retry_not_before")),
-            directory=data.get("directory"),
-        )
-
-
-def _opt_float(v: object) -> float | None:
-    return None if v is None else float(v)  # type: ignore[arg-type]
-
-
-def meta_from_certificate(name: str, cert: x509.Certificate) -> CertMeta:
-    """Metadata derived from a certificate alone (when meta.json is missing or damaged)."""
-    return CertMeta(
-        name=name,
-        domains=tuple(keys.cert_domains(cert)),
-        serial=format(cert.serial_number, "x"),
-        not_before=cert.not_valid_before_utc.timestamp(),
-        not_after=cert.not_valid_after_utc.timestamp(),
-        key_pin=keys.spki_pin(cert.public_key()),  # type: ignore[arg-type]
-    )
-
-
-def load_meta(storage: Storage, name: str) -> CertMeta | None:
-    """The certificate's metadata; rebuilt from cert.pem if meta.json is missing or damaged."""
-    try:
-        meta = CertMeta.from_json(json.loads(storage.load(cert_key(name, "meta.json"))))
-        if meta.name == name:
-            return meta
-    except FileNotFoundError:
-        pass
-    except (ValueError, KeyError, TypeError) as e:
-        log.warning("certificate %s: meta.json is damaged (%s); using cert.pem", name, e)
-    try:
-        cert = x509.load_pem_x509_certificate(storage.load(cert_key(name, "cert.pem")))
-    except (FileNotFoundError, ValueError):
-        return None
-    return meta_from_certificate(name, cert)
-
-
-def save_meta(storage: Storage, meta: CertMeta) -> None:
-    data = json.dumps(meta.to_json(), indent=2, sort_keys=True) + "\n"
-    storage.store(cert_key(meta.name, "meta.json"), data.encode())
+# The storage layout lives in agent.layout; this name stays for callers.
+cert_key = layout.cert_key
 
 
 # --- when to renew ---------------------------------------------------------------------
@@ -337,7 +235,9 @@ def make_bundle(fullchain_pem: bytes, key_pem: bytes, dhparam_pem: bytes | None 
 
 @dataclass(frozen=True)
 class RenewResult:
-    """Outcome for one certificate. status: "renewed", "not-due", "failed" or "dry-run"."""
+    """Outcome for one certificate. status: "renewed", "deployed" (the stored
+    certificate was pushed to HAProxy, nothing ordered), "not-due", "failed"
+    or "dry-run"."""
 
     name: str
     status: str
@@ -408,7 +308,16 @@ class CertificateIssuer(Protocol):
 
 
 class Renewer:
-    """State of one renewal run over the configured certificates (see renew_certificates)."""
+    """State of one renewal run over the configured certificates (see renew_certificates).
+
+    `on_installed(name)` deploys the stored certificate `name` (built with
+    `node_bundle`) and returns its `agent.deploy.DeployResult` (or None when
+    it has no facts to report); it raises (`DeployError`, carrying the result)
+    when the certificate is not served everywhere. The renewer records the
+    facts in state.json (`record_deploy`). With a hook, a stored certificate
+    that some instance is not confirmed to serve is pushed again by the next
+    run, before anything is judged not due.
+    """
 
     def __init__(
         self,
@@ -416,7 +325,7 @@ class Renewer:
         registry: ChallengeRegistry,
         storage: Storage | None = None,
         issuer: CertificateIssuer | None = None,
-        on_installed: Callable[[str], None] | None = None,
+        on_installed: Callable[[str], object] | None = None,
         clock: Callable[[], float] = time.time,
         serve_challenges: Callable[[], AbstractContextManager[object]] | None = None,
     ) -> None:
@@ -433,16 +342,18 @@ class Renewer:
         )
         self.on_installed = on_installed
         self.clock = clock
-        self._issuer_lock = threading.Lock()
         self._rate_limited: RateLimited | None = None  # set once the CA rate-limits this run
+
+    @property
+    def lease(self) -> float:
+        """Lease of a certificate's lock (s); renewed from a thread while the order runs."""
+        return max(30.0, self.config.acme.timeout * 2)
 
     # -- helpers --
 
     def _current_cert(self, name: str) -> x509.Certificate | None:
-        try:
-            return x509.load_pem_x509_certificate(self.storage.load(cert_key(name, "cert.pem")))
-        except (FileNotFoundError, ValueError):
-            return None
+        gen = load_current(self.storage, name)
+        return gen.leaf if gen is not None else None
 
     def _refresh_ari(self, cfg: CertificateConfig, meta: CertMeta | None) -> CertMeta | None:
         """Ask the CA for its renewal window when ours is missing or stale; errors only logged."""
@@ -465,9 +376,15 @@ class Renewer:
             return meta
         if window is None:
             return meta
-        meta = replace(meta, ari=window)
-        save_meta(self.storage, meta)
-        return meta
+        try:
+            with self.storage.locked(layout.cert_lock(cfg.name), timeout=2.0):
+                # state.json is shared with a concurrent run: change only the window,
+                # and only if the certificate is still the one it is for.
+                if self._current_cert(cfg.name) == cert:
+                    update_state(self.storage, cfg.name, lambda s: replace(s, ari=window))
+        except LockTimeout:
+            log.info("certificate %s: busy; the renewal window is stored next time", cfg.name)
+        return replace(meta, ari=window)
 
     def _key_for(self, cfg: CertificateConfig, create: bool) -> keys.PrivateKey:
         if cfg.generate_key and create and not cfg.key.exists():
@@ -487,105 +404,175 @@ class Renewer:
             raise keys.CSRError(f"names in {cfg.csr} differ from domains")
         return keys.csr_pem(csr)
 
-    def _key_pem(self, cfg: CertificateConfig, key: keys.PrivateKey) -> bytes:
-        raw = Path(cfg.key).read_bytes()
-        return raw if b"-----BEGIN" in raw else keys.private_key_pem(key)
+    def _record_failure(
+        self, cfg: CertificateConfig, error: str, retry_at: float | None, *, locked: bool
+    ) -> None:
+        """Remember a failed attempt in state.json (`locked`: we hold the cert lock)."""
 
-    def _record_failure(self, cfg: CertificateConfig, error: str, retry_at: float | None) -> None:
-        meta = load_meta(self.storage, cfg.name) or CertMeta(name=cfg.name)
-        meta = replace(
-            meta,
-            last_attempt=Attempt(self.clock(), "failed", error),
-            retry_not_before=retry_at if retry_at is not None else meta.retry_not_before,
-        )
+        def change(state: CertState) -> CertState:
+            return replace(
+                state,
+                last_attempt=Attempt(self.clock(), "failed", error),
+                retry_not_before=retry_at if retry_at is not None else state.retry_not_before,
+            )
+
         try:
-            save_meta(self.storage, meta)
-        except OSError as e:  # the failure itself is what matters; say it, don't mask it
+            if locked:
+                update_state(self.storage, cfg.name, change)
+            else:
+                with self.storage.locked(layout.cert_lock(cfg.name), timeout=5.0):
+                    update_state(self.storage, cfg.name, change)
+        except (OSError, LockTimeout) as e:  # the failure itself is what matters: say it
             log.error("certificate %s: cannot record the failed attempt: %s", cfg.name, e)
 
-    def install(self, cfg: CertificateConfig, checked: CheckedChain, key_pem: bytes) -> CertMeta:
-        """Write the new certificate files; keep the previous bundle as bundle.prev.pem."""
+    def install(
+        self, cfg: CertificateConfig, checked: CheckedChain, lock_token: str | None = None
+    ) -> CertMeta:
+        """Store `checked` as a new generation and switch to it. The caller holds
+        `layout.cert_lock(cfg.name)`; with its `lock_token`, the lease is checked
+        right before the switch (`LockLost`: nothing switched)."""
         st = self.storage
-        dh = Path(cfg.dhparam).read_bytes() if cfg.dhparam else None
-        bundle = make_bundle(checked.fullchain_pem, key_pem, dh)
-        if st.exists(cert_key(cfg.name, "bundle.pem")):
-            st.store(
-                cert_key(cfg.name, "bundle.prev.pem"),
-                st.load(cert_key(cfg.name, "bundle.pem")),
-                secret=True,
-            )
-        st.store(cert_key(cfg.name, "cert.pem"), checked.cert_pem)
-        st.store(cert_key(cfg.name, "chain.pem"), checked.chain_pem)
-        st.store(cert_key(cfg.name, "fullchain.pem"), checked.fullchain_pem)
-        st.store(cert_key(cfg.name, "bundle.pem"), bundle, secret=True)
         now = self.clock()
-        meta = replace(
-            meta_from_certificate(cfg.name, checked.leaf),
-            installed_at=now,
-            last_attempt=Attempt(now, "success"),
-            directory=self.config.acme.directory,
+
+        def still_ours() -> None:
+            if lock_token is not None:
+                st.renew_lock(layout.cert_lock(cfg.name), lock_token, self.lease)
+
+        meta = install_generation(
+            st, cfg.name, checked.leaf, checked.chain, now, self.config.acme.directory, still_ours
         )
-        save_meta(st, meta)
-        return meta
+        # A new certificate: the old one's ARI window and retry time are void,
+        # and no instance serves it yet.
+        state = update_state(
+            st,
+            cfg.name,
+            lambda s: replace(
+                s,
+                last_attempt=Attempt(now, "success", None, None),
+                retry_not_before=None,
+                ari=None,
+            ),
+        )
+        return meta.with_state(state)
 
     # -- one certificate --
 
+    def deploy_instances(self) -> list[str]:
+        """The instances a deploy must reach: runtime API names, or "disk" (reload mode)."""
+        from agent.deploy import DISK_INSTANCE, parse_instances
+
+        return parse_instances(self.config.haproxy.runtime_api) or [DISK_INSTANCE]
+
     def _due(
-        self, cfg: CertificateConfig, force: bool, refresh_ari: bool
-    ) -> tuple[bool, str, CertMeta | None]:
+        self,
+        cfg: CertificateConfig,
+        force: bool,
+        refresh_ari: bool,
+        started_at: float | None = None,
+    ) -> tuple[str | None, str, CertMeta | None]:
+        """(what to do: "order", "deploy" or None, why, meta). `force` does not
+        apply to a certificate installed at or after `started_at` (UNIX s): a
+        concurrent run we waited for renewed it after our run began."""
         meta = load_meta(self.storage, cfg.name)
         if refresh_ari:
             meta = self._refresh_ari(cfg, meta)
         now = self.clock()
         when, why = renewal_decision(meta, cfg, now, meta.ari if meta else None)
-        if meta is not None and meta.installed:
-            if not self.storage.exists(cert_key(cfg.name, "bundle.pem")):
-                return True, "the HAProxy bundle is missing", meta
-            if cfg.key.exists() and meta.key_pin:
-                try:
-                    pin = keys.spki_pin(keys.load_private_key(cfg.key))
-                except keys.StableKeyError:
-                    pin = meta.key_pin
-                if pin != meta.key_pin:
-                    return True, "the configured key differs from the certificate's", meta
-        if force:
-            return True, "forced", meta
+        if meta is not None and meta.installed and cfg.key.exists() and meta.key_pin:
+            try:
+                pin = keys.spki_pin(keys.load_private_key(cfg.key))
+            except keys.StableKeyError:
+                pin = meta.key_pin
+            if pin != meta.key_pin:
+                return "order", "the configured key differs from the certificate's", meta
+        renewed_meanwhile = (
+            force
+            and started_at is not None
+            and meta is not None
+            and meta.installed_at is not None
+            and meta.installed_at >= started_at
+        )
+        if force and not renewed_meanwhile:
+            return "order", "forced", meta
         if when <= now:
-            return True, why, meta
-        return False, f"next renewal at {_fmt_time(when)} ({why})", meta
+            return "order", why, meta
+        if self.on_installed is not None:
+            missing = undeployed(meta, self.deploy_instances())
+            if missing:
+                return "deploy", f"stored serial {meta.serial if meta else '-'} is not " \
+                    f"confirmed served by {', '.join(missing)}", meta  # fmt: skip
+        if renewed_meanwhile:
+            assert meta is not None and meta.installed_at is not None
+            return None, f"renewed by a concurrent run at {_fmt_time(meta.installed_at)}", meta
+        return None, f"next renewal at {_fmt_time(when)} ({why})", meta
 
-    def _renew_one(self, cfg: CertificateConfig, force: bool) -> RenewResult:
+    def _renew_one(self, cfg: CertificateConfig, force: bool, started_at: float) -> RenewResult:
         limited = self._rate_limited
         if limited is not None:
             # The CA said stop: ordering more in this run only digs the hole deeper.
             msg = f"not attempted: {limited}"
             return RenewResult(cfg.name, "failed", msg, error_type=error_type(limited))
-        lock_name = f"cert-{cfg.name}"
         try:
-            self.storage.lock(
-                lock_name, timeout=2.0, expires_after=self.config.acme.timeout * 4 + 60
+            held = self.storage.locked(
+                layout.cert_lock(cfg.name), timeout=2.0, expires_after=self.lease
             )
+            token = held.__enter__()
         except LockTimeout:
             return RenewResult(cfg.name, "not-due", "another process is renewing it right now")
         try:
             # Re-check under the lock: a concurrent run may have just renewed it.
-            due, why, meta = self._due(cfg, force, refresh_ari=False)
-            if not due:
-                return RenewResult(
-                    cfg.name, "not-due", why, meta.serial if meta else None,
-                    meta.not_after if meta else None,
-                )  # fmt: skip
-            return self._order_and_install(cfg, why, meta)
+            # Forced, but a run we waited for installed it after we started:
+            # that is what was asked for; it is not ordered a second time.
+            action, why, meta = self._due(cfg, force, refresh_ari=False, started_at=started_at)
+            if action == "order":
+                return self._order_and_install(cfg, why, meta, token)
+            if action == "deploy":
+                assert meta is not None
+                return self._push_stored(cfg, why, meta)
+            return RenewResult(
+                cfg.name, "not-due", why, meta.serial if meta else None,
+                meta.not_after if meta else None,
+            )  # fmt: skip
         finally:
-            self.storage.unlock(lock_name)
+            held.__exit__(None, None, None)
+
+    def _deploy(self, name: str, serial: str | None) -> str | None:
+        """Run the deploy hook and record the facts; the error text, or None if served."""
+        assert self.on_installed is not None
+        result: object = None
+        error: str | None = None
+        try:
+            result = self.on_installed(name)
+        except Exception as e:
+            log.exception("certificate %s: deploy failed", name)
+            result = getattr(e, "result", None)
+            error = str(e) or type(e).__name__
+            remove_bundle_temporaries(self.config, [name])
+        now = self.clock()
+        facts = deploy_facts(result, now) if result is not None else {}
+        try:
+            record_deploy(self.storage, name, facts, now, error)
+        except OSError as e:
+            log.error("certificate %s: cannot record the deploy: %s", name, e)
+        return error
+
+    def _push_stored(self, cfg: CertificateConfig, why: str, meta: CertMeta) -> RenewResult:
+        log.info("certificate %s: %s: pushing it", cfg.name, why)
+        error = self._deploy(cfg.name, meta.serial)
+        if error is not None:
+            return RenewResult(
+                cfg.name, "failed",
+                f"{why}; deploying the stored certificate failed: {error}",
+                meta.serial, meta.not_after, error_type="deploy",
+            )  # fmt: skip
+        return RenewResult(cfg.name, "deployed", why, meta.serial, meta.not_after)
 
     def _order_and_install(
-        self, cfg: CertificateConfig, why: str, meta: CertMeta | None
+        self, cfg: CertificateConfig, why: str, meta: CertMeta | None, token: str | None = None
     ) -> RenewResult:
         try:
             key = self._key_for(cfg, create=True)
             csr_pem = self._csr_pem(cfg, key)
-            key_pem = self._key_pem(cfg, key)
             replaces = None
             if meta is not None and meta.installed and self.issuer.renewal_info_url:
                 cert = self._current_cert(cfg.name)
@@ -603,27 +590,30 @@ class Renewer:
             )  # fmt: skip
         except RateLimited as e:
             self._rate_limited = e
-            self._record_failure(cfg, str(e), e.retry_after)
+            self._record_failure(cfg, str(e), e.retry_after, locked=True)
             return RenewResult(cfg.name, "failed", str(e), error_type=error_type(e))
         except (AcmeError, CertificateRejected, keys.StableKeyError, keys.CSRError, OSError) as e:
             msg = f"{type(e).__name__}: {e}" if isinstance(e, OSError) else str(e)
-            self._record_failure(cfg, msg, None)
+            self._record_failure(cfg, msg, None, locked=True)
             return RenewResult(cfg.name, "failed", msg, error_type=error_type(e))
-        new_meta = self.install(cfg, checked, key_pem)
+        try:
+            new_meta = self.install(cfg, checked, token)
+        except LockLost as e:
+            msg = f"not installed: {e} (the order took longer than the lock's lease)"
+            log.error("certificate %s: %s", cfg.name, msg)
+            return RenewResult(cfg.name, "failed", msg, error_type="lock")
         serial, not_after = new_meta.serial, new_meta.not_after
         log.info(
             "certificate %s: renewed (%s), serial %s, valid until %s",
             cfg.name, why, serial, _fmt_time(not_after or 0),
         )  # fmt: skip
         if self.on_installed is not None:
-            try:
-                self.on_installed(cfg.name)
-            except Exception as e:
-                log.exception("certificate %s: on_installed hook failed", cfg.name)
+            error = self._deploy(cfg.name, serial)
+            if error is not None:
                 return RenewResult(
                     cfg.name,
                     "failed",
-                    f"renewed and stored (serial {serial}) but deploying it failed: {e}",
+                    f"renewed and stored (serial {serial}) but deploying it failed: {error}",
                     serial,
                     not_after,
                     error_type="deploy",
@@ -632,8 +622,21 @@ class Renewer:
 
     # -- the run --
 
-    def run(self, names: Sequence[str] | None, force: bool, dry_run: bool) -> list[RenewResult]:
-        """Renew the due (or all, with force) certificates among `names` (None: all)."""
+    def run(
+        self,
+        names: Sequence[str] | None,
+        force: bool,
+        dry_run: bool,
+        started_at: float | None = None,
+    ) -> list[RenewResult]:
+        """Renew the due (or all, with force) certificates among `names` (None: all),
+        and push stored certificates HAProxy is not confirmed to serve.
+
+        `started_at` (UNIX s, default now) is when the caller's run began: a
+        forced certificate installed by a concurrent run after it (one this run
+        waited for) is not ordered again.
+        """
+        started = self.clock() if started_at is None else started_at
         certs = self.config.certificates
         if names:
             unknown = [n for n in names if n not in {c.name for c in certs}]
@@ -641,46 +644,55 @@ class Renewer:
                 raise KeyError(f"no certificate named {', '.join(map(repr, unknown))}")
             certs = tuple(c for c in certs if c.name in names)
         results: dict[str, RenewResult] = {}
-        due: list[tuple[CertificateConfig, str, CertMeta | None]] = []
+        due: list[CertificateConfig] = []
+        pushes: list[CertificateConfig] = []
         for cfg in certs:
-            is_due, why, meta = self._due(cfg, force, refresh_ari=not dry_run)
-            if not is_due:
-                results[cfg.name] = RenewResult(
-                    cfg.name, "not-due", why, meta.serial if meta else None,
-                    meta.not_after if meta else None,
-                )  # fmt: skip
+            action, why, meta = self._due(cfg, force, refresh_ari=not dry_run, started_at=started)
+            serial, not_after = (meta.serial, meta.not_after) if meta else (None, None)
+            if action is None:
+                results[cfg.name] = RenewResult(cfg.name, "not-due", why, serial, not_after)
             elif dry_run:
+                verb = "would renew" if action == "order" else "would deploy the stored certificate"
                 results[cfg.name] = RenewResult(
-                    cfg.name, "dry-run", f"would renew: {why}", meta.serial if meta else None,
-                    meta.not_after if meta else None,
-                )  # fmt: skip
+                    cfg.name, "dry-run", f"{verb}: {why}", serial, not_after
+                )
+            elif action == "deploy":
+                pushes.append(cfg)
             else:
-                due.append((cfg, why, meta))
+                due.append(cfg)
+        # Pushing what is stored needs no CA and no challenges: do it first.
+        results.update(self._run_parallel(pushes, force, started))
         if due:
             try:
                 self.issuer.connect()
             except AcmeError as e:
-                for cfg, _, _ in due:
-                    self._record_failure(cfg, str(e), getattr(e, "retry_after", None))
+                for cfg in due:
+                    self._record_failure(
+                        cfg, str(e), getattr(e, "retry_after", None), locked=False
+                    )
                     results[cfg.name] = RenewResult(cfg.name, "failed", str(e))
                 due = []
         if due:
             try:
                 with self.serve_challenges() if self.serve_challenges else nullcontext():
-                    results.update(self._run_orders([cfg for cfg, _, _ in due], force))
+                    results.update(self._run_parallel(due, force, started))
             except OSError as e:
                 # The challenge server could not start (port taken by a running daemon?).
-                for cfg, _, _ in due:
+                for cfg in due:
                     msg = f"cannot answer challenges: {e}"
-                    self._record_failure(cfg, msg, None)
+                    self._record_failure(cfg, msg, None, locked=False)
                     results[cfg.name] = RenewResult(cfg.name, "failed", msg)
         return [results[c.name] for c in certs]
 
-    def _run_orders(self, due: list[CertificateConfig], force: bool) -> dict[str, RenewResult]:
+    def _run_parallel(
+        self, due: list[CertificateConfig], force: bool, started: float
+    ) -> dict[str, RenewResult]:
         results: dict[str, RenewResult] = {}
+        if not due:
+            return results
         workers = max(1, min(self.config.acme.max_concurrent_orders, len(due)))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="order") as pool:
-            futures = {cfg.name: pool.submit(self._renew_one, cfg, force) for cfg in due}
+            futures = {cfg.name: pool.submit(self._renew_one, cfg, force, started) for cfg in due}
             for name, fut in futures.items():
                 try:
                     results[name] = fut.result()
@@ -690,39 +702,204 @@ class Renewer:
         return results
 
 
+def deploy_facts(result: object, now: float) -> dict[str, Deployed]:
+    """Per-instance facts from an `agent.deploy.DeployResult` (duck-typed: `ok`,
+    `serial`, `errors`, `instances` with `instance`, `action`, `served_serial`,
+    `error`). An instance updated or added serves the new serial; one rolled
+    back serves what the rollback reports; one that failed or was unreachable
+    is unknown (serial None); "not touched" tells nothing (left out). Without
+    any runtime API (no instances), an ok deploy means the file on disk holds
+    it ("disk")."""
+    from agent.deploy import DISK_INSTANCE
+
+    facts: dict[str, Deployed] = {}
+    instances = list(getattr(result, "instances", []))
+    serial = getattr(result, "serial", None)
+    errors = list(getattr(result, "errors", []))
+    for inst in instances:
+        served = inst.served_serial
+        if inst.action in ("updated", "added"):
+            served = served if served is not None else serial
+            facts[inst.instance] = Deployed(None if served is None else f"{served:x}", now)
+        elif inst.action == "rolled back":
+            facts[inst.instance] = Deployed(
+                None if served is None else f"{served:x}", now, errors[0] if errors else None
+            )
+        elif inst.action != "not touched":
+            facts[inst.instance] = Deployed(None, now, inst.error or "failed")
+    if not instances:
+        if getattr(result, "ok", False) and serial is not None:
+            facts[DISK_INSTANCE] = Deployed(f"{serial:x}", now)
+        else:
+            facts[DISK_INSTANCE] = Deployed(None, now, errors[0] if errors else "not deployed")
+    return facts
+
+
+def record_deploy(
+    storage: Storage,
+    name: str,
+    facts: Mapping[str, Deployed],
+    now: float,
+    error: str | None,
+    *,
+    attempt: bool = True,
+) -> CertState:
+    """Write deploy facts (and, with `attempt`, the attempt's outcome) to state.json.
+
+    The caller holds `layout.cert_lock(name)`. `error` None means the deploy
+    was confirmed everywhere. This is what every deploy path must call after
+    a deploy, rollback or reconcile push (`record_sync` for the reconciler).
+    """
+
+    def change(state: CertState) -> CertState:
+        deployed = {**state.deployed, **facts}
+        if not attempt:
+            return replace(state, deployed=deployed)
+        la = state.last_attempt
+        if error is None:
+            last = Attempt(now, "success", None, True)
+        else:
+            last = Attempt(now, "failed", f"deploying it failed: {error}", False)
+        if la is not None and la.result == "failed" and la.deployed is None and error is None:
+            last = la  # a deploy-only push does not hide an order that failed
+        return replace(state, deployed=deployed, last_attempt=last)
+
+    return update_state(storage, name, change)
+
+
+def record_sync(storage: Storage, statuses: Iterable[Any], now: float) -> list[str]:
+    """Record what the reconciler saw (`agent.deploy.SyncStatus`: name, instance,
+    served_serial, error): per certificate under its lock; a certificate whose
+    lock is busy (a renewal runs) is skipped, that renewal records its own.
+    Returns the names whose facts changed."""
+    changed: list[str] = []
+    by_name: dict[str, dict[str, Deployed]] = {}
+    for s in statuses:
+        served = s.served_serial
+        by_name.setdefault(s.name, {})[s.instance] = Deployed(
+            None if served is None else f"{served:x}", now, s.error
+        )
+    for name, facts in by_name.items():
+        known = load_meta(storage, name)
+        if known is not None and all(
+            known.deployed.get(inst) is not None
+            and (known.deployed[inst].serial, known.deployed[inst].error) == (f.serial, f.error)
+            for inst, f in facts.items()
+        ):
+            continue  # nothing new: no write (a full pass covers every certificate)
+        try:
+            with storage.locked(layout.cert_lock(name), timeout=0.5):
+                record_deploy(storage, name, facts, now, None, attempt=False)
+        except LockTimeout:
+            continue
+        except OSError as e:
+            log.warning("certificate %s: cannot record what HAProxy serves: %s", name, e)
+            continue
+        changed.append(name)
+    return changed
+
+
+def node_bundle(cfg: CertificateConfig, fullchain_pem: bytes) -> bytes:
+    """The HAProxy bundle of `cfg` on this node: the stored full chain, this
+    node's key file and the DH parameters (`make_bundle`). Raises OSError /
+    `keys.StableKeyError` naming the file when the key cannot be read."""
+    raw = Path(cfg.key).read_bytes()
+    key_pem = raw if b"-----BEGIN" in raw else keys.private_key_pem(keys.load_private_key(cfg.key))
+    dh = Path(cfg.dhparam).read_bytes() if cfg.dhparam else None
+    return make_bundle(fullchain_pem, key_pem, dh)
+
+
+def remove_bundle_temporaries(config: Config, names: Iterable[str] | None = None) -> int:
+    """Remove our `atomic_write` temp files next to the bundles in `cert_dir`
+    (".NAME.pem.XXXX.tmp", holding key + certificate, left by a kill or a
+    failed write). Returns how many. `names` None (at start, nothing else
+    deploys): every configured certificate's and the crt-list file's; else
+    only those certificates' (after their failed deploy: a concurrent deploy
+    of another certificate may be writing its own right now)."""
+    cert_dir = config.haproxy.cert_dir
+    wanted = [c.name for c in config.certificates] if names is None else list(names)
+    ours = {layout.bundle_path(cert_dir, n).name for n in wanted}
+    if names is None and config.haproxy.crt_list is not None:
+        ours.add(config.haproxy.crt_list.name)
+    removed = 0
+    try:
+        entries = list(Path(cert_dir).iterdir())
+    except OSError:
+        return 0
+    for p in entries:
+        if layout.temp_target(p.name) in ours:
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                continue
+            removed += 1
+    if removed:
+        log.info("removed %d leftover temp files in %s", removed, cert_dir)
+    return removed
+
+
+def prepare_state(config: Config, storage: Storage | None = None, *, bundles: bool = True,
+                  lock_timeout: float = 5.0) -> Storage:  # fmt: skip
+    """The start-up step of `run`, `renew` and `status`: repair the stored state
+    (`agent.certstate.repair`) and, with `bundles`, remove our temp files in
+    cert_dir. A state dir that does not exist yet is left alone."""
+    store = storage if storage is not None else FileStorage(config.state_dir)
+    if config.state_dir.is_dir():
+        repair(store, [c.name for c in config.certificates], lock_timeout=lock_timeout)
+    if bundles:
+        remove_bundle_temporaries(config)
+    return store
+
+
 def renew_certificates(
     config: Config,
     names: Sequence[str] | None,
     force: bool,
     dry_run: bool,
     registry: ChallengeRegistry,
-    on_installed: Callable[[str], None] | None = None,
+    on_installed: Callable[[str], object] | None = None,
     *,
     serve_challenges: Callable[[], AbstractContextManager[object]] | None = None,
+    started_at: float | None = None,
+    storage: Storage | None = None,
 ) -> list[RenewResult]:
     """Renew due certificates (all of `names`, or every configured one when None/empty).
 
     `registry` must be served to HAProxy by an SPOE agent while this runs (the
-    CLI runs a SpoaThread). `on_installed(name)` is called after each
-    successful install. `dry_run` contacts no CA and writes nothing: it reports
-    what would be renewed and why. Raises KeyError for an unknown name.
+    CLI runs a SpoaThread). `on_installed(name)` deploys (see `Renewer`): it is
+    called after each install, and for each stored certificate some HAProxy
+    instance is not confirmed to serve. `started_at`: see `Renewer.run`.
+    `dry_run` contacts no CA and writes nothing: it reports what would be
+    renewed and why. Raises KeyError for an unknown name.
     `serve_challenges()`, when given, is entered around the orders (only when
     something is due): the CLI passes a SpoaThread factory, so a run with
     nothing to do never binds the SPOE port.
     """
     renewer = Renewer(
-        config, registry, on_installed=on_installed, serve_challenges=serve_challenges
+        config, registry, storage, on_installed=on_installed, serve_challenges=serve_challenges
     )
-    return renewer.run(names, force, dry_run)
+    return renewer.run(names, force, dry_run, started_at)
 
 
 # --- status ----------------------------------------------------------------------------
 
 
-def certificate_status(config: Config, now: float | None = None) -> list[dict[str, Any]]:
-    """One dict per configured certificate for `status` (and the daemon): read-only."""
+def certificate_status(
+    config: Config, now: float | None = None, storage: Storage | None = None
+) -> list[dict[str, Any]]:
+    """One dict per configured certificate for `status` (and the daemon).
+
+    Tells "stored" from "served": `serial`/`stored_serial` is the stored
+    certificate's; `deployed` maps each instance a deploy must reach
+    (runtime API name, or "disk" in reload mode) to what was last confirmed
+    there (`serial`, `at`, `error`, `matches`: it is the stored serial);
+    `in_sync` is True only when every one of them matches.
+    """
+    from agent.deploy import DISK_INSTANCE, parse_instances
+
     now = time.time() if now is None else now
-    storage = FileStorage(config.state_dir)
+    storage = storage if storage is not None else FileStorage(config.state_dir)
+    instances = parse_instances(config.haproxy.runtime_api) or [DISK_INSTANCE]
     rows: list[dict[str, Any]] = []
     for cfg in config.certificates:
         try:
@@ -735,12 +912,24 @@ def certificate_status(config: Config, now: float | None = None) -> list[dict[st
             pin = None
         when = next_renewal_time(meta, cfg, now, meta.ari if meta else None)
         la = meta.last_attempt if meta else None
+        serial = meta.serial if meta else None
+        deployed: dict[str, dict[str, Any]] = {}
+        for inst in instances:
+            fact = meta.deployed.get(inst) if meta else None
+            deployed[inst] = {
+                "serial": fact.serial if fact else None,
+                "at": fact.at if fact else None,
+                "error": fact.error if fact else None,
+                "matches": serial is not None and fact is not None and fact.serial == serial,
+            }
         rows.append(
             {
                 "name": cfg.name,
                 "domains": list(cfg.domains),
                 "key_pin": pin,
-                "serial": meta.serial if meta else None,
+                "serial": serial,
+                "stored_serial": serial,
+                "generation": meta.generation if meta else None,
                 "not_after": meta.not_after if meta else None,
                 "days_left": (
                     round((meta.not_after - now) / 86400, 2)
@@ -754,6 +943,9 @@ def certificate_status(config: Config, now: float | None = None) -> list[dict[st
                 "last_result": la.result if la else None,
                 "last_attempt": la.time if la else None,
                 "last_error": la.error if la else None,
+                "last_deployed": la.deployed if la else None,
+                "deployed": deployed,
+                "in_sync": serial is not None and all(d["matches"] for d in deployed.values()),
             }
         )
     return rows

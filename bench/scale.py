@@ -1,8 +1,10 @@
 """The daemon with many certificates in its store: start-up, memory, scrape time.
 
 Certificates are made locally with a throwaway CA (no ACME) and laid out in
-the state dir exactly as the renewer stores them (cert.pem, fullchain.pem,
-bundle.pem, meta.json), valid for 60 days so none is due. Then
+the state dir exactly as the renewer stores them (agent.layout: one
+generation of cert.pem, chain.pem, fullchain.pem, meta.json, the `current`
+pointer, and a state.json recording that the bundle on disk holds it, as a
+running agent leaves it), valid for 60 days so none is due. Then
 `haproxy-acme-agent run` is started as its own process, for 1,000 and for
 10,000 certificates in the same run:
 
@@ -20,6 +22,7 @@ The last line is `startup_s=<seconds for the largest count>`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -36,6 +39,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from agent import layout
+from agent.certstate import CertState, Deployed
 from agent.renewal import make_bundle, meta_from_certificate
 from tests.support.certs import issue_leaf, key_pem, make_ca
 from tests.support.haproxy import free_port
@@ -75,21 +80,25 @@ def build_store(root: Path, count: int) -> tuple[Path, int]:
             f.write(kp)
         leaf = issue_leaf(ca, key, [f"{name}.example.test"], not_after=not_after)
         leaf_pem = leaf.public_bytes(serialization.Encoding.PEM)
-        d = state / "certificates" / name
-        d.mkdir(parents=True, mode=0o700)
+        now = time.time()
+        gen_id = layout.new_generation_id(now, leaf.serial_number)
+        g = state.joinpath(*layout.generation_prefix(name, gen_id).split("/"))
+        g.mkdir(parents=True, mode=0o700)
         bundle = make_bundle(leaf_pem + ca_pem, kp)
         # Bench set-up only: plain writes (the product writes atomically, with fsync).
-        (d / "cert.pem").write_bytes(leaf_pem)
-        (d / "chain.pem").write_bytes(ca_pem)
-        (d / "fullchain.pem").write_bytes(leaf_pem + ca_pem)
-        fd = os.open(d / "bundle.pem", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(bundle)
-        fd = os.open(cert_dir / f"{name}.pem", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(bundle)
+        (g / layout.CERT).write_bytes(leaf_pem)
+        (g / layout.CHAIN).write_bytes(ca_pem)
+        (g / layout.FULLCHAIN).write_bytes(leaf_pem + ca_pem)
         meta = meta_from_certificate(name, leaf)
-        (d / "meta.json").write_text(json.dumps(meta.to_json()))
+        meta = dataclasses.replace(meta, installed_at=now, generation=gen_id)
+        (g / layout.META).write_text(json.dumps(meta.to_json()))
+        (state / layout.current_key(name)).write_text(gen_id)
+        facts = CertState(deployed={"disk": Deployed(meta.serial, now)})
+        (state / layout.state_key(name)).write_text(json.dumps(facts.to_json(name)))
+        path = layout.bundle_path(cert_dir, name)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(bundle)
         lines += [
             "[[certificates]]",
             f'name = "{name}"',

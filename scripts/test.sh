@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up (idempotent, see setup.sh) and run every check: ruff, mypy, then the
-# whole pytest suite, whose integration tests start real HAProxy 2.6 and 2.8,
-# Pebble and our agent on 127.0.0.1 by themselves.
+# whole pytest suite, whose integration tests start real HAProxy 2.6, 2.8, 3.0, 3.2,
+# Pebble 2.4 and 2.10 and our agent on 127.0.0.1 by themselves (README: Tested versions).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -13,11 +13,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from agent.certstate import load_current
 from agent.chain import ChainPolicy
 from agent.challenges import MemoryChallengeRegistry
 from agent.config import ConfigError, load_config
 from agent.issuer import IssuedCertificate
 from agent.renewal import CertificateRejected, Renewer, check_certificate
+from agent.storage import FileStorage
 from tests.support.issued import TinyCA
 
 DAY = 86400.0
@@ -169,7 +171,7 @@ def test_renewal_refuses_a_leaf_only_answer_and_installs_nothing(tmp_path: Path)
     assert result.status == "failed"
     assert result.error_type == "rejected"
     assert "certificate 'www'" in result.reason and "allow_leaf_only = true" in result.reason
-    assert not (config.state_dir / "certificates" / "www" / "bundle.pem").exists()
+    assert load_current(FileStorage(config.state_dir), "www") is None
 
 
 def test_per_certificate_allow_leaf_only_lets_the_renewal_install(tmp_path: Path) -> None:

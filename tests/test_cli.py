@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -166,3 +167,49 @@ def test_overlapping_renew_runs_leave_the_work_to_the_first(
     assert rc == 0
     assert "another `renew` run is in progress" in err and out == ""
     assert not (site / "state" / "certificates").exists()
+
+
+def _killed_run_record(site: Path, **owner: object) -> None:
+    """The lock record a `renew` killed with -9 left (as this version writes it)."""
+    (site / "state").mkdir(exist_ok=True, mode=0o700)
+    locks = site / "state" / "locks"
+    locks.mkdir(exist_ok=True, mode=0o700)
+    (locks / "renew-command.lock").write_text(json.dumps(owner))
+
+
+@pytest.mark.parametrize(
+    "who",
+    [
+        # `docker run --rm` from cron: a new host name each time, killed 20 min ago.
+        {"host": "3f9c2d1e0b7a", "pid": 1, "start_time": 7, "age": 1200.0},
+        # The same host name (--hostname) and PID 1 again, but another process.
+        {"host": None, "pid": 1, "start_time": -1, "age": 10.0},
+    ],
+    ids=["another-host-name", "pid-1-with-another-start-time"],
+)
+def test_a_killed_renew_does_not_block_the_next_run(
+    site: Path, capsys: pytest.CaptureFixture[str], who: dict[str, Any]
+) -> None:
+    import socket
+    import time
+
+    now = time.time()
+    stat1 = Path("/proc/1/stat").read_bytes()
+    start = int(stat1[stat1.rindex(b")") + 2 :].split()[19])  # field 22: start time
+    owner = {
+        "token": "0" * 32,
+        "host": who["host"] or socket.gethostname(),
+        "pid": who["pid"],
+        "start_time": start + 1000 if who["start_time"] == -1 else who["start_time"],
+        "boot_id": Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+        "acquired": now - who["age"],
+        "created": now - who["age"],
+        "expires": now - who["age"] + 120.0,  # its lease; it renewed it until killed
+    }
+    _killed_run_record(site, **owner)
+    path = write(site, BASE + "timeout = 0.2\n" + cert_block())
+    rc, _, err = run(capsys, "renew", "-c", str(path))
+    # This run did the work (and failed only because no CA listens here).
+    assert "another `renew` run is in progress" not in err
+    assert "www: failed:" in err and rc == 1
+    assert not (site / "state" / "locks" / "renew-command.lock").exists()

@@ -142,8 +142,9 @@ def test_quickstart_commands_work_against_pebble_and_haproxy(
             assert proc is not None, "no doctest block ran `haproxy -c -f`"
             # What the quickstart promises at the end: the same HAProxy process
             # serves the production certificate, from the pinned key.
-            state = root / "var/lib/haproxy-acme-agent/certificates/www/cert.pem"
-            stored = x509.load_pem_x509_certificate(state.read_bytes())
+            state = root / "var/lib/haproxy-acme-agent/certificates/www"
+            current = state / "gen" / (state / "current").read_text() / "cert.pem"
+            stored = x509.load_pem_x509_certificate(current.read_bytes())
             served = served_leaf(https, "www.example.com")
             assert served.serial_number == stored.serial_number
             assert proc.running

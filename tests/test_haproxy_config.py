@@ -229,10 +229,11 @@ def test_docker_demo_haproxy_cfg_passes_haproxy_check(haproxy_bin: str, tmp_path
 
 
 def test_docker_demo_haproxy_cfg_holds_the_generated_pieces(tmp_path: Path) -> None:
-    # docker/config.toml names container paths; move the two that load_config
-    # checks (ca_bundle must exist, the key's directory must be writable).
+    # docker/config.toml names container paths; move the ones that load_config
+    # checks (ca_bundle and trusted_roots must exist, the key's directory must be writable).
     text = (REPO / "docker" / "config.toml").read_text()
     text = text.replace('ca_bundle = "/demo-ca/ca.pem"', "")
+    text = text.replace('trusted_roots = "/demo-ca/pebble-roots.pem"', "")
     text = text.replace("/var/lib/haproxy-acme-agent/keys/", f"{tmp_path}/")
     (tmp_path / "config.toml").write_text(text)
     cfg = load_config(tmp_path / "config.toml")

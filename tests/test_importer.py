@@ -121,16 +121,19 @@ def test_import_adds_config_and_state_and_nothing_is_due(tmp_path: Path) -> None
     assert sorted(c.domains) == sorted(DOMAINS)
 
     leaf: x509.Certificate = s["leaf"]  # type: ignore[assignment]
-    state = tmp_path / "state" / "certificates" / "www.example.test"
+    cert_state = tmp_path / "state" / "certificates" / "www.example.test"
+    state = cert_state / "gen" / (cert_state / "current").read_text()
     assert (state / "cert.pem").read_bytes() == pem(leaf)
     assert (state / "fullchain.pem").read_bytes() == pem(leaf, s["inter"])  # type: ignore[arg-type]
-    assert key_bytes.strip() in (state / "bundle.pem").read_bytes()
-    assert (state / "bundle.pem").stat().st_mode & 0o777 == 0o600
+    # The key stays where it is: nothing in the state dir holds it.
+    for p in (tmp_path / "state").rglob("*"):
+        assert not p.is_file() or key_bytes.strip() not in p.read_bytes(), p
     meta = json.loads((state / "meta.json").read_text())
     assert meta["serial"] == format(leaf.serial_number, "x")
-    # HAProxy's file, ready for its crt line: the same bundle, 0600.
+    # HAProxy's file, ready for its crt line: full chain + the site's key, 0600.
     assert result.bundles == [tmp_path / "certs" / "www.example.test.pem"]
-    assert result.bundles[0].read_bytes() == (state / "bundle.pem").read_bytes()
+    assert result.bundles[0].read_bytes().startswith((state / "fullchain.pem").read_bytes())
+    assert key_bytes.strip() in result.bundles[0].read_bytes()
     assert result.bundles[0].stat().st_mode & 0o777 == 0o600
     # The agent sees a valid certificate: next renewal at 1/3 of the lifetime left.
     (row,) = certificate_status(cfg)
@@ -269,7 +272,12 @@ def test_import_then_forced_renewal_keeps_the_key_byte_identical(
                 check=False,
             )
             assert r.returncode == 0, r.stdout + r.stderr
-            assert "not-due" in r.stdout  # adopted, so nothing is issued
+            # Adopted, so nothing is issued; no instance was known to serve the
+            # imported certificate, so it is deployed (and verified) instead.
+            assert "www.example.test: deployed:" in r.stdout, r.stdout
+            assert served_leaf(https_port, "www.example.test").serial_number == int(
+                imported_serial, 16
+            )
             r = subprocess.run(
                 [*CLI, "renew", "-c", str(cfg_path), "--force"],
                 capture_output=True,
@@ -284,10 +292,11 @@ def test_import_then_forced_renewal_keeps_the_key_byte_identical(
         finally:
             proc.stop()
 
-    state = tmp_path / "state" / "certificates" / "www.example.test"
+    cert_state = tmp_path / "state" / "certificates" / "www.example.test"
+    state = cert_state / "gen" / (cert_state / "current").read_text()
     leaf = x509.load_pem_x509_certificate((state / "cert.pem").read_bytes())
     assert format(leaf.serial_number, "x") != imported_serial
     assert served == leaf.serial_number and pid > 0
     assert keys.spki_pin(leaf.public_key()) == pin_before  # type: ignore[arg-type]
     assert key_file.read_bytes() == key_bytes
-    assert key_bytes.strip() in (state / "bundle.pem").read_bytes()
+    assert key_bytes.strip() in (tmp_path / "certs" / "www.example.test.pem").read_bytes()

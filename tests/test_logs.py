@@ -9,15 +9,8 @@ from agent.logs import JsonFormatter, TextFormatter
 
 
 def _record(**extra: object) -> logging.LogRecord:
-    rec = logging.makeLogRecord(
-        {
-            "name": "agent.test",
-            "levelno": logging.INFO,
-            "levelname": "INFO",
-            "msg": "renewal %s",
-            "args": ("done",),
-        }
-    )
+    rec = logging.makeLogRecord({"name": "agent.test", "levelno": logging.INFO,
+                                 "levelname": "INFO", "msg": "renewal %s", "args": ("done",)})
     for k, v in extra.items():
         setattr(rec, k, v)
     return rec

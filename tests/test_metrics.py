@@ -109,3 +109,16 @@ def test_http_endpoint_serves_metrics_and_health_on_loopback() -> None:
     assert status == 200
     assert 'haproxy_acme_certificate_expiration_timestamp_seconds{certificate="www"} 2000.0' in body
     assert (ok, bad) == (200, 503)
+
+
+def test_stored_but_not_deployed_is_its_own_gauge() -> None:
+    views = [
+        CertificateView("www", 1000.0, 2000.0, 1700.0, 900.0, {"unix:/a.sock": True},
+                        deployed={"unix:/a.sock": True, "unix:/b.sock": False}),
+        CertificateView("api", 1000.0, 2000.0, 1700.0, 900.0, {}, deployed={"disk": False}),
+    ]  # fmt: skip
+    text = Metrics(lambda: views).render().decode()
+    p = "haproxy_acme_certificate_deployed"
+    assert _sample(text, p + '{certificate="www",instance="unix:/a.sock"}') == 1
+    assert _sample(text, p + '{certificate="www",instance="unix:/b.sock"}') == 0
+    assert _sample(text, p + '{certificate="api",instance="disk"}') == 0

@@ -29,7 +29,6 @@ from agent.renewal import (
     CertificateRejected,
     CertMeta,
     Renewer,
-    cert_key,
     certificate_status,
     check_certificate,
     load_meta,
@@ -263,6 +262,26 @@ def mode(p: Path) -> int:
     return stat.S_IMODE(os.stat(p).st_mode)
 
 
+def current_dir(config: Config, name: str) -> Path:
+    """The directory of the generation `current` points to."""
+    d = config.state_dir / "certificates" / name
+    return d / "gen" / (d / "current").read_text()
+
+
+def generations(config: Config, name: str) -> list[str]:
+    return sorted(p.name for p in (config.state_dir / "certificates" / name / "gen").iterdir())
+
+
+def no_key_anywhere(root: Path, key_pem: bytes) -> None:
+    """No file below `root` holds a private key, in any form."""
+    body = b"".join(key_pem.strip().splitlines()[1:-1])
+    for p in root.rglob("*"):
+        if p.is_file() and p.parent.name != "accounts" and "accounts" not in p.parts:
+            data = p.read_bytes()
+            assert b"PRIVATE KEY" not in data, p
+            assert body[:40] not in data.replace(b"\n", b"").replace(b"\n", b""), p
+
+
 def test_first_run_issues_everything_with_safe_modes(config: Config) -> None:
     installed: list[str] = []
     results = run(config, StandInIssuer(), on_installed=installed.append)
@@ -270,36 +289,46 @@ def test_first_run_issues_everything_with_safe_modes(config: Config) -> None:
     assert sorted(installed) == ["api", "www"]
     state = config.state_dir
     assert mode(state) == 0o700
-    d = state / "certificates" / "www"
-    assert mode(d / "bundle.pem") == 0o600
+    d = current_dir(config, "www")
+    assert sorted(p.name for p in d.iterdir()) == [
+        "cert.pem", "chain.pem", "fullchain.pem", "meta.json",
+    ]  # fmt: skip
     assert mode(config.certificate("www").key) == 0o600
-    assert not (d / "bundle.prev.pem").exists()
-    key_pem = config.certificate("www").key.read_bytes()
-    bundle = (d / "bundle.pem").read_bytes()
-    assert bundle.startswith((d / "fullchain.pem").read_bytes())
-    assert key_pem.strip() in bundle
+    assert len(generations(config, "www")) == 1
+    # The state dir holds no private key at all: the bundle is built at deploy time.
+    no_key_anywhere(state, config.certificate("www").key.read_bytes())
+    fullchain = (d / "fullchain.pem").read_bytes()
+    assert fullchain == (d / "cert.pem").read_bytes() + (d / "chain.pem").read_bytes()
     m = load_meta(FileStorage(state), "www")
     assert m is not None and m.serial == results["www"].serial
+    assert m.generation == d.name
     assert m.last_attempt is not None and m.last_attempt.result == "success"
     assert keys.describe_key(keys.load_private_key(config.certificate("api").key)) == "ECDSA P-384"
 
 
-def test_second_run_is_idempotent_and_force_keeps_the_previous_bundle(config: Config) -> None:
+def test_second_run_is_idempotent_and_force_keeps_the_previous_generation(
+    config: Config,
+) -> None:
     issuer = StandInIssuer()
     run(config, issuer)
-    d = config.state_dir / "certificates" / "www"
-    first_bundle = (d / "bundle.pem").read_bytes()
+    first = current_dir(config, "www")
+    first_chain = (first / "fullchain.pem").read_bytes()
     key_before = config.certificate("www").key.read_bytes()
     again = run(config, issuer)
     assert {r.status for r in again.values()} == {"not-due"}
     assert "next renewal at" in again["www"].reason
-    assert (d / "bundle.pem").read_bytes() == first_bundle
-    time.sleep(0.002)  # distinct serial (ms clock)
-    forced = run(config, issuer, "www", force=True)
-    assert list(forced) == ["www"] and forced["www"].status == "renewed"
-    assert (d / "bundle.prev.pem").read_bytes() == first_bundle
-    assert mode(d / "bundle.prev.pem") == 0o600
-    assert (d / "bundle.pem").read_bytes() != first_bundle
+    assert current_dir(config, "www") == first
+    serials = []
+    for _ in range(3):
+        time.sleep(0.002)  # distinct serial (ms clock)
+        forced = run(config, issuer, "www", force=True)
+        assert list(forced) == ["www"] and forced["www"].status == "renewed"
+        serials.append(forced["www"].serial)
+    # Current and previous are kept; older generations are pruned.
+    gens = generations(config, "www")
+    assert len(gens) == 2 and current_dir(config, "www").name == gens[-1]
+    assert gens[-1].endswith("-" + str(serials[-1])) and gens[0].endswith("-" + str(serials[-2]))
+    assert (first / "fullchain.pem").exists() is False and first_chain
     assert config.certificate("www").key.read_bytes() == key_before
 
 
@@ -307,12 +336,19 @@ def test_failed_order_never_touches_installed_files(config: Config) -> None:
     issuer = StandInIssuer()
     run(config, issuer)
     d = config.state_dir / "certificates" / "www"
-    before = {p.name: p.read_bytes() for p in d.iterdir() if p.name != "meta.json"}
+
+    def files() -> dict[str, bytes]:
+        return {
+            p.relative_to(d).as_posix(): p.read_bytes()
+            for p in d.rglob("*") if p.is_file() and p.name != "state.json"
+        }  # fmt: skip
+
+    before = files()
     issuer.fail = AcmeUnreachable("POST https://ca/order: cannot reach the CA: connection refused")
     results = run(config, issuer, force=True)
     assert results["www"].status == "failed"
     assert "connection refused" in results["www"].reason
-    assert {p.name: p.read_bytes() for p in d.iterdir() if p.name != "meta.json"} == before
+    assert files() == before
     m = load_meta(FileStorage(config.state_dir), "www")
     assert m is not None and m.last_attempt is not None
     assert m.last_attempt.result == "failed" and "connection refused" in (
@@ -327,7 +363,8 @@ def test_certificate_for_another_key_is_refused_and_not_installed(config: Config
     results = run(config, issuer)
     assert results["www"].status == "failed"
     assert "not the stable key" in results["www"].reason
-    assert not (config.state_dir / "certificates" / "www" / "bundle.pem").exists()
+    assert not (config.state_dir / "certificates" / "www" / "current").exists()
+    assert not (config.state_dir / "certificates" / "www" / "gen").exists()
 
 
 def test_rate_limit_is_reported_and_remembered(config: Config) -> None:
@@ -366,7 +403,7 @@ def test_ari_window_drives_renewal_and_the_order_replaces_the_old_certificate(
     issuer = StandInIssuer()
     run(config, issuer, "www")
     storage = FileStorage(config.state_dir)
-    old = x509.load_pem_x509_certificate(storage.load(cert_key("www", "cert.pem")))
+    old = x509.load_pem_x509_certificate((current_dir(config, "www") / "cert.pem").read_bytes())
     now = time.time()
     issuer.window = ari.RenewalWindow("x", now - 100, now + 100, now - 50, now + 3600)
     results = run(config, issuer, "www")
@@ -400,7 +437,7 @@ def test_deploy_hook_failure_marks_the_run_failed_but_keeps_the_certificate(
     results = run(config, StandInIssuer(), "www", on_installed=hook)
     assert results["www"].status == "failed"
     assert "deploying it failed" in results["www"].reason
-    assert (config.state_dir / "certificates" / "www" / "bundle.pem").exists()
+    assert (current_dir(config, "www") / "fullchain.pem").exists()
 
 
 def test_unknown_name_is_a_key_error(config: Config) -> None:
@@ -433,3 +470,109 @@ def test_status_reports_pin_expiry_and_last_result(config: Config) -> None:
     assert www["last_result"] == "success"
     assert 89 < www["days_left"] <= 90
     assert rows["api"]["last_result"] is None and rows["api"]["key_pin"] is None
+
+
+# --- deployed state is a fact ----------------------------------------------------------
+
+
+class FakeDeploy:
+    """A deploy hook whose HAProxy can be switched off: returns a DeployResult
+    (reload mode: no instances) or raises DeployError as the real one does."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.up = True
+        self.calls: list[str] = []
+
+    def __call__(self, name: str) -> Any:
+        from agent.deploy import DeployError, DeployResult
+
+        self.calls.append(name)
+        meta = load_meta(FileStorage(self.config.state_dir), name)
+        assert meta is not None and meta.serial is not None
+        path = self.config.haproxy.cert_dir / f"{name}.pem"
+        result = DeployResult(name, path, int(meta.serial, 16))
+        if not self.up:
+            result.errors.append("HAProxy unix:/run/haproxy/admin.sock: connection refused")
+            raise DeployError(result)
+        result.ok = True
+        return result
+
+
+def test_a_failed_deploy_is_pushed_by_the_next_run_instead_of_not_due(config: Config) -> None:
+    issuer = StandInIssuer()
+    deploy = FakeDeploy(config)
+    deploy.up = False
+    first = run(config, issuer, "www", on_installed=deploy)
+    assert first["www"].status == "failed" and "deploying it failed" in first["www"].reason
+    orders = len(issuer.replaces)
+    deploy.up = True
+    again = run(config, issuer, "www", on_installed=deploy)
+    # Stored but never served: the next cron run pushes it (no new order).
+    assert again["www"].status == "deployed", again["www"]
+    assert "not confirmed served by disk" in again["www"].reason
+    assert len(issuer.replaces) == orders and deploy.calls == ["www", "www"]
+    # Now it is a fact: nothing left to do.
+    assert run(config, issuer, "www", on_installed=deploy)["www"].status == "not-due"
+    assert deploy.calls == ["www", "www"]
+
+
+def test_status_tells_stored_from_served_after_a_failed_deploy(config: Config) -> None:
+    deploy = FakeDeploy(config)
+    deploy.up = False
+    results = run(config, StandInIssuer(), "www", on_installed=deploy)
+    (row,) = [r for r in certificate_status(config) if r["name"] == "www"]
+    assert row["stored_serial"] == results["www"].serial
+    assert row["last_result"] == "failed" and row["last_deployed"] is False
+    assert "connection refused" in row["last_error"]
+    assert row["in_sync"] is False
+    assert row["deployed"]["disk"]["matches"] is False
+    assert row["deployed"]["disk"]["serial"] != row["stored_serial"]
+    deploy.up = True
+    run(config, StandInIssuer(), "www", on_installed=deploy)
+    (row,) = [r for r in certificate_status(config) if r["name"] == "www"]
+    assert row["in_sync"] is True and row["deployed"]["disk"]["serial"] == row["stored_serial"]
+    assert row["last_result"] == "success" and row["last_deployed"] is True
+
+
+def test_concurrent_forced_runs_order_each_certificate_once(config: Config) -> None:
+    import inspect
+    import threading
+
+    from agent.cli import _one_renew_at_a_time
+
+    issuer = StandInIssuer()
+    orders: list[tuple[str, ...]] = []
+    real_issue = issuer.issue
+
+    def counted(
+        csr_pem: bytes, domains: Sequence[str], replaces: str | None = None, **kw: Any
+    ) -> Any:
+        orders.append(tuple(domains))
+        time.sleep(0.05)  # an order takes a while: the other runs queue up meanwhile
+        return real_issue(csr_pem, domains, replaces, **kw)
+
+    issuer.issue = counted  # type: ignore[method-assign]
+    run(config, StandInIssuer())  # both installed once, as before `renew --force`
+    errors: list[BaseException] = []
+
+    def forced_renew() -> None:
+        # What `renew --force` does: note the start, queue on the command lock, run.
+        try:
+            started = time.time()
+            with _one_renew_at_a_time(config, False) as got_it:
+                assert got_it
+                renewer = Renewer(config, MemoryChallengeRegistry(), issuer=issuer)
+                kw = {"started_at": started} if "started_at" in inspect.signature(
+                    renewer.run).parameters else {}  # fmt: skip
+                renewer.run(None, True, False, **kw)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=forced_renew) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    assert sorted(orders) == sorted([("a.example.com", "b.example.com"), ("api.example.com",)])

@@ -215,3 +215,17 @@ def test_expired_lock_is_taken_over(tmp_path: Path) -> None:
 def test_unlock_of_a_lock_not_held_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="not held"):
         FileStorage(tmp_path).unlock("www")
+
+
+def test_unlock_after_a_stale_takeover_keeps_the_new_holders_lock(tmp_path: Path) -> None:
+    root = tmp_path / "state"
+    a, b = FileStorage(root), FileStorage(root)
+    a.lock("www", timeout=1, expires_after=0.2)
+    time.sleep(0.3)  # a's lease runs out (a froze, or was SIGSTOPped)
+    b.lock("www", timeout=5, expires_after=30)
+    with pytest.raises(Exception, match="taken over"):
+        a.unlock("www")  # the old holder wakes up and releases "its" lock
+    assert (root / "locks" / "www.lock").exists()
+    with pytest.raises(LockTimeout):
+        FileStorage(root).lock("www", timeout=0.1)  # still b's: nobody else gets in
+    b.unlock("www")

@@ -63,8 +63,10 @@ def scrape(port: int) -> dict[str, float]:
 
 
 @pytest.fixture
-def stack(tmp_path: Path, haproxy_bin: str) -> Iterator[AcmeStack]:
-    with AcmeStack(tmp_path / "stack", haproxy_bin, validity_period=VALIDITY) as s:
+def stack(tmp_path: Path, haproxy_bin: str, pebble_bin: str) -> Iterator[AcmeStack]:
+    with AcmeStack(
+        tmp_path / "stack", haproxy_bin, validity_period=VALIDITY, pebble_binary=pebble_bin
+    ) as s:
         yield s
 
 
@@ -105,6 +107,7 @@ def write_config(stack: AcmeStack, tmp_path: Path, metrics_port: int) -> Path:
     return path
 
 
+@pytest.mark.every_version  # heavy end-to-end case: every HAProxy x Pebble pair
 def test_daemon_issues_deploys_and_renews_on_its_own_without_reloading_haproxy(
     stack: AcmeStack, tmp_path: Path
 ) -> None:

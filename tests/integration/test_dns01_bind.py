@@ -5,6 +5,8 @@ TSIG-signed updates; Pebble's `-dnsserver` points at it, so Pebble resolves
 the names and reads the `_acme-challenge` TXT records from that real server.
 `haproxy-acme-agent renew` publishes them over RFC 2136, deploys through
 HAProxy's runtime API, and real TLS handshakes show what HAProxy serves.
+dns-01 runs on the HAProxy x Pebble matrix (tests/conftest.py); dns-persist-01
+needs Pebble 2.10.
 """
 
 from __future__ import annotations
@@ -44,8 +46,12 @@ def bind(tmp_path: Path) -> Iterator[BindServer]:
 
 
 @pytest.fixture
-def stack(tmp_path: Path, haproxy_bin: str, bind: BindServer) -> Iterator[AcmeStack]:
-    with AcmeStack(tmp_path / "stack", haproxy_bin, dns_server=bind.address) as s:
+def stack(
+    tmp_path: Path, haproxy_bin: str, pebble_bin: str, bind: BindServer
+) -> Iterator[AcmeStack]:
+    with AcmeStack(
+        tmp_path / "stack", haproxy_bin, dns_server=bind.address, pebble_binary=pebble_bin
+    ) as s:
         yield s
 
 
@@ -97,10 +103,19 @@ def write_config(
     return config
 
 
+def installed(state: Path, stack: AcmeStack) -> dict[str, bytes]:
+    """Every stored file of certificate "wild" but the mutable state.json, and its bundle."""
+    d = state / "certificates" / "wild"
+    files = {
+        p.relative_to(d).as_posix(): p.read_bytes()
+        for p in d.rglob("*") if p.is_file() and p.name != "state.json"
+    }  # fmt: skip
+    files["bundle"] = (stack.cert_dir / "wild.pem").read_bytes()
+    return files
+
+
 def leaf_of(state: Path) -> x509.Certificate:
-    return x509.load_pem_x509_certificate(
-        (state / "certificates" / "wild" / "cert.pem").read_bytes()
-    )
+    return leaf_of_cert(state, "wild")
 
 
 def test_wildcard_and_apex_through_dns01_are_served_and_the_txt_records_are_gone(
@@ -133,7 +148,8 @@ def test_wrong_tsig_secret_is_a_clear_error_and_nothing_installed_changes(
     rc, out, err = cli(capsys, "renew", "-c", str(config))
     assert rc == 0, out + err
     state = tmp_path / "state"
-    before = {p: p.read_bytes() for p in (state / "certificates" / "wild").glob("*.pem")}
+    before = installed(state, stack)
+    assert any(k.endswith("cert.pem") for k in before) and "bundle" in before
     served = served_leaf(stack.https_port, "www.acme.test").serial_number
 
     wrong = tmp_path / "wrong.secret"
@@ -147,7 +163,7 @@ def test_wrong_tsig_secret_is_a_clear_error_and_nothing_installed_changes(
     assert bind.address in text
     assert "key acme-update" in text
     assert "wrong secret" in text
-    assert {p: p.read_bytes() for p in (state / "certificates" / "wild").glob("*.pem")} == before
+    assert installed(state, stack) == before
     assert served_leaf(stack.https_port, "www.acme.test").serial_number == served
     assert bind.txt(CHALLENGE_NAME) == set()
 
@@ -234,7 +250,8 @@ def test_failing_hook_reports_exit_status_and_stderr(
     text = out + err
     assert "exited with status 7" in text
     assert "provider said: token expired" in text
-    assert not (tmp_path / "state" / "certificates" / "wild" / "cert.pem").exists()
+    assert not (tmp_path / "state" / "certificates" / "wild" / "current").exists()
+    assert not (stack.cert_dir / "wild.pem").exists()
 
 
 PEBBLE_2_10 = os.environ.get(
@@ -326,7 +343,11 @@ def test_dns_persist01_record_published_once_then_renewals_write_nothing_to_dns(
 
 
 def leaf_of_cert(state: Path, name: str) -> x509.Certificate:
-    return x509.load_pem_x509_certificate((state / "certificates" / name / "cert.pem").read_bytes())
+    """The leaf of the certificate's current generation (agent.layout)."""
+    d = state / "certificates" / name
+    return x509.load_pem_x509_certificate(
+        (d / "gen" / (d / "current").read_text() / "cert.pem").read_bytes()
+    )
 
 
 def test_persist_check_tells_a_wrong_account_and_a_missing_wildcard_policy(

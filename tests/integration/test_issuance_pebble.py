@@ -4,7 +4,7 @@ Pebble (PEBBLE_AUTHZREUSE=0: every order is really validated) sends its
 http-01 requests to HAProxy running the shipped haproxy/ configs; HAProxy asks
 the SPOE agent that `haproxy-acme-agent renew` serves while it runs. Then
 `renew` deploys through HAProxy's runtime API, and a real TLS handshake shows
-what HAProxy serves. Every test runs on HAProxy 2.6 and 2.8.
+what HAProxy serves. Every test runs on every HAProxy version (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from tests.support.tls import served_leaf
 pytestmark = pytest.mark.integration
 
 
+
 def mode(p: Path) -> int:
     return stat.S_IMODE(os.stat(p).st_mode)
 
@@ -45,8 +46,26 @@ def openssl(*args: str) -> None:
     subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
 
 
+def current_id(state: Path, name: str) -> str:
+    return (state / "certificates" / name / "current").read_text()
+
+
+def generation_ids(state: Path, name: str) -> list[str]:
+    return sorted(p.name for p in (state / "certificates" / name / "gen").iterdir())
+
+
 def stored(state: Path, name: str, file: str) -> bytes:
-    return (state / "certificates" / name / file).read_bytes()
+    """A file of the current generation (agent.layout)."""
+    return (state / "certificates" / name / "gen" / current_id(state, name) / file).read_bytes()
+
+
+def stored_files(state: Path, name: str) -> dict[str, bytes]:
+    """Every stored file of a certificate but the mutable state.json."""
+    d = state / "certificates" / name
+    return {
+        p.relative_to(d).as_posix(): p.read_bytes()
+        for p in d.rglob("*") if p.is_file() and p.name != "state.json"
+    }  # fmt: skip
 
 
 def leaf_of(state: Path, name: str) -> x509.Certificate:
@@ -62,8 +81,8 @@ def verify_chain_to(root_pem: bytes, state: Path, name: str) -> None:
 
 
 @pytest.fixture
-def stack(tmp_path: Path, haproxy_bin: str) -> Iterator[AcmeStack]:
-    with AcmeStack(tmp_path / "stack", haproxy_bin) as s:
+def stack(tmp_path: Path, haproxy_bin: str, pebble_bin: str) -> Iterator[AcmeStack]:
+    with AcmeStack(tmp_path / "stack", haproxy_bin, pebble_binary=pebble_bin) as s:
         yield s
 
 
@@ -101,6 +120,7 @@ def three_certificates(site: Path) -> list[dict[str, Any]]:
     ]
 
 
+@pytest.mark.every_version  # heavy end-to-end case: every HAProxy x Pebble pair
 def test_three_stable_keys_are_issued_and_renewed_with_unchanged_pins(
     tmp_path: Path, stack: AcmeStack, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -133,8 +153,11 @@ def test_three_stable_keys_are_issued_and_renewed_with_unchanged_pins(
         assert sorted(keys.cert_domains(leaf)) == sorted(c["domains"])
         verify_chain_to(root, state, name)
         first_serials[name] = leaf.serial_number
-        assert mode(state / "certificates" / name / "bundle.pem") == 0o600
-        assert not (state / "certificates" / name / "bundle.prev.pem").exists()
+        assert len(generation_ids(state, name)) == 1
+        # No private key in the state dir (but the account key): the bundle is
+        # assembled at deploy time from the full chain and the key file.
+        for p in (state / "certificates" / name).rglob("*"):
+            assert b"PRIVATE KEY" not in p.read_bytes() if p.is_file() else True, p
         # Deployed through the runtime API: HAProxy serves it for its name right away.
         served = served_leaf(stack.https_port, c["domains"][0])
         assert served.serial_number == leaf.serial_number
@@ -144,11 +167,12 @@ def test_three_stable_keys_are_issued_and_renewed_with_unchanged_pins(
     assert mode(account_dir / "account.key") == 0o600
 
     # Cron-safe: a second run finds nothing due and changes nothing.
-    bundles = {c["name"]: stored(state, c["name"], "bundle.pem") for c in certs}
+    before = {c["name"]: stored_files(state, c["name"]) for c in certs}
+    firsts = {c["name"]: current_id(state, c["name"]) for c in certs}
     rc, out, _ = cli(capsys, "renew", "-c", str(config))
     assert rc == 0
     assert out.count(": not-due:") == 3
-    assert {c["name"]: stored(state, c["name"], "bundle.pem") for c in certs} == bundles
+    assert {c["name"]: stored_files(state, c["name"]) for c in certs} == before
 
     rc, out, err = cli(capsys, "renew", "-c", str(config), "--force")
     assert rc == 0, err
@@ -159,19 +183,20 @@ def test_three_stable_keys_are_issued_and_renewed_with_unchanged_pins(
         assert leaf.serial_number != first_serials[name]
         assert keys.spki_pin(leaf.public_key()) == pins[name]["key_pin"]  # type: ignore[arg-type]
         assert Path(c["key"]).read_bytes() == key_bytes[name]
-        assert stored(state, name, "bundle.prev.pem") == bundles[name]
+        assert generation_ids(state, name) == [firsts[name], current_id(state, name)]
         assert served_leaf(stack.https_port, c["domains"][0]).serial_number == leaf.serial_number
 
     rc, out, _ = cli(capsys, "status", "-c", str(config), "--json")
     assert rc == 0
     for row in json.loads(out):
-        assert row["last_result"] == "success"
+        assert row["last_result"] == "success" and row["last_deployed"] is True
+        assert row["in_sync"] is True
         assert row["key_pin"] == pins[row["name"]]["key_pin"]
         assert row["serial"] == format(leaf_of(state, row["name"]).serial_number, "x")
 
 
 def test_every_order_succeeds_while_pebble_rejects_30_percent_of_nonces(
-    tmp_path: Path, haproxy_bin: str, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, haproxy_bin: str, pebble_bin: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     certs = [
         {"name": f"n{i}", "domains": [f"n{i}.example.com", f"www.n{i}.example.com"],
@@ -179,7 +204,9 @@ def test_every_order_succeeds_while_pebble_rejects_30_percent_of_nonces(
         for i in range(4)
     ]  # fmt: skip
     rejected_before = issuer.RETRY_COUNTS["badNonce"]
-    with AcmeStack(tmp_path / "stack", haproxy_bin, nonce_reject=30) as stack:
+    with AcmeStack(
+        tmp_path / "stack", haproxy_bin, nonce_reject=30, pebble_binary=pebble_bin
+    ) as stack:
         config = stack.write_config(tmp_path / "config.toml", certs)
         for argv in (["renew"], ["renew", "--force"]):
             rc, out, err = cli(capsys, *argv, "-c", str(config))
@@ -194,15 +221,29 @@ def test_pebble_stopped_mid_run_leaves_the_bundle_untouched_and_the_next_run_suc
     stack: AcmeStack,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
 ) -> None:
+    if "renewalInfo" in stack.pebble.directory():
+        # Known agent defect, left for an agent/ change (strict: an XPASS fails the run
+        # once it is fixed): on a CA with ARI, `renew --force` after the CA restarted
+        # sends `replaces` naming a certificate of the old CA; Pebble 2.10 answers
+        # malformed "no known issuer matches the provided Authority Key Identifier"
+        # and the agent retries nothing without `replaces` (issue 10, item 3).
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True,
+                reason="after a CA restart the order's `replaces` is refused as malformed "
+                "and the agent does not order again without it",
+            )
+        )
     certs = [{"name": "www", "domains": ["www.example.com"], "key": str(tmp_path / "www.key"),
               "generate_key": True}]  # fmt: skip
     config = stack.write_config(tmp_path / "config.toml", certs, timeout=3)
     state = tmp_path / "state"
     rc, _, err = cli(capsys, "renew", "-c", str(config))
     assert rc == 0, err
-    cert_dir = state / "certificates" / "www"
-    installed = {p.name: p.read_bytes() for p in cert_dir.iterdir() if p.name != "meta.json"}
+    installed = stored_files(state, "www")
+    first = current_id(state, "www")
     deployed = (stack.cert_dir / "www.pem").read_bytes()
 
     # Stop the CA in the middle of the order: right after the token was published.
@@ -216,9 +257,7 @@ def test_pebble_stopped_mid_run_leaves_the_bundle_untouched_and_the_next_run_suc
     rc, out, err = cli(capsys, "renew", "-c", str(config), "--force")
     assert rc == 1
     assert "www: failed:" in err and "cannot reach the CA" in err
-    assert {
-        p.name: p.read_bytes() for p in cert_dir.iterdir() if p.name != "meta.json"
-    } == installed
+    assert stored_files(state, "www") == installed
     assert (stack.cert_dir / "www.pem").read_bytes() == deployed
     rc, out, _ = cli(capsys, "status", "-c", str(config), "--json")
     (row,) = json.loads(out)
@@ -230,15 +269,20 @@ def test_pebble_stopped_mid_run_leaves_the_bundle_untouched_and_the_next_run_suc
     assert rc == 0, err
     assert "www: renewed:" in out
     verify_chain_to(stack.pebble.root_pem(), state, "www")
-    assert stored(state, "www", "bundle.prev.pem") == installed["bundle.pem"]
+    assert generation_ids(state, "www") == [first, current_id(state, "www")]
 
 
 def test_short_lived_certificate_renews_by_itself_after_two_thirds_of_its_life(
     tmp_path: Path, haproxy_bin: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    # The 1/3 rule is the fallback for a CA without ARI: this runs on the first Pebble
+    # (Debian 12's 2.4, no renewalInfo) only. On 2.10 ARI decides instead, and for a
+    # 7 s certificate its window may already be open at the second run; ARI gets its
+    # own tests against 2.10 (issue 10, item 3).
     certs = [{"name": "short", "domains": ["short.example.com"],
               "key": str(tmp_path / "short.key"), "generate_key": True}]  # fmt: skip
     with AcmeStack(tmp_path / "stack", haproxy_bin, validity_period=7) as stack:
+        assert "renewalInfo" not in stack.pebble.directory(), "needs a Pebble without ARI"
         config = stack.write_config(tmp_path / "config.toml", certs)
         rc, _, err = cli(capsys, "renew", "-c", str(config))
         assert rc == 0, err
@@ -247,10 +291,11 @@ def test_short_lived_certificate_renews_by_itself_after_two_thirds_of_its_life(
         rc, out, _ = cli(capsys, "renew", "-c", str(config))
         assert "short: not-due:" in out
         due_at = first.not_valid_after_utc.timestamp() - lifetime / 3
+        reason = "1/3 of the lifetime left"
         time.sleep(max(0.0, due_at - time.time()) + 0.3)
         rc, out, err = cli(capsys, "renew", "-c", str(config))
         assert rc == 0, err
-        assert "short: renewed: 1/3 of the lifetime left" in out
+        assert f"short: renewed: {reason}" in out
         assert leaf_of(tmp_path / "state", "short").serial_number != first.serial_number
 
 
@@ -290,3 +335,82 @@ def test_failed_validation_leaves_no_key_authorization_in_logs_state_or_status(
         assert key_authz not in out + err + caplog.text + status_out
         assert thumbprint not in out + err + caplog.text + status_out
         assert key_authz.encode() not in state_bytes
+
+
+def test_four_concurrent_forced_renews_order_each_certificate_once(
+    tmp_path: Path, stack: AcmeStack, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sys
+
+    certs: list[dict[str, Any]] = [
+        {"name": f"c{i}", "domains": [f"c{i}.example.com"], "key": str(tmp_path / f"c{i}.key"),
+         "generate_key": True}
+        for i in range(3)
+    ]  # fmt: skip
+    config = stack.write_config(tmp_path / "config.toml", certs, timeout=60)
+    state = tmp_path / "state"
+    rc, _, err = cli(capsys, "renew", "-c", str(config))
+    assert rc == 0, err
+    firsts = {c["name"]: current_id(state, c["name"]) for c in certs}
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    import queue
+    import threading
+
+    from agent.storage import FileStorage
+
+    # Hold the command lock until all four runs are queued on it, so they are
+    # concurrent however slowly they start on a loaded machine.
+    gate = FileStorage(state).locked("renew-command", timeout=5)
+    gate.__enter__()
+    procs = []
+    waiting: queue.Queue[str] = queue.Queue()
+    errs: list[list[str]] = []
+
+    def read_err(stream: Any, lines: list[str]) -> None:
+        for line in stream:
+            lines.append(line)
+            if "waiting for another `renew` run" in line:
+                waiting.put(line)
+
+    readers = []
+    try:
+        for _ in range(4):
+            p = subprocess.Popen(
+                [sys.executable, "-m", "agent.cli", "renew", "--force", "-c", str(config)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+                cwd=repo,
+            )
+            procs.append(p)
+            errs.append([])
+            t = threading.Thread(target=read_err, args=(p.stderr, errs[-1]), daemon=True)
+            t.start()
+            readers.append(t)
+        for _ in range(4):
+            waiting.get(timeout=120)
+    finally:
+        gate.__exit__(None, None, None)
+    outs = []
+    for p, t, err_lines in zip(procs, readers, errs, strict=True):
+        try:
+            assert p.stdout is not None
+            out = p.stdout.read()  # stderr is read by its thread
+            p.wait(300)
+            t.join(10)
+            outs.append((out, "".join(err_lines), p.returncode))
+        finally:
+            p.kill()
+            p.wait(10)
+    assert all(rc == 0 for _, _, rc in outs), outs
+    # One run orders the three; the three runs that waited for it see that
+    # they were renewed after they started and order nothing.
+    assert sum(out.count(": renewed: forced") for out, _, _ in outs) == 3, outs
+    assert sum(out.count("renewed by a concurrent run") for out, _, _ in outs) == 9, outs
+    for c in certs:
+        name = c["name"]
+        assert generation_ids(state, name) == [firsts[name], current_id(state, name)]
+        leaf = leaf_of(state, name)
+        assert served_leaf(stack.https_port, c["domains"][0]).serial_number == leaf.serial_number

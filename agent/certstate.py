@@ -1,0 +1,617 @@
+"""A certificate's stored state: immutable generations, the pointer, state.json, repair.
+
+Layout: see `agent.layout`. The rules this module keeps:
+
+- A generation (cert.pem, chain.pem, fullchain.pem, meta.json of ONE leaf) is
+  written completely, each file atomically, meta.json last, BEFORE the
+  `current` pointer is switched to it (`install_generation`). The pointer is
+  one atomic store, so a reader that reads the pointer and then that
+  generation's files sees one certificate, whenever a crash happened.
+- The current and the previous generation are kept; older ones are pruned
+  after a successful switch.
+- state.json holds what changes without a new certificate (last attempt,
+  rate-limit retry time, the ARI window keyed by its certificate id, and the
+  deployed facts per HAProxy instance). It is only read-modify-written by
+  `update_state`, which the caller runs under the certificate's lock
+  (`agent.layout.cert_lock`).
+- `repair` (at every start) removes temp files and unreferenced incomplete
+  generations, and migrates the flat layout of older versions.
+
+No private key is ever stored here.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+
+from agent import ari, keys, layout
+from agent.storage import LockTimeout, Storage
+
+log = logging.getLogger(__name__)
+
+_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----\r?\n.+?-----END CERTIFICATE-----", re.S)
+
+
+class GenerationError(ValueError):
+    """A generation that is incomplete or whose files describe different certificates."""
+
+
+# --- values ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """The last renewal attempt: UNIX time, "success" or "failed", and the error text.
+
+    `deployed`: True when the certificate was stored AND confirmed served by
+    every HAProxy instance, False when storing worked but the deploy did not,
+    None when the attempt did not get to a deploy (or there is no deployer).
+    """
+
+    time: float
+    result: str
+    error: str | None = None
+    deployed: bool | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "time": self.time,
+            "result": self.result,
+            "error": self.error,
+            "deployed": self.deployed,
+        }
+
+    @classmethod
+    def from_json(cls, la: Mapping[str, Any]) -> Attempt:
+        d = la.get("deployed")
+        return cls(
+            float(la["time"]), str(la["result"]), la.get("error"), None if d is None else bool(d)
+        )
+
+
+@dataclass(frozen=True)
+class Deployed:
+    """A fact about one HAProxy instance ("disk" in reload mode): at UNIX time
+    `at`, it was confirmed to serve leaf `serial` (lowercase hex); None with
+    `error` when the last deploy could not tell (instance down, failed)."""
+
+    serial: str | None
+    at: float
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"serial": self.serial, "at": self.at, "error": self.error}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Deployed:
+        s = d.get("serial")
+        return cls(None if s is None else str(s), float(d["at"]), d.get("error"))
+
+
+@dataclass(frozen=True)
+class CertState:
+    """state.json: the mutable state of one certificate (see the module doc)."""
+
+    last_attempt: Attempt | None = None
+    retry_not_before: float | None = None  # from a rateLimited Retry-After (UNIX s)
+    ari: ari.RenewalWindow | None = None  # keyed by its own cert_id
+    deployed: Mapping[str, Deployed] = field(default_factory=dict)
+
+    def to_json(self, name: str) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "name": name,
+            "last_attempt": self.last_attempt.to_json() if self.last_attempt else None,
+            "retry_not_before": self.retry_not_before,
+            "ari": self.ari.to_json() if self.ari else None,
+            "deployed": {k: v.to_json() for k, v in sorted(self.deployed.items())},
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> CertState:
+        la = data.get("last_attempt")
+        rnb = data.get("retry_not_before")
+        return cls(
+            last_attempt=Attempt.from_json(la) if la else None,
+            retry_not_before=None if rnb is None else float(rnb),
+            ari=ari.RenewalWindow.from_json(data["ari"]) if data.get("ari") else None,
+            deployed={
+                str(k): Deployed.from_json(v) for k, v in (data.get("deployed") or {}).items()
+            },
+        )
+
+
+@dataclass(frozen=True)
+class CertMeta:
+    """What we know about a certificate: its current generation merged with
+    state.json (`load_meta`). Times: UNIX s, UTC; serial: lowercase hex."""
+
+    name: str
+    domains: tuple[str, ...] = ()
+    serial: str | None = None
+    not_before: float | None = None
+    not_after: float | None = None
+    key_pin: str | None = None
+    installed_at: float | None = None
+    ari: ari.RenewalWindow | None = None
+    last_attempt: Attempt | None = None
+    retry_not_before: float | None = None
+    directory: str | None = None
+    generation: str | None = None  # id of the current generation
+    deployed: Mapping[str, Deployed] = field(default_factory=dict)
+
+    @property
+    def installed(self) -> bool:
+        return self.serial is not None and self.not_after is not None
+
+    def state(self) -> CertState:
+        return CertState(self.last_attempt, self.retry_not_before, self.ari, dict(self.deployed))
+
+    def to_json(self) -> dict[str, Any]:
+        """The generation's meta.json (leaf facts only)."""
+        return {
+            "version": 2,
+            "name": self.name,
+            "generation": self.generation,
+            "domains": list(self.domains),
+            "serial": self.serial,
+            "not_before": self.not_before,
+            "not_after": self.not_after,
+            "key_pin": self.key_pin,
+            "installed_at": self.installed_at,
+            "directory": self.directory,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> CertMeta:
+        """Parse a generation's meta.json, or an old-layout meta.json (which also
+        held the attempt, retry time and ARI window)."""
+        old = CertState.from_json(data)
+        return cls(
+            name=str(data["name"]),
+            domains=tuple(data.get("domains") or ()),
+            serial=data.get("serial"),
+            not_before=_opt_float(data.get("not_before")),
+            not_after=_opt_float(data.get("not_after")),
+            key_pin=data.get("key_pin"),
+            installed_at=_opt_float(data.get("installed_at")),
+            ari=old.ari,
+            last_attempt=old.last_attempt,
+            retry_not_before=old.retry_not_before,
+            directory=data.get("directory"),
+            generation=data.get("generation"),
+        )
+
+    def with_state(self, state: CertState) -> CertMeta:
+        return replace(
+            self,
+            last_attempt=state.last_attempt,
+            retry_not_before=state.retry_not_before,
+            ari=state.ari,
+            deployed=dict(state.deployed),
+        )
+
+
+def _opt_float(v: object) -> float | None:
+    return None if v is None else float(v)  # type: ignore[arg-type]
+
+
+def meta_from_certificate(name: str, cert: x509.Certificate) -> CertMeta:
+    """Metadata derived from a certificate alone."""
+    return CertMeta(
+        name=name,
+        domains=tuple(keys.cert_domains(cert)),
+        serial=format(cert.serial_number, "x"),
+        not_before=cert.not_valid_before_utc.timestamp(),
+        not_after=cert.not_valid_after_utc.timestamp(),
+        key_pin=keys.spki_pin(cert.public_key()),  # type: ignore[arg-type]
+    )
+
+
+def undeployed(meta: CertMeta | None, instances: Iterable[str]) -> list[str]:
+    """The instances among `instances` not confirmed to serve `meta`'s stored serial."""
+    if meta is None or not meta.installed:
+        return []
+    out = []
+    for inst in instances:
+        fact = meta.deployed.get(inst)
+        if fact is None or fact.serial != meta.serial:
+            out.append(inst)
+    return out
+
+
+# --- reading -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One generation's files, read and checked to describe the same leaf."""
+
+    id: str
+    cert_pem: bytes
+    chain_pem: bytes
+    fullchain_pem: bytes
+    meta: CertMeta
+
+    @property
+    def leaf(self) -> x509.Certificate:
+        return x509.load_pem_x509_certificate(self.cert_pem)
+
+
+def read_current(storage: Storage, name: str) -> str | None:
+    """The id in the `current` pointer, or None (no certificate installed yet)."""
+    try:
+        raw = storage.load(layout.current_key(name)).decode("ascii", "replace").strip()
+    except FileNotFoundError:
+        return None
+    return raw if layout.is_generation_id(raw) else None
+
+
+def load_generation_meta(storage: Storage, name: str, gen_id: str) -> CertMeta:
+    """A generation's meta.json; FileNotFoundError while incomplete, GenerationError if bad."""
+    raw = storage.load(layout.generation_key(name, gen_id, layout.META))
+    try:
+        meta = CertMeta.from_json(json.loads(raw))
+    except (ValueError, KeyError, TypeError) as e:
+        raise GenerationError(f"certificate {name}: generation {gen_id}: bad meta.json: {e}") from e
+    if meta.name != name or not meta.installed:
+        raise GenerationError(f"certificate {name}: generation {gen_id}: meta.json is not its own")
+    return replace(meta, generation=gen_id, ari=None, last_attempt=None, retry_not_before=None)
+
+
+def load_generation(storage: Storage, name: str, gen_id: str) -> Generation:
+    """Read and cross-check a generation: FileNotFoundError if a file is missing,
+    GenerationError if they do not describe the same leaf."""
+    meta = load_generation_meta(storage, name, gen_id)
+    cert_pem = storage.load(layout.generation_key(name, gen_id, layout.CERT))
+    chain_pem = storage.load(layout.generation_key(name, gen_id, layout.CHAIN))
+    fullchain_pem = storage.load(layout.generation_key(name, gen_id, layout.FULLCHAIN))
+    try:
+        leaf = x509.load_pem_x509_certificate(cert_pem)
+        full = _parse_certs(fullchain_pem)
+    except ValueError as e:
+        raise GenerationError(f"certificate {name}: generation {gen_id}: {e}") from e
+    if (
+        not full
+        or full[0] != leaf
+        or format(leaf.serial_number, "x") != meta.serial
+        or _pem(full[1:]) != _pem(_parse_certs(chain_pem))
+    ):
+        raise GenerationError(
+            f"certificate {name}: generation {gen_id}: files describe different certificates"
+        )
+    return Generation(gen_id, cert_pem, chain_pem, fullchain_pem, meta)
+
+
+def load_current(storage: Storage, name: str) -> Generation | None:
+    """The current generation (checked), or None when none is installed or it is damaged."""
+    gen_id = read_current(storage, name)
+    if gen_id is None:
+        return None
+    try:
+        return load_generation(storage, name, gen_id)
+    except (FileNotFoundError, GenerationError) as e:
+        log.warning("certificate %s: current generation %s unreadable: %s", name, gen_id, e)
+        return None
+
+
+def load_state(storage: Storage, name: str) -> CertState:
+    """state.json (an empty state when missing; a damaged one is logged and ignored)."""
+    try:
+        raw = storage.load(layout.state_key(name))
+    except FileNotFoundError:
+        return CertState()
+    try:
+        return CertState.from_json(json.loads(raw))
+    except (ValueError, KeyError, TypeError) as e:
+        log.warning("certificate %s: state.json is damaged (%s); starting afresh", name, e)
+        return CertState()
+
+
+def load_meta(storage: Storage, name: str) -> CertMeta | None:
+    """The current generation's facts merged with state.json; None when neither exists."""
+    state = load_state(storage, name)
+    gen_id = read_current(storage, name)
+    meta: CertMeta | None = None
+    if gen_id is not None:
+        try:
+            meta = load_generation_meta(storage, name, gen_id)
+        except (FileNotFoundError, GenerationError) as e:
+            log.warning("certificate %s: current generation %s unreadable: %s", name, gen_id, e)
+    if meta is None:
+        if state == CertState():
+            return None
+        meta = CertMeta(name=name)
+    return meta.with_state(state)
+
+
+# --- writing (callers hold layout.cert_lock(name)) -----------------------------------
+
+
+def save_state(storage: Storage, name: str, state: CertState) -> None:
+    data = json.dumps(state.to_json(name), indent=2, sort_keys=True) + "\n"
+    storage.store(layout.state_key(name), data.encode())
+
+
+def update_state(
+    storage: Storage, name: str, change: Callable[[CertState], CertState]
+) -> CertState:
+    """Read state.json, apply `change`, write it back. Run under the certificate's lock."""
+    state = change(load_state(storage, name))
+    save_state(storage, name, state)
+    return state
+
+
+def write_generation(
+    storage: Storage,
+    name: str,
+    leaf: x509.Certificate,
+    chain: Sequence[x509.Certificate],
+    installed_at: float,
+    directory: str | None,
+) -> CertMeta:
+    """Write a complete new generation (meta.json last); the pointer is not moved."""
+    gen_id = layout.new_generation_id(installed_at, leaf.serial_number)
+    meta = replace(
+        meta_from_certificate(name, leaf),
+        installed_at=installed_at,
+        directory=directory,
+        generation=gen_id,
+    )
+    files = {
+        layout.CERT: _pem([leaf]),
+        layout.CHAIN: _pem(chain),
+        layout.FULLCHAIN: _pem([leaf, *chain]),
+        layout.META: (json.dumps(meta.to_json(), indent=2, sort_keys=True) + "\n").encode(),
+    }
+    for filename in layout.GENERATION_FILES:  # meta.json last
+        storage.store(layout.generation_key(name, gen_id, filename), files[filename])
+    return meta
+
+
+def switch_generation(storage: Storage, name: str, gen_id: str) -> None:
+    """Point `current` at `gen_id` (one atomic store), then prune all but it and the previous."""
+    previous = read_current(storage, name)
+    storage.store(layout.current_key(name), layout.check_generation_id(gen_id).encode())
+    keep = {gen_id, previous}
+    for old in generation_ids(storage, name):
+        if old not in keep:
+            storage.delete_all(layout.generation_prefix(name, old))
+
+
+def install_generation(
+    storage: Storage,
+    name: str,
+    leaf: x509.Certificate,
+    chain: Sequence[x509.Certificate],
+    installed_at: float,
+    directory: str | None,
+    before_switch: Callable[[], None] | None = None,
+) -> CertMeta:
+    """Write a generation and switch to it. `before_switch` runs between the two
+    (e.g. a lease check that raises `LockLost`: then nothing is switched)."""
+    meta = write_generation(storage, name, leaf, chain, installed_at, directory)
+    assert meta.generation is not None
+    if before_switch is not None:
+        before_switch()
+    switch_generation(storage, name, meta.generation)
+    return meta
+
+
+def generation_ids(storage: Storage, name: str) -> list[str]:
+    """Ids of every generation directory of `name`, oldest first (complete or not)."""
+    prefix = layout.generations_prefix(name) + "/"
+    ids = [k[len(prefix) :] for k in storage.list(layout.generations_prefix(name))]
+    return sorted(i for i in ids if layout.is_generation_id(i))
+
+
+def _pem(certs: Sequence[x509.Certificate]) -> bytes:
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+
+
+def _parse_certs(pem: bytes) -> list[x509.Certificate]:
+    return [x509.load_pem_x509_certificate(b) for b in _PEM_CERT.findall(pem)]
+
+
+# --- repair at start -----------------------------------------------------------------
+
+
+@dataclass
+class RepairReport:
+    """What `repair` did (counts, for logs and tests)."""
+
+    temp_files: int = 0
+    incomplete_generations: int = 0
+    migrated: list[str] = field(default_factory=list)
+    repointed: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # locked by a running renewal
+
+
+def stored_names(storage: Storage) -> list[str]:
+    """Names of every certificate that has keys in storage."""
+    prefix = layout.CERTIFICATES + "/"
+    return [k[len(prefix) :] for k in storage.list(layout.CERTIFICATES)]
+
+
+def repair(
+    storage: Storage, names: Iterable[str] = (), lock_timeout: float = 5.0
+) -> RepairReport:
+    """Make the stored state whole again after a crash or an older version.
+
+    For every certificate among `names` and those found in storage, under its
+    lock (one held by a running renewal for `lock_timeout` s is skipped: that
+    run owns the state): remove temp files; migrate the old flat layout;
+    point `current` at the newest complete generation (one an install
+    completed but did not switch to, or when it points nowhere valid); delete
+    incomplete generations and all but the current and previous complete ones. Temp files
+    elsewhere in storage (accounts, locks) older than a minute go too.
+    """
+    report = RepairReport()
+    # One listing of every key (cheap), then a lock and a closer look only
+    # where something is off: a start with 10,000 certificates stays quick.
+    all_keys, temps = storage.scan(layout.CERTIFICATES)
+    with_temps = {k.split("/")[1] for k in temps if k.count("/") >= 2}
+    by_name: dict[str, list[str]] = {}
+    for key in all_keys:
+        parts = key.split("/", 2)
+        if len(parts) == 3:
+            by_name.setdefault(parts[1], []).append(parts[2])
+    for name in sorted(set(names) | set(by_name)):
+        if name not in with_temps and not _needs_repair(storage, name, by_name.get(name, [])):
+            continue
+        try:
+            with storage.locked(layout.cert_lock(name), timeout=lock_timeout):
+                _repair_one(storage, name, report)
+        except LockTimeout:
+            report.skipped.append(name)
+    for top in storage.list(""):
+        if top != layout.CERTIFICATES:  # accounts, locks: few files
+            report.temp_files += storage.remove_temporaries(top, older_than=60.0)
+    if report.temp_files or report.incomplete_generations or report.migrated or report.repointed:
+        log.info(
+            "storage repaired: %d temp files removed, %d incomplete generations removed, "
+            "migrated %s, repointed %s",
+            report.temp_files, report.incomplete_generations,
+            ", ".join(report.migrated) or "none", ", ".join(report.repointed) or "none",
+        )  # fmt: skip
+    return report
+
+
+def _needs_repair(storage: Storage, name: str, keys_below: Sequence[str]) -> bool:
+    """Cheap, from the keys below certificates/NAME (relative): old flat files,
+    a generation without meta.json, or generations other than `current` and
+    one older one."""
+    if set(keys_below) & set(layout.LEGACY_FILES):
+        return True
+    gens: dict[str, set[str]] = {}
+    for k in keys_below:
+        parts = k.split("/")
+        if len(parts) == 3 and parts[0] == layout.GENERATIONS:
+            gens.setdefault(parts[1], set()).add(parts[2])
+    if not gens:
+        return False
+    if len(gens) > 2 or any(layout.META not in files for files in gens.values()):
+        return True
+    # Installs write the newest generation and then point at it; anything
+    # else (a newer one not pointed to, no pointer) is a crash.
+    return read_current(storage, name) != max(gens)
+
+
+def _repair_one(storage: Storage, name: str, report: RepairReport) -> None:
+    report.temp_files += storage.remove_temporaries(layout.cert_prefix(name))
+    if _migrate_legacy(storage, name):
+        report.migrated.append(name)
+    current = read_current(storage, name)
+    complete: list[str] = []
+    for gen_id in generation_ids(storage, name):
+        try:
+            load_generation(storage, name, gen_id)
+        except (FileNotFoundError, GenerationError):
+            if gen_id != current:
+                storage.delete_all(layout.generation_prefix(name, gen_id))
+                report.incomplete_generations += 1
+            continue
+        complete.append(gen_id)
+    if complete and (current not in complete or complete[-1] > current):
+        # A kill after a generation was complete (meta.json is written last,
+        # after the checks) but before the switch: adopt it rather than order
+        # again. A damaged pointer or generation: the newest good one.
+        storage.store(layout.current_key(name), complete[-1].encode())
+        update_state(storage, name, lambda s: replace(s, ari=None))  # the old leaf's window
+        report.repointed.append(name)
+        if current is not None and current not in complete:
+            storage.delete_all(layout.generation_prefix(name, current))
+            report.incomplete_generations += 1
+        current = complete[-1]
+    # A kill between the pointer switch and the prune leaves a third one:
+    # keep the current generation and the newest before it, as a switch does.
+    older = [g for g in complete if g != current and (current is None or g < current)]
+    keep = {current, *older[-1:]}
+    for gen_id in complete:
+        if gen_id not in keep:
+            storage.delete_all(layout.generation_prefix(name, gen_id))
+
+
+def _consistent_chain(certs: list[x509.Certificate]) -> bool:
+    for child, parent in itertools.pairwise(certs):
+        try:
+            child.verify_directly_issued_by(parent)
+        except (ValueError, TypeError, InvalidSignature):
+            return False
+    return True
+
+
+def _migrate_legacy(storage: Storage, name: str) -> bool:
+    """Turn the flat layout of older versions (maybe a mix left by a kill) into a generation.
+
+    Candidates: fullchain.pem, bundle.pem, bundle.prev.pem (their certificate
+    blocks; the key in a bundle is NOT carried over) and cert.pem + chain.pem.
+    The newest leaf among those that parse and whose chain signs it wins;
+    cert and chain are derived from it and meta is recomputed from the leaf.
+    The attempt, retry time and ARI window of the old meta.json go to
+    state.json. Then the old files are deleted.
+    """
+    present = [f for f in layout.LEGACY_FILES if storage.exists(layout.legacy_key(name, f))]
+    if not present:
+        return False
+
+    def certs_of(*files: str) -> list[x509.Certificate]:
+        out: list[x509.Certificate] = []
+        for f in files:
+            try:
+                out += _parse_certs(storage.load(layout.legacy_key(name, f)))
+            except (FileNotFoundError, ValueError):
+                return []
+        return out
+
+    candidates = [certs_of(f) for f in ("fullchain.pem", "bundle.pem", "bundle.prev.pem")]
+    candidates.append(certs_of("cert.pem", "chain.pem") if "cert.pem" in present else [])
+    good = [c for c in candidates if c and _consistent_chain(c)]
+    old_meta: CertMeta | None = None
+    try:
+        raw = storage.load(layout.legacy_key(name, "meta.json"))
+        old_meta = CertMeta.from_json(json.loads(raw))
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        old_meta = None
+    if good:
+        best = max(good, key=lambda c: (c[0].not_valid_before_utc, c[0].serial_number))
+        leaf, chain = best[0], best[1:]
+        serial = format(leaf.serial_number, "x")
+        current = load_current(storage, name)
+        if current is None or current.leaf.not_valid_before_utc < leaf.not_valid_before_utc:
+            if old_meta is not None and old_meta.serial == serial and old_meta.installed_at:
+                installed_at = old_meta.installed_at
+            else:
+                installed_at = leaf.not_valid_before_utc.timestamp()
+            install_generation(
+                storage, name, leaf, chain, installed_at, old_meta.directory if old_meta else None
+            )
+    if old_meta is not None:
+        keep = old_meta
+
+        def carry(state: CertState) -> CertState:
+            return replace(
+                state,
+                last_attempt=state.last_attempt or keep.last_attempt,
+                retry_not_before=state.retry_not_before or keep.retry_not_before,
+                ari=state.ari or keep.ari,
+            )
+
+        update_state(storage, name, carry)
+    for f in present:
+        storage.delete(layout.legacy_key(name, f))
+    log.info(
+        "certificate %s: migrated the old flat layout (%s) into a generation",
+        name, ", ".join(present),
+    )  # fmt: skip
+    return True

@@ -1,0 +1,282 @@
+"""The `Storage` contract, run against every implementation (the file store now;
+the Redis store adds itself to IMPLEMENTATIONS).
+
+An implementation is registered with two functions:
+- `open(spec)`: a new handle on the same backend (as another process would
+  open it; `spec` is picklable so child processes can open one too);
+- `plant(handle, name, owner)`: write a lock record as another holder would
+  have left it (a killed run on another host, PID 1 of an earlier container).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.storage import (
+    FileStorage,
+    LockLost,
+    LockOwner,
+    LockTimeout,
+    Storage,
+    StorageKeyError,
+    holder_is_gone,
+    process_start_time,
+)
+
+
+def _open_file(spec: str) -> Storage:
+    return FileStorage(Path(spec))
+
+
+def _plant_file(store: Storage, name: str, owner: LockOwner) -> None:
+    assert isinstance(store, FileStorage)
+    path = store.root / "locks" / f"{name}.lock"
+    store.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.parent.mkdir(exist_ok=True, mode=0o700)
+    path.write_text(json.dumps(owner.to_json()))
+
+
+IMPLEMENTATIONS: dict[str, tuple[Callable[[str], Storage], Callable[..., None]]] = {
+    "file": (_open_file, _plant_file),
+}
+
+
+@dataclasses.dataclass
+class Backend:
+    spec: str
+    kind: str
+
+    def open(self) -> Storage:
+        return IMPLEMENTATIONS[self.kind][0](self.spec)
+
+    def plant(self, store: Storage, name: str, owner: LockOwner) -> None:
+        IMPLEMENTATIONS[self.kind][1](store, name, owner)
+
+
+@pytest.fixture(params=sorted(IMPLEMENTATIONS))
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    yield Backend(str(tmp_path / "state"), request.param)
+
+
+def _owner(**kw: Any) -> LockOwner:
+    now = time.time()
+    fields: dict[str, Any] = {
+        "token": "t" * 32,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "start_time": process_start_time(os.getpid()),
+        "boot_id": Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+        "acquired": now,
+        "expires": now + 120,
+    }
+    fields.update(kw)
+    return LockOwner(**fields)
+
+
+# --- keys and values -----------------------------------------------------------------
+
+
+def test_store_load_delete_list_stat(backend: Backend) -> None:
+    st = backend.open()
+    st.store("certificates/www/gen/1/cert.pem", b"cert")
+    st.store("certificates/www/current", b"1")
+    st.store("accounts/ca/account.key", b"k", secret=True)
+    assert st.load("certificates/www/current") == b"1"
+    assert backend.open().load("certificates/www/gen/1/cert.pem") == b"cert"  # another handle
+    assert st.list("certificates/www") == ["certificates/www/current", "certificates/www/gen"]
+    assert st.list("certificates", recursive=True) == [
+        "certificates/www/current", "certificates/www/gen/1/cert.pem",
+    ]  # fmt: skip
+    assert st.list("nothing/here") == []
+    assert st.exists("certificates/www/current") and not st.exists("certificates/www/x")
+    assert st.stat("certificates/www/gen/1/cert.pem").size == 4
+    st.delete("certificates/www/current")
+    st.delete("certificates/www/current")  # idempotent
+    with pytest.raises(FileNotFoundError):
+        st.load("certificates/www/current")
+    st.delete_all("certificates/www")
+    st.delete_all("certificates/www")
+    assert st.list("certificates", recursive=True) == []
+    assert st.load("accounts/ca/account.key") == b"k"
+
+
+@pytest.mark.parametrize("key", ["", "/abs", "a/../b", "a//b", ".hidden", "a/", "a\\b"])
+def test_invalid_keys_are_refused(backend: Backend, key: str) -> None:
+    st = backend.open()
+    with pytest.raises(StorageKeyError):
+        st.store(key, b"x")
+    with pytest.raises(StorageKeyError):
+        st.load(key)
+
+
+def test_a_reader_sees_the_whole_old_or_the_whole_new_value(backend: Backend) -> None:
+    st = backend.open()
+    a, b = b"a" * 300_000, b"b" * 200_000
+    st.store("k", a)
+    stop = threading.Event()
+
+    def writer() -> None:
+        for i in range(100):
+            st.store("k", a if i % 2 else b)
+        stop.set()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    reader = backend.open()
+    seen = set()
+    for _ in range(2000):
+        if stop.is_set():
+            break
+        value = reader.load("k")
+        assert value in (a, b)
+        seen.add(value[:1])
+    t.join(30)
+    assert reader.load("k") in (a, b)
+
+
+# --- locks -------------------------------------------------------------------------
+
+
+def _count_under_lock(spec: str, kind: str, rounds: int) -> None:
+    st = IMPLEMENTATIONS[kind][0](spec)
+    for _ in range(rounds):
+        with st.locked("counter", timeout=30):
+            n = int(st.load("counter"))
+            time.sleep(0.001)  # widen the window a lost update would need
+            st.store("counter", str(n + 1).encode())
+
+
+def test_lock_excludes_other_processes(backend: Backend) -> None:
+    backend.open().store("counter", b"0")
+    ctx = multiprocessing.get_context("fork")
+    procs = [
+        ctx.Process(target=_count_under_lock, args=(backend.spec, backend.kind, 25))
+        for _ in range(4)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert backend.open().load("counter") == b"100"
+
+
+def test_lock_excludes_other_threads_and_times_out(backend: Backend) -> None:
+    a, b = backend.open(), backend.open()
+    token = a.lock("www", timeout=1)
+    assert isinstance(token, str) and len(token) >= 16
+    with pytest.raises(LockTimeout, match="held by another process"):
+        b.lock("www", timeout=0.1)
+    a.unlock("www", token)
+    b.unlock("www", b.lock("www", timeout=1))
+
+
+def test_the_lock_record_names_its_holder(backend: Backend) -> None:
+    st = backend.open()
+    token = st.lock("www", timeout=1, expires_after=60)
+    owner = st.lock_owner("www")
+    assert owner is not None
+    assert owner.token == token and owner.pid == os.getpid()
+    assert owner.host == socket.gethostname()
+    assert owner.start_time == process_start_time(os.getpid())
+    assert owner.boot_id == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    assert owner.acquired <= owner.expires <= owner.acquired + 60
+    st.unlock("www")
+    assert st.lock_owner("www") is None
+
+
+def test_a_lease_that_ran_out_is_taken_over_whoever_holds_it(backend: Backend) -> None:
+    a, b = backend.open(), backend.open()
+    a.lock("www", timeout=1, expires_after=0.2)  # alive, same process: only the lease ends
+    token_b = b.lock("www", timeout=5)
+    owner = b.lock_owner("www")
+    assert owner is not None and owner.token == token_b
+
+
+def test_unlock_after_a_takeover_leaves_the_new_holders_lock(backend: Backend) -> None:
+    a, b = backend.open(), backend.open()
+    token_a = a.lock("www", timeout=1, expires_after=0.2)
+    token_b = b.lock("www", timeout=5)  # after a's lease ran out
+    with pytest.raises(LockLost):
+        a.unlock("www", token_a)
+    owner = b.lock_owner("www")
+    assert owner is not None and owner.token == token_b
+    with pytest.raises(LockTimeout):
+        a.lock("www", timeout=0.1)  # still b's
+    with pytest.raises(LockLost):
+        a.renew_lock("www", token_a)
+    b.unlock("www", token_b)
+
+
+def test_a_renewed_lease_keeps_the_lock(backend: Backend) -> None:
+    a, b = backend.open(), backend.open()
+    with a.locked("www", timeout=1, expires_after=1.0) as token:
+        # Held for several leases: the renewer thread keeps extending it.
+        with pytest.raises(LockTimeout):
+            b.lock("www", timeout=2.5)
+        owner = a.lock_owner("www")
+        assert owner is not None and owner.token == token
+    b.unlock("www", b.lock("www", timeout=1))
+
+
+def test_explicit_renewal_extends_the_lease(backend: Backend) -> None:
+    a = backend.open()
+    token = a.lock("www", timeout=1, expires_after=5)
+    before = a.lock_owner("www")
+    a.renew_lock("www", token, 100)
+    after = a.lock_owner("www")
+    assert before is not None and after is not None
+    assert after.token == token and after.expires > before.expires + 50
+    a.unlock("www", token)
+
+
+def test_a_killed_holder_on_another_host_blocks_until_its_lease_ends(backend: Backend) -> None:
+    st = backend.open()
+    now = time.time()
+    # A `docker run --rm` killed 20 minutes ago: another host name, PID 1.
+    backend.plant(st, "www", _owner(host="c0ffee123456", pid=1, start_time=5, boot_id="x",
+                                    acquired=now - 1200, expires=now - 1080))  # fmt: skip
+    st.unlock("www", st.lock("www", timeout=1))
+    # One on another host whose lease still runs is respected (its PID means nothing here).
+    backend.plant(st, "www", _owner(host="c0ffee123456", pid=999_999_999, expires=now + 600))
+    with pytest.raises(LockTimeout):
+        st.lock("www", timeout=0.2)
+
+
+def test_a_dead_or_recycled_pid_on_this_host_is_stale_at_once(backend: Backend) -> None:
+    st = backend.open()
+    dead = multiprocessing.get_context("fork").Process(target=lambda: None)
+    dead.start()
+    dead.join()
+    backend.plant(st, "www", _owner(pid=dead.pid, start_time=None, expires=time.time() + 600))
+    st.unlock("www", st.lock("www", timeout=1))
+    # PID 1 is alive, but it is not the process that took the lock: another start time.
+    pid1 = process_start_time(1)
+    if pid1 is None:
+        pytest.skip("/proc/1/stat is not readable here")
+    backend.plant(st, "www", _owner(pid=1, start_time=pid1 + 1000, expires=time.time() + 600))
+    st.unlock("www", st.lock("www", timeout=1))
+    # The same PID with its real start time is a live holder: respected.
+    backend.plant(st, "www", _owner(pid=1, start_time=pid1, expires=time.time() + 600))
+    with pytest.raises(LockTimeout):
+        st.lock("www", timeout=0.2)
+
+
+def test_holder_is_gone_rules() -> None:
+    now = time.time()
+    assert holder_is_gone(_owner(expires=now - 1), now)  # lease over, even for ourselves
+    assert not holder_is_gone(_owner(), now)  # ourselves, alive
+    assert not holder_is_gone(_owner(host="elsewhere", pid=999_999_999), now)
+    assert not holder_is_gone(_owner(pid=999_999_999, boot_id="another-boot"), now)
+    assert holder_is_gone(_owner(pid=999_999_999), now)
