@@ -304,6 +304,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         by_name = {row["name"]: row for row in rows}
         for entry in served_serials(config):
             by_name[entry["certificate"]]["haproxy"].append(entry)
+    _add_dns_persist_status(config, rows)
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
@@ -341,6 +342,58 @@ def cmd_status(args: argparse.Namespace) -> int:
                 state = "in sync" if h["in_sync"] else "STALE"
                 state += f" (serves {h['served_serial'] or 'nothing'})"
             print(f"  haproxy       {h['instance']}: {state}")
+        if "dns_persist" in row:
+            problems = row["dns_persist"]["problems"]
+            print(f"  dns-persist   {'; '.join(problems) if problems else 'record published'}")
+    return EXIT_OK
+
+
+def _add_dns_persist_status(config: Config, rows: list[dict[str, Any]]) -> None:
+    """`dns_persist` ({ok, problems}) for dns-persist-01 certificates, read from DNS."""
+    from agent.dns_persist import record_problems
+    from agent.storage import FileStorage
+
+    storage = FileStorage(config.state_dir)
+    by_name = {row["name"]: row for row in rows}
+    for cert in config.certificates:
+        if cert.challenge == "dns-persist-01" and cert.name in by_name:
+            problems = record_problems(config, cert, storage)
+            by_name[cert.name]["dns_persist"] = {"ok": not problems, "problems": problems}
+
+
+# --- dns-persist -----------------------------------------------------------------------
+
+
+def _args_dns_persist(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", metavar="NAME", help="a certificate with challenge dns-persist-01")
+
+
+def cmd_dns_persist(args: argparse.Namespace) -> int:
+    """Print the `_validation-persist` TXT record(s) to publish once for certificate NAME."""
+    from agent.challenges import MemoryChallengeRegistry
+    from agent.dns_persist import records_for
+    from agent.issuer import AcmeError, Issuer
+    from agent.solvers import SolverError
+    from agent.storage import FileStorage
+
+    config = load(args)
+    (cert,) = _select(config, [args.name])
+    if cert.challenge != "dns-persist-01":
+        raise ConfigError(
+            config.path,
+            "certificates",
+            f"certificate {cert.name} uses challenge {cert.challenge}, not dns-persist-01",
+        )
+    storage = FileStorage(config.state_dir)
+    issuer = Issuer(config.acme, storage, MemoryChallengeRegistry())
+    try:
+        records = records_for(config, cert, issuer, storage)
+    except (AcmeError, SolverError) as e:
+        print(f"{cert.name}: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"; publish once in DNS for certificate {cert.name} (dns-persist-01):")
+    for r in records:
+        print(r.zone_file_line())
     return EXIT_OK
 
 
@@ -470,6 +523,11 @@ COMMANDS: dict[str, Command] = {
     "pins": Command("print SPKI pins, HPKP header and TLSA 3 1 1 data", _args_pins, cmd_pins),
     "csr": Command("print the CSR for a certificate (PEM)", _args_csr, cmd_csr),
     "check-config": Command("validate the configuration", _args_none, cmd_check_config),
+    "dns-persist": Command(
+        "print the dns-persist-01 TXT record(s) to publish once for a certificate",
+        _args_dns_persist,
+        cmd_dns_persist,
+    ),
     "haproxy-config": Command(
         "print the HAProxy configuration matching the config",
         haproxy_config.add_arguments,

@@ -31,7 +31,15 @@ Schema (every key optional unless marked required):
                 log_format = "text" | "json"
     [[certificates]]  name (required), domains (required), key (required), csr,
                 generate_key = false, key_type = "ec256", backup_pins = [], dhparam,
-                renew_before ("30d", "12h", "90m", "3600s"), allow_leaf_only (default: [acme]'s)
+                renew_before ("30d", "12h", "90m", "3600s"), allow_leaf_only (default: [acme]'s),
+                challenge = "http-01" | "dns-01" | "dns-persist-01" (wildcards "*.example.com"
+                need a DNS challenge; dns-01 names must lie in a [[dns]] zone)
+    [[dns]]     zone (required), then either nothing (lookup only: dns-persist-01
+                checks), or server ("host:port", default port 53),
+                tsig_key_name, tsig_algorithm = "hmac-sha256", tsig_secret_file (base64 or a
+                BIND key file; mode 0600) or hook = ["/path/prog", ...], hook_timeout = 30 (s);
+                check_servers = [] ("host:port"; default: the zone's NS set on port 53),
+                propagation_timeout = 120 (s). See docs/dns.md.
 """
 
 from __future__ import annotations
@@ -162,6 +170,24 @@ class DaemonConfig:
 
 
 @dataclass(frozen=True)
+class DnsZoneConfig:
+    """One `[[dns]]` zone for dns-01 (agent/dns01.py): RFC 2136 + TSIG, or a hook program."""
+
+    zone: str  # without the trailing dot, lower case
+    server: Listen | None = None  # primary accepting RFC 2136 updates
+    tsig_key_name: str | None = None
+    tsig_algorithm: str = "hmac-sha256"
+    tsig_secret_file: Path | None = None  # base64 secret (or a BIND key file), mode 0600
+    hook: tuple[str, ...] = ()  # program + fixed arguments; used instead of RFC 2136
+    hook_timeout: float = 30.0  # s per hook run
+    check_servers: tuple[Listen, ...] = ()  # where to wait for the record; () = NS lookup
+    propagation_timeout: float = 120.0  # s to wait until every server answers
+
+
+TSIG_ALGORITHMS = ("hmac-sha256", "hmac-sha384", "hmac-sha512", "hmac-sha224", "hmac-sha1")
+
+
+@dataclass(frozen=True)
 class CertificateConfig:
     name: str
     domains: tuple[str, ...]
@@ -173,6 +199,7 @@ class CertificateConfig:
     dhparam: Path | None = None
     renew_before: float | None = None  # seconds before not_after; None = automatic rule
     allow_leaf_only: bool | None = None  # None: [acme] allow_leaf_only decides
+    challenge: str = "http-01"  # "http-01" | "dns-01" | "dns-persist-01" (agent/solvers.py)
 
 
 @dataclass(frozen=True)
@@ -187,6 +214,7 @@ class Config:
     certificates: tuple[CertificateConfig, ...] = ()
     strict_permissions: bool = False
     challenges: ChallengesConfig = field(default_factory=ChallengesConfig)
+    dns: tuple[DnsZoneConfig, ...] = ()
 
     def certificate(self, name: str) -> CertificateConfig:
         """The certificate called `name`; KeyError if there is none."""
@@ -225,8 +253,12 @@ def parse_duration(value: object) -> float:
 _LABEL_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 
 
-def validate_domain(name: str) -> str:
-    """Return the lower-cased DNS name or raise ValueError saying what is wrong."""
+def validate_domain(name: str, wildcard_ok: bool = False) -> str:
+    """Return the lower-cased DNS name or raise ValueError saying what is wrong.
+
+    A wildcard `*.example.com` (one leftmost "*" label, at least two labels
+    under it) is accepted only with `wildcard_ok` (a DNS challenge validates it).
+    """
     if not isinstance(name, str) or not name:
         raise ValueError("empty domain name")
     if name != name.strip():
@@ -237,7 +269,15 @@ def validate_domain(name: str) -> str:
         raise ValueError(f"{name!r}: write the name without the trailing dot")
     lower = name.lower()
     if lower.startswith("*."):
-        raise ValueError(f"{name!r}: wildcard names need dns-01; http-01 cannot validate them")
+        if not wildcard_ok:
+            raise ValueError(
+                f'{name!r}: wildcard names need challenge = "dns-01" or "dns-persist-01"; '
+                "http-01 cannot validate them"
+            )
+        if "*" in lower[2:]:
+            raise ValueError(f"{name!r}: a wildcard may only be the whole leftmost label")
+        validate_domain(lower[2:])
+        return lower
     try:
         ipaddress.ip_address(lower.strip("[]"))
     except ValueError:
@@ -411,6 +451,7 @@ class _Loader:
     def __init__(self, file: Path) -> None:
         self.file = file
         self.base = file.resolve().parent
+        self.dns_zones: tuple[DnsZoneConfig, ...] = ()
 
     def resolve(self, value: str) -> Path:
         p = Path(value).expanduser()
@@ -448,6 +489,7 @@ class _Loader:
         metrics = MetricsConfig(listen=self._listen(metrics_s, "listen", "127.0.0.1:9810"))
         metrics_s.check_unknown()
         daemon = self._daemon(top.section("daemon"), state_dir)
+        self.dns_zones = self._dns_zones(top)
         certs = self._certificates(top)
         top.check_unknown()
         return Config(
@@ -461,6 +503,7 @@ class _Loader:
             certificates=certs,
             strict_permissions=strict_permissions,
             challenges=challenges,
+            dns=self.dns_zones,
         )
 
     def _listen(self, s: _Section, name: str, default: str) -> Listen:
@@ -658,6 +701,86 @@ class _Loader:
             certs.append(cert)
         return tuple(certs)
 
+    def _dns_zones(self, top: _Section) -> tuple[DnsZoneConfig, ...]:
+        items = top.get("dns", list, [])
+        zones: list[DnsZoneConfig] = []
+        for i, item in enumerate(items):
+            prefix = f"dns[{i}]"
+            if not isinstance(item, dict):
+                raise ConfigError(self.file, prefix, "expected a table ([[dns]])")
+            zone = self._dns_zone(_Section(self, prefix, item))
+            if zone.zone in {z.zone for z in zones}:
+                raise ConfigError(self.file, f"{prefix}.zone", f"duplicate zone {zone.zone!r}")
+            zones.append(zone)
+        return tuple(zones)
+
+    def _dns_zone(self, s: _Section) -> DnsZoneConfig:
+        raw_zone = s.get_str("zone", required=True)
+        assert raw_zone is not None
+        try:
+            zone = validate_domain(raw_zone.rstrip("."))
+        except ValueError as e:
+            raise s.error("zone", str(e)) from None
+        hook = s.get_str_list("hook")
+        if s.has("hook") and (not hook or not hook[0]):
+            raise s.error("hook", "the program (first element) must not be empty")
+        server: Listen | None = None
+        if s.has("server"):
+            raw = s.get_str("server")
+            assert raw is not None
+            try:
+                server = parse_listen(raw if ":" in raw else raw + ":53")
+            except ValueError as e:
+                raise s.error("server", str(e)) from None
+        key_name = s.get_str("tsig_key_name")
+        algorithm = s.get_str("tsig_algorithm", "hmac-sha256")
+        assert algorithm is not None
+        if algorithm.lower().rstrip(".") not in TSIG_ALGORITHMS:
+            raise s.error(
+                "tsig_algorithm", f"{algorithm!r} is not one of {', '.join(TSIG_ALGORITHMS)}"
+            )
+        secret_file = s.get_path("tsig_secret_file")
+        if hook and (server or key_name or secret_file):
+            raise s.error("hook", "use either hook or server + tsig_* keys, not both")
+        # None of server/tsig_*/hook: a lookup-only zone (dns-persist-01 checks its records;
+        # dns-01 cannot publish there, refused in _certificate).
+        if not hook and (server or key_name or secret_file):
+            for key, value in (
+                ("server", server),
+                ("tsig_key_name", key_name),
+                ("tsig_secret_file", secret_file),
+            ):
+                if value is None:
+                    raise s.error(key, "is required (or set hook = [...] for a hook program)")
+            assert secret_file is not None
+            if problem := _readable_file(secret_file):
+                raise s.error("tsig_secret_file", problem)
+            if secret_file.stat().st_mode & 0o077:
+                raise s.error(
+                    "tsig_secret_file",
+                    f"{secret_file} is readable by group or others (chmod 600 it)",
+                )
+        checks: list[Listen] = []
+        for j, v in enumerate(s.get_str_list("check_servers")):
+            try:
+                checks.append(parse_listen(v if ":" in v else v + ":53"))
+            except ValueError as e:
+                raise ConfigError(self.file, f"{s.key('check_servers')}[{j}]", str(e)) from None
+        hook_timeout = s.get_number("hook_timeout", 30.0, 0.0, 3600.0)
+        propagation = s.get_number("propagation_timeout", 120.0, 0.0, 3600.0)
+        s.check_unknown()
+        return DnsZoneConfig(
+            zone=zone,
+            server=server,
+            tsig_key_name=key_name,
+            tsig_algorithm=algorithm.lower().rstrip("."),
+            tsig_secret_file=secret_file,
+            hook=tuple(hook),
+            hook_timeout=hook_timeout,
+            check_servers=tuple(checks),
+            propagation_timeout=propagation,
+        )
+
     def _certificate(self, s: _Section) -> CertificateConfig:
         name = s.get_str("name", required=True)
         assert name is not None
@@ -666,6 +789,12 @@ class _Loader:
                 "name",
                 f"{name!r} is not a safe name (letters, digits, '.', '_', '-'; no '/' or '..'; "
                 "it names files in the state directory)",
+            )
+        challenge = s.get_str("challenge", "http-01")
+        assert challenge is not None
+        if challenge not in ("http-01", "dns-01", "dns-persist-01"):
+            raise s.error(
+                "challenge", f'{challenge!r} is not "http-01", "dns-01" or "dns-persist-01"'
             )
         raw_domains = s.get("domains", list, required=True)
         if not raw_domains:
@@ -676,9 +805,24 @@ class _Loader:
             if not isinstance(d, str):
                 raise ConfigError(self.file, dkey, f"expected a string, got {_toml_type(d)}")
             try:
-                norm = validate_domain(d)
+                norm = validate_domain(d, wildcard_ok=challenge != "http-01")
             except ValueError as e:
                 raise ConfigError(self.file, dkey, str(e)) from None
+            holder = _zone_holding(self.dns_zones, norm)
+            if challenge == "dns-01" and holder is None:
+                raise ConfigError(
+                    self.file,
+                    dkey,
+                    f"{norm!r} uses challenge dns-01 but no [[dns]] zone holds it "
+                    f"(zones: {', '.join(z.zone for z in self.dns_zones) or 'none'})",
+                )
+            if challenge == "dns-01" and holder is not None and not (holder.server or holder.hook):
+                raise ConfigError(
+                    self.file,
+                    dkey,
+                    f"{norm!r} uses challenge dns-01 but its [[dns]] zone {holder.zone!r} has "
+                    "neither server + tsig_* keys nor a hook to publish records with",
+                )
             if norm in domains:
                 raise ConfigError(self.file, dkey, f"duplicate domain {norm!r}")
             domains.append(norm)
@@ -780,7 +924,15 @@ class _Loader:
             dhparam=dhparam,
             renew_before=renew_before,
             allow_leaf_only=allow_leaf_only,
+            challenge=challenge,
         )
+
+
+def _zone_holding(zones: tuple[DnsZoneConfig, ...], name: str) -> DnsZoneConfig | None:
+    """The longest zone holding `name` (agent.dns01.zone_for uses the same rule)."""
+    bare = name.removeprefix("*.")
+    holding = [z for z in zones if bare == z.zone or bare.endswith("." + z.zone)]
+    return max(holding, key=lambda z: len(z.zone), default=None)
 
 
 def _not_a_directory(path: Path) -> str | None:

@@ -6,11 +6,16 @@
   agreement, optional EAB). A `newAccount` for a key the CA already knows
   returns the existing account, so a restarted or different CA instance is
   handled by the same request.
-- `issue(csr_pem, domains, replaces=None)` runs one order: newOrder (with
-  `replaces` and `profile` when applicable) -> http-01 key authorizations put in
-  the challenge registry (the SPOE agent serves them through HAProxy) ->
-  answer -> poll every `poll_interval` seconds -> finalize -> poll -> download
-  the full chain. Tokens are removed from the registry whatever happens.
+- `issue(csr_pem, domains, replaces=None, challenge="http-01", cert_name=None)`
+  runs one order: newOrder (with `replaces` and `profile` when applicable) ->
+  the `challenge` type picked from every authorization (none offered: a
+  ValidationFailed naming the certificate and the types offered) -> the
+  solver of that type publishes all of them at once (agent/solvers.py: http-01
+  key authorizations in the challenge registry, served by the SPOE agent;
+  dns-01 TXT records, agent/dns01.py) -> answer -> poll every `poll_interval`
+  seconds -> finalize -> poll -> download the full chain. What the solver
+  published is removed whatever happens. `connect()` first lets every solver
+  remove leftovers of a process that died mid-order (`Solver.recover`).
   Thread-safe: every call uses its own HTTP session, so orders run in parallel.
 
 Retries (the library retries badNonce only once): badNonce is retried at once
@@ -40,7 +45,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -56,6 +61,17 @@ from josepy.jwk import JWKEC
 from agent import ari, keys
 from agent.challenges import ChallengeRegistry
 from agent.config import AcmeConfig
+from agent.solvers import (
+    DEFAULT_CHALLENGE,
+    ChallengeTask,
+    Http01Solver,
+    NoMatchingChallenge,
+    Solver,
+    SolverError,
+    challenge_answer,
+    count_challenge,
+    pick_challenge,
+)
 from agent.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -156,6 +172,11 @@ class ValidationFailed(AcmeError):
         super().__init__(f"validation of {domain} failed: {detail}")
         self.domain = domain
         self.detail = detail
+
+
+class ChallengeSetupFailed(AcmeError):
+    """The solver could not publish what the CA needs (DNS update refused, hook failed,
+    record not visible in time); the CA was not asked to validate."""
 
 
 class OrderFailed(AcmeError):
@@ -450,6 +471,17 @@ class IssuedCertificate:
     order_url: str | None
 
 
+@dataclass(frozen=True)
+class PersistChallenge:
+    """One authorization's dns-persist-01 challenge: the name (a wildcard's base name),
+    whether it is a wildcard, the CA's issuer domain names and our account URI."""
+
+    domain: str
+    wildcard: bool
+    issuer_domain_names: tuple[str, ...]
+    account_uri: str
+
+
 def account_slug(directory_url: str) -> str:
     """Storage key part for the account of one CA directory (host + short hash of the URL)."""
     host = urlsplit(directory_url).hostname or "ca"
@@ -466,15 +498,23 @@ class Issuer:
         storage: Storage,
         registry: ChallengeRegistry,
         user_agent: str = USER_AGENT,
+        solvers: Mapping[str, Solver] | None = None,
     ) -> None:
+        """`solvers` maps a challenge type to its solver (agent/solvers.py); http-01
+        through `registry` is always there unless `solvers` replaces it."""
         self.cfg = acme_cfg
         self.storage = storage
         self.registry = registry
         self.user_agent = user_agent
+        self.solvers: dict[str, Solver] = {
+            "http-01": Http01Solver(registry, acme_cfg.timeout + TOKEN_GRACE),
+            **(solvers or {}),
+        }
         self.directory: messages.Directory | None = None
         self.account: messages.RegistrationResource | None = None
         self.account_key: JWKEC | None = None
         self._lock = threading.Lock()
+        self._recovered = False
 
     # -- plumbing --
 
@@ -569,6 +609,11 @@ class Issuer:
             finally:
                 net.session.close()
             self._save_account_json()
+            if not self._recovered:
+                # Leftovers (DNS records) of a process that died mid-order.
+                self._recovered = True
+                for solver in self.solvers.values():
+                    solver.recover()
 
     def _register(self, acme: client.ClientV2) -> messages.RegistrationResource:
         assert self.directory is not None and self.account_key is not None
@@ -646,18 +691,33 @@ class Issuer:
     # -- orders --
 
     def issue(
-        self, csr_pem: bytes, domains: Sequence[str], replaces: str | None = None
+        self,
+        csr_pem: bytes,
+        domains: Sequence[str],
+        replaces: str | None = None,
+        *,
+        challenge: str = DEFAULT_CHALLENGE,
+        cert_name: str | None = None,
     ) -> IssuedCertificate:
-        """Run one order to completion; raise an AcmeError subclass on failure."""
+        """Run one order to completion; raise an AcmeError subclass on failure.
+
+        `challenge` is the certificate's challenge type: the solver of that type
+        proves every authorization. `cert_name` names the certificate in errors.
+        """
+        solver = self.solvers.get(challenge)
+        label = cert_name or ", ".join(domains)
+        if solver is None:
+            raise ValidationFailed(label, f"no solver for challenge {challenge!r} is configured")
         self.connect()
         assert self.directory is not None and self.account_key is not None
         deadline = time.monotonic() + self.cfg.timeout
         net = self._net(deadline)
         acme = self._client(net)
-        tokens: list[str] = []
+        presented: list[list[ChallengeTask]] = []
+        order = _OrderSolver(solver, label, presented)
         try:
             try:
-                return self._issue(acme, net, csr_pem, domains, replaces, tokens, deadline)
+                return self._issue(acme, net, csr_pem, domains, replaces, order, deadline)
             except messages.Error as e:
                 code = problem_code(e)
                 if replaces and (
@@ -670,7 +730,7 @@ class Issuer:
                         replaces,
                         _problem_text(e),
                     )
-                    return self._issue(acme, net, csr_pem, domains, None, tokens, deadline)
+                    return self._issue(acme, net, csr_pem, domains, None, order, deadline)
                 raise
         except AcmeError:
             raise
@@ -687,8 +747,63 @@ class Issuer:
                 f"the CA's answer to {net.last_what} is not valid: {why}"
             ) from None
         finally:
-            for t in tokens:
-                self.registry.remove(t)
+            for tasks in presented:
+                solver.cleanup(label, tasks)
+            net.session.close()
+
+    def persist_challenges(self, domains: Sequence[str]) -> list[PersistChallenge]:
+        """What the CA's dns-persist-01 challenges for `domains` ask for: one entry per
+        authorization, with the issuer domain names and the account URI.
+
+        Places a new order and reads its authorizations without answering any
+        challenge (the order simply expires at the CA). Raises ValidationFailed
+        when an authorization offers no dns-persist-01 challenge.
+        """
+        self.connect()
+        assert self.directory is not None and self.account is not None
+        net = self._net(time.monotonic() + self.cfg.timeout)
+        try:
+            order_msg = ari.NewOrder(
+                identifiers=[
+                    messages.Identifier(typ=messages.IDENTIFIER_FQDN, value=d) for d in domains
+                ],
+                profile=self.cfg.profile or None,
+            )
+            resp = net.post(
+                self.directory["newOrder"], order_msg, new_nonce_url=self.directory["newNonce"]
+            )
+            order = _parse(messages.Order, resp, net.last_what, ("authorizations",))
+            out: list[PersistChallenge] = []
+            for authz_url in order.authorizations:
+                authz = _parse(
+                    messages.Authorization,
+                    self._post_as_get(net, authz_url),
+                    net.last_what,
+                    ("identifier", "challenges"),
+                )
+                try:
+                    challb = pick_challenge(", ".join(domains), authz, "dns-persist-01")
+                except NoMatchingChallenge as e:
+                    raise ValidationFailed(authz.identifier.value, str(e)) from None
+                jobj = challb.chall.to_partial_json()
+                names = jobj.get("issuer-domain-names") or []
+                if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                    raise AcmeProtocolError(
+                        f"the CA's answer to {net.last_what} has a dns-persist-01 challenge "
+                        "without a list of issuer-domain-names"
+                    )
+                out.append(
+                    PersistChallenge(
+                        domain=authz.identifier.value,
+                        wildcard=bool(authz.wildcard),
+                        issuer_domain_names=tuple(names),
+                        account_uri=str(jobj.get("accounturi") or self.account.uri),
+                    )
+                )
+            return out
+        except messages.Error as e:
+            raise AcmeServerError(f"the CA refused: {_problem_text(e)}", e.typ) from e
+        finally:
             net.session.close()
 
     def _post_as_get(self, net: RetryingNetwork, url: str) -> requests.Response:
@@ -702,7 +817,7 @@ class Issuer:
         csr_pem: bytes,
         domains: Sequence[str],
         replaces: str | None,
-        tokens: list[str],
+        solving: _OrderSolver,
         deadline: float,
     ) -> IssuedCertificate:
         assert self.directory is not None and self.account_key is not None
@@ -726,6 +841,8 @@ class Issuer:
         # Start every pending authorization first, then poll them together: the
         # CA validates the domains in parallel.
         pending: list[messages.AuthorizationResource] = []
+        tasks: list[ChallengeTask] = []
+        answers: list[tuple[messages.ChallengeBody, challenges.ChallengeResponse]] = []
         for authz_url in order.authorizations:
             authzr = messages.AuthorizationResource(
                 body=_parse(
@@ -743,13 +860,35 @@ class Issuer:
                 raise ValidationFailed(
                     authzr.body.identifier.value, f"authorization is {status.name} before we began"
                 )
-            challb = self._http01(authzr)
-            response, key_authorization = challb.chall.response_and_validation(self.account_key)
-            expires = time.time() + self.cfg.timeout + TOKEN_GRACE
-            self.registry.add(challb.chall.encode("token"), key_authorization, expires)
-            tokens.append(challb.chall.encode("token"))
-            acme.answer_challenge(challb, response)
+            try:
+                challb = pick_challenge(solving.label, authzr.body, solving.solver.challenge_type)
+            except NoMatchingChallenge as e:
+                raise ValidationFailed(authzr.body.identifier.value, str(e)) from None
+            if isinstance(challb.chall, challenges.KeyAuthorizationChallenge):
+                response: challenges.ChallengeResponse
+                response, validation = challb.chall.response_and_validation(self.account_key)
+            else:  # dns-persist-01: nothing to compute, the answer is {}
+                response, validation = challenge_answer(), ""
+            tasks.append(
+                ChallengeTask(
+                    domain=authzr.body.identifier.value,
+                    wildcard=bool(authzr.body.wildcard),
+                    challenge=challb,
+                    validation=validation,
+                )
+            )
+            answers.append((challb, response))
             pending.append(authzr)
+
+        # Publish everything (one propagation wait for all names), then answer.
+        # The order's deadline (acme.timeout) covers talking to the CA; the DNS propagation
+        # wait has its own bound (propagation_timeout), so it moves the deadline on.
+        if tasks:
+            waited = solving.present(tasks)
+            deadline += waited
+            net.deadline += waited
+        for challb, response in answers:
+            acme.answer_challenge(challb, response)
 
         wait = self.cfg.poll_interval
         while pending:
@@ -757,14 +896,16 @@ class Issuer:
             wait = self.cfg.poll_interval
             still: list[messages.AuthorizationResource] = []
             for authzr in pending:
-                updated, response = acme.poll(authzr)
-                ra = _retry_after_of(response)
+                updated, poll_response = acme.poll(authzr)
+                ra = _retry_after_of(poll_response)
                 if ra is not None:  # the CA asks us to poll less often: do so
                     wait = max(wait, ra)
                 status = updated.body.status
                 if status == messages.STATUS_VALID:
+                    count_challenge(solving.solver.challenge_type, "valid")
                     continue
                 if status == messages.STATUS_INVALID:
+                    count_challenge(solving.solver.challenge_type, "invalid")
                     raise ValidationFailed(updated.body.identifier.value, _authz_error(updated))
                 still.append(updated)
             pending = still
@@ -802,20 +943,32 @@ class Issuer:
         return IssuedCertificate(fullchain_pem=cert_resp.text, order_url=order_url)
 
     @staticmethod
-    def _http01(authzr: messages.AuthorizationResource) -> messages.ChallengeBody:
-        for challb in authzr.body.challenges:
-            if isinstance(challb.chall, challenges.HTTP01):
-                return challb
-        raise ValidationFailed(
-            authzr.body.identifier.value, "the CA offers no http-01 challenge for this name"
-        )
-
-    @staticmethod
     def _sleep(seconds: float, deadline: float, what: str) -> None:
         left = deadline - time.monotonic()
         if left <= 0:
             raise AcmeTimeout(f"timed out {what}")
         time.sleep(min(seconds, left))
+
+
+class _OrderSolver:
+    """One order's solver and what it presented (the issuer cleans that up in `finally`)."""
+
+    def __init__(self, solver: Solver, label: str, presented: list[list[ChallengeTask]]) -> None:
+        self.solver = solver
+        self.label = label
+        self.presented = presented
+
+    def present(self, tasks: list[ChallengeTask]) -> float:
+        """Present `tasks`; return the seconds it took."""
+        # Recorded before presenting: a half-done present is cleaned up too.
+        self.presented.append(tasks)
+        start = time.monotonic()
+        try:
+            self.solver.present(self.label, tasks)
+        except SolverError as e:
+            count_challenge(self.solver.challenge_type, "error")
+            raise ChallengeSetupFailed(f"certificate {self.label}: {e}") from None
+        return time.monotonic() - start
 
 
 def _authz_error(authzr: messages.AuthorizationResource) -> str:

@@ -27,6 +27,9 @@ that the start-up repair can migrate it.
 HAProxy files: `bundle_path(cert_dir, NAME)` is `<cert_dir>/NAME.pem`, the file
 the HAProxy config's `crt` / crt-list line names.
 
+DNS challenges: `dns_pending_key(NAME, DIGEST)` (dns-01 journal of published
+records, under `DNS_PENDING`), `dns_persist_key(NAME)` (dns-persist-01 records).
+
 Locks (`Storage.lock` names): `cert_lock(NAME)` guards every write of one
 certificate's keys; `RENEW_COMMAND_LOCK` makes overlapping cron runs wait.
 """
@@ -128,6 +131,21 @@ def cert_lock(name: str) -> str:
 def bundle_path(cert_dir: Path, name: str) -> Path:
     """The HAProxy bundle of certificate `name`: `<cert_dir>/<name>.pem`."""
     return Path(cert_dir) / f"{safe_name(name)}.pem"
+
+
+# DNS challenges (agent/dns01.py, agent/dns_persist.py): not per-generation state.
+DNS_PENDING = "dns/pending"
+
+
+def dns_pending_key(name: str, digest: str) -> str:
+    """Journal entry of the dns-01 records an order of certificate `name` published
+    (`digest`: hex of the values), deleted once they are removed again."""
+    return safe_key(f"{DNS_PENDING}/{safe_name(name)}-{digest}.json")
+
+
+def dns_persist_key(name: str) -> str:
+    """The dns-persist-01 records `dns-persist NAME` printed, for `status` checks."""
+    return safe_key(f"dns/persist/{safe_name(name)}.json")
 
 
 # atomic_write's temp files: ".<target name>.<random>.tmp" (see agent.storage).

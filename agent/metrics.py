@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -34,6 +35,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from agent.solvers import listen_to_challenge_results
 from agent.spoa import LOOKUP_BUCKETS, SpoaCounters
 
 log = logging.getLogger(__name__)
@@ -117,18 +119,31 @@ class _CertificateCollector(Collector):
 class _SpoaCollector(Collector):
     """Reads SpoaCounters at scrape time (from the scrape thread; see SpoaCounters)."""
 
-    def __init__(self, counters: SpoaCounters) -> None:
+    def __init__(
+        self,
+        counters: SpoaCounters,
+        validations: dict[tuple[str, str], int],
+        validations_lock: threading.Lock,
+    ) -> None:
         self._counters = counters
+        self._validations = validations
+        self._validations_lock = validations_lock
 
     def collect(self) -> Iterator[Metric]:
         c = self._counters
         challenges = CounterMetricFamily(
             PREFIX + "challenges",
-            "http-01 challenge requests asked of the SPOE agent, by result (answered or unknown).",
-            labels=["result"],
+            "Challenges by type (http-01, dns-01, dns-persist-01) and result: answered or "
+            "unknown (http-01 requests asked of the SPOE agent); valid, invalid or error "
+            "(authorizations the agent had validated, per challenge type).",
+            labels=["type", "result"],
         )
-        challenges.add_metric(["answered"], c.answered)
-        challenges.add_metric(["unknown"], c.unknown)
+        challenges.add_metric(["http-01", "answered"], c.answered)
+        challenges.add_metric(["http-01", "unknown"], c.unknown)
+        with self._validations_lock:
+            outcomes = sorted(self._validations.items())
+        for (challenge_type, result), count in outcomes:
+            challenges.add_metric([challenge_type, result], count)
         yield challenges
         counts = list(c.lookup_buckets)  # one snapshot: buckets and count agree
         cumulative: list[tuple[str, float]] = []
@@ -168,7 +183,12 @@ class Metrics:
         )
         # The SPOE agent's counts: pass to SpoaServer(counters=...) (the daemon does).
         self.spoa = SpoaCounters()
-        self.registry.register(_SpoaCollector(self.spoa))
+        # Authorization outcomes per challenge type (issuer hook, worker threads).
+        self.validations: dict[tuple[str, str], int] = {}
+        self._validations_lock = threading.Lock()
+        self.registry.register(
+            _SpoaCollector(self.spoa, self.validations, self._validations_lock)
+        )
         self.acme_errors = Counter(
             PREFIX + "acme_errors",
             "ACME failures by error type (e.g. rateLimited, connection, badNonce).",
@@ -181,11 +201,18 @@ class Metrics:
             ["certificate", "instance"],
             registry=self.registry,
         )
+        listen_to_challenge_results(self.observe_validation)
 
     def observe_challenge(self, result: str, seconds: float) -> None:
         """One challenge lookup with its result and duration, for callers outside the
         SPOA (the SPOA itself increments `self.spoa` directly)."""
         self.spoa.count_result(result, seconds)
+
+    def observe_validation(self, challenge_type: str, result: str) -> None:
+        """Issuer hook (via agent.solvers): one authorization's outcome."""
+        with self._validations_lock:
+            key = (challenge_type, result)
+            self.validations[key] = self.validations.get(key, 0) + 1
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -71,6 +71,7 @@ from agent.issuer import (
     RateLimited,
     ValidationFailed,
 )
+from agent.solvers import build_solvers
 from agent.storage import FileStorage, LockLost, LockTimeout, Storage
 
 log = logging.getLogger(__name__)
@@ -296,7 +297,13 @@ class CertificateIssuer(Protocol):
     ) -> ari.RenewalWindow | None: ...
 
     def issue(
-        self, csr_pem: bytes, domains: Sequence[str], replaces: str | None = None
+        self,
+        csr_pem: bytes,
+        domains: Sequence[str],
+        replaces: str | None = None,
+        *,
+        challenge: str = "http-01",
+        cert_name: str | None = None,
     ) -> IssuedCertificate: ...
 
 
@@ -330,7 +337,9 @@ class Renewer:
             # dry run or a run with nothing due writes nothing at all.
             storage = FileStorage(config.state_dir)
         self.storage = storage
-        self.issuer: CertificateIssuer = issuer or Issuer(config.acme, storage, registry)
+        self.issuer: CertificateIssuer = issuer or Issuer(
+            config.acme, storage, registry, solvers=build_solvers(config, storage)
+        )
         self.on_installed = on_installed
         self.clock = clock
         self._rate_limited: RateLimited | None = None  # set once the CA rate-limits this run
@@ -572,7 +581,9 @@ class Renewer:
                         replaces = ari.cert_id(cert)
                     except ValueError:
                         replaces = None
-            issued = self.issuer.issue(csr_pem, cfg.domains, replaces=replaces)
+            issued = self.issuer.issue(
+                csr_pem, cfg.domains, replaces=replaces, challenge=cfg.challenge, cert_name=cfg.name
+            )
             checked = check_certificate(
                 issued.fullchain_pem.encode(), key, cfg.domains, cfg.backup_pins, self.clock(),
                 policy=policy_for(self.config.acme, cfg), name=cfg.name,

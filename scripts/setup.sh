@@ -11,8 +11,10 @@ cd "$(dirname "$0")/.."
 # systemd (systemd-analyze) and docker-compose (`docker-compose config`, no engine
 # needed) only lint the shipped unit and compose file in tests/test_packaging.py.
 # patchelf points the HAProxy 3.x copies at sid's libraries (fetch_debian.sh).
+# bind9 is the authoritative DNS server the dns-01 tests start themselves
+# (tests/support/bind.py); bind9-dnsutils brings nsupdate for the hook example.
 APT_PACKAGES=(haproxy pebble wrk openssl ca-certificates python3-venv systemd docker-compose curl
-    patchelf debian-archive-keyring)
+    patchelf debian-archive-keyring bind9 bind9-utils bind9-dnsutils)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -22,9 +24,12 @@ if ((${#missing[@]})); then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
-# Debian enables haproxy.service on install; we never use it, and it would hold :80.
+# Debian enables these services on install; the tests never use them (they start
+# their own processes on free loopback ports), and they would hold :80 and :53.
 if command -v systemctl >/dev/null 2>&1; then
-    systemctl disable --now haproxy >/dev/null 2>&1 || true
+    for unit in haproxy named; do
+        systemctl disable --now "$unit" >/dev/null 2>&1 || true
+    done
 fi
 
 PY=${PYTHON:-python3}

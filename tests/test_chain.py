@@ -128,7 +128,13 @@ class LeafOnlyIssuer:
         return None
 
     def issue(
-        self, csr_pem: bytes, domains: Sequence[str], replaces: str | None = None
+        self,
+        csr_pem: bytes,
+        domains: Sequence[str],
+        replaces: str | None = None,
+        *,
+        challenge: str = "http-01",
+        cert_name: str | None = None,
     ) -> IssuedCertificate:
         csr = x509.load_pem_x509_csr(csr_pem)
         now = time.time()

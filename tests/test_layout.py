@@ -37,6 +37,8 @@ TABLE: list[tuple[str, Callable[..., object], tuple[object, ...], object]] = [
     ("early id sorts first", layout.new_generation_id, (99.0, 1), "0000000099000-1"),
     ("temp of a bundle", layout.temp_target, (".www.pem.k2j_8x9a.tmp",), "www.pem"),
     ("not a temp", layout.temp_target, ("www.pem",), None),
+    ("dns-01 journal", layout.dns_pending_key, ("www", "0a1b"), "dns/pending/www-0a1b.json"),
+    ("dns-persist records", layout.dns_persist_key, ("www",), "dns/persist/www.json"),
 ]  # fmt: skip
 
 
@@ -55,6 +57,8 @@ def test_layout_names(
         (layout.cert_key, ("www", "../x")),
         (layout.bundle_path, (Path("/c"), "../../etc/passwd")),
         (layout.cert_lock, (".hidden",)),
+        (layout.dns_pending_key, ("../x", "00")),
+        (layout.dns_persist_key, ("a/b",)),
     ],
 )
 def test_hostile_names_are_refused(fn: Callable[..., object], args: tuple[object, ...]) -> None:

@@ -52,11 +52,27 @@ def test_event_counters_and_spoe_histogram_are_exported_under_fixed_names() -> N
     metrics.renewals.labels("www", "failure").inc()
     metrics.acme_errors.labels("rateLimited").inc()
     text = metrics.render().decode()
-    assert _sample(text, 'haproxy_acme_challenges_total{result="answered"}') == 1
-    assert _sample(text, 'haproxy_acme_challenges_total{result="unknown"}') == 2
+    assert _sample(text, 'haproxy_acme_challenges_total{result="answered",type="http-01"}') == 1
+    assert _sample(text, 'haproxy_acme_challenges_total{result="unknown",type="http-01"}') == 2
     assert _sample(text, 'haproxy_acme_renewals_total{certificate="www",result="failure"}') == 1
     assert _sample(text, 'haproxy_acme_acme_errors_total{type="rateLimited"}') == 1
     assert _sample(text, "haproxy_acme_spoe_request_duration_seconds_count") == 3
+
+
+def test_challenge_outcomes_are_counted_per_challenge_type() -> None:
+    from agent.solvers import count_challenge
+
+    metrics = Metrics(list)
+    count_challenge("dns-01", "valid")
+    count_challenge("dns-01", "valid")
+    count_challenge("dns-persist-01", "invalid")
+    count_challenge("dns-01", "error")
+    text = metrics.render().decode()
+    assert _sample(text, 'haproxy_acme_challenges_total{result="valid",type="dns-01"}') == 2
+    assert (
+        _sample(text, 'haproxy_acme_challenges_total{result="invalid",type="dns-persist-01"}') == 1
+    )
+    assert _sample(text, 'haproxy_acme_challenges_total{result="error",type="dns-01"}') == 1
 
 
 def test_a_failing_state_source_does_not_break_the_scrape() -> None:

@@ -195,7 +195,13 @@ class StandInIssuer:
         return replace(self.window, cert_id=ari.cert_id(cert))
 
     def issue(
-        self, csr_pem: bytes, domains: Sequence[str], replaces: str | None = None
+        self,
+        csr_pem: bytes,
+        domains: Sequence[str],
+        replaces: str | None = None,
+        *,
+        challenge: str = "http-01",
+        cert_name: str | None = None,
     ) -> IssuedCertificate:
         self.replaces.append(replaces)
         if self.fail is not None:
@@ -539,10 +545,12 @@ def test_concurrent_forced_runs_order_each_certificate_once(config: Config) -> N
     orders: list[tuple[str, ...]] = []
     real_issue = issuer.issue
 
-    def counted(csr_pem: bytes, domains: Sequence[str], replaces: str | None = None) -> Any:
+    def counted(
+        csr_pem: bytes, domains: Sequence[str], replaces: str | None = None, **kw: Any
+    ) -> Any:
         orders.append(tuple(domains))
         time.sleep(0.05)  # an order takes a while: the other runs queue up meanwhile
-        return real_issue(csr_pem, domains, replaces)
+        return real_issue(csr_pem, domains, replaces, **kw)
 
     issuer.issue = counted  # type: ignore[method-assign]
     run(config, StandInIssuer())  # both installed once, as before `renew --force`

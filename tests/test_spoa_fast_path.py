@@ -266,8 +266,8 @@ def test_no_prometheus_call_per_request_and_counts_are_right_at_scrape(
     assert calls == [] and collects == []
     text = metrics.render().decode()
     assert len(collects) == 1
-    assert f'haproxy_acme_challenges_total{{result="answered"}} {n // 2}.0' in text
-    assert f'haproxy_acme_challenges_total{{result="unknown"}} {n // 2}.0' in text
+    assert f'haproxy_acme_challenges_total{{result="answered",type="http-01"}} {n // 2}.0' in text
+    assert f'haproxy_acme_challenges_total{{result="unknown",type="http-01"}} {n // 2}.0' in text
     assert f"haproxy_acme_spoe_request_duration_seconds_count {n}.0" in text
     assert f'haproxy_acme_spoe_request_duration_seconds_bucket{{le="+Inf"}} {n}.0' in text
 
@@ -292,4 +292,4 @@ def test_counters_survive_a_replaced_server() -> None:
         proto = _SpoaProtocol(server)
         proto.connection_made(FakeTransport())  # type: ignore[arg-type]
         proto.data_received(hello() + notify(TOKEN))
-    assert 'haproxy_acme_challenges_total{result="answered"} 2.0' in metrics.render().decode()
+    assert 'haproxy_acme_challenges_total{result="answered",type="http-01"} 2.0' in metrics.render().decode()

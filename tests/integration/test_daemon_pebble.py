@@ -161,7 +161,7 @@ def test_daemon_issues_deploys_and_renews_on_its_own_without_reloading_haproxy(
             renewal = f'haproxy_acme_certificate_renewal_timestamp_seconds{{certificate="{name}"}}'
             assert leaf.not_valid_before_utc.timestamp() < samples[renewal]
             assert samples[renewal] < leaf.not_valid_after_utc.timestamp()
-        assert samples['haproxy_acme_challenges_total{result="answered"}'] >= 2
+        assert samples['haproxy_acme_challenges_total{result="answered",type="http-01"}'] >= 2
 
         # `status` shows, per HAProxy instance, whether it serves the stored serial.
         status = subprocess.run(

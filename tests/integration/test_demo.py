@@ -26,5 +26,5 @@ def test_demo_serves_three_certificates_from_stable_keys_and_stops_cleanly() -> 
     assert out.count("(the stable key: yes)") == 3
     for domain in ("www.demo.test", "api.demo.test", "shop.demo.test"):
         assert f"{domain}: served by HAProxy" in out
-    assert 'haproxy_acme_challenges_total{result="answered"}' in out
+    assert 'haproxy_acme_challenges_total{result="answered",type="http-01"}' in out
     assert "agent exited with 0" in out

@@ -75,6 +75,7 @@ class AcmeStack:
         validity_period: int | None = None,
         pebble_env: dict[str, str] | None = None,
         answer: str = "spoe",
+        dns_server: str | None = None,
         pebble_binary: str | None = None,
     ) -> None:
         self.workdir = Path(workdir)
@@ -113,6 +114,7 @@ class AcmeStack:
             nonce_reject=nonce_reject,
             validity_period=validity_period,
             extra_env=pebble_env,
+            dns_server=dns_server,
             binary=pebble_binary,
         )
 

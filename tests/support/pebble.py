@@ -191,10 +191,14 @@ class PebbleProcess:
         eab_keys: dict[str, str] | None = None,
         extra_env: dict[str, str] | None = None,
         binary: str | None = None,
+        dns_server: str | None = None,
     ) -> None:
-        """`binary`: the pebble to run (default: the first of pebble_binaries())."""
+        """`binary`: the pebble to run (default: the first of pebble_binaries()).
+        `dns_server` "127.0.0.1:PORT": Pebble resolves through that server (a real BIND,
+        tests/support/bind.py) and challtestsrv is not started."""
         self.binary = binary or pebble_binaries()[0][1]
         self.challtestsrv = challtestsrv_of(self.binary)
+        self.dns_server = dns_server
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.http_port = http_port
@@ -279,7 +283,7 @@ class PebbleProcess:
             raise PebbleError("pebble is already running")
         try:
             dns_flag, *dns_extra = _dns_flag(self.challtestsrv)
-            self._cts = self._spawn(
+            self._cts = None if self.dns_server else self._spawn(
                 [
                     self.challtestsrv,
                     dns_flag, f"127.0.0.1:{self.dns_port}",
@@ -304,7 +308,7 @@ class PebbleProcess:
                 [
                     self.binary,
                     "-config", str(self.config_path),
-                    "-dnsserver", f"127.0.0.1:{self.dns_port}",
+                    "-dnsserver", self.dns_server or f"127.0.0.1:{self.dns_port}",
                     "-strict=false",
                 ],
                 env,
