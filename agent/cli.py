@@ -90,6 +90,7 @@ def _args_renew(p: argparse.ArgumentParser) -> None:
 
 def cmd_renew(args: argparse.Namespace) -> int:
     """Renew due certificates, serving the SPOE agent on [spoa] listen while orders run."""
+    from agent import challenge_map
     from agent.challenges import MemoryChallengeRegistry
     from agent.renewal import prepare_state, renew_certificates
 
@@ -101,6 +102,10 @@ def cmd_renew(args: argparse.Namespace) -> int:
         if handed is not None:
             return handed
     registry = MemoryChallengeRegistry()
+    # answer = "map": HAProxy answers from its map; no SPOA needed for this run.
+    map_registry = challenge_map.from_config(config, registry)
+    if map_registry is not None and not args.dry_run:
+        challenge_map.startup_check(config)
 
     @contextlib.contextmanager
     def serve() -> Iterator[object]:
@@ -158,9 +163,9 @@ def cmd_renew(args: argparse.Namespace) -> int:
             args.names or None,
             args.force,
             args.dry_run,
-            registry,
+            registry if map_registry is None else map_registry,
             on_installed=hook,
-            serve_challenges=serve,
+            serve_challenges=serve if map_registry is None else None,
             started_at=started_at,
         )
     failed = _print_results(
@@ -448,6 +453,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config check-config passed); writes nothing."""
     config = load(args)
     permissions.startup_checks(config)
+    from agent import challenge_map
+
+    challenge_map.startup_check(config)  # map mode: as `run` (only reachable instances)
     names = ", ".join(c.name for c in config.certificates) or "none"
     print(f"{config.path}: OK ({len(config.certificates)} certificates: {names})")
     return EXIT_OK

@@ -20,6 +20,11 @@ Schema (every key optional unless marked required):
     [haproxy]   runtime_api = [] ("unix:/path" or "tcp:host:port"), cert_dir = <state_dir>/haproxy,
                 crt_list = "", verify = [] ("host:port"), reload_command = [], timeout = 5.0 (s),
                 bufsize = 16384 (bytes; must equal HAProxy's tune.bufsize)
+    [challenges] answer = "spoe" | "map" (map: HAProxy answers from a map the agent fills over
+                the runtime API; needs [haproxy] runtime_api at level admin),
+                map (default: "virt@acme" where HAProxy declares it, 3.0+, else the file
+                <cert_dir>/acme-challenge.map; or "virt@NAME" or a file path),
+                map_timeout = 10 (s an order waits for every instance to take a token)
     [metrics]   listen = "127.0.0.1:9810"
     [daemon]    control_socket = <state_dir>/control.sock, check_interval = 3600 (s),
                 reconcile_interval = 30 (s), retry_base = 60 (s), retry_max = 6h,
@@ -121,6 +126,26 @@ class HAProxyConfig:
     bufsize: int = 16384  # HAProxy's tune.bufsize: the largest runtime API payload + 1
 
 
+ANSWER_MODES = ("spoe", "map")
+DEFAULT_MAP_FILE = "acme-challenge.map"  # in [haproxy] cert_dir, for HAProxy before 3.0
+
+
+@dataclass(frozen=True)
+class ChallengesConfig:
+    """How http-01 challenges are answered (see docs/challenge-modes.md).
+
+    `answer`: "spoe" (HAProxy asks the agent over SPOE) or "map" (the agent
+    puts tokens into an HAProxy map over the runtime API). `map`: the map's
+    name; None picks "virt@acme" or the default file per instance (see
+    agent.challenge_map). `map_timeout`: seconds an order waits for every
+    runtime API instance to take a token before it fails.
+    """
+
+    answer: str = "spoe"
+    map: str | None = None
+    map_timeout: float = 10.0
+
+
 @dataclass(frozen=True)
 class MetricsConfig:
     listen: Listen = field(default_factory=lambda: Listen("127.0.0.1", 9810))
@@ -161,6 +186,7 @@ class Config:
     daemon: DaemonConfig
     certificates: tuple[CertificateConfig, ...] = ()
     strict_permissions: bool = False
+    challenges: ChallengesConfig = field(default_factory=ChallengesConfig)
 
     def certificate(self, name: str) -> CertificateConfig:
         """The certificate called `name`; KeyError if there is none."""
@@ -417,6 +443,7 @@ class _Loader:
         spoa = self._spoa(spoa_s)
         spoa_s.check_unknown()
         haproxy = self._haproxy(top.section("haproxy"), state_dir)
+        challenges = self._challenges(top.section("challenges"), haproxy)
         metrics_s = top.section("metrics")
         metrics = MetricsConfig(listen=self._listen(metrics_s, "listen", "127.0.0.1:9810"))
         metrics_s.check_unknown()
@@ -433,6 +460,7 @@ class _Loader:
             daemon=daemon,
             certificates=certs,
             strict_permissions=strict_permissions,
+            challenges=challenges,
         )
 
     def _listen(self, s: _Section, name: str, default: str) -> Listen:
@@ -552,6 +580,36 @@ class _Loader:
             timeout=timeout,
             bufsize=bufsize,
         )
+
+    def _challenges(self, s: _Section, haproxy: HAProxyConfig) -> ChallengesConfig:
+        from agent.haproxy_api import check_map_name
+
+        answer = s.get_str("answer", "spoe")
+        if answer not in ANSWER_MODES:
+            raise s.error("answer", f'{answer!r} is not "spoe" or "map"')
+        map_name: str | None = None
+        raw = s.get_str("map")
+        if raw is not None:
+            map_name = raw if raw.startswith("virt@") else str(self.resolve(raw))
+            try:
+                check_map_name(map_name)
+            except ValueError as e:
+                raise s.error("map", str(e)) from None
+            if not map_name.startswith("virt@") and not Path(map_name).parent.is_dir():
+                raise s.error(
+                    "map",
+                    f"directory {Path(map_name).parent} does not exist (the map file goes there)",
+                )
+        map_timeout = s.get_number("map_timeout", 10.0, 0.0, 600.0)
+        s.check_unknown()
+        if answer == "map" and not haproxy.runtime_api:
+            raise ConfigError(
+                self.file,
+                "haproxy.runtime_api",
+                'challenges.answer = "map" needs at least one runtime API (a stats socket at '
+                "level admin): the agent puts tokens into HAProxy's map through it",
+            )
+        return ChallengesConfig(answer=str(answer), map=map_name, map_timeout=map_timeout)
 
     def _daemon(self, s: _Section, state_dir: Path) -> DaemonConfig:
         control = s.get_path("control_socket", state_dir / "control.sock")

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent import challenge_map
 from agent import deploy as deploy_mod
 from agent.certstate import undeployed
 from agent.challenges import MemoryChallengeRegistry
@@ -120,8 +121,13 @@ class Daemon:
         here: it also runs on the event loop (reload)."""
         self.storage = FileStorage(config.state_dir)
         self.deployer = Deployer.from_config(config)
+        # answer = "map": orders also fill HAProxy's map; the SPOA keeps serving self.registry.
+        self.challenge_map = challenge_map.from_config(config, self.registry)
         self.renewer = Renewer(
-            config, self.registry, self.storage, on_installed=self._deploy_installed
+            config,
+            self.registry if self.challenge_map is None else self.challenge_map,
+            self.storage,
+            on_installed=self._deploy_installed,
         )
         self.semaphore = asyncio.Semaphore(config.acme.max_concurrent_orders)
         # Orders run on threads of their own, not asyncio's default executor:
@@ -223,6 +229,8 @@ class Daemon:
             log.error("reconcile: cannot read the stored bundles: %s", e)
             return []
         statuses = self.deployer.reconcile(targets) if full else self.deployer.poll(targets)
+        if self.challenge_map is not None:  # restarted instances get pending tokens back
+            self.challenge_map.poll()
         for s in statuses:
             if s.pushed and s.in_sync:
                 # Pushed through the deploy path: served and TLS-verified.
@@ -434,6 +442,7 @@ class Daemon:
         def load_checked() -> Config:
             config = load_config(path)
             permissions.startup_checks(config)  # what `run` checks at start, also at reload
+            challenge_map.startup_check(config)
             return config
 
         try:
@@ -580,6 +589,7 @@ def run_daemon(config_path: Path, log_format: str | None = None, verbose: bool =
         log_format or config.daemon.log_format, logging.DEBUG if verbose else logging.INFO
     )
     permissions.startup_checks(config)  # the same checks as check-config and renew
+    challenge_map.startup_check(config)  # map mode: admin level and the map on every instance
 
     async def main() -> int:
         return await Daemon(config).run()

@@ -1,4 +1,4 @@
-"""A client for HAProxy's runtime API (the "stats socket" CLI), certificate commands only.
+"""A client for HAProxy's runtime API (the "stats socket" CLI): certificate and map commands.
 
 HAProxy's CLI in non-interactive mode takes one command per connection and
 closes the connection after its reply, so every call here is: connect, send the
@@ -154,6 +154,43 @@ def check_arg(value: str, what: str = "argument") -> str:
             "whitespace, ';' or a control character"
         )
     return value
+
+
+# A map key is an ACME token (base64url); its value a key authorization,
+# token "." base64url(thumbprint). Both go on the CLI as plain words.
+_MAP_KEY = re.compile(r"[A-Za-z0-9_-]{1,255}")
+_KEY_AUTHORIZATION = re.compile(r"([A-Za-z0-9_-]{1,255})\.[A-Za-z0-9_-]{1,128}")
+# Also no ',', '(', ')', quotes or '\\': the name goes into `map(<name>)` in haproxy.cfg.
+_MAP_NAME = re.compile(r"virt@[A-Za-z0-9._-]{1,100}|/[^\s;\x00-\x1f\x7f#,()\"'\\]{1,4000}")
+
+
+def check_map_name(name: str) -> str:
+    """Return `name` if it is a map HAProxy can be asked about: "virt@NAME" or an
+    absolute file path without whitespace, control characters or any of ;#,()"'\\."""
+    if _MAP_NAME.fullmatch(name) is None:
+        raise ValueError(
+            f"map {name!r} is not virt@NAME (letters, digits, '.', '_', '-') or an absolute "
+            "file path without whitespace, control characters or any of ;#,()\"'\\"
+        )
+    return name
+
+
+def check_map_token(token: str) -> str:
+    """Return `token` if it is base64url (an ACME http-01 token); raise ValueError."""
+    if _MAP_KEY.fullmatch(token) is None:
+        raise ValueError(f"map key {token[:40]!r} is not an ACME token (base64url, 1-255 chars)")
+    return token
+
+
+def check_key_authorization(token: str, key_authorization: str) -> str:
+    """Return `key_authorization` if it is `token`.base64url; raise ValueError."""
+    match = _KEY_AUTHORIZATION.fullmatch(key_authorization)
+    if match is None or match.group(1) != token:
+        # The value itself is never echoed: it is not secret, but it is long and noisy.
+        raise ValueError(
+            f"map value for {token[:40]!r} is not a key authorization <token>.<thumbprint>"
+        )
+    return key_authorization
 
 
 def strip_blank_lines(payload: bytes) -> bytes:
@@ -336,6 +373,30 @@ def parse_crt_list(reply: str) -> list[CrtListEntry]:
 def parse_crt_lists(reply: str) -> list[str]:
     """Parse `show ssl crt-list` without an argument: the names of the crt-lists."""
     return [line.strip() for line in reply.splitlines() if line.strip()]
+
+
+def parse_map(reply: str) -> dict[str, str]:
+    """Parse `show map <map>`: `0x<ref> <key> <value>` lines into {key: value}.
+
+    A key listed twice (HAProxy keeps duplicates from `add map`) keeps its first
+    value, the one HAProxy's exact-match lookup returns.
+    """
+    entries: dict[str, str] = {}
+    for line in reply.splitlines():
+        parts = line.split(None, 2)
+        if len(parts) == 3 and parts[0].startswith("0x"):
+            entries.setdefault(parts[1], parts[2].strip())
+    return entries
+
+
+def parse_map_list(reply: str) -> list[str]:
+    """Parse `show map` (no argument): the names of the maps, as `(name)` in each line."""
+    names = []
+    for line in reply.splitlines():
+        match = re.match(r"\s*-?\d+\s+\((.*?)\)\s", line + " ")
+        if match:
+            names.append(match.group(1))
+    return names
 
 
 def parse_pool_bufsize(reply: str) -> int | None:
@@ -661,6 +722,77 @@ class RuntimeAPI:
             raise CommandFailed(self.name, command, reply)
         return parse_crt_list(reply)
 
+    # -- maps ----------------------------------------------------------------
+    # HAProxy answers a successful add/set/del map with an empty reply and an
+    # error with one line of text ("Unknown map identifier...", "entry not
+    # found.", "Key not found."): anything but whitespace is a failure.
+
+    def cli_level(self) -> str:
+        """`show cli level`: "admin", "operator" or "user" (this socket's level)."""
+        reply = self.command("show cli level").strip()
+        if reply not in ("admin", "operator", "user"):
+            raise CommandFailed(self.name, "show cli level", reply)
+        return reply
+
+    def list_maps(self) -> list[str]:
+        """`show map`: the names of the maps this process declares."""
+        reply = self.command("show map")
+        if not reply.lstrip().startswith("#"):
+            raise CommandFailed(self.name, "show map", reply)
+        return parse_map_list(reply)
+
+    def show_map(self, map_name: str) -> dict[str, str]:
+        """`show map <map>`: its entries {key: value}; CommandFailed for an unknown map."""
+        check_map_name(map_name)
+        command = f"show map {map_name}"
+        reply = self.command(command)
+        if "Unknown map identifier" in reply:
+            raise CommandFailed(self.name, command, reply)
+        return parse_map(reply)
+
+    def _map_command(self, command: str) -> str:
+        reply = self.command(command)
+        if reply.strip():
+            raise CommandFailed(self.name, command, reply)
+        return reply
+
+    def add_map(self, map_name: str, token: str, key_authorization: str) -> None:
+        """`add map <map> <token> <keyauth>` (adds a duplicate if the key is there)."""
+        check_map_name(map_name)
+        check_map_token(token)
+        check_key_authorization(token, key_authorization)
+        self._map_command(f"add map {map_name} {token} {key_authorization}")
+
+    def set_map(self, map_name: str, token: str, key_authorization: str) -> bool:
+        """`set map <map> <token> <keyauth>`; False if the map has no such key."""
+        check_map_name(map_name)
+        check_map_token(token)
+        check_key_authorization(token, key_authorization)
+        command = f"set map {map_name} {token} {key_authorization}"
+        reply = self.command(command)
+        if "entry not found" in reply.lower():
+            return False
+        if reply.strip():
+            raise CommandFailed(self.name, command, reply)
+        return True
+
+    def put_map(self, map_name: str, token: str, key_authorization: str) -> None:
+        """Make `token` map to `key_authorization`: `set map`, or `add map` if absent,
+        so re-adding never piles up duplicates."""
+        if not self.set_map(map_name, token, key_authorization):
+            self.add_map(map_name, token, key_authorization)
+
+    def del_map(self, map_name: str, token: str) -> bool:
+        """`del map <map> <token>` (every entry with that key); False if there was none."""
+        check_map_name(map_name)
+        check_map_token(token)
+        command = f"del map {map_name} {token}"
+        reply = self.command(command)
+        if "Key not found" in reply:
+            return False
+        if reply.strip():
+            raise CommandFailed(self.name, command, reply)
+        return True
 
 # ---------------------------------------------------------------------------
 # One prompt-mode session: many commands over one connection

@@ -6,7 +6,16 @@ the same contract as haproxy/spoe-acme.conf), the `stats socket` line shared
 with the agent through a group, the port-80 frontend lines that answer
 challenges, the TLS `bind` line with `crt` / `crt-list` for the configured
 certificates, and the SPOA backend. `full_config` assembles them into a
-complete haproxy.cfg that `haproxy -c` accepts (HAProxy 2.6 and 2.8).
+complete haproxy.cfg that `haproxy -c` accepts (HAProxy 2.6 to 3.2).
+
+With `[challenges] answer = "map"` the port-80 lines read the token into
+`txn.acme.keyauth` from an HAProxy map the agent fills over the runtime API
+(agent.challenge_map) instead of asking the agent over SPOE, and there is no
+SPOE file and no SPOA backend. The map is `[challenges] map`, or by default
+`virt@acme` on HAProxy 3.0+ and the empty file `<cert_dir>/acme-challenge.map`
+before 3.0 (no `virt@` maps there): the HAProxy version comes from
+`--haproxy-version`, else from `show info` on the first runtime API; when
+neither is known the file is used, which works on every version.
 
 HAProxy refuses to start an SSL `bind` without any certificate, and a `crt`
 line naming a missing file is fatal too. So the bind always starts with a
@@ -52,6 +61,7 @@ class Options:
     http_bind: str = ":80"
     https_bind: str = ":443"
     site: str = "127.0.0.1:8080"  # the normal backend's server, for full_config only
+    haproxy_version: tuple[int, int] | None = None  # (major, minor); None: unknown
 
 
 @dataclass(frozen=True)
@@ -152,20 +162,46 @@ def crt_list_content(config: Config, only_existing: bool = False) -> str:
     return "".join(lines)
 
 
+def challenge_map_name(config: Config, version: tuple[int, int] | None) -> str:
+    """The map HAProxy answers challenges from in map mode, for HAProxy `version`."""
+    from agent.challenge_map import VIRTUAL_MAP, default_map_file
+
+    if config.challenges.map is not None:
+        return config.challenges.map
+    if version is not None and version >= (3, 0):
+        return VIRTUAL_MAP
+    return str(default_map_file(config))
+
+
+def map_frontend_lines(map_name: str) -> str:
+    """The port-80 lines of map mode: token -> txn.acme.keyauth from the map, answered
+    only when found; unknown tokens fall through to the rest of the frontend."""
+    return (
+        "    # http-01: HAProxy answers from the map the agent fills over the runtime API.\n"
+        f"    http-request set-var(txn.acme.keyauth) path,field(4,/),map({map_name}) "
+        "if { path_beg /.well-known/acme-challenge/ }\n"
+    )
+
+
 def render(config: Config, options: Options | None = None) -> Snippets:
     """Every HAProxy piece matching `config` (see the module docstring)."""
     o = options or Options()
+    map_mode = config.challenges.answer == "map"
     global_lines = "global\n"
     for line in stats_socket_lines(config, o.socket_group):
         global_lines += f"    {line}\n"
     # The agent refuses payloads that would not fit: both must agree.
     global_lines += f"    tune.bufsize {config.haproxy.bufsize}\n"
 
+    if map_mode:
+        ask = map_frontend_lines(challenge_map_name(config, o.haproxy_version))
+    else:
+        ask = f"    filter spoe engine acme config {_quote(str(o.spoe_conf))}\n"
     http = (
         "frontend http\n"
         f"    bind {_quote(o.http_bind)}\n"
-        f"    filter spoe engine acme config {_quote(str(o.spoe_conf))}\n"
-        "    http-request return status 200 content-type text/plain "
+        + ask
+        + "    http-request return status 200 content-type text/plain "
         'lf-string "%[var(txn.acme.keyauth)]" if { var(txn.acme.keyauth) -m found }\n'
     )
 
@@ -185,6 +221,8 @@ def render(config: Config, options: Options | None = None) -> Snippets:
         f"    server agent1 {spoa_server_address(config.spoa.listen)} check inter 5s downinter 1s\n"
     )
     crt_list = crt_list_content(config) if config.haproxy.crt_list is not None else None
+    if map_mode:  # no SPOE in map mode
+        return Snippets("", global_lines, http, https, "", crt_list)
     return Snippets(spoe_conf(), global_lines, http, https, backend, crt_list)
 
 
@@ -192,11 +230,17 @@ def render_text(config: Config, options: Options | None = None) -> str:
     """The pieces with a heading saying where each one goes (the default CLI output)."""
     o = options or Options()
     s = render(config, o)
+    version = "2.6 or later"
+    if o.haproxy_version is not None:
+        version = f"{o.haproxy_version[0]}.{o.haproxy_version[1]}"
     parts = [
-        f"# HAProxy configuration for haproxy-acme-agent ({config.path}); HAProxy 2.6 or later.\n"
+        f"# HAProxy configuration for haproxy-acme-agent ({config.path}); HAProxy {version}.\n"
         "# Write the files as marked, merge the haproxy.cfg pieces into yours,\n"
         "# then check with `haproxy -c -f /etc/haproxy/haproxy.cfg`.\n",
-        f"# ===== file {o.spoe_conf} =====\n" + s.spoe_conf,
+    ]
+    if s.spoe_conf:
+        parts.append(f"# ===== file {o.spoe_conf} =====\n" + s.spoe_conf)
+    parts += [
         "# ===== haproxy.cfg: global section (runtime API shared with the agent's group) =====\n"
         + s.global_lines,
         "# ===== haproxy.cfg: your port-80 frontend (answers http-01 challenges; the\n"
@@ -205,9 +249,25 @@ def render_text(config: Config, options: Options | None = None) -> str:
         "# ===== haproxy.cfg: your TLS frontend's bind line =====\n"
         "# (_default.pem is a self-signed fallback; `haproxy-config --bootstrap` makes it)\n"
         "frontend https\n" + s.https_bind,
-        "# ===== haproxy.cfg: the SPOA backend (the agent's [spoa] listen) =====\n"
-        + s.spoa_backend,
     ]
+    if s.spoa_backend:
+        parts.append(
+            "# ===== haproxy.cfg: the SPOA backend (the agent's [spoa] listen) =====\n"
+            + s.spoa_backend
+        )
+    else:
+        map_name = challenge_map_name(config, o.haproxy_version)
+        note = (
+            "# ===== map mode: the agent puts tokens into "
+            f"{map_name} on every [haproxy] runtime_api (level admin) =====\n"
+        )
+        if not map_name.startswith("virt@"):
+            note += (
+                f"# {map_name} must exist (empty) when HAProxy starts: "
+                "`haproxy-config --bootstrap` or the agent creates it, only the runtime API "
+                "fills it.\n"
+            )
+        parts.append(note)
     if s.crt_list is not None:
         parts.append(
             f"# ===== file {config.haproxy.crt_list} (crt-list; the agent appends new "
@@ -280,6 +340,11 @@ def write_bootstrap_files(config: Config) -> list[Path]:
         atomic_write(fallback, _self_signed([], PLACEHOLDER_CN), SECRET_MODE)
         written.append(fallback)
     crt_list = config.haproxy.crt_list
+    from agent.challenge_map import ensure_map_file
+
+    map_path = ensure_map_file(config)
+    if map_path is not None:
+        written.append(map_path)
     if crt_list is not None:
         if not crt_list.exists():
             atomic_write(crt_list, crt_list_content(config, only_existing=True).encode(), 0o640)
@@ -319,6 +384,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--http-bind", default=":80", metavar="ADDR")
     p.add_argument("--https-bind", default=":443", metavar="ADDR")
     p.add_argument("--site", default="127.0.0.1:8080", metavar="ADDR", help="for --full")
+    p.add_argument(
+        "--haproxy-version",
+        type=_version_arg,
+        default=None,
+        metavar="X.Y",
+        help="the HAProxy version to print lines for (map mode: virt@ maps need 3.0+); "
+        "default: `show info` on the first [haproxy] runtime_api",
+    )
+
+
+def _version_arg(text: str) -> tuple[int, int]:
+    parts = text.strip().split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a version like 2.8 or 3.2") from None
+
+
+def live_version(config: Config) -> tuple[int, int] | None:
+    """(major, minor) of the HAProxy behind the first runtime API; None if unreachable."""
+    from agent.challenge_map import haproxy_version
+    from agent.haproxy_api import HAProxyError, RuntimeAPI
+
+    if not config.haproxy.runtime_api:
+        return None
+    try:
+        info = RuntimeAPI(
+            config.haproxy.runtime_api[0], min(config.haproxy.timeout, 2.0)
+        ).show_info()
+    except (HAProxyError, ValueError):
+        return None
+    return haproxy_version(info.version)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -330,6 +427,8 @@ def run(args: argparse.Namespace) -> int:
         http_bind=args.http_bind,
         https_bind=args.https_bind,
         site=args.site,
+        haproxy_version=args.haproxy_version
+        or (live_version(config) if config.challenges.answer == "map" else None),
     )
     if args.bootstrap:
         try:

@@ -1,4 +1,4 @@
-"""Throughput of http-01 challenge answers through HAProxy, three ways, in one run.
+"""Throughput of http-01 challenge answers through HAProxy, four ways, in one run.
 
 Same HAProxy process, same load generator (wrk on 127.0.0.1, bounded
 duration), same challenge URL, one frontend per variant:
@@ -8,12 +8,15 @@ duration), same challenge URL, one frontend per variant:
                  process), exactly as haproxy/spoe-acme.conf ships
   (c) standalone HAProxy routes the path to a backend-port responder shaped
                  like certbot's standalone plugin (bench/standalone_responder.py)
+  (d) map        HAProxy answers from a map, configured like haproxy/haproxy-map.cfg
+                 and filled by the agent's HAProxyMapRegistry over the runtime API
+                 (virt@acme on 3.0+, an empty map file on 2.6/2.8)
 
 Any answer that is not the key authorization counts as wrong (the
 frontends' fallback backend answers 404, which wrk reports as non-2xx).
 Prints req/s and p99 per variant (the median round with --rounds N, the
-variants interleaved); the last line is `ratio_vs_static=<b/a>`, the median
-of the per-round ratios.
+variants interleaved); the last line is `ratio_vs_static=<b/a>`, the line
+before it `map_ratio_vs_static=<d/a>`, each the median of the per-round ratios.
 
     .venv/bin/python -m bench.challenge_throughput [--duration 5] [--haproxy PATH]
 """
@@ -48,6 +51,7 @@ global
     noreuseport
     nbthread "${NBTHREAD}"
     maxconn 4000
+    stats socket "${ADMIN_SOCKET}" mode 600 level admin
 
 defaults
     mode http
@@ -65,6 +69,13 @@ frontend static
 frontend spoe
     bind "127.0.0.1:${SPOE_PORT}"
     filter spoe engine acme config "${SPOE_CONF}"
+    http-request return status 200 content-type text/plain lf-string "%[var(txn.acme.keyauth)]" if { var(txn.acme.keyauth) -m found }
+    default_backend notfound
+
+# (d) map mode, configured like haproxy/haproxy-map.cfg
+frontend map
+    bind "127.0.0.1:${MAP_PORT}"
+    http-request set-var(txn.acme.keyauth) path,field(4,/),map("${ACME_MAP}") if { path_beg /.well-known/acme-challenge/ }
     http-request return status 200 content-type text/plain lf-string "%[var(txn.acme.keyauth)]" if { var(txn.acme.keyauth) -m found }
     default_backend notfound
 
@@ -160,6 +171,29 @@ def median_result(results: list[Result]) -> Result:
     return ordered[len(ordered) // 2]
 
 
+def map_name_for(version_line: str, map_file: Path) -> str:
+    """virt@acme on HAProxy 3.0+, else the (empty) map file, created here."""
+    match = re.search(r"version (\d+)\.(\d+)", version_line)
+    if match and (int(match.group(1)), int(match.group(2))) >= (3, 0):
+        return "virt@acme"
+    map_file.write_text("")
+    return str(map_file)
+
+
+def fill_map(admin_socket: Path, map_file: Path) -> None:
+    """Put the token into HAProxy's map the way the agent does (map name found by itself)."""
+    from agent.challenge_map import HAProxyMapRegistry
+    from agent.challenges import MemoryChallengeRegistry
+    from agent.haproxy_api import RuntimeAPI
+
+    registry = HAProxyMapRegistry(
+        MemoryChallengeRegistry(),
+        [RuntimeAPI(f"unix:{admin_socket}")],
+        default_file=str(map_file),
+    )
+    registry.add(TOKEN, KEYAUTH, time.time() + 24 * 3600)
+
+
 @contextmanager
 def child(args: list[str]) -> Iterator[subprocess.Popen[bytes]]:
     """A helper process that prints 'listening on ...' when ready; stopped by its handle."""
@@ -197,12 +231,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--rounds",
         type=int,
         default=1,
-        help="run a, b, c this many times, interleaved, and report medians (noisy machines)",
+        help="run a-d this many times, interleaved, and report medians (noisy machines)",
     )
     args = parser.parse_args(argv)
 
     spoa_port, responder_port = free_port(), free_port()
-    ports = {"static": free_port(), "spoe-agent": free_port(), "standalone": free_port()}
+    ports = {
+        "static": free_port(),
+        "spoe-agent": free_port(),
+        "map": free_port(),
+        "standalone": free_port(),
+    }
     token_arg = f"{TOKEN}={KEYAUTH}"
     with (
         tempfile.TemporaryDirectory(prefix="bench-") as tmp,
@@ -223,11 +262,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             "RESPONDER_PORT": str(responder_port),
             "SPOA_PORT": str(spoa_port),
             "SPOE_CONF": str(REPO / "haproxy" / "spoe-acme.conf"),
+            "MAP_PORT": str(ports["map"]),
+            "ADMIN_SOCKET": str(Path(tmp) / "admin.sock"),
         }
-        with HAProxyProcess(args.haproxy, CONFIG, env, Path(tmp)) as haproxy:
-            version = subprocess.run(
-                [haproxy.binary, "-v"], capture_output=True, text=True, check=False
-            ).stdout.split("\n")[0]
+        version = subprocess.run(
+            [args.haproxy, "-v"], capture_output=True, text=True, check=False
+        ).stdout.split("\n")[0]
+        map_file = Path(tmp) / "acme-challenge.map"
+        env["ACME_MAP"] = map_name_for(version, map_file)
+        with HAProxyProcess(args.haproxy, CONFIG, env, Path(tmp)):
+            fill_map(Path(tmp) / "admin.sock", map_file)
             print(
                 f"# {version}; nbthread {args.nbthread}; "
                 f"wrk -t{args.threads} -c{args.connections} -d{args.duration}s; "
@@ -262,7 +306,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     vs_standalone = statistics.median(
         runs["spoe-agent"][i].rps / runs["standalone"][i].rps for i in rounds
     )
+    map_vs_static = statistics.median(runs["map"][i].rps / runs["static"][i].rps for i in rounds)
     print(f"agent_vs_standalone={vs_standalone:.2f}")
+    print(f"map_ratio_vs_static={map_vs_static:.2f}")
     print(f"ratio_vs_static={vs_static:.2f}")
     return 0
 

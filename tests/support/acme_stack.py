@@ -8,6 +8,10 @@ HTTP frontend on `http_port`; Pebble validates http-01 against that port.
 The SPOE agent is NOT started here: `haproxy-acme-agent renew` serves it on
 `spoa_port` itself. `write_config(certs, ...)` writes an agent config.toml
 pointing at all of it.
+
+`answer="map"` runs haproxy/haproxy-map.cfg instead (no SPOE): its map is
+`virt@acme` on HAProxy 3.0+ and the empty file <cert_dir>/acme-challenge.map
+before (the agent's defaults), and write_config adds `[challenges] answer = "map"`.
 """
 
 from __future__ import annotations
@@ -18,12 +22,13 @@ from types import TracebackType
 from typing import Any
 
 from tests.support.certs import write_crt_list
-from tests.support.haproxy import HAProxyProcess, free_port
+from tests.support.haproxy import HAProxyProcess, _label_of, free_port
 from tests.support.pebble import PebbleProcess
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED_CFG = REPO / "haproxy" / "haproxy.cfg"
 SHIPPED_SPOE = REPO / "haproxy" / "spoe-acme.conf"
+SHIPPED_MAP_CFG = REPO / "haproxy" / "haproxy-map.cfg"
 
 SITE_STUB = """
 # Test only: plays the site's normal backend.
@@ -45,6 +50,19 @@ def toml_value(v: object) -> str:
     raise TypeError(f"cannot write {v!r} as TOML")
 
 
+def haproxy_map_name(binary: str, cert_dir: Path) -> str:
+    """The agent's default challenge map for this HAProxy build: virt@acme on 3.0+,
+    else <cert_dir>/acme-challenge.map."""
+    label = _label_of(binary)
+    try:
+        major, minor = (int(x) for x in label.split(".")[:2])
+    except ValueError:
+        return str(cert_dir / "acme-challenge.map")
+    if (major, minor) >= (3, 0):
+        return "virt@acme"
+    return str(cert_dir / "acme-challenge.map")
+
+
 class AcmeStack:
     """HAProxy + Pebble on 127.0.0.1 with free ports; see the module docstring."""
 
@@ -56,9 +74,11 @@ class AcmeStack:
         nonce_reject: int = 0,
         validity_period: int | None = None,
         pebble_env: dict[str, str] | None = None,
+        answer: str = "spoe",
         pebble_binary: str | None = None,
     ) -> None:
         self.workdir = Path(workdir)
+        self.answer = answer
         hdir = self.workdir / "haproxy"
         hdir.mkdir(parents=True, exist_ok=True)
         self.http_port = free_port()
@@ -78,7 +98,14 @@ class AcmeStack:
             "SITE_PORT": str(site_port),
             "SPOA_ADDR": f"127.0.0.1:{self.spoa_port}",
         }
-        config = "global\n    noreuseport\n\n" + SHIPPED_CFG.read_text() + SITE_STUB
+        shipped = SHIPPED_CFG
+        if answer == "map":
+            shipped = SHIPPED_MAP_CFG
+            self.map_name = haproxy_map_name(haproxy_binary, self.cert_dir)
+            if not self.map_name.startswith("virt@"):
+                Path(self.map_name).write_text("")  # HAProxy < 3.0 loads it empty
+            env["ACME_MAP"] = self.map_name
+        config = "global\n    noreuseport\n\n" + shipped.read_text() + SITE_STUB
         self.haproxy = HAProxyProcess(haproxy_binary, config, env, hdir)
         self.pebble = PebbleProcess(
             self.workdir / "pebble",
@@ -108,9 +135,12 @@ class AcmeStack:
         path: Path,
         certificates: list[dict[str, Any]],
         state_dir: Path | None = None,
+        challenges: dict[str, Any] | None = None,
+        extra_runtime_api: tuple[str, ...] = (),
         **acme: Any,
     ) -> Path:
-        """An agent config.toml for this stack; `acme` overrides [acme] keys."""
+        """An agent config.toml for this stack; `acme` overrides [acme] keys,
+        `challenges` adds [challenges] keys, `extra_runtime_api` more instances."""
         acme_keys: dict[str, Any] = {
             "directory": self.pebble.directory_url,
             "ca_bundle": self.pebble.ca_bundle,
@@ -125,13 +155,19 @@ class AcmeStack:
         lines += [f"{k} = {toml_value(v)}" for k, v in acme_keys.items()]
         lines += ["[spoa]", f'listen = "127.0.0.1:{self.spoa_port}"']
         assert self.haproxy.admin_socket is not None
+        apis = ["unix:" + str(self.haproxy.admin_socket), *extra_runtime_api]
         lines += [
             "[haproxy]",
-            f"runtime_api = [{toml_value('unix:' + str(self.haproxy.admin_socket))}]",
+            f"runtime_api = {toml_value(apis)}",
             f"crt_list = {toml_value(self.crt_list)}",
             f"cert_dir = {toml_value(self.cert_dir)}",
             f'verify = ["127.0.0.1:{self.https_port}"]',
         ]
+        chall = {"answer": "map"} if self.answer == "map" else {}
+        chall.update(challenges or {})
+        if chall:
+            lines.append("[challenges]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in chall.items()]
         for cert in certificates:
             lines.append("[[certificates]]")
             lines += [f"{k} = {toml_value(v)}" for k, v in cert.items()]
