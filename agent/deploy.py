@@ -61,6 +61,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import ipaddress
+import logging
 import os
 import random
 import re
@@ -70,6 +71,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
@@ -97,6 +99,8 @@ from agent.haproxy_api import (
     parse_set_reply,
 )
 from agent.storage import fsync_dir, safe_name
+
+log = logging.getLogger(__name__)
 
 BUNDLE_MODE = 0o600  # the bundle holds the private key
 # A cert_dir the agent creates: the owner writes, HAProxy's group may read
@@ -1867,6 +1871,10 @@ def stored_targets(config: Any, storage: Any | None = None) -> list[DeployTarget
     Certificates without a stored generation are skipped; one whose key
     cannot be read, or does not belong to the stored leaf, raises BundleError
     naming the certificate and the key file.
+
+    Cached per `storage` object (see `stored_target`): a certificate whose
+    generation and key file did not change costs one pointer read and a stat
+    or two, no PEM parse. Certificates no longer configured leave the cache.
     """
     from agent.storage import FileStorage
 
@@ -1876,18 +1884,67 @@ def stored_targets(config: Any, storage: Any | None = None) -> list[DeployTarget
         target = stored_target(cert, store)
         if target is not None:
             targets.append(target)
+    with _TARGET_GUARD:
+        cache = _TARGET_CACHE.get(store)
+        if cache is not None:
+            names = {c.name for c in config.certificates}
+            for name in [n for n in cache if n not in names]:
+                del cache[name]
     return targets
+
+
+# storage object -> certificate name -> (identity, target). The identity is the
+# current generation id (generations are immutable: the id names the full
+# chain's bytes) plus the key file's and DH file's path and (st_dev, st_ino,
+# st_size, st_mtime_ns): a new generation, a replaced or rewritten key file, or
+# another key path in the config misses. Weak keys: a storage dropped by a
+# reload takes its cache with it.
+_TARGET_GUARD = threading.Lock()
+_TARGET_CACHE: weakref.WeakKeyDictionary[Any, dict[str, tuple[tuple[object, ...], DeployTarget]]]
+_TARGET_CACHE = weakref.WeakKeyDictionary()
+
+
+def _file_identity(path: Path | None) -> tuple[object, ...] | None:
+    """(path, st_dev, st_ino, st_size, st_mtime_ns) of `path`; None for no path
+    or a file that cannot be stat'ed (then the caller reads it and reports why)."""
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def stored_target(cert: Any, storage: Any) -> DeployTarget | None:
     """The DeployTarget of one certificate (`agent.config.CertificateConfig`)
-    from its current stored generation; None when none is stored."""
-    from agent.certstate import load_current
+    from its current stored generation; None when none is stored.
+
+    An unchanged certificate is answered from a cache (see `_TARGET_CACHE`)
+    after one read of the `current` pointer and a stat of the key file (and of
+    the DH file, if any); otherwise the generation is read and cross-checked,
+    the bundle assembled and checked (key belongs to the leaf), and cached."""
+    from agent.certstate import GenerationError, load_generation, read_current
     from agent.keys import StableKeyError
     from agent.renewal import node_bundle
 
-    gen = load_current(storage, cert.name)
-    if gen is None:
+    gen_id = read_current(storage, cert.name)
+    if gen_id is None:
+        return None
+    key_id = _file_identity(cert.key)
+    dh = getattr(cert, "dhparam", None)
+    dh_id = _file_identity(dh) if dh is not None else ()
+    identity: tuple[object, ...] | None = None
+    if key_id is not None and dh_id is not None:
+        identity = (gen_id, key_id, dh_id)
+        with _TARGET_GUARD:
+            hit = _TARGET_CACHE.get(storage, {}).get(cert.name)
+        if hit is not None and hit[0] == identity:
+            return hit[1]
+    try:
+        gen = load_generation(storage, cert.name, gen_id)
+    except (FileNotFoundError, GenerationError) as exc:
+        log.warning("certificate %s: current generation %s unreadable: %s", cert.name, gen_id, exc)
         return None
     try:
         bundle = node_bundle(cert, gen.fullchain_pem)
@@ -1896,9 +1953,18 @@ def stored_target(cert: Any, storage: Any) -> DeployTarget | None:
             f"certificate {cert.name!r}: cannot read its key {cert.key}: {exc}"
         ) from exc
     try:
-        return DeployTarget.from_bundle(cert.name, bundle)
+        target = DeployTarget.from_bundle(cert.name, bundle)
     except BundleError as exc:
         raise BundleError(f"{exc} (key file {cert.key}, stored generation {gen.id})") from exc
+    if identity is not None and _file_identity(cert.key) == key_id:
+        # Cached only if the key file did not change while we read it.
+        with _TARGET_GUARD:
+            try:
+                per_store = _TARGET_CACHE.setdefault(storage, {})
+            except TypeError:  # a storage that cannot be weakly referenced: no cache
+                return target
+            per_store[cert.name] = (identity, target)
+    return target
 
 
 class RenewalDeployHook:
