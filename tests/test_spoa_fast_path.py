@@ -292,4 +292,5 @@ def test_counters_survive_a_replaced_server() -> None:
         proto = _SpoaProtocol(server)
         proto.connection_made(FakeTransport())  # type: ignore[arg-type]
         proto.data_received(hello() + notify(TOKEN))
-    assert 'haproxy_acme_challenges_total{result="answered",type="http-01"} 2.0' in metrics.render().decode()
+    rendered = metrics.render().decode()
+    assert 'haproxy_acme_challenges_total{result="answered",type="http-01"} 2.0' in rendered
