@@ -813,28 +813,41 @@ def remove_bundle_temporaries(config: Config, names: Iterable[str] | None = None
     """Remove our `atomic_write` temp files next to the bundles in `cert_dir`
     (".NAME.pem.XXXX.tmp", holding key + certificate, left by a kill or a
     failed write). Returns how many. `names` None (at start, nothing else
-    deploys): every configured certificate's and the crt-list file's; else
+    deploys): every configured certificate's, and the crt-list file's next to
+    it (wherever it lives; under the crt-list's own lock, which every edit of
+    it holds, so a concurrent `renew` editing it keeps its temp file); else
     only those certificates' (after their failed deploy: a concurrent deploy
     of another certificate may be writing its own right now)."""
-    cert_dir = config.haproxy.cert_dir
+    cert_dir = Path(config.haproxy.cert_dir)
     wanted = [c.name for c in config.certificates] if names is None else list(names)
-    ours = {layout.bundle_path(cert_dir, n).name for n in wanted}
-    if names is None and config.haproxy.crt_list is not None:
-        ours.add(config.haproxy.crt_list.name)
+    removed = _remove_temporaries(cert_dir, {layout.bundle_path(cert_dir, n).name for n in wanted})
+    crt_list = config.haproxy.crt_list
+    if names is None and crt_list is not None and not Path(crt_list).is_dir():
+        from agent.crtlist import CrtListFile
+
+        try:
+            with CrtListFile(Path(crt_list)).locked():
+                removed += _remove_temporaries(Path(crt_list).parent, {Path(crt_list).name})
+        except (OSError, TimeoutError) as e:
+            log.warning("cannot clean temp files next to %s: %s", crt_list, e)
+    return removed
+
+
+def _remove_temporaries(directory: Path, targets: set[str]) -> int:
     removed = 0
     try:
-        entries = list(Path(cert_dir).iterdir())
+        entries = list(directory.iterdir())
     except OSError:
         return 0
     for p in entries:
-        if layout.temp_target(p.name) in ours:
+        if layout.temp_target(p.name) in targets:
             try:
                 p.unlink()
             except FileNotFoundError:
                 continue
             removed += 1
     if removed:
-        log.info("removed %d leftover temp files in %s", removed, cert_dir)
+        log.info("removed %d leftover temp files in %s", removed, directory)
     return removed
 
 

@@ -308,3 +308,40 @@ def test_a_complete_generation_not_yet_switched_to_is_adopted_and_old_ones_prune
     kept = sorted(p.name for p in (config.state_dir / "certificates" / "www" / "gen").iterdir())
     assert len(kept) == 2 and kept[-1] == newest.generation
     assert old.generation not in kept
+
+
+def test_start_removes_temp_files_next_to_a_crt_list_outside_cert_dir(tmp_path: Path) -> None:
+    # A daemon killed while rewriting the crt-list leaves ".certs.list.XXXX.tmp"
+    # in the crt-list's own directory (not cert_dir): the next start removes it,
+    # and keeps everything that is not our temp file.
+    (tmp_path / "certs").mkdir()
+    (tmp_path / "lists").mkdir()
+    crt_list = tmp_path / "lists" / "certs.list"
+    crt_list.write_text("")
+    (tmp_path / "config.toml").write_text(
+        textwrap.dedent(
+            f"""\
+            state_dir = "state"
+            [acme]
+            directory = "https://127.0.0.1:1/dir"
+            [haproxy]
+            cert_dir = "{tmp_path / "certs"}"
+            crt_list = "{crt_list}"
+            [[certificates]]
+            name = "www"
+            domains = ["www.example.com"]
+            key = "www.key"
+            generate_key = true
+            """
+        )
+    )
+    cfg = load_config(tmp_path / "config.toml")
+    leftover = tmp_path / "lists" / ".certs.list.h5gh6kq7.tmp"
+    leftover.write_text("/certs/www.pem\n")
+    other = tmp_path / "lists" / ".someone-elses.tmp"
+    other.write_text("x")
+    bundle_tmp = tmp_path / "certs" / ".www.pem.abcd1234.tmp"
+    bundle_tmp.write_text("key + cert")
+    prepare_state(cfg)
+    assert not leftover.exists() and not bundle_tmp.exists()
+    assert other.exists() and crt_list.read_text() == ""
