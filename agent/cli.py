@@ -90,7 +90,7 @@ def _args_renew(p: argparse.ArgumentParser) -> None:
 
 def cmd_renew(args: argparse.Namespace) -> int:
     """Renew due certificates, serving the SPOE agent on [spoa] listen while orders run."""
-    from agent.challenges import MemoryChallengeRegistry
+    from agent import wiring
     from agent.renewal import prepare_state, renew_certificates
 
     config = load(args)
@@ -100,7 +100,7 @@ def cmd_renew(args: argparse.Namespace) -> int:
         handed = _renew_through_daemon(config, args)
         if handed is not None:
             return handed
-    registry = MemoryChallengeRegistry()
+    registry = wiring.make_registry(config)
 
     @contextlib.contextmanager
     def serve() -> Iterator[object]:
@@ -341,9 +341,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def served_serials(config: Config) -> list[dict[str, Any]]:
     """What each runtime API instance serves for each stored certificate (read-only)."""
-    from agent.deploy import BundleError, Deployer, stored_targets
+    from agent import wiring
+    from agent.deploy import BundleError, stored_targets
 
-    deployer = Deployer.from_config(config)
+    deployer = wiring.make_deployer(config)
     try:
         targets = stored_targets(config)
     except (BundleError, OSError) as e:

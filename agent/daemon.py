@@ -37,11 +37,11 @@ from pathlib import Path
 from typing import Any
 
 from agent import deploy as deploy_mod
+from agent import wiring
 from agent.certstate import undeployed
-from agent.challenges import MemoryChallengeRegistry
 from agent.config import Config, ConfigError, load_config
 from agent.control import ControlServer
-from agent.deploy import Deployer, DeployResult, SyncStatus, stored_target, stored_targets
+from agent.deploy import DeployResult, SyncStatus, stored_target, stored_targets
 from agent.metrics import CertificateView, Metrics, MetricsServer
 from agent.renewal import (
     EMERGENCY_FRACTION,
@@ -54,7 +54,7 @@ from agent.renewal import (
     record_sync,
 )
 from agent.spoa import SpoaServer, door_settings
-from agent.storage import FileStorage, ensure_private_dir
+from agent.storage import ensure_private_dir
 
 log = logging.getLogger("agent.daemon")
 
@@ -97,7 +97,7 @@ class Daemon:
         self.config = config
         self.rng = rng or random.Random()
         self.clock = clock
-        self.registry = MemoryChallengeRegistry()
+        self.registry = wiring.make_registry(config)
         self.metrics = Metrics(self._views)
         self.states: dict[str, CertState] = {}
         self._stop = asyncio.Event()
@@ -118,8 +118,8 @@ class Daemon:
     def _build(self, config: Config) -> None:
         """Objects that depend on the config (rebuilt on SIGHUP). No storage I/O
         here: it also runs on the event loop (reload)."""
-        self.storage = FileStorage(config.state_dir)
-        self.deployer = Deployer.from_config(config)
+        self.storage = wiring.make_storage(config)
+        self.deployer = wiring.make_deployer(config)
         self.renewer = Renewer(
             config, self.registry, self.storage, on_installed=self._deploy_installed
         )

@@ -79,6 +79,7 @@ from typing import Any, Protocol
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from agent import wiring
 from agent.crtlist import CrtListError, CrtListFile
 from agent.haproxy_api import (
     DEFAULT_BUFSIZE,
@@ -1868,9 +1869,8 @@ def stored_targets(config: Any, storage: Any | None = None) -> list[DeployTarget
     cannot be read, or does not belong to the stored leaf, raises BundleError
     naming the certificate and the key file.
     """
-    from agent.storage import FileStorage
 
-    store = storage if storage is not None else FileStorage(config.state_dir)
+    store = storage if storage is not None else wiring.make_storage(config)
     targets = []
     for cert in config.certificates:
         target = stored_target(cert, store)
@@ -1911,10 +1911,9 @@ class RenewalDeployHook:
     """
 
     def __init__(self, config: Any, storage: Any | None = None) -> None:
-        from agent.storage import FileStorage
 
         self.config = config
-        self.storage = storage if storage is not None else FileStorage(config.state_dir)
+        self.storage = storage if storage is not None else wiring.make_storage(config)
         self.deployer = Deployer.from_config(config)
         self.results: list[DeployResult] = []
 
