@@ -9,6 +9,9 @@ Contract:
   the process through it (SIGTERM, then SIGKILL), never by name.
 - `kill()` is SIGKILL (a crash: nothing flushed); `start()` again reuses the
   same port and dir (a restart; with `appendonly=False` it comes back empty).
+- `SentinelProcess(workdir, primary, service)` starts Debian's `redis-sentinel`
+  monitoring `primary` (quorum 1, down after 500 ms) with its own config
+  (which Sentinel rewrites) and port; stopped by its handle like the server.
 - `REDIS_SERVER` is the binary; `redis_available()` says whether it exists
   (scripts/setup.sh installs Debian's redis-server and redis-sentinel).
 """
@@ -105,6 +108,8 @@ class RedisProcess:
                 try:
                     if client.ping():
                         return
+                except (redis.AuthenticationError, redis.ResponseError):
+                    return  # it answered: a server whose default user is off (ACL tests)
                 except redis.ConnectionError:
                     pass
                 if time.monotonic() > deadline:
@@ -152,6 +157,46 @@ class RedisProcess:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+REDIS_SENTINEL = os.environ.get("REDIS_SENTINEL", "/usr/bin/redis-sentinel")
+
+
+class SentinelProcess(RedisProcess):
+    def __init__(self, workdir: Path, primary: RedisProcess, service: str = "fleet") -> None:
+        super().__init__(workdir)
+        self.primary = primary
+        self.service = service
+
+    def _write_conf(self) -> None:
+        self.conf.write_text(
+            "\n".join(
+                [
+                    f"port {self.port}",
+                    f"bind {self.host}",
+                    "protected-mode no",
+                    f"dir {self.workdir}",
+                    f"logfile {self.log}",
+                    "daemonize no",
+                    f"sentinel monitor {self.service} {self.primary.host} {self.primary.port} 1",
+                    f"sentinel down-after-milliseconds {self.service} 500",
+                    f"sentinel failover-timeout {self.service} 3000",
+                    f"sentinel parallel-syncs {self.service} 1",
+                    "",
+                ]
+            )
+        )
+
+    def start(self) -> RedisProcess:
+        self._write_conf()
+        self.proc = subprocess.Popen(
+            [REDIS_SENTINEL, str(self.conf)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        self._wait_ready()
+        return self
 
 
 def shared_redis(tmp_path_factory: object) -> RedisProcess:
