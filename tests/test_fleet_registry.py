@@ -80,6 +80,14 @@ def test_a_missed_token_is_fetched_in_the_background_and_unknowns_are_not_floode
     a.client.hset(a.key, TOKEN, json.dumps({"k": KEYAUTH, "e": time.time() + 600}))
     assert b.lookup(TOKEN) is None  # the frame that asked is not held for Redis (the gap)
     assert eventually(lambda: b.lookup(TOKEN) == KEYAUTH)
+    # The same unknown token asked again and again (each time after the queue
+    # drained): the negative cache makes that one HGET, not twenty.
+    b.NEGATIVE_TTL = 600.0  # so a slow machine cannot outlast it within the loop
+    before = b.fetches
+    for _ in range(20):
+        assert b.lookup("again-" + "q" * 30) is None
+        assert eventually(lambda: b._misses.empty() and b.fetches > before)
+    assert b.fetches - before == 1
     # 5000 lookups of one unknown token and of 5000 distinct ones: bounded fetches.
     before = b.fetches
     for _ in range(5000):
