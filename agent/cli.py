@@ -299,9 +299,19 @@ def cmd_status(args: argparse.Namespace) -> int:
         by_name = {row["name"]: row for row in rows}
         for entry in served_serials(config):
             by_name[entry["certificate"]]["haproxy"].append(entry)
+    nodes = _fleet_nodes(config)
     if args.json:
-        print(json.dumps(rows, indent=2))
+        # Without [fleet] the list of certificates, as always; with it, an object
+        # that also lists the fleet's nodes.
+        doc: object = rows if nodes is None else {"certificates": rows, "nodes": nodes}
+        print(json.dumps(doc, indent=2))
         return EXIT_OK
+    for node in nodes or []:
+        if node.get("error"):
+            print(f"fleet: {node['error']}")
+            continue
+        seen = _fmt_time(node["seen"]) if node.get("seen") else "-"
+        print(f"node {node['node']}: {'alive' if node['alive'] else 'DEAD'} (last beat {seen})")
     if not rows:
         print("no certificates configured")
     for row in rows:
@@ -337,6 +347,24 @@ def cmd_status(args: argparse.Namespace) -> int:
                 state += f" (serves {h['served_serial'] or 'nothing'})"
             print(f"  haproxy       {h['instance']}: {state}")
     return EXIT_OK
+
+
+def _fleet_nodes(config: Config) -> list[dict[str, Any]] | None:
+    """The fleet's nodes (agent.fleet.list_nodes); None without [fleet]. Redis
+    unreachable: one pseudo-row saying so, so `status` still shows the rest."""
+    if config.fleet is None:
+        return None
+    import redis
+
+    from agent.fleet import list_nodes, redis_client
+
+    client = redis_client(config.fleet)
+    try:
+        return list_nodes(client, config.fleet.namespace)
+    except (redis.RedisError, OSError) as e:
+        return [{"node": None, "alive": None, "error": f"Redis unreachable: {e}"}]
+    finally:
+        client.close()
 
 
 def served_serials(config: Config) -> list[dict[str, Any]]:

@@ -516,6 +516,7 @@ class Daemon:
             await self._stop_servers()
             return 1
         await self._announce_spoa()
+        self._heartbeat = self._start_heartbeat()
         reload_path = self.config.path
         pending_reload: set[asyncio.Task[bool]] = set()
 
@@ -562,6 +563,21 @@ class Daemon:
         if not await asyncio.to_thread(self.deployer.wait_idle, SHUTDOWN_GRACE):
             log.warning("an HAProxy certificate transaction is still running at exit")
         await self._stop_servers()
+        if getattr(self, "_heartbeat", None) is not None:
+            await asyncio.to_thread(self._heartbeat.stop)
+
+    def _start_heartbeat(self) -> Any:
+        """[fleet]: beat every few seconds with the serial of each certificate
+        (agent.fleet.Heartbeat, its own thread); None for a single node."""
+        fleet = self.config.fleet
+        if fleet is None:
+            return None
+        from agent.fleet import Heartbeat, redis_client
+
+        def serials() -> dict[str, str | None]:
+            return {n: (s.meta.serial if s.meta else None) for n, s in list(self.states.items())}
+
+        return Heartbeat(redis_client(fleet), fleet.namespace, fleet.node, serials).start()
 
     async def _stop_servers(self) -> None:
         for server in (self.spoa, self.metrics_server, self.control):

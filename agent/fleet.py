@@ -280,3 +280,192 @@ class RedisChallengeRegistry(ChallengeRegistry):
                 with contextlib.suppress(Exception):
                     pubsub.close()
         self.connected.clear()
+
+
+# --- node heartbeats ---------------------------------------------------------------
+#
+#     NS:node:NODE  {"node", "host", "pid", "started", "seen" (UNIX s), "serials": {cert: serial}}
+#                   with a PX expiry of `ttl`: the key exists while the node is alive
+#     NS:nodes      set of every node that ever beat (so a dead one is still listed)
+
+HEARTBEAT_INTERVAL = 5.0  # s between beats
+HEARTBEAT_TTL = 15.0  # s a beat stays valid: three missed beats and the node is dead
+
+
+def beat(
+    client: redis.Redis,
+    namespace: str,
+    node: str,
+    serials: dict[str, str | None] | None = None,
+    *,
+    ttl: float = HEARTBEAT_TTL,
+    started: float | None = None,
+) -> None:
+    """Record that `node` is alive now (for `ttl` seconds), with `serials`: the serial
+    of each certificate as this node's daemon knows it (stored and deployed by it;
+    what its HAProxy serves, checked by handshake, is a later step)."""
+    import os
+    import socket
+
+    record = {
+        "node": node,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": started,
+        "seen": time.time(),
+        "serials": serials or {},
+    }
+    pipe = client.pipeline(transaction=True)
+    pipe.set(f"{namespace}:node:{node}", json.dumps(record), px=max(1, int(ttl * 1000)))
+    pipe.sadd(f"{namespace}:nodes", node)
+    pipe.execute()
+
+
+def list_nodes(client: redis.Redis, namespace: str) -> list[dict[str, Any]]:
+    """Every node that ever beat, sorted by name: {"node", "alive", "seen", "serials", ...}.
+
+    `alive` is True while its last beat's TTL runs; a dead node keeps only its name
+    (its record expired with the TTL), `seen` None."""
+    names = sorted(
+        n.decode() if isinstance(n, bytes) else str(n)
+        for n in client.smembers(f"{namespace}:nodes")  # type: ignore[union-attr]
+    )
+    if not names:
+        return []
+    raws = client.mget([f"{namespace}:node:{n}" for n in names])
+    out: list[dict[str, Any]] = []
+    for name, raw in zip(names, raws, strict=True):  # type: ignore[arg-type]
+        if raw is None:
+            out.append({"node": name, "alive": False, "seen": None, "serials": {}})
+            continue
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            data = {}
+        out.append({**data, "node": name, "alive": True})
+    return out
+
+
+class Heartbeat:
+    """A thread that calls `beat` every `interval` seconds until `stop()`.
+
+    `serials()` returns {certificate: serial} as `beat` records it (read on
+    every beat); a failed beat is logged and retried at the next interval, so
+    a Redis outage only makes the node look dead to the others."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        namespace: str,
+        node: str,
+        serials: Callable[[], dict[str, str | None]] = dict,
+        *,
+        interval: float = HEARTBEAT_INTERVAL,
+        ttl: float = HEARTBEAT_TTL,
+    ) -> None:
+        self.client, self.namespace, self.node = client, namespace, node
+        self.serials, self.interval, self.ttl = serials, interval, ttl
+        self.started = time.time()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fleet-heartbeat", daemon=True)
+
+    def start(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while True:
+            try:
+                beat(
+                    self.client, self.namespace, self.node, self.serials(),
+                    ttl=self.ttl, started=self.started,
+                )  # fmt: skip
+            except (redis.RedisError, OSError) as e:
+                log.warning("fleet heartbeat of node %s failed: %s", self.node, e)
+            if self._stop.wait(self.interval):
+                return
+
+    def stop(self) -> None:
+        """Stop beating and drop our record (the others see us gone at once)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(10)
+        with contextlib.suppress(redis.RedisError, OSError):
+            self.client.delete(f"{self.namespace}:node:{self.node}")
+
+
+# --- fan-out: "certificate changed" ------------------------------------------------
+#
+#     NS:certificates  pub/sub channel: {"name", "serial", "fence", "node"}
+#
+# A message is a hint, not the truth: a node that was cut off catches up by
+# comparing serials (later step), never by trusting it saw every message.
+
+
+def publish_changed(
+    client: redis.Redis, namespace: str, name: str, serial: str, fence: int | None, node: str
+) -> int:
+    """Tell every node that certificate `name` now has `serial`; returns how many
+    subscribers Redis delivered it to."""
+    message = json.dumps({"name": name, "serial": serial, "fence": fence, "node": node})
+    return int(client.publish(f"{namespace}:certificates", message))
+
+
+class ChangeListener:
+    """A thread calling `on_change(name, serial, fence, node)` for every "certificate
+    changed" message, resubscribing (bounded backoff) after Redis errors.
+    `connected` is set while subscribed. The callback runs on this thread."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        namespace: str,
+        on_change: Callable[[str, str, int | None, str], object],
+    ) -> None:
+        self.client, self.channel, self.on_change = client, f"{namespace}:certificates", on_change
+        self.connected = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fleet-changes", daemon=True)
+
+    def start(self) -> ChangeListener:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(10)
+
+    def _run(self) -> None:
+        backoff = 0.05
+        while not self._stop.is_set():
+            pubsub = self.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+            try:
+                pubsub.subscribe(self.channel)
+                self.connected.set()
+                backoff = 0.05
+                while not self._stop.is_set():
+                    message = pubsub.get_message(timeout=0.2)
+                    if message is None or message.get("type") != "message":
+                        continue
+                    try:
+                        m = json.loads(message["data"])
+                        name, serial, node = str(m["name"]), str(m["serial"]), str(m["node"])
+                        fence = None if m.get("fence") is None else int(m["fence"])
+                    except (ValueError, KeyError, TypeError):
+                        log.warning("fleet: ignored a malformed certificate message")
+                        continue
+                    try:
+                        self.on_change(name, serial, fence, node)
+                    except Exception:
+                        log.exception("fleet: handling the change of %s failed", name)
+            except (redis.RedisError, OSError) as e:
+                if self.connected.is_set():
+                    log.warning("fleet: certificate messages interrupted: %s", e)
+                self.connected.clear()
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, RedisChallengeRegistry.BACKOFF_MAX)
+            finally:
+                with contextlib.suppress(Exception):
+                    pubsub.close()
+        self.connected.clear()
