@@ -90,8 +90,7 @@ def _args_renew(p: argparse.ArgumentParser) -> None:
 
 def cmd_renew(args: argparse.Namespace) -> int:
     """Renew due certificates, serving the SPOE agent on [spoa] listen while orders run."""
-    from agent import challenge_map
-    from agent.challenges import MemoryChallengeRegistry
+    from agent import challenge_map, wiring
     from agent.renewal import prepare_state, renew_certificates
 
     config = load(args)
@@ -101,7 +100,7 @@ def cmd_renew(args: argparse.Namespace) -> int:
         handed = _renew_through_daemon(config, args)
         if handed is not None:
             return handed
-    registry = MemoryChallengeRegistry()
+    registry = wiring.make_registry(config)
     # answer = "map": HAProxy answers from its map; no SPOA needed for this run.
     map_registry = challenge_map.from_config(config, registry)
     if map_registry is not None and not args.dry_run:
@@ -305,9 +304,19 @@ def cmd_status(args: argparse.Namespace) -> int:
         for entry in served_serials(config):
             by_name[entry["certificate"]]["haproxy"].append(entry)
     _add_dns_persist_status(config, rows)
+    nodes = _fleet_nodes(config)
     if args.json:
-        print(json.dumps(rows, indent=2))
+        # Without [fleet] the list of certificates, as always; with it, an object
+        # that also lists the fleet's nodes.
+        doc: object = rows if nodes is None else {"certificates": rows, "nodes": nodes}
+        print(json.dumps(doc, indent=2))
         return EXIT_OK
+    for node in nodes or []:
+        if node.get("error"):
+            print(f"fleet: {node['error']}")
+            continue
+        seen = _fmt_time(node["seen"]) if node.get("seen") else "-"
+        print(f"node {node['node']}: {'alive' if node['alive'] else 'DEAD'} (last beat {seen})")
     if not rows:
         print("no certificates configured")
     for row in rows:
@@ -397,11 +406,30 @@ def cmd_dns_persist(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _fleet_nodes(config: Config) -> list[dict[str, Any]] | None:
+    """The fleet's nodes (agent.fleet.list_nodes); None without [fleet]. Redis
+    unreachable: one pseudo-row saying so, so `status` still shows the rest."""
+    if config.fleet is None:
+        return None
+    import redis
+
+    from agent.fleet import list_nodes, redis_client
+
+    client = redis_client(config.fleet)
+    try:
+        return list_nodes(client, config.fleet.namespace)
+    except (redis.RedisError, OSError) as e:
+        return [{"node": None, "alive": None, "error": f"Redis unreachable: {e}"}]
+    finally:
+        client.close()
+
+
 def served_serials(config: Config) -> list[dict[str, Any]]:
     """What each runtime API instance serves for each stored certificate (read-only)."""
-    from agent.deploy import BundleError, Deployer, stored_targets
+    from agent import wiring
+    from agent.deploy import BundleError, stored_targets
 
-    deployer = Deployer.from_config(config)
+    deployer = wiring.make_deployer(config)
     try:
         targets = stored_targets(config)
     except (BundleError, OSError) as e:

@@ -29,6 +29,12 @@ Schema (every key optional unless marked required):
     [daemon]    control_socket = <state_dir>/control.sock, check_interval = 3600 (s),
                 reconcile_interval = 30 (s), retry_base = 60 (s), retry_max = 6h,
                 log_format = "text" | "json"
+    [fleet]     (absent: a single node, file storage, in-memory challenges)
+                redis = "redis://host:6379/0" | "rediss://..." | "unix:///path.sock",
+                or sentinels = ["host:26379", ...] + service = "mymaster";
+                username, password_file (ACL user; never a password in the URL),
+                ca_file (rediss:// only), node = <host name>, namespace = "haproxy-acme",
+                secret_file (required: 32 random bytes, 0600, the same on every node)
     [[certificates]]  name (required), domains (required), key (required), csr,
                 generate_key = false, key_type = "ec256", backup_pins = [], dhparam,
                 renew_before ("30d", "12h", "90m", "3600s"), allow_leaf_only (default: [acme]'s),
@@ -48,6 +54,7 @@ import base64
 import ipaddress
 import os
 import re
+import socket
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -203,6 +210,26 @@ class CertificateConfig:
 
 
 @dataclass(frozen=True)
+class FleetConfig:
+    """[fleet]: several agents sharing storage, locks and challenges through Redis.
+
+    Exactly one of `redis` (a URL) and `sentinels` (host, port pairs, with
+    `service`) is set. `password_file` holds the ACL password (first line);
+    `secret_file` the 32-byte fleet secret that encrypts secrets kept in Redis.
+    """
+
+    node: str
+    namespace: str
+    secret_file: Path
+    redis: str | None = None
+    sentinels: tuple[tuple[str, int], ...] = ()
+    service: str | None = None
+    username: str | None = None
+    password_file: Path | None = None
+    ca_file: Path | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     state_dir: Path
@@ -215,6 +242,7 @@ class Config:
     strict_permissions: bool = False
     challenges: ChallengesConfig = field(default_factory=ChallengesConfig)
     dns: tuple[DnsZoneConfig, ...] = ()
+    fleet: FleetConfig | None = None
 
     def certificate(self, name: str) -> CertificateConfig:
         """The certificate called `name`; KeyError if there is none."""
@@ -491,6 +519,7 @@ class _Loader:
         daemon = self._daemon(top.section("daemon"), state_dir)
         self.dns_zones = self._dns_zones(top)
         certs = self._certificates(top)
+        fleet = self._fleet(top.section("fleet")) if top.has("fleet") else None
         top.check_unknown()
         return Config(
             path=self.file,
@@ -504,6 +533,7 @@ class _Loader:
             strict_permissions=strict_permissions,
             challenges=challenges,
             dns=self.dns_zones,
+            fleet=fleet,
         )
 
     def _listen(self, s: _Section, name: str, default: str) -> Listen:
@@ -682,6 +712,74 @@ class _Loader:
             reconcile_interval=durations["reconcile_interval"],
             retry_base=durations["retry_base"],
             retry_max=durations["retry_max"],
+        )
+
+    def _fleet(self, s: _Section) -> FleetConfig:
+        url = s.get_str("redis")
+        sentinels = s.get_str_list("sentinels")
+        service = s.get_str("service")
+        if (url is None) == (not sentinels):
+            raise s.error("redis", "set either redis (a URL) or sentinels + service, not both")
+        ca_file = s.get_path("ca_file")
+        if url is not None:
+            u = urlsplit(url)
+            if u.scheme not in ("redis", "rediss", "unix"):
+                raise s.error("redis", f"{url!r} is not a redis://, rediss:// or unix:// URL")
+            if u.password:
+                raise s.error("redis", "holds a password: put it in password_file")
+            if u.scheme == "unix" and not u.path:
+                raise s.error("redis", f"{url!r} names no socket path")
+            if u.scheme != "unix" and not u.hostname:
+                raise s.error("redis", f"{url!r} names no host")
+            if ca_file is not None and u.scheme != "rediss":
+                raise s.error("ca_file", "is only used with a rediss:// (TLS) URL")
+            if service is not None:
+                raise s.error("service", "is only used with sentinels")
+        else:
+            if service is None:
+                raise s.error("service", "is required with sentinels (the monitored name)")
+            if ca_file is not None:
+                raise s.error("ca_file", "is only used with a rediss:// (TLS) URL")
+        parsed: list[tuple[str, int]] = []
+        for i, entry in enumerate(sentinels):
+            try:
+                listen = parse_listen(entry if ":" in entry else f"{entry}:26379")
+            except ValueError as e:
+                raise ConfigError(self.file, f"{s.key('sentinels')}[{i}]", str(e)) from None
+            parsed.append((listen.host, listen.port))
+        if ca_file is not None and (problem := _readable_file(ca_file)):
+            raise s.error("ca_file", problem)
+        password_file = s.get_path("password_file")
+        if password_file is not None:
+            if problem := _readable_file(password_file):
+                raise s.error("password_file", problem)
+            if not password_file.read_text(errors="replace").strip():
+                raise s.error("password_file", f"{password_file} is empty")
+        username = s.get_str("username")
+        node = s.get_str("node") or socket.gethostname()
+        if not _FLEET_NAME.fullmatch(node):
+            raise s.error("node", f"{node!r} is not a name of letters, digits, '.', '_', '-'")
+        namespace = s.get_str("namespace", "haproxy-acme")
+        assert namespace is not None
+        if not _FLEET_NAME.fullmatch(namespace):
+            raise s.error(
+                "namespace", f"{namespace!r} is not a name of letters, digits, '.', '_', '-'"
+            )
+        secret_file = s.get_path("secret_file", required=True)
+        assert secret_file is not None
+        if problem := _secret_file_problem(secret_file):
+            raise s.error("secret_file", problem)
+        s.check_unknown()
+        return FleetConfig(
+            node=node,
+            namespace=namespace,
+            secret_file=secret_file,
+            redis=url,
+            sentinels=tuple(parsed),
+            service=service,
+            username=username,
+            password_file=password_file,
+            ca_file=ca_file,
         )
 
     def _certificates(self, top: _Section) -> tuple[CertificateConfig, ...]:
@@ -933,6 +1031,25 @@ def _zone_holding(zones: tuple[DnsZoneConfig, ...], name: str) -> DnsZoneConfig 
     bare = name.removeprefix("*.")
     holding = [z for z in zones if bare == z.zone or bare.endswith("." + z.zone)]
     return max(holding, key=lambda z: len(z.zone), default=None)
+
+
+_FLEET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+FLEET_SECRET_LENGTH = 32  # bytes (AES-256-GCM key), agent.store_redis.SECRET_LENGTH
+
+
+def _secret_file_problem(path: Path) -> str | None:
+    """What is wrong with the fleet secret file, or None (reads it, changes nothing)."""
+    if problem := _readable_file(path):
+        return problem
+    st = path.stat()
+    if st.st_mode & 0o077:
+        return f"{path} is open to others (mode {st.st_mode & 0o777:04o}): run `chmod 600 {path}`"
+    if st.st_size != FLEET_SECRET_LENGTH:
+        return (
+            f"{path} holds {st.st_size} bytes, not {FLEET_SECRET_LENGTH}: create it once with "
+            f"`head -c {FLEET_SECRET_LENGTH} /dev/urandom > {path}` and copy it to every node"
+        )
+    return None
 
 
 def _not_a_directory(path: Path) -> str | None:

@@ -36,13 +36,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent import challenge_map
+from agent import challenge_map, wiring
 from agent import deploy as deploy_mod
 from agent.certstate import undeployed
-from agent.challenges import MemoryChallengeRegistry
 from agent.config import Config, ConfigError, load_config
 from agent.control import ControlServer
-from agent.deploy import Deployer, DeployResult, SyncStatus, stored_target, stored_targets
+from agent.deploy import DeployResult, SyncStatus, stored_target, stored_targets
 from agent.metrics import CertificateView, Metrics, MetricsServer
 from agent.renewal import (
     EMERGENCY_FRACTION,
@@ -55,7 +54,7 @@ from agent.renewal import (
     record_sync,
 )
 from agent.spoa import SpoaServer, door_settings
-from agent.storage import FileStorage, ensure_private_dir
+from agent.storage import ensure_private_dir
 
 log = logging.getLogger("agent.daemon")
 
@@ -98,7 +97,7 @@ class Daemon:
         self.config = config
         self.rng = rng or random.Random()
         self.clock = clock
-        self.registry = MemoryChallengeRegistry()
+        self.registry = wiring.make_registry(config)
         self.metrics = Metrics(self._views)
         self.states: dict[str, CertState] = {}
         self._stop = asyncio.Event()
@@ -119,8 +118,8 @@ class Daemon:
     def _build(self, config: Config) -> None:
         """Objects that depend on the config (rebuilt on SIGHUP). No storage I/O
         here: it also runs on the event loop (reload)."""
-        self.storage = FileStorage(config.state_dir)
-        self.deployer = Deployer.from_config(config)
+        self.storage = wiring.make_storage(config)
+        self.deployer = wiring.make_deployer(config)
         # answer = "map": orders also fill HAProxy's map; the SPOA keeps serving self.registry.
         self.challenge_map = challenge_map.from_config(config, self.registry)
         self.renewer = Renewer(
@@ -525,6 +524,7 @@ class Daemon:
             await self._stop_servers()
             return 1
         await self._announce_spoa()
+        self._heartbeat = self._start_heartbeat()
         reload_path = self.config.path
         pending_reload: set[asyncio.Task[bool]] = set()
 
@@ -571,6 +571,21 @@ class Daemon:
         if not await asyncio.to_thread(self.deployer.wait_idle, SHUTDOWN_GRACE):
             log.warning("an HAProxy certificate transaction is still running at exit")
         await self._stop_servers()
+        if getattr(self, "_heartbeat", None) is not None:
+            await asyncio.to_thread(self._heartbeat.stop)
+
+    def _start_heartbeat(self) -> Any:
+        """[fleet]: beat every few seconds with the serial of each certificate
+        (agent.fleet.Heartbeat, its own thread); None for a single node."""
+        fleet = self.config.fleet
+        if fleet is None:
+            return None
+        from agent.fleet import Heartbeat, redis_client
+
+        def serials() -> dict[str, str | None]:
+            return {n: (s.meta.serial if s.meta else None) for n, s in list(self.states.items())}
+
+        return Heartbeat(redis_client(fleet), fleet.namespace, fleet.node, serials).start()
 
     async def _stop_servers(self) -> None:
         for server in (self.spoa, self.metrics_server, self.control):

@@ -81,6 +81,7 @@ from typing import Any, Protocol
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from agent import wiring
 from agent.crtlist import CrtListError, CrtListFile
 from agent.haproxy_api import (
     DEFAULT_BUFSIZE,
@@ -1876,9 +1877,8 @@ def stored_targets(config: Any, storage: Any | None = None) -> list[DeployTarget
     generation and key file did not change costs one pointer read and a stat
     or two, no PEM parse. Certificates no longer configured leave the cache.
     """
-    from agent.storage import FileStorage
 
-    store = storage if storage is not None else FileStorage(config.state_dir)
+    store = storage if storage is not None else wiring.make_storage(config)
     targets = []
     for cert in config.certificates:
         target = stored_target(cert, store)
@@ -1977,10 +1977,9 @@ class RenewalDeployHook:
     """
 
     def __init__(self, config: Any, storage: Any | None = None) -> None:
-        from agent.storage import FileStorage
 
         self.config = config
-        self.storage = storage if storage is not None else FileStorage(config.state_dir)
+        self.storage = storage if storage is not None else wiring.make_storage(config)
         self.deployer = Deployer.from_config(config)
         self.results: list[DeployResult] = []
 

@@ -43,7 +43,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
-from agent import ari, keys, layout
+from agent import ari, keys, layout, wiring
 from agent.certstate import Attempt as Attempt
 from agent.certstate import CertMeta as CertMeta
 from agent.certstate import (
@@ -66,13 +66,11 @@ from agent.issuer import (
     AcmeTimeout,
     AcmeUnreachable,
     IssuedCertificate,
-    Issuer,
     OrderFailed,
     RateLimited,
     ValidationFailed,
 )
-from agent.solvers import build_solvers
-from agent.storage import FileStorage, LockLost, LockTimeout, Storage
+from agent.storage import LockLost, LockTimeout, Storage
 
 log = logging.getLogger(__name__)
 
@@ -335,11 +333,9 @@ class Renewer:
         if storage is None:
             # FileStorage creates the (0700) state dir on the first write, so a
             # dry run or a run with nothing due writes nothing at all.
-            storage = FileStorage(config.state_dir)
+            storage = wiring.make_storage(config)
         self.storage = storage
-        self.issuer: CertificateIssuer = issuer or Issuer(
-            config.acme, storage, registry, solvers=build_solvers(config, storage)
-        )
+        self.issuer: CertificateIssuer = issuer or wiring.make_issuer(config, storage, registry)
         self.on_installed = on_installed
         self.clock = clock
         self._rate_limited: RateLimited | None = None  # set once the CA rate-limits this run
@@ -856,7 +852,7 @@ def prepare_state(config: Config, storage: Storage | None = None, *, bundles: bo
     """The start-up step of `run`, `renew` and `status`: repair the stored state
     (`agent.certstate.repair`) and, with `bundles`, remove our temp files in
     cert_dir. A state dir that does not exist yet is left alone."""
-    store = storage if storage is not None else FileStorage(config.state_dir)
+    store = storage if storage is not None else wiring.make_storage(config)
     if config.state_dir.is_dir():
         repair(store, [c.name for c in config.certificates], lock_timeout=lock_timeout)
     if bundles:
@@ -911,7 +907,7 @@ def certificate_status(
     from agent.deploy import DISK_INSTANCE, parse_instances
 
     now = time.time() if now is None else now
-    storage = storage if storage is not None else FileStorage(config.state_dir)
+    storage = storage if storage is not None else wiring.make_storage(config)
     instances = parse_instances(config.haproxy.runtime_api) or [DISK_INSTANCE]
     rows: list[dict[str, Any]] = []
     for cfg in config.certificates:

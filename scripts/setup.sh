@@ -13,8 +13,10 @@ cd "$(dirname "$0")/.."
 # patchelf points the HAProxy 3.x copies at sid's libraries (fetch_debian.sh).
 # bind9 is the authoritative DNS server the dns-01 tests start themselves
 # (tests/support/bind.py); bind9-dnsutils brings nsupdate for the hook example.
+# redis-server and redis-sentinel back the fleet tests (tests/support/redis.py
+# starts its own on free loopback ports).
 APT_PACKAGES=(haproxy pebble wrk openssl ca-certificates python3-venv systemd docker-compose curl
-    patchelf debian-archive-keyring bind9 bind9-utils bind9-dnsutils)
+    patchelf debian-archive-keyring bind9 bind9-utils bind9-dnsutils redis-server redis-sentinel)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -25,9 +27,9 @@ if ((${#missing[@]})); then
     apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 # Debian enables these services on install; the tests never use them (they start
-# their own processes on free loopback ports), and they would hold :80 and :53.
+# their own processes on free loopback ports), and they would hold :80, :53, :6379.
 if command -v systemctl >/dev/null 2>&1; then
-    for unit in haproxy named; do
+    for unit in haproxy named redis-server redis-sentinel; do
         systemctl disable --now "$unit" >/dev/null 2>&1 || true
     done
 fi

@@ -1,9 +1,10 @@
-"""The `Storage` contract, run against every implementation (the file store now;
-the Redis store adds itself to IMPLEMENTATIONS).
+"""The `Storage` contract, run against every implementation: the file store and
+the Redis store (agent.store_redis, against a real redis-server on 127.0.0.1).
 
 An implementation is registered with two functions:
 - `open(spec)`: a new handle on the same backend (as another process would
-  open it; `spec` is picklable so child processes can open one too);
+  open it; `spec` is a string so child processes can open one too: the state
+  dir for files, JSON {url, ns, secret} for Redis);
 - `plant(handle, name, owner)`: write a lock record as another holder would
   have left it (a killed run on another host, PID 1 of an earlier container).
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from agent.storage import (
     FileStorage,
@@ -33,6 +35,8 @@ from agent.storage import (
     holder_is_gone,
     process_start_time,
 )
+from agent.store_redis import RedisStorage
+from tests.support.redis import redis_available, shared_redis
 
 
 def _open_file(spec: str) -> Storage:
@@ -47,8 +51,22 @@ def _plant_file(store: Storage, name: str, owner: LockOwner) -> None:
     path.write_text(json.dumps(owner.to_json()))
 
 
+def _open_redis(spec: str) -> Storage:
+    s = json.loads(spec)
+    client = redis.Redis.from_url(s["url"], socket_timeout=10)
+    return RedisStorage(client, s["ns"], bytes.fromhex(s["secret"]))
+
+
+def _plant_redis(store: Storage, name: str, owner: LockOwner) -> None:
+    assert isinstance(store, RedisStorage)
+    ms = int((owner.expires - time.time()) * 1000)
+    # An expired record is planted without a TTL: the lease in it says it is over.
+    store.client.set(store._lkey(name), json.dumps(owner.to_json()), px=ms if ms > 0 else None)
+
+
 IMPLEMENTATIONS: dict[str, tuple[Callable[[str], Storage], Callable[..., None]]] = {
     "file": (_open_file, _plant_file),
+    "redis": (_open_redis, _plant_redis),
 }
 
 
@@ -65,7 +83,17 @@ class Backend:
 
 
 @pytest.fixture(params=sorted(IMPLEMENTATIONS))
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+def backend(
+    request: pytest.FixtureRequest, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Backend]:
+    if request.param == "redis":
+        if not redis_available():
+            pytest.fail("redis-server is not installed (scripts/setup.sh installs it)")
+        server = shared_redis(tmp_path_factory)
+        ns = "t" + os.urandom(8).hex()  # each test its own namespace on the shared server
+        spec = json.dumps({"url": server.url, "ns": ns, "secret": os.urandom(32).hex()})
+        yield Backend(spec, "redis")
+        return
     yield Backend(str(tmp_path / "state"), request.param)
 
 

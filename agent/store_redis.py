@@ -1,0 +1,316 @@
+"""`Storage` on Redis, for a fleet of agents sharing one backend ([fleet] in the config).
+
+Layout, every name under the fleet's `namespace` NS:
+
+    NS:v:KEY      hash {d: value bytes, m: modified (UNIX s), e: "1" if encrypted}
+    NS:index      sorted set of every KEY (all scores 0, so ZRANGEBYLEX lists a prefix)
+    NS:lock:NAME  the lock record (LockOwner JSON + "fence"), with a PX expiry = the lease
+    NS:fence:NAME counter INCRemented on every acquisition of lock NAME (fencing token)
+
+Contract (that of `agent.storage.Storage`, checked by tests/test_storage_contract.py
+against a real redis-server) plus:
+- A value and its index entry change in one MULTI/EXEC, so a reader sees the
+  whole old or the whole new value and `list` never names a half-written key.
+- `secret=True` values are encrypted with AES-GCM under the fleet secret
+  (32 bytes, `secret_file`): a random 96-bit nonce per value, the namespaced
+  key name as associated data (a ciphertext moved to another key does not
+  decrypt). A store without a secret refuses `secret=True` (ValueError); a
+  value that does not decrypt raises `SecretError` naming the key.
+- Locks: SET NX PX with a random owner token; renewal and release are
+  compare-and-set / compare-and-delete scripts run atomically by Redis, so a
+  holder whose lease ran out can never extend or delete its successor's lock.
+  A record whose holder provably died on this host (`holder_is_gone`) is
+  taken over by a compare-and-swap on the exact record read. Each acquisition
+  INCRements NS:fence:NAME; `fence(name)` returns the value of our current
+  hold, to be recorded with what we install so a stale holder's late write can
+  be detected (a larger fence wins).
+- Every call is a synchronous round trip: call it off the event loop
+  (the daemon does, asyncio.to_thread).
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import logging
+import os
+import time
+
+import redis
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from agent.storage import (
+    DEFAULT_LEASE,
+    KeyInfo,
+    LockLost,
+    LockOwner,
+    LockTimeout,
+    Storage,
+    holder_is_gone,
+    safe_key,
+    safe_name,
+)
+
+log = logging.getLogger(__name__)
+
+SECRET_LENGTH = 32  # bytes of the fleet secret (AES-256-GCM)
+_NONCE = 12
+_ENC_VERSION = b"\x01"
+
+# Lock scripts: each runs atomically in Redis. Records are LockOwner JSON plus
+# "fence"; cjson keeps 14 significant digits (0.1 ms for UNIX times).
+# KEYS[1] lock, KEYS[2] fence counter; ARGV[1] our record (no fence), ARGV[2] lease ms.
+# Returns our fence, or 0 when the lock is held.
+_ACQUIRE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local f = redis.call('INCR', KEYS[2])
+local o = cjson.decode(ARGV[1])
+o['fence'] = f
+redis.call('SET', KEYS[1], cjson.encode(o), 'PX', ARGV[2])
+return f
+"""
+# As _ACQUIRE, but only if the record is still exactly ARGV[3] (a stale one we read).
+_TAKE_OVER = """
+if redis.call('GET', KEYS[1]) ~= ARGV[3] then return 0 end
+local f = redis.call('INCR', KEYS[2])
+local o = cjson.decode(ARGV[1])
+o['fence'] = f
+redis.call('SET', KEYS[1], cjson.encode(o), 'PX', ARGV[2])
+return f
+"""
+# KEYS[1] lock; ARGV[1] our token, ARGV[2] new expiry (UNIX s), ARGV[3] lease ms.
+_RENEW = """
+local v = redis.call('GET', KEYS[1])
+if not v then return 0 end
+local ok, o = pcall(cjson.decode, v)
+if not ok or type(o) ~= 'table' or o['token'] ~= ARGV[1] then return 0 end
+o['expires'] = tonumber(ARGV[2])
+redis.call('SET', KEYS[1], cjson.encode(o), 'PX', ARGV[3])
+return 1
+"""
+# KEYS[1] lock; ARGV[1] our token.
+_RELEASE = """
+local v = redis.call('GET', KEYS[1])
+if not v then return 0 end
+local ok, o = pcall(cjson.decode, v)
+if not ok or type(o) ~= 'table' or o['token'] ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
+
+def _bytes(value: object) -> bytes:
+    """A reply of the client (decode_responses off: bytes) as bytes."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode()
+    raise TypeError(f"unexpected Redis reply {type(value).__name__}")
+
+
+class SecretError(ValueError):
+    """A secret value in Redis does not decrypt under this node's fleet secret."""
+
+
+def load_secret(path: os.PathLike[str] | str) -> bytes:
+    """The fleet secret: exactly SECRET_LENGTH bytes from `path` (validated by the config)."""
+    data = open(path, "rb").read()  # noqa: SIM115 - small file, closed by refcount
+    if len(data) != SECRET_LENGTH:
+        raise ValueError(f"{path}: the fleet secret must be {SECRET_LENGTH} bytes, not {len(data)}")
+    return data
+
+
+class RedisStorage(Storage):
+    """`Storage` in Redis under `namespace`; `secret`: the 32-byte fleet secret (or None)."""
+
+    LOCK_POLL = 0.05  # seconds between attempts while waiting for a lock
+
+    def __init__(self, client: redis.Redis, namespace: str, secret: bytes | None = None) -> None:
+        if secret is not None and len(secret) != SECRET_LENGTH:
+            raise ValueError(f"the fleet secret must be {SECRET_LENGTH} bytes")
+        self.client = client
+        self.ns = safe_name(namespace)
+        self._aead = AESGCM(secret) if secret is not None else None
+        self._held: dict[str, tuple[str, int]] = {}  # lock name -> (token, fence)
+        self._acquire = client.register_script(_ACQUIRE)
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
+        self._take_over = client.register_script(_TAKE_OVER)
+
+    # --- names ---
+
+    def _vkey(self, key: str) -> str:
+        return f"{self.ns}:v:{key}"
+
+    def _index(self) -> str:
+        return f"{self.ns}:index"
+
+    def _lkey(self, name: str) -> str:
+        return f"{self.ns}:lock:{safe_name(name)}"
+
+    def _fkey(self, name: str) -> str:
+        return f"{self.ns}:fence:{safe_name(name)}"
+
+    # --- values ---
+
+    def _ad(self, key: str) -> bytes:
+        return f"{self.ns}:{key}".encode()
+
+    def store(self, key: str, value: bytes, *, secret: bool = False) -> None:
+        key = safe_key(key)
+        data = bytes(value)
+        if secret:
+            if self._aead is None:
+                raise ValueError(f"cannot store secret {key!r}: this store has no fleet secret")
+            nonce = os.urandom(_NONCE)
+            data = _ENC_VERSION + nonce + self._aead.encrypt(nonce, data, self._ad(key))
+        pipe = self.client.pipeline(transaction=True)
+        vkey = self._vkey(key)
+        pipe.delete(vkey)  # drop a stale "e" flag of an earlier secret value
+        pipe.hset(vkey, mapping={"d": data, "m": repr(time.time()), "e": "1" if secret else "0"})
+        pipe.zadd(self._index(), {key: 0})
+        pipe.execute()
+
+    def load(self, key: str) -> bytes:
+        key = safe_key(key)
+        data, enc = self.client.hmget(self._vkey(key), ["d", "e"])
+        if data is None:
+            raise FileNotFoundError(f"no key {key!r} in Redis namespace {self.ns!r}")
+        data = _bytes(data)
+        if enc != b"1":
+            return data
+        if self._aead is None:
+            raise SecretError(f"{key!r} is encrypted and this store has no fleet secret")
+        if data[:1] != _ENC_VERSION or len(data) < 1 + _NONCE + 16:
+            raise SecretError(f"{key!r}: not an encrypted value of a known version")
+        nonce, ct = data[1 : 1 + _NONCE], data[1 + _NONCE :]
+        try:
+            return self._aead.decrypt(nonce, ct, self._ad(key))
+        except InvalidTag:
+            raise SecretError(
+                f"{key!r} does not decrypt: this node's secret_file differs from the one "
+                "that stored it (every node of a fleet needs the same secret_file)"
+            ) from None
+
+    def delete(self, key: str) -> None:
+        key = safe_key(key)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(self._vkey(key))
+        pipe.zrem(self._index(), key)
+        pipe.execute()
+
+    def exists(self, key: str) -> bool:
+        return bool(self.client.exists(self._vkey(safe_key(key))))
+
+    def _below(self, prefix: str) -> builtins.list[str]:
+        if not prefix:
+            raw = self.client.zrange(self._index(), 0, -1)
+        else:
+            head = safe_key(prefix) + "/"
+            # "0" follows "/" in ASCII: [head, head with "/" -> "0") is every key below.
+            raw = self.client.zrangebylex(self._index(), f"[{head}", f"({head[:-1]}0")
+        return [_bytes(r).decode() for r in raw]  # type: ignore[union-attr]
+
+    def list(self, prefix: str, recursive: bool = False) -> builtins.list[str]:
+        keys = self._below(prefix)
+        if recursive:
+            return sorted(keys)
+        head = safe_key(prefix) + "/" if prefix else ""
+        children = {head + k[len(head) :].split("/", 1)[0] for k in keys}
+        return sorted(children)
+
+    def stat(self, key: str) -> KeyInfo:
+        key = safe_key(key)
+        size, modified = (
+            self.client.hstrlen(self._vkey(key), "d"),
+            self.client.hget(self._vkey(key), "m"),
+        )
+        if modified is None:
+            raise FileNotFoundError(f"no key {key!r} in Redis namespace {self.ns!r}")
+        return KeyInfo(key=key, size=int(size), modified=float(modified))
+
+    def delete_all(self, prefix: str) -> None:
+        keys = self._below(prefix)
+        for i in range(0, len(keys), 500):
+            batch = keys[i : i + 500]
+            pipe = self.client.pipeline(transaction=True)
+            pipe.delete(*[self._vkey(k) for k in batch])
+            pipe.zrem(self._index(), *batch)
+            pipe.execute()
+
+    # --- locks ---
+
+    @staticmethod
+    def _lease_ms(seconds: float) -> int:
+        return max(1, int(seconds * 1000))
+
+    def lock_owner(self, name: str) -> LockOwner | None:
+        raw = self.client.get(self._lkey(name))
+        if raw is None:
+            return None
+        return self._parse_owner(_bytes(raw))
+
+    @staticmethod
+    def _parse_owner(raw: bytes) -> LockOwner:
+        try:
+            return LockOwner.from_json(json.loads(raw), DEFAULT_LEASE)
+        except (ValueError, KeyError, TypeError):
+            # A damaged record counts as expired (its PX, if any, ends it anyway).
+            return LockOwner("", "", 0, None, None, 0.0, 0.0)
+
+    def lock(self, name: str, timeout: float = 60.0, expires_after: float = DEFAULT_LEASE) -> str:
+        lkey, fkey = self._lkey(name), self._fkey(name)
+        deadline = time.monotonic() + timeout
+        ms = self._lease_ms(expires_after)
+        while True:
+            now = time.time()
+            mine = LockOwner.for_this_process(expires_after, now)
+            record = json.dumps(mine.to_json())
+            fence = int(self._acquire(keys=[lkey, fkey], args=[record, ms]))
+            owner = None
+            if not fence:
+                raw = self.client.get(lkey)
+                owner = None if raw is None else self._parse_owner(_bytes(raw))
+                if raw is not None and owner is not None and holder_is_gone(owner, now):
+                    fence = int(self._take_over(keys=[lkey, fkey], args=[record, ms, raw]))
+                    if fence:
+                        why = "its lease ran out" if owner.expires <= now else "it is gone"
+                        log.warning(
+                            "lock %r: taking over from %s pid %d (%s)",
+                            name, owner.host, owner.pid, why,
+                        )  # fmt: skip
+            if fence:
+                self._held[name] = (mine.token, fence)
+                return mine.token
+            if time.monotonic() >= deadline:
+                who = f"{owner.host} pid {owner.pid}" if owner is not None else "unknown"
+                raise LockTimeout(
+                    f"lock {name!r} is held by another process ({who}, Redis key {lkey})"
+                )
+            time.sleep(self.LOCK_POLL)
+
+    def fence(self, name: str) -> int:
+        """The fencing token of our current hold of lock `name`; RuntimeError if none."""
+        held = self._held.get(name)
+        if held is None:
+            raise RuntimeError(f"lock {name!r} is not held by this process")
+        return held[1]
+
+    def renew_lock(self, name: str, token: str, lease: float = DEFAULT_LEASE) -> None:
+        args: list[str | int] = [token, repr(time.time() + lease), self._lease_ms(lease)]
+        if not self._renew(keys=[self._lkey(name)], args=args):
+            raise LockLost(f"lock {name!r} is no longer held by this process")
+
+    def unlock(self, name: str, token: str | None = None) -> None:
+        if token is None:
+            held = self._held.get(name)
+            if held is None:
+                raise RuntimeError(f"lock {name!r} is not held by this process")
+            token = held[0]
+        if name in self._held and self._held[name][0] == token:
+            del self._held[name]
+        if not self._release(keys=[self._lkey(name)], args=[token]):
+            raise LockLost(
+                f"lock {name!r} was taken over by another process; left it to its new holder"
+            )

@@ -1,0 +1,133 @@
+"""What the Redis challenge registry adds to the contract: a token added on one node is
+answered by the others from their mirrors (pub/sub), a miss is fetched in the
+background (bounded), and with Redis down the mirror still answers. Real
+redis-server on 127.0.0.1; every wait bounded."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from agent.fleet import RedisChallengeRegistry
+from tests.support.redis import RedisProcess, redis_available, shared_redis
+
+TOKEN = "evaGxfADs6pSRb2LAv9IZf17Dt3juxGJ-PCt92wr-oA"
+KEYAUTH = TOKEN + ".9jg46WB3rR_AHD-EBXdN7cBkH1WOu0tA3M9fm21mqTI"
+
+
+def eventually(check: Callable[[], bool], seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    for _ in range(10_000):
+        if check():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return False
+
+
+@pytest.fixture
+def node_pair(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[RedisChallengeRegistry, RedisChallengeRegistry]]:
+    if not redis_available():
+        pytest.fail("redis-server is not installed (scripts/setup.sh installs it)")
+    url, ns = shared_redis(tmp_path_factory).url, "t" + os.urandom(8).hex()
+    a = RedisChallengeRegistry(redis.Redis.from_url(url), ns)
+    b = RedisChallengeRegistry(redis.Redis.from_url(url), ns)
+    assert a.connected.wait(10) and b.connected.wait(10)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_a_token_added_on_one_node_is_answered_by_another(
+    node_pair: tuple[RedisChallengeRegistry, RedisChallengeRegistry],
+) -> None:
+    a, b = node_pair
+    a.add(TOKEN, KEYAUTH, expires_at=time.time() + 600)
+    assert eventually(lambda: b._mirror.get(TOKEN) is not None)
+    assert b.lookup(TOKEN) == KEYAUTH
+    assert b.fetches == 0  # it came by pub/sub, not by a lookup
+    a.remove(TOKEN)
+    assert eventually(lambda: b.lookup(TOKEN) is None and len(b) == 0)
+
+
+def test_a_node_started_later_resynchronises_from_the_hash(
+    node_pair: tuple[RedisChallengeRegistry, RedisChallengeRegistry],
+) -> None:
+    a, _ = node_pair
+    a.add(TOKEN, KEYAUTH, expires_at=time.time() + 600)
+    late = RedisChallengeRegistry(a.client, a.key.rsplit(":", 1)[0])
+    try:
+        assert late.connected.wait(10)
+        assert late.lookup(TOKEN) == KEYAUTH  # no message seen: the resync brought it
+    finally:
+        late.close()
+
+
+def test_a_missed_token_is_fetched_in_the_background_and_unknowns_are_not_flooded(
+    node_pair: tuple[RedisChallengeRegistry, RedisChallengeRegistry],
+) -> None:
+    a, b = node_pair
+    # Written straight to the hash (as if b missed the message): b's mirror lacks it.
+    a.client.hset(a.key, TOKEN, json.dumps({"k": KEYAUTH, "e": time.time() + 600}))
+    assert b.lookup(TOKEN) is None  # the frame that asked is not held for Redis (the gap)
+    assert eventually(lambda: b.lookup(TOKEN) == KEYAUTH)
+    # The same unknown token asked again and again (each time after the queue
+    # drained): the negative cache makes that one HGET, not twenty.
+    b.NEGATIVE_TTL = 600.0  # so a slow machine cannot outlast it within the loop
+    before = b.fetches
+    for _ in range(20):
+        assert b.lookup("again-" + "q" * 30) is None
+        assert eventually(lambda: b._misses.empty() and b.fetches > before)
+    assert b.fetches - before == 1
+    # 5000 lookups of one unknown token and of 5000 distinct ones: bounded fetches.
+    before = b.fetches
+    for _ in range(5000):
+        assert b.lookup("unknown-" + "x" * 30) is None
+    for i in range(5000):
+        assert b.lookup(f"flood{i:05d}" + "y" * 30) is None
+    assert eventually(lambda: b._misses.empty())
+    assert b.fetches - before <= 1 + 2 * RedisChallengeRegistry.MISS_QUEUE
+    for bad in ["../x", "a b", "x" * 300]:
+        b.lookup(bad)  # shape check: never queued
+    assert b._misses.empty()
+
+
+def test_with_redis_down_the_mirror_answers_and_add_fails(tmp_path: Path) -> None:
+    if not redis_available():
+        pytest.fail("redis-server is not installed (scripts/setup.sh installs it)")
+    server = RedisProcess(tmp_path / "redis").start()
+    try:
+        client = redis.Redis.from_url(server.url, socket_timeout=1, socket_connect_timeout=1)
+        reg = RedisChallengeRegistry(client, "fleet")
+        try:
+            assert reg.connected.wait(10)
+            reg.add(TOKEN, KEYAUTH, expires_at=time.time() + 600)
+            server.kill()
+            assert eventually(lambda: not reg.connected.is_set())
+            assert reg.lookup(TOKEN) == KEYAUTH  # mirrored: still answered
+            assert reg.lookup("other-" + "z" * 30) is None
+            other = "o" * 43
+            with pytest.raises(redis.RedisError):
+                reg.add(other, other + ".k", expires_at=time.time() + 600)
+            assert reg.lookup(other) is None  # not acknowledged: not served either
+            reg.remove(TOKEN)  # logged, not raised: cleanup must not fail an order
+            # Back, empty (no persistence): the mirror follows the hash again.
+            server.start()
+            assert eventually(lambda: reg.connected.is_set(), 20)
+            assert reg.lookup(TOKEN) is None
+            reg.add(other, other + ".k", expires_at=time.time() + 600)
+            assert reg.lookup(other) == other + ".k"
+        finally:
+            reg.close()
+            client.close()
+    finally:
+        server.stop()

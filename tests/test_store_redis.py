@@ -1,0 +1,91 @@
+"""What the Redis store adds to the Storage contract: encrypted secrets and fencing
+tokens (against a real redis-server on 127.0.0.1; the contract itself runs in
+tests/test_storage_contract.py)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from agent.store_redis import RedisStorage, SecretError
+from tests.support.redis import redis_available, shared_redis
+
+
+@pytest.fixture
+def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[redis.Redis]:
+    if not redis_available():
+        pytest.fail("redis-server is not installed (scripts/setup.sh installs it)")
+    c = redis.Redis.from_url(shared_redis(tmp_path_factory).url)
+    yield c
+    c.close()
+
+
+def _ns() -> str:
+    return "t" + os.urandom(8).hex()
+
+
+def test_a_secret_is_stored_encrypted_and_read_back(client: redis.Redis) -> None:
+    secret, ns = os.urandom(32), _ns()
+    st = RedisStorage(client, ns, secret)
+    plain = b"-----BEGIN EC PRIVATE KEY-----\nMHcCAQEE\n-----END EC PRIVATE KEY-----\n"
+    st.store("accounts/ca/account.key", plain, secret=True)
+    raw = client.hget(f"{ns}:v:accounts/ca/account.key", "d")
+    assert raw is not None and plain not in raw and b"PRIVATE" not in raw
+    assert RedisStorage(client, ns, secret).load("accounts/ca/account.key") == plain
+    # The same value stored twice gets another nonce: the ciphertexts differ.
+    st.store("accounts/ca/account.key", plain, secret=True)
+    assert client.hget(f"{ns}:v:accounts/ca/account.key", "d") != raw
+    # A public value stored over it afterwards is not "decrypted".
+    st.store("accounts/ca/account.key", b"public", secret=False)
+    assert st.load("accounts/ca/account.key") == b"public"
+
+
+def test_another_secret_or_another_key_name_does_not_decrypt(client: redis.Redis) -> None:
+    ns = _ns()
+    st = RedisStorage(client, ns, os.urandom(32))
+    st.store("accounts/a/account.key", b"k", secret=True)
+    with pytest.raises(SecretError, match="secret_file differs"):
+        RedisStorage(client, ns, os.urandom(32)).load("accounts/a/account.key")
+    with pytest.raises(SecretError, match="no fleet secret"):
+        RedisStorage(client, ns).load("accounts/a/account.key")
+    # A ciphertext copied under another key name fails: the name is associated data.
+    raw = client.hgetall(f"{ns}:v:accounts/a/account.key")
+    client.hset(f"{ns}:v:accounts/b/account.key", mapping=raw)  # type: ignore[arg-type]
+    with pytest.raises(SecretError):
+        st.load("accounts/b/account.key")
+
+
+def test_a_store_without_secret_refuses_secret_values(client: redis.Redis) -> None:
+    st = RedisStorage(client, _ns())
+    with pytest.raises(ValueError, match="no fleet secret"):
+        st.store("accounts/a/account.key", b"k", secret=True)
+    assert not st.exists("accounts/a/account.key")
+
+
+def test_namespaces_do_not_see_each_other(client: redis.Redis) -> None:
+    a, b = RedisStorage(client, _ns()), RedisStorage(client, _ns())
+    a.store("certificates/www/current", b"1")
+    assert b.list("", recursive=True) == [] and not b.exists("certificates/www/current")
+    b.unlock("www", b.lock("www", timeout=1))  # locks are per namespace too
+    a.unlock("www", a.lock("www", timeout=1))
+
+
+def test_every_acquisition_gets_a_larger_fencing_token(client: redis.Redis) -> None:
+    ns = _ns()
+    a, b = RedisStorage(client, ns), RedisStorage(client, ns)
+    ta = a.lock("www", timeout=1, expires_after=0.2)
+    fa = a.fence("www")
+    tb = b.lock("www", timeout=5)  # after a's lease ran out
+    fb = b.fence("www")
+    assert fb > fa
+    b.unlock("www", tb)
+    assert a.fence("www") == fa  # a still believes it holds it: its fence is the stale one
+    with pytest.raises(RuntimeError):
+        b.fence("www")
+    assert ta != tb
+    tc = b.lock("www", timeout=1)
+    assert b.fence("www") > fb
+    b.unlock("www", tc)
