@@ -439,6 +439,36 @@ def _short_conn_error(e: BaseException) -> str:
     return text[:200]
 
 
+# --- polling ---------------------------------------------------------------------------
+
+POLL_FIRST = 0.05  # seconds: Pebble and Boulder validate a challenge in tens of ms
+
+
+class PollSchedule:
+    """Waits between polls of one resource (authorizations, or the order).
+
+    The first wait is `POLL_FIRST` (s), each next one doubles, up to `cap`
+    (`acme.poll_interval`). A CA's Retry-After (s) sets the next wait instead,
+    as it asks (bounded by the order's deadline where the caller sleeps).
+    """
+
+    def __init__(self, cap: float, first: float = POLL_FIRST) -> None:
+        self.cap = max(cap, 0.0)
+        self.wait = min(first, self.cap)
+        self._asked: float | None = None
+
+    def retry_after(self, seconds: float | None) -> None:
+        """The CA's Retry-After on the latest poll (None: it sent none)."""
+        if seconds is not None:
+            self._asked = seconds if self._asked is None else max(self._asked, seconds)
+            self.wait = self._asked
+
+    def step(self) -> None:
+        """A poll went out: the next wait doubles (up to the cap)."""
+        self._asked = None
+        self.wait = min(self.cap, max(self.wait * 2, POLL_FIRST))
+
+
 # --- the issuer ------------------------------------------------------------------------
 
 
@@ -751,16 +781,14 @@ class Issuer:
             acme.answer_challenge(challb, response)
             pending.append(authzr)
 
-        wait = self.cfg.poll_interval
+        polls = PollSchedule(self.cfg.poll_interval)
         while pending:
-            self._sleep(wait, deadline, "waiting for domain validation")
-            wait = self.cfg.poll_interval
+            self._sleep(polls.wait, deadline, "waiting for domain validation")
+            polls.step()
             still: list[messages.AuthorizationResource] = []
             for authzr in pending:
                 updated, response = acme.poll(authzr)
-                ra = _retry_after_of(response)
-                if ra is not None:  # the CA asks us to poll less often: do so
-                    wait = max(wait, ra)
+                polls.retry_after(_retry_after_of(response))
                 status = updated.body.status
                 if status == messages.STATUS_VALID:
                     continue
@@ -777,6 +805,7 @@ class Issuer:
         except messages.Error as e:
             if problem_code(e) != "orderNotReady":
                 raise OrderFailed(f"finalization refused: {_problem_text(e)}") from e
+        polls = PollSchedule(self.cfg.poll_interval)
         while True:
             if order.status == messages.STATUS_VALID:
                 if not order.certificate:
@@ -787,11 +816,9 @@ class Issuer:
             if order.status == messages.STATUS_INVALID:
                 detail = _problem_text(order.error) if order.error else "no detail from the CA"
                 raise OrderFailed(f"order became invalid: {detail}")
-            wait = self.cfg.poll_interval
-            ra = _retry_after_of(net.last_response)
-            if ra is not None:
-                wait = max(wait, ra)
-            self._sleep(wait, deadline, "waiting for the certificate")
+            polls.retry_after(_retry_after_of(net.last_response))
+            self._sleep(polls.wait, deadline, "waiting for the certificate")
+            polls.step()
             resp = self._post_as_get(net, order_url)
             order = _parse(messages.Order, resp, net.last_what, ("status",))
             if order.status == messages.STATUS_READY:
