@@ -102,6 +102,10 @@ class _RedactingFilter(logging.Filter):
 logging.getLogger("acme.client").addFilter(_RedactingFilter())
 
 
+# A `malformed` newOrder problem about `replaces` ("... replaces ...", or Pebble's
+# "parsing ARI CertID failed" after a CA restart changed the issuer).
+_REPLACES_DETAIL = re.compile(r"replace|\bARI\b", re.I)
+
 # How long a token stays answerable if we die before removing it (seconds past the deadline).
 TOKEN_GRACE = 60.0
 
@@ -142,6 +146,11 @@ class RateLimited(AcmeServerError):
     def __init__(self, message: str, retry_after: float | None) -> None:
         super().__init__(message, "urn:ietf:params:acme:error:rateLimited", 429)
         self.retry_after = retry_after
+
+
+class ReplacesRefused(AcmeServerError):
+    """A newOrder carrying `replaces` failed with a CA error even after retries
+    (seen: Pebble 2.10's 500 for some serials). The caller orders without it."""
 
 
 class AccountError(AcmeError):
@@ -692,10 +701,10 @@ class Issuer:
                 code = problem_code(e)
                 if replaces and (
                     code == "alreadyReplaced"
-                    or (code == "malformed" and "replace" in (e.detail or "").lower())
+                    or (code == "malformed" and _REPLACES_DETAIL.search(e.detail or ""))
                 ):
                     # RFC 9773 section 5: the CA may refuse `replaces`; order without it.
-                    log.info(
+                    log.warning(
                         "CA refused replaces=%s (%s); ordering without it",
                         replaces,
                         _problem_text(e),
@@ -743,9 +752,14 @@ class Issuer:
             profile=self.cfg.profile or None,
             replaces=replaces,
         )
-        resp = net.post(
-            self.directory["newOrder"], order_msg, new_nonce_url=self.directory["newNonce"]
-        )
+        try:
+            resp = net.post(
+                self.directory["newOrder"], order_msg, new_nonce_url=self.directory["newNonce"]
+            )
+        except AcmeServerError as e:
+            if replaces is None or isinstance(e, RateLimited):
+                raise
+            raise ReplacesRefused(str(e), e.problem_type, e.status) from e
         order = _parse(
             messages.Order, resp, net.last_what, ("status", "authorizations", "finalize")
         )
