@@ -532,11 +532,7 @@ class Renewer:
         hold = ratelimit.active_hold(self.storage, self.config.acme.directory, self.clock())
         if hold is not None:
             # The CA said stop: ordering more before its time only digs the hole deeper.
-            msg = f"not attempted: the CA holds new orders until {_fmt_time(hold.until)} " \
-                f"({hold.reason})"  # fmt: skip
-            return RenewResult(
-                cfg.name, "failed", msg, error_type="rateLimited", retry_at=hold.until
-            )
+            return self._held(cfg, hold)
         try:
             held = self.storage.locked(
                 layout.cert_lock(cfg.name), timeout=2.0, expires_after=self.lease
@@ -680,6 +676,12 @@ class Renewer:
                 log.error("certificate %s: cannot record the refusal: %s", cfg.name, err)
             return self.issuer.issue(csr_pem, cfg.domains, replaces=None)
 
+    @staticmethod
+    def _held(cfg: CertificateConfig, hold: ratelimit.Hold) -> RenewResult:
+        msg = f"not attempted: the CA holds new orders until {_fmt_time(hold.until)} " \
+            f"({hold.reason})"  # fmt: skip
+        return RenewResult(cfg.name, "failed", msg, error_type="rateLimited", retry_at=hold.until)
+
     def _hold(self, e: RateLimited) -> ratelimit.Hold | None:
         """Put the CA on hold after its rateLimited answer `e` (persisted)."""
         try:
@@ -737,6 +739,13 @@ class Renewer:
                 due.append(cfg)
         # Pushing what is stored needs no CA and no challenges: do it first.
         results.update(self._run_parallel(pushes, force, started))
+        if due:
+            # The CA holds new orders: say so without contacting it at all.
+            hold = ratelimit.active_hold(self.storage, self.config.acme.directory, self.clock())
+            if hold is not None:
+                for cfg in due:
+                    results[cfg.name] = self._held(cfg, hold)
+                due = []
         if due:
             try:
                 self.issuer.connect()

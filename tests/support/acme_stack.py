@@ -57,6 +57,7 @@ class AcmeStack:
         validity_period: int | None = None,
         pebble_env: dict[str, str] | None = None,
         pebble_binary: str | None = None,
+        pebble_profiles: dict[str, int] | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         hdir = self.workdir / "haproxy"
@@ -87,6 +88,7 @@ class AcmeStack:
             validity_period=validity_period,
             extra_env=pebble_env,
             binary=pebble_binary,
+            profiles=pebble_profiles,
         )
 
     def start(self) -> None:

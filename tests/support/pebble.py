@@ -191,8 +191,10 @@ class PebbleProcess:
         eab_keys: dict[str, str] | None = None,
         extra_env: dict[str, str] | None = None,
         binary: str | None = None,
+        profiles: dict[str, int] | None = None,
     ) -> None:
-        """`binary`: the pebble to run (default: the first of pebble_binaries())."""
+        """`binary`: the pebble to run (default: the first of pebble_binaries()).
+        `profiles`: extra ACME profiles (name -> validity in seconds; Pebble 2.7+)."""
         self.binary = binary or pebble_binaries()[0][1]
         self.challtestsrv = challtestsrv_of(self.binary)
         self.workdir = Path(workdir)
@@ -232,6 +234,14 @@ class PebbleProcess:
                     "validityPeriod": validity_period,
                 }
             }
+        if profiles:
+            all_profiles = dict(config.get("profiles") or {})  # type: ignore[call-overload]
+            all_profiles.setdefault(
+                "default", {"description": "test default", "validityPeriod": 7776000}
+            )
+            for pname, validity in profiles.items():
+                all_profiles[pname] = {"description": f"test {pname}", "validityPeriod": validity}
+            config["profiles"] = all_profiles
         self.config_path = self.workdir / "pebble.json"
         self.config_path.write_text(json.dumps({"pebble": config}, indent=2))
         self.log_path = self.workdir / "pebble.log"
