@@ -79,7 +79,7 @@ spoe-agent acme-agent
     option var-prefix acme
     option pipelining
     # A challenge request waits at most this long; then it falls through to the site.
-    timeout processing 500ms
+    timeout processing 2s
     timeout hello 2s
     timeout idle  20s
     use-backend acme-spoa
