@@ -106,6 +106,9 @@ class CertState:
     retry_not_before: float | None = None  # from a rateLimited Retry-After (UNIX s)
     ari: ari.RenewalWindow | None = None  # keyed by its own cert_id
     deployed: Mapping[str, Deployed] = field(default_factory=dict)
+    # Orders carrying `replaces` (RFC 9773) for the current leaf that the CA
+    # refused; from `agent.renewal.REPLACES_MAX_FAILURES` on, orders go without.
+    replaces_failures: int = 0
 
     def to_json(self, name: str) -> dict[str, Any]:
         return {
@@ -115,6 +118,7 @@ class CertState:
             "retry_not_before": self.retry_not_before,
             "ari": self.ari.to_json() if self.ari else None,
             "deployed": {k: v.to_json() for k, v in sorted(self.deployed.items())},
+            "replaces_failures": self.replaces_failures,
         }
 
     @classmethod
@@ -128,6 +132,7 @@ class CertState:
             deployed={
                 str(k): Deployed.from_json(v) for k, v in (data.get("deployed") or {}).items()
             },
+            replaces_failures=int(data.get("replaces_failures") or 0),
         )
 
 
@@ -149,13 +154,21 @@ class CertMeta:
     directory: str | None = None
     generation: str | None = None  # id of the current generation
     deployed: Mapping[str, Deployed] = field(default_factory=dict)
+    profile: str | None = None  # the ACME profile it was ordered under (None: CA default)
+    replaces_failures: int = 0  # from state.json (see CertState)
 
     @property
     def installed(self) -> bool:
         return self.serial is not None and self.not_after is not None
 
     def state(self) -> CertState:
-        return CertState(self.last_attempt, self.retry_not_before, self.ari, dict(self.deployed))
+        return CertState(
+            self.last_attempt,
+            self.retry_not_before,
+            self.ari,
+            dict(self.deployed),
+            self.replaces_failures,
+        )
 
     def to_json(self) -> dict[str, Any]:
         """The generation's meta.json (leaf facts only)."""
@@ -170,6 +183,7 @@ class CertMeta:
             "key_pin": self.key_pin,
             "installed_at": self.installed_at,
             "directory": self.directory,
+            "profile": self.profile,
         }
 
     @classmethod
@@ -190,6 +204,7 @@ class CertMeta:
             retry_not_before=old.retry_not_before,
             directory=data.get("directory"),
             generation=data.get("generation"),
+            profile=data.get("profile"),
         )
 
     def with_state(self, state: CertState) -> CertMeta:
@@ -199,6 +214,7 @@ class CertMeta:
             retry_not_before=state.retry_not_before,
             ari=state.ari,
             deployed=dict(state.deployed),
+            replaces_failures=state.replaces_failures,
         )
 
 
@@ -359,6 +375,7 @@ def write_generation(
     chain: Sequence[x509.Certificate],
     installed_at: float,
     directory: str | None,
+    profile: str | None = None,
 ) -> CertMeta:
     """Write a complete new generation (meta.json last); the pointer is not moved."""
     gen_id = layout.new_generation_id(installed_at, leaf.serial_number)
@@ -367,6 +384,7 @@ def write_generation(
         installed_at=installed_at,
         directory=directory,
         generation=gen_id,
+        profile=profile,
     )
     files = {
         layout.CERT: _pem([leaf]),
@@ -397,10 +415,11 @@ def install_generation(
     installed_at: float,
     directory: str | None,
     before_switch: Callable[[], None] | None = None,
+    profile: str | None = None,
 ) -> CertMeta:
     """Write a generation and switch to it. `before_switch` runs between the two
     (e.g. a lease check that raises `LockLost`: then nothing is switched)."""
-    meta = write_generation(storage, name, leaf, chain, installed_at, directory)
+    meta = write_generation(storage, name, leaf, chain, installed_at, directory, profile)
     assert meta.generation is not None
     if before_switch is not None:
         before_switch()

@@ -328,6 +328,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  stored serial {row['serial'] or '-'}")
         print(f"  not after     {_fmt_time(row['not_after'])}  ({days} days left)")
         print(f"  next renewal  {due}")
+        print(f"  profile       {row['profile'] or '(the CA default)'}")
+        if row["ari_window"]:
+            w = row["ari_window"]
+            print(
+                f"  ARI window    {_fmt_time(w['start'])} .. {_fmt_time(w['end'])}"
+                f" (next check {_fmt_time(w['next_check'])})"
+            )
+        if row["rate_limited_until"] and row["rate_limited_until"] > now:
+            print(f"  rate limited  no new order before {_fmt_time(row['rate_limited_until'])}")
         result = row["last_result"] or "never attempted"
         if row["last_attempt"]:
             result += f" at {_fmt_time(row['last_attempt'])}"

@@ -12,7 +12,8 @@ Schema (every key optional unless marked required):
     strict_permissions = false  (true: refuse to start when a key is group/world-accessible)
     [acme]      directory (required: URL, or "letsencrypt" / "letsencrypt-staging"),
                 email, ca_bundle, eab_kid, eab_hmac_key, profile,
-                poll_interval = 0.5 (s), timeout = 30 (s), max_concurrent_orders = 4,
+                poll_interval = 2 (s, the cap of the adaptive polling), timeout = 30 (s),
+                max_concurrent_orders = 16,
                 trusted_roots (PEM file of roots issued chains must lead to; default: the
                 system trust store), allow_leaf_only = false
     [spoa]      listen = "127.0.0.1:12345", hello_timeout = 5 (s), idle_timeout = 30 (s),
@@ -98,9 +99,9 @@ class AcmeConfig:
     eab_kid: str | None = None
     eab_hmac_key: str | None = None
     profile: str | None = None
-    poll_interval: float = 0.5
+    poll_interval: float = 2.0  # cap of the adaptive polling (issuer.PollSchedule)
     timeout: float = 30.0
-    max_concurrent_orders: int = 4
+    max_concurrent_orders: int = 16
     # PEM file of the roots an issued chain must lead to (None: the system trust store).
     trusted_roots: Path | None = None
     # A chain-less (leaf-only) answer is accepted: the chain is served some other way.
@@ -588,9 +589,9 @@ class _Loader:
             except ValueError:
                 raise s.error("eab_hmac_key", "is not base64url") from None
         profile = s.get_str("profile")
-        poll = s.get_number("poll_interval", 0.5, 0.0, 60.0)
+        poll = s.get_number("poll_interval", 2.0, 0.0, 60.0)
         timeout = s.get_number("timeout", 30.0, 0.0, 3600.0)
-        moc = s.get("max_concurrent_orders", int, 4)
+        moc = s.get("max_concurrent_orders", int, 16)
         if not 1 <= moc <= 64:
             raise s.error("max_concurrent_orders", "must be between 1 and 64")
         trusted_roots = s.get_path("trusted_roots")

@@ -5,7 +5,13 @@
   renewal rule (`agent.renewal.next_renewal_time`: ARI window, 1/3 of the
   lifetime, `renew_before`, emergency at 1/20); failures retry with capped
   exponential backoff and jitter; at most `acme.max_concurrent_orders` orders
-  run at once, so a thousand due certificates never stampede the CA;
+  run at once, so a thousand due certificates never stampede the CA; a
+  rate-limited CA is left alone until its hold ends (`agent.ratelimit`);
+- ARI: every installed certificate's renewalInfo is fetched again when the
+  CA's Retry-After says (at least every `daemon.check_interval`, at most
+  `ARI_CONCURRENCY` at once), and the renewal is rescheduled from the new
+  window: a window that moves earlier (a revocation: "renew now") wakes the
+  scheduler for it;
 - deploys to HAProxy after each renewal (`agent.deploy`), and a reconciler
   that every `daemon.reconcile_interval` checks that each instance serves the
   stored serial, pushing what is stale (an instance that restarted with older
@@ -36,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent import challenge_map, wiring
+from agent import challenge_map, ratelimit, wiring
 from agent import deploy as deploy_mod
 from agent.certstate import undeployed
 from agent.config import Config, ConfigError, load_config
@@ -44,6 +50,7 @@ from agent.control import ControlServer
 from agent.deploy import DeployResult, SyncStatus, stored_target, stored_targets
 from agent.metrics import CertificateView, Metrics, MetricsServer
 from agent.renewal import (
+    ARI_ERROR_RETRY,
     EMERGENCY_FRACTION,
     CertMeta,
     Renewer,
@@ -59,6 +66,8 @@ from agent.storage import ensure_private_dir
 log = logging.getLogger("agent.daemon")
 
 SHUTDOWN_GRACE = 3.0  # seconds in-flight work gets after SIGTERM before we leave it
+ARI_CONCURRENCY = 4  # renewalInfo GETs in flight at once (cheap, but be polite)
+ARI_START_SPREAD = 60.0  # s: certificates without a window are first checked within this
 
 
 @dataclass
@@ -69,6 +78,8 @@ class CertState:
     meta: CertMeta | None = None
     failures: int = 0
     running: bool = False
+    ari_at: float | None = None  # next renewalInfo check; None: nothing installed to ask about
+    ari_running: bool = False
 
 
 def retry_delay(
@@ -98,7 +109,7 @@ class Daemon:
         self.rng = rng or random.Random()
         self.clock = clock
         self.registry = wiring.make_registry(config)
-        self.metrics = Metrics(self._views)
+        self.metrics = Metrics(self._views, rate_limits=lambda: dict(self.rate_limits))
         self.states: dict[str, CertState] = {}
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
@@ -106,6 +117,10 @@ class Daemon:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._renewals: dict[str, asyncio.Task[RenewResult]] = {}
         self._fresh_metas: dict[str, CertMeta | None] = {}  # set by _reconcile (a thread)
+        self._ari_tasks: set[asyncio.Task[None]] = set()
+        self._ari_semaphore = asyncio.Semaphore(ARI_CONCURRENCY)
+        # directory URL -> end of the CA's rate-limit hold (UNIX s), as last read
+        self.rate_limits: dict[str, float] = {}
         self._started = False
         ensure_private_dir(config.state_dir)  # before the loop runs
         self._build(config)
@@ -139,8 +154,24 @@ class Daemon:
             old_executor.shutdown(wait=False)
 
     def _load_metas(self) -> dict[str, CertMeta | None]:
-        """Worker thread: the stored metadata of every configured certificate."""
+        """Worker thread: the stored metadata of every configured certificate
+        (and, on the side, the CAs' rate-limit holds)."""
+        self._load_holds()
         return {cfg.name: load_meta(self.storage, cfg.name) for cfg in self.config.certificates}
+
+    def _load_holds(self) -> None:
+        """Worker thread: refresh `rate_limits` from the state dir."""
+        self.rate_limits = {
+            d: h.until for d, h in ratelimit.load_holds(self.storage).items()
+        }  # fmt: skip
+
+    def _first_ari_check(self, meta: CertMeta | None, now: float) -> float | None:
+        """When to ask the CA first about `meta`'s certificate (None: nothing installed)."""
+        if meta is None or not meta.installed:
+            return None
+        if meta.ari is not None:
+            return meta.ari.next_check
+        return now + self.rng.uniform(0, min(ARI_START_SPREAD, self.config.daemon.check_interval))
 
     async def _schedule_all(self) -> None:
         """(Re)compute every certificate's next attempt from the stored metadata
@@ -167,6 +198,8 @@ class Daemon:
                 meta=meta,
                 failures=old.failures if old else 0,
                 running=old.running if old else False,
+                ari_at=old.ari_at if old and old.ari_at else self._first_ari_check(meta, now),
+                ari_running=old.ari_running if old else False,
             )
         self.states = states
 
@@ -279,6 +312,7 @@ class Daemon:
                 )
             result = results[0]
             meta = await asyncio.to_thread(load_meta, self.storage, name)
+            await asyncio.to_thread(self._load_holds)
         except KeyError:
             result = RenewResult(name, "failed", "certificate removed from the config meanwhile")
             meta = st.meta
@@ -320,6 +354,10 @@ class Daemon:
                 self.rng,
             )
             st.next_at = now + delay
+            if result.retry_at is not None:
+                # The CA holds new orders until then: ask again right after, not later.
+                delay = max(result.retry_at - now, 0.0) + self.rng.uniform(0.0, 1.0)
+                st.next_at = now + delay
             self.metrics.renewals.labels(name, "failure").inc()
             if result.error_type != "deploy":  # deploy failures: deploy_errors, per instance
                 self.metrics.acme_errors.labels(result.error_type or "other").inc()
@@ -327,6 +365,7 @@ class Daemon:
             return
         if result.status == "renewed":
             st.failures = 0
+            st.ari_at = now  # a new leaf: ask for its window now (install cleared the old one)
             self.metrics.renewals.labels(name, "success").inc()
             log.info("renewal done", extra={**extra, "serial": result.serial})
         elif result.status == "deployed":
@@ -341,20 +380,70 @@ class Daemon:
 
     # -- loops --------------------------------------------------------------------------
 
+    def _tick(self) -> float:
+        """Start the renewals and ARI checks that are due; return when the next is (UNIX s)."""
+        now = self.clock()
+        soonest = now + self.config.daemon.check_interval
+        for name, st in list(self.states.items()):
+            if st.running:
+                continue
+            if st.next_at <= now:
+                self._renewal_task(name, False)
+                continue
+            soonest = min(soonest, st.next_at)
+            if st.ari_at is not None and not st.ari_running:
+                if st.ari_at <= now:
+                    self._ari_task(name)
+                else:
+                    soonest = min(soonest, st.ari_at)
+        return soonest
+
     async def _scheduler(self) -> None:
         while not self._stop.is_set():
             now = self.clock()
-            soonest = now + self.config.daemon.check_interval
-            for name, st in list(self.states.items()):
-                if st.running:
-                    continue
-                if st.next_at <= now:
-                    self._renewal_task(name, False)
-                else:
-                    soonest = min(soonest, st.next_at)
+            soonest = self._tick()
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=max(0.05, soonest - now))
+
+    def _ari_task(self, name: str) -> asyncio.Task[None]:
+        st = self.states[name]
+        st.ari_running = True
+        task = asyncio.create_task(self._check_ari(name), name=f"ari-{name}")
+        self._ari_tasks.add(task)
+        task.add_done_callback(self._ari_tasks.discard)
+        return task
+
+    async def _check_ari(self, name: str) -> None:
+        """Fetch `name`'s renewal window (worker thread) and reschedule its renewal
+        from it: earlier when the CA moved the window earlier, now when it is past."""
+        meta: CertMeta | None = None
+        try:
+            async with self._ari_semaphore:
+                if self._closing.is_set():
+                    return
+                meta, next_check = await asyncio.to_thread(self.renewer.check_ari, name)
+        except Exception as e:  # ARI is advice: never let it stop the 1/3 fallback
+            log.warning("certificate %s: renewal info check failed: %s", name, e)
+            next_check = self.clock() + min(ARI_ERROR_RETRY, self.config.daemon.check_interval)
+            meta = None
+        finally:
+            if name in self.states:
+                self.states[name].ari_running = False
+        st = self.states.get(name)  # a reload may have replaced it meanwhile
+        cfg = next((c for c in self.config.certificates if c.name == name), None)
+        if st is None or cfg is None:
+            return
+        st.ari_at = next_check
+        if st.running or meta is None:
+            return  # a running renewal reschedules when it ends
+        st.meta = meta
+        if st.failures == 0:
+            now = self.clock()
+            st.next_at = next_renewal_time(meta, cfg, now, meta.ari)
+            if undeployed(meta, self.renewer.deploy_instances()):
+                st.next_at = min(st.next_at, now)
+        self._wake.set()
 
     async def _reconciler(self) -> None:
         full = True
@@ -413,9 +502,15 @@ class Daemon:
             return {
                 "ok": True,
                 "certificates": {
-                    n: {"next_at": s.next_at, "failures": s.failures, "running": s.running}
+                    n: {
+                        "next_at": s.next_at,
+                        "failures": s.failures,
+                        "running": s.running,
+                        "ari_check_at": s.ari_at,
+                    }
                     for n, s in self.states.items()
                 },
+                "rate_limited_until": dict(self.rate_limits),
                 "haproxy": [
                     {
                         "certificate": s.name,

@@ -399,10 +399,31 @@ def parse_map_list(reply: str) -> list[str]:
     return names
 
 
+_POOL_LINE = re.compile(r"Pool (\S+) \((\d+) bytes\)")
+# The trash chunk is one buffer plus its `struct buffer` header: 4 words, 32
+# bytes on 64-bit builds (16 on 32-bit ones).
+_BUFFER_HEADER_SIZES = (32, 16)
+
+
 def parse_pool_bufsize(reply: str) -> int | None:
-    """The size of HAProxy's "buffer" pool (= tune.bufsize) in a `show pools` reply."""
-    match = re.search(r"Pool buffer \((\d+) bytes\)", reply)
-    return int(match.group(1)) if match else None
+    """tune.bufsize (bytes) from a `show pools` reply, or None if it cannot tell.
+
+    The "buffer" pool's size is tune.bufsize. HAProxy merges pools of the
+    same size, so that line may carry another pool's name (3.0 with
+    tune.bufsize 65536 shows it as `quic_conn_r`): then it is the pool whose
+    size is the "trash" pool's minus a `struct buffer` header.
+    """
+    pools = [(name, int(size)) for name, size in _POOL_LINE.findall(reply)]
+    for name, size in pools:
+        if name == "buffer":
+            return size
+    sizes = {size for _, size in pools}
+    for name, trash in pools:
+        if name == "trash":
+            for header in _BUFFER_HEADER_SIZES:
+                if trash - header in sizes:
+                    return trash - header
+    return None
 
 
 @dataclass(frozen=True)

@@ -120,7 +120,7 @@ spoe-agent acme-agent
     option var-prefix acme
     option pipelining
     # A challenge request waits at most this long; then it falls through to the site.
-    timeout processing 500ms
+    timeout processing 2s
     # HAProxy 2.6 to 3.0 (3.1+ ignore these; there the SPOA server's
     # pool-purge-delay closes idle connections). Idle below the agent's
     # idle_timeout, so HAProxy closes idle connections first.

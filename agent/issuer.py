@@ -118,6 +118,10 @@ class _RedactingFilter(logging.Filter):
 logging.getLogger("acme.client").addFilter(_RedactingFilter())
 
 
+# A `malformed` newOrder problem about `replaces` ("... replaces ...", or Pebble's
+# "parsing ARI CertID failed" after a CA restart changed the issuer).
+_REPLACES_DETAIL = re.compile(r"replace|\bARI\b", re.I)
+
 # How long a token stays answerable if we die before removing it (seconds past the deadline).
 TOKEN_GRACE = 60.0
 
@@ -158,6 +162,11 @@ class RateLimited(AcmeServerError):
     def __init__(self, message: str, retry_after: float | None) -> None:
         super().__init__(message, "urn:ietf:params:acme:error:rateLimited", 429)
         self.retry_after = retry_after
+
+
+class ReplacesRefused(AcmeServerError):
+    """A newOrder carrying `replaces` failed with a CA error even after retries
+    (seen: Pebble 2.10's 500 for some serials). The caller orders without it."""
 
 
 class AccountError(AcmeError):
@@ -460,6 +469,36 @@ def _short_conn_error(e: BaseException) -> str:
     return text[:200]
 
 
+# --- polling ---------------------------------------------------------------------------
+
+POLL_FIRST = 0.05  # seconds: Pebble and Boulder validate a challenge in tens of ms
+
+
+class PollSchedule:
+    """Waits between polls of one resource (authorizations, or the order).
+
+    The first wait is `POLL_FIRST` (s), each next one doubles, up to `cap`
+    (`acme.poll_interval`). A CA's Retry-After (s) sets the next wait instead,
+    as it asks (bounded by the order's deadline where the caller sleeps).
+    """
+
+    def __init__(self, cap: float, first: float = POLL_FIRST) -> None:
+        self.cap = max(cap, 0.0)
+        self.wait = min(first, self.cap)
+        self._asked: float | None = None
+
+    def retry_after(self, seconds: float | None) -> None:
+        """The CA's Retry-After on the latest poll (None: it sent none)."""
+        if seconds is not None:
+            self._asked = seconds if self._asked is None else max(self._asked, seconds)
+            self.wait = self._asked
+
+    def step(self) -> None:
+        """A poll went out: the next wait doubles (up to the cap)."""
+        self._asked = None
+        self.wait = min(self.cap, max(self.wait * 2, POLL_FIRST))
+
+
 # --- the issuer ------------------------------------------------------------------------
 
 
@@ -722,10 +761,10 @@ class Issuer:
                 code = problem_code(e)
                 if replaces and (
                     code == "alreadyReplaced"
-                    or (code == "malformed" and "replace" in (e.detail or "").lower())
+                    or (code == "malformed" and _REPLACES_DETAIL.search(e.detail or ""))
                 ):
                     # RFC 9773 section 5: the CA may refuse `replaces`; order without it.
-                    log.info(
+                    log.warning(
                         "CA refused replaces=%s (%s); ordering without it",
                         replaces,
                         _problem_text(e),
@@ -828,9 +867,14 @@ class Issuer:
             profile=self.cfg.profile or None,
             replaces=replaces,
         )
-        resp = net.post(
-            self.directory["newOrder"], order_msg, new_nonce_url=self.directory["newNonce"]
-        )
+        try:
+            resp = net.post(
+                self.directory["newOrder"], order_msg, new_nonce_url=self.directory["newNonce"]
+            )
+        except AcmeServerError as e:
+            if replaces is None or isinstance(e, RateLimited):
+                raise
+            raise ReplacesRefused(str(e), e.problem_type, e.status) from e
         order = _parse(
             messages.Order, resp, net.last_what, ("status", "authorizations", "finalize")
         )
@@ -890,16 +934,14 @@ class Issuer:
         for challb, response in answers:
             acme.answer_challenge(challb, response)
 
-        wait = self.cfg.poll_interval
+        polls = PollSchedule(self.cfg.poll_interval)
         while pending:
-            self._sleep(wait, deadline, "waiting for domain validation")
-            wait = self.cfg.poll_interval
+            self._sleep(polls.wait, deadline, "waiting for domain validation")
+            polls.step()
             still: list[messages.AuthorizationResource] = []
             for authzr in pending:
                 updated, poll_response = acme.poll(authzr)
-                ra = _retry_after_of(poll_response)
-                if ra is not None:  # the CA asks us to poll less often: do so
-                    wait = max(wait, ra)
+                polls.retry_after(_retry_after_of(poll_response))
                 status = updated.body.status
                 if status == messages.STATUS_VALID:
                     count_challenge(solving.solver.challenge_type, "valid")
@@ -918,6 +960,7 @@ class Issuer:
         except messages.Error as e:
             if problem_code(e) != "orderNotReady":
                 raise OrderFailed(f"finalization refused: {_problem_text(e)}") from e
+        polls = PollSchedule(self.cfg.poll_interval)
         while True:
             if order.status == messages.STATUS_VALID:
                 if not order.certificate:
@@ -928,11 +971,9 @@ class Issuer:
             if order.status == messages.STATUS_INVALID:
                 detail = _problem_text(order.error) if order.error else "no detail from the CA"
                 raise OrderFailed(f"order became invalid: {detail}")
-            wait = self.cfg.poll_interval
-            ra = _retry_after_of(net.last_response)
-            if ra is not None:
-                wait = max(wait, ra)
-            self._sleep(wait, deadline, "waiting for the certificate")
+            polls.retry_after(_retry_after_of(net.last_response))
+            self._sleep(polls.wait, deadline, "waiting for the certificate")
+            polls.step()
             resp = self._post_as_get(net, order_url)
             order = _parse(messages.Order, resp, net.last_what, ("status",))
             if order.status == messages.STATUS_READY:

@@ -169,12 +169,36 @@ class _SpoaCollector(Collector):
         yield drops
 
 
+class _RateLimitCollector(Collector):
+    """One sample per CA directory with a recorded rate-limit hold: when it ends."""
+
+    def __init__(self, source: Callable[[], Mapping[str, float]]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            PREFIX + "rate_limited_until_timestamp_seconds",
+            "End of the CA's hold on new orders after a rateLimited answer (UNIX s); "
+            "the hold is on while this is above time().",
+            labels=["directory"],
+        )
+        for directory, until in sorted(self._source().items()):
+            family.add_metric([directory], until)
+        yield family
+
+
 class Metrics:
     """All metrics of one agent process, on a registry of its own."""
 
-    def __init__(self, certificates: Callable[[], Iterable[CertificateView]]) -> None:
+    def __init__(
+        self,
+        certificates: Callable[[], Iterable[CertificateView]],
+        rate_limits: Callable[[], Mapping[str, float]] | None = None,
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_CertificateCollector(certificates))
+        if rate_limits is not None:
+            self.registry.register(_RateLimitCollector(rate_limits))
         self.renewals = Counter(
             PREFIX + "renewals",
             "Renewal attempts by result (success or failure).",

@@ -43,7 +43,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
-from agent import ari, keys, layout, wiring
+from agent import ari, keys, layout, ratelimit, wiring
 from agent.certstate import Attempt as Attempt
 from agent.certstate import CertMeta as CertMeta
 from agent.certstate import (
@@ -68,6 +68,7 @@ from agent.issuer import (
     IssuedCertificate,
     OrderFailed,
     RateLimited,
+    ReplacesRefused,
     ValidationFailed,
 )
 from agent.storage import LockLost, LockTimeout, Storage
@@ -76,6 +77,10 @@ log = logging.getLogger(__name__)
 
 RENEW_FRACTION = 1 / 3  # renew when this fraction of the lifetime is left
 EMERGENCY_FRACTION = 1 / 20  # renew regardless of ARI when this fraction is left
+# Orders carrying `replaces` the CA refused for the current leaf before its
+# orders go without (the first refusal already re-orders without, once).
+REPLACES_MAX_FAILURES = 1
+ARI_ERROR_RETRY = 300.0  # s: the next renewalInfo try after an error (at most check_interval)
 
 # The storage layout lives in agent.layout; this name stays for callers.
 cert_key = layout.cert_key
@@ -244,6 +249,8 @@ class RenewResult:
     not_after: float | None = None
     # For metrics: what kind of failure ("rateLimited", "connection", "validation", ...).
     error_type: str | None = None
+    # A rate-limited failure: when the CA's hold on new orders ends (UNIX s).
+    retry_at: float | None = None
 
     @property
     def failed(self) -> bool:
@@ -338,7 +345,6 @@ class Renewer:
         self.issuer: CertificateIssuer = issuer or wiring.make_issuer(config, storage, registry)
         self.on_installed = on_installed
         self.clock = clock
-        self._rate_limited: RateLimited | None = None  # set once the CA rate-limits this run
 
     @property
     def lease(self) -> float:
@@ -372,6 +378,10 @@ class Renewer:
             return meta
         if window is None:
             return meta
+        # The CA's Retry-After decides when to ask again, but at least every check_interval.
+        window = replace(
+            window, next_check=min(window.next_check, now + self.config.daemon.check_interval)
+        )
         try:
             with self.storage.locked(layout.cert_lock(cfg.name), timeout=2.0):
                 # state.json is shared with a concurrent run: change only the window,
@@ -381,6 +391,25 @@ class Renewer:
         except LockTimeout:
             log.info("certificate %s: busy; the renewal window is stored next time", cfg.name)
         return replace(meta, ari=window)
+
+    def check_ari(self, name: str) -> tuple[CertMeta | None, float]:
+        """Refresh `name`'s renewal window if it is missing or its next check is due
+        (the daemon's ARI wake-up). Returns (stored meta, when to check again: UNIX s).
+        Errors are logged; the next try is then ARI_ERROR_RETRY s away at most."""
+        cfg = self.config.certificate(name)
+        meta = self._refresh_ari(cfg, load_meta(self.storage, name))
+        now = self.clock()
+        retry = now + min(ARI_ERROR_RETRY, self.config.daemon.check_interval)
+        if meta is None or not meta.installed or self.issuer.renewal_info_url is None:
+            return meta, now + self.config.daemon.check_interval
+        if meta.ari is not None and meta.ari.next_check > now:
+            cert = self._current_cert(name)
+            try:
+                if cert is not None and ari.cert_id(cert) == meta.ari.cert_id:
+                    return meta, meta.ari.next_check
+            except ValueError:
+                return meta, now + self.config.daemon.check_interval
+        return meta, retry
 
     def _key_for(self, cfg: CertificateConfig, create: bool) -> keys.PrivateKey:
         if cfg.generate_key and create and not cfg.key.exists():
@@ -435,8 +464,9 @@ class Renewer:
                 st.renew_lock(layout.cert_lock(cfg.name), lock_token, self.lease)
 
         meta = install_generation(
-            st, cfg.name, checked.leaf, checked.chain, now, self.config.acme.directory, still_ours
-        )
+            st, cfg.name, checked.leaf, checked.chain, now, self.config.acme.directory, still_ours,
+            profile=self.config.acme.profile or None,
+        )  # fmt: skip
         # A new certificate: the old one's ARI window and retry time are void,
         # and no instance serves it yet.
         state = update_state(
@@ -447,6 +477,7 @@ class Renewer:
                 last_attempt=Attempt(now, "success", None, None),
                 retry_not_before=None,
                 ari=None,
+                replaces_failures=0,
             ),
         )
         return meta.with_state(state)
@@ -503,11 +534,10 @@ class Renewer:
         return None, f"next renewal at {_fmt_time(when)} ({why})", meta
 
     def _renew_one(self, cfg: CertificateConfig, force: bool, started_at: float) -> RenewResult:
-        limited = self._rate_limited
-        if limited is not None:
-            # The CA said stop: ordering more in this run only digs the hole deeper.
-            msg = f"not attempted: {limited}"
-            return RenewResult(cfg.name, "failed", msg, error_type=error_type(limited))
+        hold = ratelimit.active_hold(self.storage, self.config.acme.directory, self.clock())
+        if hold is not None:
+            # The CA said stop: ordering more before its time only digs the hole deeper.
+            return self._held(cfg, hold)
         try:
             held = self.storage.locked(
                 layout.cert_lock(cfg.name), timeout=2.0, expires_after=self.lease
@@ -577,21 +607,34 @@ class Renewer:
                         replaces = ari.cert_id(cert)
                     except ValueError:
                         replaces = None
-            issued = self.issuer.issue(
-                csr_pem, cfg.domains, replaces=replaces, challenge=cfg.challenge, cert_name=cfg.name
-            )
+            if replaces is not None and meta is not None and (
+                meta.replaces_failures >= REPLACES_MAX_FAILURES
+            ):
+                log.warning(
+                    "certificate %s: ordering without replaces=%s: the CA refused it %d time(s)",
+                    cfg.name, replaces, meta.replaces_failures,
+                )  # fmt: skip
+                replaces = None
+            issued = self._issue(cfg, csr_pem, replaces)
             checked = check_certificate(
                 issued.fullchain_pem.encode(), key, cfg.domains, cfg.backup_pins, self.clock(),
                 policy=policy_for(self.config.acme, cfg), name=cfg.name,
             )  # fmt: skip
         except RateLimited as e:
-            self._rate_limited = e
-            self._record_failure(cfg, str(e), e.retry_after, locked=True)
-            return RenewResult(cfg.name, "failed", str(e), error_type=error_type(e))
+            hold = self._hold(e)
+            self._record_failure(cfg, str(e), hold.until if hold else e.retry_after, locked=True)
+            return RenewResult(
+                cfg.name, "failed", str(e), error_type=error_type(e),
+                retry_at=hold.until if hold else e.retry_after,
+            )  # fmt: skip
         except (AcmeError, CertificateRejected, keys.StableKeyError, keys.CSRError, OSError) as e:
             msg = f"{type(e).__name__}: {e}" if isinstance(e, OSError) else str(e)
             self._record_failure(cfg, msg, None, locked=True)
             return RenewResult(cfg.name, "failed", msg, error_type=error_type(e))
+        try:
+            ratelimit.clear_hold(self.storage, self.config.acme.directory)
+        except (OSError, LockTimeout) as e:
+            log.warning("cannot clear the CA's rate-limit strikes: %s", e)
         try:
             new_meta = self.install(cfg, checked, token)
         except LockLost as e:
@@ -615,6 +658,53 @@ class Renewer:
                     error_type="deploy",
                 )
         return RenewResult(cfg.name, "renewed", why, serial, not_after)
+
+    def _issue(
+        self, cfg: CertificateConfig, csr_pem: bytes, replaces: str | None
+    ) -> IssuedCertificate:
+        """One order; a newOrder carrying `replaces` that the CA refuses (after the
+        issuer's retries) is counted in state.json (we hold the cert lock) and
+        ordered again without it, once."""
+        try:
+            return self.issuer.issue(
+                csr_pem, cfg.domains, replaces=replaces, challenge=cfg.challenge, cert_name=cfg.name
+            )
+        except ReplacesRefused as e:
+            log.warning(
+                "certificate %s: the CA refused an order with replaces=%s (%s); "
+                "ordering without it", cfg.name, replaces, e,
+            )  # fmt: skip
+            try:
+                update_state(
+                    self.storage, cfg.name,
+                    lambda s: replace(s, replaces_failures=s.replaces_failures + 1),
+                )  # fmt: skip
+            except OSError as err:
+                log.error("certificate %s: cannot record the refusal: %s", cfg.name, err)
+            return self.issuer.issue(
+                csr_pem, cfg.domains, replaces=None, challenge=cfg.challenge, cert_name=cfg.name
+            )
+
+    @staticmethod
+    def _held(cfg: CertificateConfig, hold: ratelimit.Hold) -> RenewResult:
+        msg = f"not attempted: the CA holds new orders until {_fmt_time(hold.until)} " \
+            f"({hold.reason})"  # fmt: skip
+        return RenewResult(cfg.name, "failed", msg, error_type="rateLimited", retry_at=hold.until)
+
+    def _hold(self, e: RateLimited) -> ratelimit.Hold | None:
+        """Put the CA on hold after its rateLimited answer `e` (persisted)."""
+        try:
+            hold = ratelimit.set_hold(
+                self.storage, self.config.acme.directory, e.retry_after, str(e), self.clock()
+            )
+        except (OSError, LockTimeout) as err:
+            log.error("cannot record the CA's rate limit: %s", err)
+            return None
+        log.warning(
+            "CA %s rate-limited us: no new order before %s",
+            self.config.acme.directory, _fmt_time(hold.until),
+        )  # fmt: skip
+        return hold
 
     # -- the run --
 
@@ -658,6 +748,13 @@ class Renewer:
                 due.append(cfg)
         # Pushing what is stored needs no CA and no challenges: do it first.
         results.update(self._run_parallel(pushes, force, started))
+        if due:
+            # The CA holds new orders: say so without contacting it at all.
+            hold = ratelimit.active_hold(self.storage, self.config.acme.directory, self.clock())
+            if hold is not None:
+                for cfg in due:
+                    results[cfg.name] = self._held(cfg, hold)
+                due = []
         if due:
             try:
                 self.issuer.connect()
@@ -910,6 +1007,11 @@ def certificate_status(
     storage = storage if storage is not None else wiring.make_storage(config)
     instances = parse_instances(config.haproxy.runtime_api) or [DISK_INSTANCE]
     rows: list[dict[str, Any]] = []
+    hold = (
+        ratelimit.active_hold(storage, config.acme.directory, now)
+        if config.state_dir.is_dir()
+        else None
+    )
     for cfg in config.certificates:
         try:
             meta = load_meta(storage, cfg.name) if config.state_dir.is_dir() else None
@@ -947,8 +1049,19 @@ def certificate_status(
                 ),
                 "next_renewal": when,
                 "ari_window": (
-                    {"start": meta.ari.start, "end": meta.ari.end} if meta and meta.ari else None
+                    {
+                        "start": meta.ari.start,
+                        "end": meta.ari.end,
+                        "selected": meta.ari.selected,
+                        "next_check": meta.ari.next_check,
+                    }
+                    if meta and meta.ari
+                    else None
                 ),
+                "profile": meta.profile if meta else None,
+                "replaces_failures": meta.replaces_failures if meta else 0,
+                # The CA's hold on new orders after a rateLimited answer (UNIX s), if running.
+                "rate_limited_until": hold.until if hold else None,
                 "last_result": la.result if la else None,
                 "last_attempt": la.time if la else None,
                 "last_error": la.error if la else None,

@@ -172,6 +172,9 @@ def run_agent(
     acme = {
         "directory": pebble.directory_url,
         "ca_bundle": pebble.ca_bundle,
+        # Issued chains must lead to a trusted root (agent.chain): Pebble's is
+        # private and new at every restart, so read it for this run.
+        "trusted_roots": pebble.roots_file(),
         "email": "ops@example.com",
         **acme_overrides,
     }

@@ -47,9 +47,9 @@ directory = "https://127.0.0.1:14000/dir"
 def test_minimal_config_gets_documented_defaults(site: Path) -> None:
     cfg = load_config(write(site, BASE))
     assert cfg.state_dir == site / "state"
-    assert cfg.acme.poll_interval == 0.5
+    assert cfg.acme.poll_interval == 2.0  # the cap of the adaptive polling
     assert cfg.acme.timeout == 30.0
-    assert cfg.acme.max_concurrent_orders == 4
+    assert cfg.acme.max_concurrent_orders == 16
     assert str(cfg.spoa.listen) == "127.0.0.1:12345"
     assert str(cfg.metrics.listen) == "127.0.0.1:9810"
     assert cfg.haproxy.cert_dir == site / "state" / "haproxy"

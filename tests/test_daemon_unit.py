@@ -93,3 +93,113 @@ def test_the_daemon_touches_storage_only_off_the_event_loop(tmp_path: Path) -> N
     assert asyncio.run(main()) == "renewed"
     assert on_loop == []
     assert "certificates/www/current" in off_loop  # it did read the store, elsewhere
+
+
+def _one_cert_config(tmp_path: Path) -> Path:
+    from cryptography.hazmat.primitives import serialization
+
+    from tests.test_renewal import CA
+
+    (tmp_path / "certs").mkdir()
+    (tmp_path / "roots.pem").write_bytes(CA.root.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "config.toml").write_text(
+        textwrap.dedent(
+            f"""\
+            state_dir = "state"
+            [acme]
+            directory = "https://127.0.0.1:1/dir"
+            trusted_roots = "roots.pem"
+            [haproxy]
+            cert_dir = "{tmp_path / "certs"}"
+            [daemon]
+            control_socket = "{tmp_path / "control.sock"}"
+            [[certificates]]
+            name = "www"
+            domains = ["www.example.com"]
+            key = "www.key"
+            generate_key = true
+            """
+        )
+    )
+    return tmp_path / "config.toml"
+
+
+def test_scheduler_wakes_for_ari_and_renews_when_the_window_moves_into_the_past(
+    tmp_path: Path,
+) -> None:
+    """Install clears the window; the daemon asks for the new leaf's window, and
+    when the CA later moves it into the past (a revocation), renews (fake clock)."""
+    import asyncio
+    import time
+
+    from agent import ari
+    from agent.config import load_config
+    from agent.daemon import Daemon
+    from tests.test_renewal import StandInIssuer
+
+    config = load_config(_one_cert_config(tmp_path))
+    now = [time.time()]
+    far = now[0] + 40 * 86400
+    issuer = StandInIssuer(ari.RenewalWindow("x", far, far + 86400, far + 600, now[0] + 7200))
+
+    async def main() -> None:
+        daemon = Daemon(config, clock=lambda: now[0], rng=random.Random(5))
+        daemon.renewer.clock = lambda: now[0]
+        daemon.renewer.issuer = issuer
+        await daemon._schedule_all()
+        assert (await daemon.renew("www", False)).status == "renewed"
+        st = daemon.states["www"]
+        assert st.ari_at == now[0]  # the new leaf's window is asked for at once
+        daemon._tick()
+        await asyncio.gather(*daemon._ari_tasks)
+        assert st.next_at == far + 600  # the CA's window, not the 1/3 point
+        # Retry-After (2 h) is beyond check_interval (1 h): asked again within the hour.
+        assert st.ari_at == now[0] + config.daemon.check_interval
+        # The CA revokes it: renewalInfo now says "an hour ago".
+        issuer.window = ari.RenewalWindow(
+            "x", now[0] - 3600, now[0] - 1800, now[0] - 2000, now[0] + 7200
+        )
+        assert daemon._tick() == st.ari_at  # the scheduler wakes for the check
+        now[0] = st.ari_at + 1
+        daemon._tick()
+        await asyncio.gather(*daemon._ari_tasks)
+        assert st.next_at <= now[0]  # due now
+        daemon._tick()
+        result = await daemon._renewals["www"]
+        assert result.status == "renewed"
+        assert issuer.replaces[-1] is not None  # the new order names the one it replaces
+
+    asyncio.run(main())
+
+
+def test_daemon_retries_a_rate_limited_ca_when_its_hold_ends_not_later(tmp_path: Path) -> None:
+    import asyncio
+    import time
+
+    from agent.config import load_config
+    from agent.daemon import Daemon
+    from agent.issuer import RateLimited
+    from tests.test_renewal import StandInIssuer
+
+    config = load_config(_one_cert_config(tmp_path))
+    now = [time.time()]
+    issuer = StandInIssuer()
+    issuer.fail = RateLimited("rate limited by the CA: slow down", now[0] + 2)
+
+    async def main() -> None:
+        daemon = Daemon(config, clock=lambda: now[0], rng=random.Random(6))
+        daemon.renewer.clock = lambda: now[0]
+        daemon.renewer.issuer = issuer
+        await daemon._schedule_all()
+        assert (await daemon.renew("www", False)).status == "failed"
+        st = daemon.states["www"]
+        assert now[0] + 2 <= st.next_at <= now[0] + 3  # not retry_base (60 s) later
+        assert daemon.rate_limits == {config.acme.directory: now[0] + 2}
+        text = daemon.metrics.render().decode()
+        assert "haproxy_acme_rate_limited_until_timestamp_seconds{directory=" in text
+        issuer.fail = None
+        now[0] = st.next_at
+        daemon._tick()
+        assert (await daemon._renewals["www"]).status == "renewed"
+
+    asyncio.run(main())

@@ -480,3 +480,17 @@ def test_empty_reply_below_the_bufsize_haproxy_showed_is_a_dropped_connection(
         assert "16384" in str(caught.value) and "show pools" in str(caught.value)
     finally:
         server.close()
+
+
+def test_bufsize_is_found_when_haproxy_merged_the_buffer_pool_into_another() -> None:
+    # HAProxy 3.0.11 with tune.bufsize 65536: no "Pool buffer" line; the buffer
+    # pool is merged into quic_conn_r (same size), just below trash (+32 bytes).
+    reply = (
+        "Dumping pools usage. Use SIGQUIT to flush them.\n"
+        "  - Pool hpack_tbl (4096 bytes) : 0 allocated (0 bytes), 0 used\n"
+        "  - Pool quic_conn_r (65536 bytes) : 11 allocated (720896 bytes), 11 used\n"
+        "  - Pool dns_msg_buf (65544 bytes) : 0 allocated (0 bytes), 0 used\n"
+        "  - Pool trash (65568 bytes) : 1 allocated (65568 bytes), 1 used\n"
+        "  - Pool quic_rxbuf (262144 bytes) : 0 allocated (0 bytes), 0 used\n"
+    )
+    assert parse_pool_bufsize(reply) == 65536

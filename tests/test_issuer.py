@@ -182,3 +182,22 @@ def test_registration_refused_is_an_account_error(tmp_path: Path, ca: FakeAcme) 
     ca.script("/acct", [problem("invalidContact", "mail domain does not exist", 400)])
     with pytest.raises(AccountError, match="invalidContact: mail domain does not exist"):
         make_issuer(tmp_path, ca.directory_url).connect()
+
+
+def test_polling_starts_fast_doubles_to_the_cap_and_follows_retry_after() -> None:
+    from agent.issuer import PollSchedule
+
+    polls = PollSchedule(cap=2.0)
+    waits = []
+    for _ in range(8):
+        waits.append(polls.wait)
+        polls.step()
+    assert waits == [0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0]
+    polls.retry_after(5.0)  # the CA asks for longer than the cap: it wins
+    assert polls.wait == 5.0
+    polls.step()
+    polls.retry_after(0.3)  # and for shorter: that too
+    assert polls.wait == 0.3
+    polls.step()
+    polls.retry_after(None)  # no header: doubling goes on from there
+    assert polls.wait == 0.6

@@ -21,10 +21,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent import ari, keys
+from agent import ari, keys, ratelimit
 from agent.challenges import MemoryChallengeRegistry
 from agent.config import CertificateConfig, Config, load_config
-from agent.issuer import AcmeUnreachable, IssuedCertificate, RateLimited
+from agent.issuer import (
+    AcmeTimeout,
+    AcmeUnreachable,
+    IssuedCertificate,
+    RateLimited,
+    ReplacesRefused,
+)
 from agent.renewal import (
     CertificateRejected,
     CertMeta,
@@ -386,7 +392,8 @@ def test_rate_limit_stops_the_rest_of_the_run(config: Config) -> None:
     assert len(issuer.replaces) == 1  # only the first order was sent
     assert results["www"].reason == "rate limited by the CA: too many new orders"
     assert results["api"].status == "failed"
-    assert results["api"].reason.startswith("not attempted: rate limited by the CA")
+    assert results["api"].reason.startswith("not attempted: the CA holds new orders until")
+    assert "too many new orders" in results["api"].reason
 
 
 def test_dry_run_reports_and_writes_nothing(config: Config) -> None:
@@ -576,3 +583,94 @@ def test_concurrent_forced_runs_order_each_certificate_once(config: Config) -> N
         t.join(60)
     assert not errors
     assert sorted(orders) == sorted([("a.example.com", "b.example.com"), ("api.example.com",)])
+
+
+def test_rate_limit_hold_ends_at_the_cas_retry_after_in_the_daemon_and_in_cron(
+    config: Config,
+) -> None:
+    now = [time.time()]
+    issuer = StandInIssuer()
+
+    def renewer() -> Renewer:
+        return Renewer(config, MemoryChallengeRegistry(), issuer=issuer, clock=lambda: now[0])
+
+    daemon = renewer()  # the daemon keeps one Renewer for its life
+    issuer.fail = RateLimited("rate limited by the CA: slow down", now[0] + 2)
+    first = {r.name: r for r in daemon.run(["www"], False, False)}
+    assert first["www"].retry_at == pytest.approx(now[0] + 2)
+    issuer.fail = None
+    now[0] += 1  # a cron run before the CA's time: held, nothing sent
+    held = {r.name: r for r in renewer().run(None, False, False)}
+    assert {r.status for r in held.values()} == {"failed"}
+    assert all(r.error_type == "rateLimited" for r in held.values())
+    assert len(issuer.replaces) == 1
+    rows = {r["name"]: r for r in certificate_status(config, now[0])}
+    assert rows["api"]["rate_limited_until"] == pytest.approx(now[0] + 1)
+    now[0] += 2  # past Retry-After: the same long-lived Renewer orders again
+    later = {r.name: r for r in daemon.run(None, False, False)}
+    assert {r.status for r in later.values()} == {"renewed"}
+    assert ratelimit.load_holds(FileStorage(config.state_dir)) == {}  # strikes forgotten
+
+
+def test_rate_limit_without_retry_after_holds_for_a_bounded_doubling_backoff(
+    config: Config,
+) -> None:
+    store = FileStorage(config.state_dir)
+    t = 1_000_000.0
+    first = ratelimit.set_hold(store, "https://ca/dir", None, "no Retry-After", t)
+    assert first.until == t + ratelimit.BACKOFF_FIRST
+    second = ratelimit.set_hold(store, "https://ca/dir", None, "again", t + 100)
+    assert second.until == t + 100 + 2 * ratelimit.BACKOFF_FIRST
+    for _ in range(20):
+        last = ratelimit.set_hold(store, "https://ca/dir", None, "again", t + 200)
+    assert last.until == t + 200 + ratelimit.BACKOFF_MAX
+    assert ratelimit.active_hold(store, "https://other/dir", t) is None  # per CA
+    assert ratelimit.active_hold(store, "https://ca/dir", last.until) is None  # and no longer
+
+
+class RefusesReplaces(StandInIssuer):
+    """A CA that answers every newOrder carrying `replaces` with an error
+    (Pebble 2.10's 500 for some serials), and times out `timeouts` plain orders."""
+
+    def __init__(self, window: ari.RenewalWindow) -> None:
+        super().__init__(window)
+        self.timeouts = 0
+
+    def issue(
+        self,
+        csr_pem: bytes,
+        domains: Sequence[str],
+        replaces: str | None = None,
+        *,
+        challenge: str = "http-01",
+        cert_name: str | None = None,
+    ) -> IssuedCertificate:
+        if replaces is not None:
+            self.replaces.append(replaces)
+            raise ReplacesRefused("POST /new-order: HTTP 500 serverInternal (gave up)")
+        if self.timeouts:
+            self.timeouts -= 1
+            self.replaces.append(None)
+            raise AcmeTimeout("timed out waiting for the certificate")
+        return super().issue(csr_pem, domains, None)
+
+
+def test_an_order_whose_replaces_the_ca_refuses_is_placed_without_it_and_remembered(
+    config: Config,
+) -> None:
+    far = time.time() + 30 * DAY
+    window = ari.RenewalWindow("x", far, far + DAY, far, time.time() + 3600)
+    issuer = RefusesReplaces(window)
+    assert run(config, issuer, "www")["www"].status == "renewed"
+    issuer.replaces.clear()
+    issuer.timeouts = 1  # the order without replaces fails too this time
+    assert run(config, issuer, "www", force=True)["www"].status == "failed"
+    assert issuer.replaces[0] is not None and issuer.replaces[1:] == [None]
+    meta = load_meta(FileStorage(config.state_dir), "www")
+    assert meta is not None and meta.replaces_failures == 1
+    issuer.replaces.clear()
+    # The next run (a cron run: a new Renewer) does not send replaces again.
+    assert run(config, issuer, "www", force=True)["www"].status == "renewed"
+    assert issuer.replaces == [None]
+    meta = load_meta(FileStorage(config.state_dir), "www")
+    assert meta is not None and meta.replaces_failures == 0  # a new leaf: a new count

@@ -20,7 +20,7 @@ from cryptography import x509
 from agent.deploy import BundleError, Deployer, DeployTarget, tls_leaf
 from agent.haproxy_api import CommandFailed, PayloadTooLarge, RuntimeAPI
 from tests.support.certs import CA, bundle_pem, issue_leaf, make_bundle, make_ca, make_key
-from tests.support.haproxy import HAProxyProcess, free_port, haproxy_version
+from tests.support.haproxy import HAProxyProcess, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -407,21 +407,7 @@ def test_payload_larger_than_bufsize_fails_with_message_to_raise_it(site: Site) 
     assert site.haproxy.running
 
 
-def test_raised_bufsize_lets_a_large_bundle_through(
-    haproxy_bin: str, tmp_path: Path, request: pytest.FixtureRequest
-) -> None:
-    if haproxy_version(haproxy_bin) == (3, 0):
-        # Known agent defect, left for an agent/ change (strict: an XPASS fails the run
-        # once it is fixed): 3.0 merges the 64 KiB "buffer" pool into quic_conn_rxbuf
-        # (same size), so `show pools` lists no "Pool buffer" line at 65536, the probe
-        # finds nothing and the agent falls back to its configured 16384.
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="HAProxy 3.0 shows the 65536-byte buffer pool as quic_conn_r; "
-                "the agent's `show pools` bufsize probe misses it",
-            )
-        )
+def test_raised_bufsize_lets_a_large_bundle_through(haproxy_bin: str, tmp_path: Path) -> None:
     site = _start_site(haproxy_bin, tmp_path, extra_global="tune.bufsize 65536")
     try:
         key = make_key(rsa_bits=4096)

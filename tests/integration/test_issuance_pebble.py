@@ -221,21 +221,7 @@ def test_pebble_stopped_mid_run_leaves_the_bundle_untouched_and_the_next_run_suc
     stack: AcmeStack,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
-    request: pytest.FixtureRequest,
 ) -> None:
-    if "renewalInfo" in stack.pebble.directory():
-        # Known agent defect, left for an agent/ change (strict: an XPASS fails the run
-        # once it is fixed): on a CA with ARI, `renew --force` after the CA restarted
-        # sends `replaces` naming a certificate of the old CA; Pebble 2.10 answers
-        # malformed "no known issuer matches the provided Authority Key Identifier"
-        # and the agent retries nothing without `replaces` (issue 10, item 3).
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="after a CA restart the order's `replaces` is refused as malformed "
-                "and the agent does not order again without it",
-            )
-        )
     certs = [{"name": "www", "domains": ["www.example.com"], "key": str(tmp_path / "www.key"),
               "generate_key": True}]  # fmt: skip
     config = stack.write_config(tmp_path / "config.toml", certs, timeout=3)

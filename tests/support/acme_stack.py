@@ -77,6 +77,7 @@ class AcmeStack:
         answer: str = "spoe",
         dns_server: str | None = None,
         pebble_binary: str | None = None,
+        pebble_profiles: dict[str, int] | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.answer = answer
@@ -116,6 +117,7 @@ class AcmeStack:
             extra_env=pebble_env,
             dns_server=dns_server,
             binary=pebble_binary,
+            profiles=pebble_profiles,
         )
 
     def start(self) -> None:

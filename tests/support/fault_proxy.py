@@ -16,6 +16,9 @@ Contract:
   (`application/pem-certificate-chain`), `"leaf_only"` (the chain stripped,
   only the first certificate kept). `rates` maps each fault to a probability;
   `set_rates()` changes them while running (`{}`: a clean proxy).
+- `rate_limit(path, times, retry_after)`: the next `times` POSTs to `path`
+  (e.g. Pebble's newOrder, "/order-plz") are answered 429 rateLimited with
+  `Retry-After: <retry_after>` and never reach the CA; `.rate_limited` counts them.
 - `.counts` tallies the faults injected, `.requests` the requests seen.
 - `start()` / `stop()` run the server in a thread; stop joins it (bounded).
 """
@@ -74,6 +77,8 @@ class FaultProxy:
         self.rates: dict[str, float] = {}
         self.set_rates(rates or {})
         self.counts: dict[str, int] = dict.fromkeys(FAULTS, 0)
+        self._limit: tuple[str, int, int] | None = None  # (path, times left, retry after s)
+        self.rate_limited = 0
         self.requests = 0
         ca = make_ca("fault proxy test CA")
         key = make_key()
@@ -101,6 +106,22 @@ class FaultProxy:
             raise ValueError(f"unknown faults {sorted(unknown)}; known: {FAULTS}")
         with self._lock:
             self.rates = dict(rates)
+
+    def rate_limit(self, path: str, times: int, retry_after: int) -> None:
+        with self._lock:
+            self._limit = (path, times, retry_after)
+
+    def _take_rate_limit(self, method: str, path: str) -> int | None:
+        """Retry-After (s) if this request is one to answer rateLimited."""
+        with self._lock:
+            if self._limit is None or method != "POST" or path != self._limit[0]:
+                return None
+            limit_path, left, retry_after = self._limit
+            if left <= 0:
+                return None
+            self._limit = (limit_path, left - 1, retry_after)
+            self.rate_limited += 1
+            return retry_after
 
     def total_faults(self) -> int:
         with self._lock:
@@ -153,6 +174,17 @@ class FaultProxy:
             def _forward(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
+                limited = proxy._take_rate_limit(self.command, self.path)
+                if limited is not None:
+                    problem = b'{"type":"urn:ietf:params:acme:error:rateLimited",'
+                    problem += b'"detail":"fault proxy: too many new orders","status":429}'
+                    self._send(
+                        429,
+                        [("Content-Type", "application/problem+json"),
+                         ("Retry-After", str(limited))],
+                        problem,
+                    )  # fmt: skip
+                    return
                 # A pre-request fault (the CA never sees the request): 5xx or reset.
                 early = proxy._pick(cert_download=False)
                 if early == "5xx":

@@ -192,10 +192,12 @@ class PebbleProcess:
         extra_env: dict[str, str] | None = None,
         binary: str | None = None,
         dns_server: str | None = None,
+        profiles: dict[str, int] | None = None,
     ) -> None:
         """`binary`: the pebble to run (default: the first of pebble_binaries()).
         `dns_server` "127.0.0.1:PORT": Pebble resolves through that server (a real BIND,
-        tests/support/bind.py) and challtestsrv is not started."""
+        tests/support/bind.py) and challtestsrv is not started.
+        `profiles`: extra ACME profiles (name -> validity in seconds; Pebble 2.7+)."""
         self.binary = binary or pebble_binaries()[0][1]
         self.challtestsrv = challtestsrv_of(self.binary)
         self.dns_server = dns_server
@@ -236,6 +238,14 @@ class PebbleProcess:
                     "validityPeriod": validity_period,
                 }
             }
+        if profiles:
+            all_profiles = dict(config.get("profiles") or {})  # type: ignore[call-overload]
+            all_profiles.setdefault(
+                "default", {"description": "test default", "validityPeriod": 7776000}
+            )
+            for pname, validity in profiles.items():
+                all_profiles[pname] = {"description": f"test {pname}", "validityPeriod": validity}
+            config["profiles"] = all_profiles
         self.config_path = self.workdir / "pebble.json"
         self.config_path.write_text(json.dumps({"pebble": config}, indent=2))
         self.log_path = self.workdir / "pebble.log"
