@@ -609,6 +609,10 @@ class Daemon:
         # A crash (kill -9) or an older version may have left temp files,
         # half-written generations or the old flat layout: repair first.
         await asyncio.to_thread(prepare_state, self.config, self.storage)
+        # DNS records a killed order left behind go now, not at the first order.
+        recover = getattr(self.renewer.issuer, "recover_leftovers", None)
+        if recover is not None:
+            await asyncio.to_thread(recover)
         await self._schedule_all()
         try:
             await self.control.start()

@@ -648,11 +648,21 @@ class Issuer:
             finally:
                 net.session.close()
             self._save_account_json()
-            if not self._recovered:
-                # Leftovers (DNS records) of a process that died mid-order.
-                self._recovered = True
-                for solver in self.solvers.values():
-                    solver.recover()
+        self.recover_leftovers()
+
+    def recover_leftovers(self) -> None:
+        """Once per issuer: remove what a process that died mid-order left behind
+        (DNS records in the solvers' journals). Needs no CA; the daemon calls it
+        at start, `connect` before the first order. Errors are logged, not raised."""
+        with self._lock:
+            if self._recovered:
+                return
+            self._recovered = True
+        for solver in self.solvers.values():
+            try:
+                solver.recover()
+            except Exception:  # a broken journal must not stop renewals
+                log.exception("cleaning up after an earlier run (%s) failed", solver.challenge_type)
 
     def _register(self, acme: client.ClientV2) -> messages.RegistrationResource:
         assert self.directory is not None and self.account_key is not None

@@ -419,3 +419,25 @@ def test_persist_check_reports_unreachable_server() -> None:
     silent = Listen("127.0.0.1", free_port())
     problem = check_persist_record([silent], "example.com", ["ca.example"], "u", False)
     assert problem is not None and "_validation-persist.example.com." in problem
+
+
+def test_leftovers_are_recovered_once_without_the_ca_and_a_broken_journal_is_only_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The daemon calls recover_leftovers at start, so DNS records a killed order
+    # left go before any order (the CA is not even reachable here).
+    class Recovering(RecordingSolver):
+        recovered = 0
+
+        def recover(self) -> None:
+            type(self).recovered += 1
+            raise OSError("journal unreadable")
+
+    cfg = AcmeConfig(directory="https://127.0.0.1:1/dir", email="ops@example.com", timeout=1.0)
+    solver = Recovering("dns-01")
+    issuer = Issuer(cfg, FileStorage(tmp_path / "state"), MemoryChallengeRegistry(),
+                    solvers={"dns-01": solver})  # fmt: skip
+    issuer.recover_leftovers()
+    issuer.recover_leftovers()
+    assert Recovering.recovered == 1
+    assert "journal unreadable" in caplog.text
