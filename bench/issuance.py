@@ -44,7 +44,10 @@ Output: one table per N (median, min-max over rounds, ms per certificate,
 median over rounds of native time / variant time). A run that fails its checks
 (or, for native, does not finish within 120 s) is printed as FAILED, its full
 reason kept in a file under /tmp, and left out of medians and ratios; the
-table says how many rounds failed. LAST line:
+table says how many rounds failed. With `--dns01`, a dns-01 row follows: the
+largest N certificates (name + wildcard) through a real BIND 9 over RFC 2136,
+certificates per second with the DNS propagation wait shown apart
+(bench/dns01.py, with the shipped defaults). LAST line:
 speedup_vs_haproxy_native=<median over rounds of native/ours at the largest N>
 (above 1 means our shipped defaults are faster). Exit status 1 if our agent
 with its shipped defaults failed any run at the largest N.
@@ -368,6 +371,9 @@ def main() -> int:
     )
     parser.add_argument("--certbot", action="store_true", help="also run certbot (slow: ~2 s/cert)")
     parser.add_argument(
+        "--dns01", action="store_true", help="add the dns-01 row (a real BIND 9, bench/dns01.py)"
+    )
+    parser.add_argument(
         "--haproxy-native", default=None, help=f"HAProxy 3.2 binary (default {DEFAULT_NATIVE})"
     )
     parser.add_argument(
@@ -424,6 +430,13 @@ def main() -> int:
     speedup = median_ratio(t["haproxy-native"], t["ours"])
     if speedup is None:
         raise SystemExit("haproxy-native failed every round at the largest N: no ratio")
+    if args.dns01:
+        from bench.dns01 import row, run_dns01
+
+        n = max(counts)
+        elapsed, waits = run_dns01(n, None, haproxy_bin)
+        print(f"N={n} dns-01 through BIND 9 (name + wildcard each, shipped defaults):")
+        print("  " + row(n, elapsed, waits), flush=True)
     print(f"speedup_vs_haproxy_native={speedup:.2f}")
     return 0
 
