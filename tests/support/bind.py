@@ -37,7 +37,7 @@ import dns.message
 import dns.query
 import dns.rdatatype
 
-from tests.support.haproxy import free_port
+from tests.support.haproxy import free_port, stop_process
 
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 5.0
@@ -186,13 +186,7 @@ class BindServer:
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=STOP_TIMEOUT)
+        stop_process(proc, STOP_TIMEOUT)
         if self._out is not None:
             self._out.close()  # type: ignore[attr-defined]
             self._out = None

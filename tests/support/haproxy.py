@@ -51,6 +51,19 @@ _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:-([^}]*))?\}")
 _VERSION = re.compile(r"version (\d+\.\d+)")
 
 
+def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float = STOP_TIMEOUT) -> None:
+    """Stop a process we started, by its handle: SIGTERM, then SIGKILL after `timeout` s.
+    Never by name. A process that already exited (or None) is left as it is."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout)
+
+
 class HAProxyError(RuntimeError):
     """HAProxy could not be started or stopped; the message names the binary and config."""
 
@@ -276,13 +289,7 @@ class HAProxyProcess:
     def stop(self) -> None:
         """Stop the process by its handle (SIGTERM, then SIGKILL after STOP_TIMEOUT s)."""
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=STOP_TIMEOUT)
+        stop_process(proc)
         if self._log_file is not None:
             self._log_file.close()  # type: ignore[attr-defined]
             self._log_file = None

@@ -37,7 +37,6 @@ import ipaddress
 import json
 import os
 import re
-import signal
 import ssl
 import subprocess
 import time
@@ -52,7 +51,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tests.support.certs import CA, make_ca, make_key
-from tests.support.haproxy import free_port
+from tests.support.haproxy import free_port, stop_process
 
 START_TIMEOUT = 15.0  # seconds until the directory must answer
 STOP_TIMEOUT = 5.0
@@ -376,14 +375,7 @@ class PebbleProcess:
         for attr in ("_pebble", "_cts"):
             proc: subprocess.Popen[bytes] | None = getattr(self, attr)
             setattr(self, attr, None)
-            if proc is None or proc.poll() is not None:
-                continue
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=STOP_TIMEOUT)
+            stop_process(proc, STOP_TIMEOUT)
         for log in self._logs:
             log.close()  # type: ignore[attr-defined]
         self._logs.clear()

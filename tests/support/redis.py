@@ -26,7 +26,7 @@ from pathlib import Path
 from shutil import which
 from types import TracebackType
 
-from tests.support.haproxy import free_port
+from tests.support.haproxy import free_port, stop_process
 
 REDIS_SERVER = os.environ.get("REDIS_SERVER", "/usr/bin/redis-server")
 START_TIMEOUT = 10.0  # s until PING must answer
@@ -136,13 +136,7 @@ class RedisProcess:
     def stop(self) -> None:
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc, 10)
         if self.proc.stderr is not None:
             self.proc.stderr.close()
         self.proc = None
