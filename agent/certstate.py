@@ -35,7 +35,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from agent import ari, keys, layout
-from agent.storage import LockTimeout, Storage
+from agent.storage import LockLost, LockTimeout, Storage
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +156,10 @@ class CertMeta:
     deployed: Mapping[str, Deployed] = field(default_factory=dict)
     profile: str | None = None  # the ACME profile it was ordered under (None: CA default)
     replaces_failures: int = 0  # from state.json (see CertState)
+    # The fencing number of the lock hold that installed it, and the node that did
+    # (None: installed without a fenced lock, e.g. by an older version or `import`).
+    fence: int | None = None
+    node: str | None = None
 
     @property
     def installed(self) -> bool:
@@ -184,6 +188,8 @@ class CertMeta:
             "installed_at": self.installed_at,
             "directory": self.directory,
             "profile": self.profile,
+            "fence": self.fence,
+            "node": self.node,
         }
 
     @classmethod
@@ -205,6 +211,8 @@ class CertMeta:
             directory=data.get("directory"),
             generation=data.get("generation"),
             profile=data.get("profile"),
+            fence=None if data.get("fence") is None else int(data["fence"]),
+            node=None if data.get("node") is None else str(data["node"]),
         )
 
     def with_state(self, state: CertState) -> CertMeta:
@@ -376,8 +384,12 @@ def write_generation(
     installed_at: float,
     directory: str | None,
     profile: str | None = None,
+    *,
+    fence: int | None = None,
+    node: str | None = None,
 ) -> CertMeta:
-    """Write a complete new generation (meta.json last); the pointer is not moved."""
+    """Write a complete new generation (meta.json last); the pointer is not moved.
+    `fence` / `node`: recorded in meta.json (who installed it, under which hold)."""
     gen_id = layout.new_generation_id(installed_at, leaf.serial_number)
     meta = replace(
         meta_from_certificate(name, leaf),
@@ -385,6 +397,8 @@ def write_generation(
         directory=directory,
         generation=gen_id,
         profile=profile,
+        fence=fence,
+        node=node,
     )
     files = {
         layout.CERT: _pem([leaf]),
@@ -397,10 +411,22 @@ def write_generation(
     return meta
 
 
-def switch_generation(storage: Storage, name: str, gen_id: str) -> None:
-    """Point `current` at `gen_id` (one atomic store), then prune all but it and the previous."""
+Commit = Callable[[dict[str, bytes]], None]
+
+
+def switch_generation(
+    storage: Storage, name: str, gen_id: str, commit: Commit | None = None
+) -> None:
+    """Point `current` at `gen_id` (one atomic store), then prune all but it and the previous.
+
+    `commit(values)`, when given, makes that store instead (a fenced commit,
+    `Storage.commit_fenced`): when it raises, nothing is switched or pruned."""
     previous = read_current(storage, name)
-    storage.store(layout.current_key(name), layout.check_generation_id(gen_id).encode())
+    values = {layout.current_key(name): layout.check_generation_id(gen_id).encode()}
+    if commit is not None:
+        commit(values)
+    else:
+        storage.store(*next(iter(values.items())))
     keep = {gen_id, previous}
     for old in generation_ids(storage, name):
         if old not in keep:
@@ -416,14 +442,27 @@ def install_generation(
     directory: str | None,
     before_switch: Callable[[], None] | None = None,
     profile: str | None = None,
+    *,
+    fence: int | None = None,
+    node: str | None = None,
+    commit: Commit | None = None,
 ) -> CertMeta:
     """Write a generation and switch to it. `before_switch` runs between the two
-    (e.g. a lease check that raises `LockLost`: then nothing is switched)."""
-    meta = write_generation(storage, name, leaf, chain, installed_at, directory, profile)
+    (e.g. a lease check that raises `LockLost`: then nothing is switched);
+    `commit` makes the switch (see `switch_generation`). A generation written
+    but not switched to is removed again (a refused commit leaves nothing)."""
+    meta = write_generation(
+        storage, name, leaf, chain, installed_at, directory, profile, fence=fence, node=node
+    )
     assert meta.generation is not None
-    if before_switch is not None:
-        before_switch()
-    switch_generation(storage, name, meta.generation)
+    try:
+        if before_switch is not None:
+            before_switch()
+        switch_generation(storage, name, meta.generation, commit)
+    except LockLost:
+        if read_current(storage, name) != meta.generation:
+            storage.delete_all(layout.generation_prefix(name, meta.generation))
+        raise
     return meta
 
 
@@ -532,13 +571,23 @@ def _repair_one(storage: Storage, name: str, report: RepairReport) -> None:
         report.migrated.append(name)
     current = read_current(storage, name)
     complete: list[str] = []
+    stored_fence = _fence_of(storage, name)
     for gen_id in generation_ids(storage, name):
         try:
-            load_generation(storage, name, gen_id)
+            gen = load_generation(storage, name, gen_id)
         except (FileNotFoundError, GenerationError):
             if gen_id != current:
                 storage.delete_all(layout.generation_prefix(name, gen_id))
                 report.incomplete_generations += 1
+            continue
+        fence = gen.meta.fence
+        if gen_id != current and fence is not None and stored_fence is not None and (
+            fence < stored_fence
+        ):
+            # Written by a holder whose lease had run out (its commit was
+            # refused, then it died): never adopted over the newer install.
+            storage.delete_all(layout.generation_prefix(name, gen_id))
+            report.incomplete_generations += 1
             continue
         complete.append(gen_id)
     if complete and (current not in complete or complete[-1] > current):
@@ -559,6 +608,13 @@ def _repair_one(storage: Storage, name: str, report: RepairReport) -> None:
     for gen_id in complete:
         if gen_id not in keep:
             storage.delete_all(layout.generation_prefix(name, gen_id))
+
+
+def _fence_of(storage: Storage, name: str) -> int | None:
+    try:
+        return int(storage.load(layout.fence_key(name)).strip())
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def _consistent_chain(certs: list[x509.Certificate]) -> bool:

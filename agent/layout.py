@@ -14,6 +14,12 @@ Storage keys (`agent.storage.Storage`), per certificate NAME:
     certificates/NAME/gen/ID/chain.pem        intermediates   } written completely before
     certificates/NAME/gen/ID/fullchain.pem    leaf + chain    } `current` points to it;
     certificates/NAME/gen/ID/meta.json        leaf facts      } meta.json is written last
+    certificates/NAME/fence                   the fencing number of the last install
+                                              (decimal): written in one atomic step with
+                                              `current` (Storage.commit_fenced)
+    certificates/NAME/order.json              the order in flight: its URL, status,
+                                              finalize and certificate URLs, the node
+                                              and fence that placed it; deleted once done
 
 ID is `<unix milliseconds, 13 digits>-<serial in lowercase hex>`, so ids sort
 by installation time. Storage holds public material and metadata only: the
@@ -29,6 +35,10 @@ the HAProxy config's `crt` / crt-list line names.
 
 DNS challenges: `dns_pending_key(NAME, DIGEST)` (dns-01 journal of published
 records, under `DNS_PENDING`), `dns_persist_key(NAME)` (dns-persist-01 records).
+
+Fleet: `FLEET_MARKER` ("fleet/initialized") exists while the shared store
+has not lost its data; a node that finds it missing (Redis restarted empty)
+rebuilds what it can from the certificates it serves (agent.renewal).
 
 Locks (`Storage.lock` names): `cert_lock(NAME)` guards every write of one
 certificate's keys; `RENEW_COMMAND_LOCK` makes overlapping cron runs wait.
@@ -50,6 +60,8 @@ CERT = "cert.pem"
 CHAIN = "chain.pem"
 FULLCHAIN = "fullchain.pem"
 META = "meta.json"
+FENCE = "fence"
+ORDER = "order.json"
 # The files of one generation, in the order they are written (meta.json last:
 # a generation whose meta.json exists and parses is complete).
 GENERATION_FILES = (CERT, CHAIN, FULLCHAIN, META)
@@ -81,6 +93,19 @@ def current_key(name: str) -> str:
 def state_key(name: str) -> str:
     """Mutable per-certificate state (JSON), read-modify-written under `cert_lock(name)`."""
     return cert_key(name, STATE)
+
+
+def fence_key(name: str) -> str:
+    """The fencing number of the lock hold that installed the current generation."""
+    return cert_key(name, FENCE)
+
+
+def order_key(name: str) -> str:
+    """The order in flight for `name` (JSON, see agent.renewal.OrderRecord)."""
+    return cert_key(name, ORDER)
+
+
+FLEET_MARKER = "fleet/initialized"
 
 
 def generations_prefix(name: str) -> str:

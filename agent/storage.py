@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -213,6 +213,18 @@ class LockTimeout(TimeoutError):
 
 class LockLost(RuntimeError):
     """The lock is no longer ours: its lease ran out and another process took it over."""
+
+
+class FenceRejected(LockLost):
+    """A fenced write (`Storage.commit_fenced`) was refused and nothing was written:
+    our lease of the lock was lost, or what is stored carries a higher fencing
+    number than ours (a newer holder installed after our lease ran out)."""
+
+
+class StoreUnavailable(OSError):
+    """The storage backend cannot be reached (a fleet's Redis is down or cut off).
+
+    Raised by `Storage.check_available`; a renewal that meets it is skipped, not failed."""
 
 
 # The lease a holder gets by default (seconds). Holders renew it while they
@@ -405,6 +417,25 @@ class Storage(ABC):
     @abstractmethod
     def lock_owner(self, name: str) -> LockOwner | None: ...
 
+    @abstractmethod
+    def fence(self, name: str) -> int:
+        """The fencing number of our current hold of lock `name` (RuntimeError if
+        none): every acquisition gets a larger one than the one before it."""
+
+    @abstractmethod
+    def commit_fenced(
+        self, lock: str, token: str, fence: int, fence_key: str, values: Mapping[str, bytes]
+    ) -> None:
+        """Store `values` (key -> bytes, not secret) and `fence` at `fence_key`, in ONE
+        atomic step, only if lock `lock` is still held with `token` (its lease did not
+        run out) and the number stored at `fence_key` (if any) is not larger than
+        `fence`. Otherwise nothing is written and `FenceRejected` says why."""
+
+    def check_available(self) -> None:
+        """Raise `StoreUnavailable` (with the reason) when the backend cannot be
+        reached now; a local store always can."""
+        return None
+
     def delete_all(self, prefix: str) -> None:
         """Delete every key below `prefix` (idempotent)."""
         for key in self.list(prefix, recursive=True):
@@ -461,6 +492,14 @@ class Storage(ABC):
                 log.error("lock %r was taken over before we released it", name)
 
 
+def _stored_fence(storage: Storage, key: str) -> int | None:
+    """The fencing number stored at `key`, None when there is none (or it is damaged)."""
+    try:
+        return int(storage.load(key).strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
 class FileStorage(Storage):
     """`Storage` in a directory tree (the state directory, mode 0700).
 
@@ -476,6 +515,7 @@ class FileStorage(Storage):
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self._held: dict[str, str] = {}  # lock name -> token of our last acquisition
+        self._fences: dict[str, int] = {}  # lock name -> fencing number of that acquisition
         # flock is per open file description: threads of one process each open
         # the guard, so they exclude each other too; this lock keeps them from
         # interleaving within one FileStorage all the same.
@@ -651,8 +691,11 @@ class FileStorage(Storage):
                             name, owner.host, owner.pid, why,
                         )  # fmt: skip
                     mine = LockOwner.for_this_process(expires_after, now)
-                    atomic_write(path, json.dumps(mine.to_json()).encode(), SECRET_MODE)
+                    fence = self._next_fence(name)
+                    record = {**mine.to_json(), "fence": fence}
+                    atomic_write(path, json.dumps(record).encode(), SECRET_MODE)
                     self._held[name] = mine.token
+                    self._fences[name] = fence
                     return mine.token
             if time.monotonic() >= deadline:
                 raise LockTimeout(
@@ -660,6 +703,39 @@ class FileStorage(Storage):
                     f"{path})"
                 )
             time.sleep(self.LOCK_POLL)
+
+    def _next_fence(self, name: str) -> int:
+        """INCRement `locks/<name>.fence` (the caller holds the guard)."""
+        path = self.root / "locks" / (safe_name(name) + ".fence")
+        try:
+            last = int(path.read_bytes().strip() or b"0")
+        except (FileNotFoundError, ValueError):
+            last = 0
+        atomic_write(path, str(last + 1).encode(), SECRET_MODE)
+        return last + 1
+
+    def fence(self, name: str) -> int:
+        if name not in self._fences or name not in self._held:
+            raise RuntimeError(f"lock {name!r} is not held by this process")
+        return self._fences[name]
+
+    def commit_fenced(
+        self, lock: str, token: str, fence: int, fence_key: str, values: Mapping[str, bytes]
+    ) -> None:
+        # Under the guard no lock record changes hands, so the check and the
+        # writes are one step for every process that follows the lock protocol.
+        with self._guard():
+            owner = self._read_owner(self._lock_path(lock), DEFAULT_LEASE)
+            if owner is None or owner.token != token or owner.expires <= time.time():
+                raise FenceRejected(f"the lease of lock {lock!r} was lost")
+            stored = _stored_fence(self, fence_key)
+            if stored is not None and stored > fence:
+                raise FenceRejected(
+                    f"{fence_key} carries fencing number {stored}, newer than ours ({fence})"
+                )
+            for key, value in values.items():
+                self.store(key, value)
+            self.store(fence_key, str(fence).encode())
 
     def renew_lock(self, name: str, token: str, lease: float = DEFAULT_LEASE) -> None:
         path = self._lock_path(name)
@@ -677,6 +753,7 @@ class FileStorage(Storage):
                 raise RuntimeError(f"lock {name!r} is not held by this process")
         if self._held.get(name) == token:
             del self._held[name]
+            self._fences.pop(name, None)
         path = self._lock_path(name)
         with self._guard():
             owner = self._read_owner(path, DEFAULT_LEASE)

@@ -23,7 +23,12 @@ against a real redis-server) plus:
   taken over by a compare-and-swap on the exact record read. Each acquisition
   INCRements NS:fence:NAME; `fence(name)` returns the value of our current
   hold, to be recorded with what we install so a stale holder's late write can
-  be detected (a larger fence wins).
+  be detected (a larger fence wins). `commit_fenced` is that check and the
+  write in one Lua script: refused when our lock key is gone or not ours (the
+  PX lease ran out) or the stored fence is larger than ours.
+- Leases are the lock key's PX, counted by Redis: a node never takes a live
+  lock over by comparing the record's `expires` (another node's wall clock)
+  with its own, so clock skew between nodes changes nothing.
 - Every call is a synchronous round trip: call it off the event loop
   (the daemon does, asyncio.to_thread).
 """
@@ -35,6 +40,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Mapping
 
 import redis
 from cryptography.exceptions import InvalidTag
@@ -42,11 +48,13 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from agent.storage import (
     DEFAULT_LEASE,
+    FenceRejected,
     KeyInfo,
     LockLost,
     LockOwner,
     LockTimeout,
     Storage,
+    StoreUnavailable,
     holder_is_gone,
     safe_key,
     safe_name,
@@ -98,6 +106,28 @@ if not ok or type(o) ~= 'table' or o['token'] ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
 return 1
 """
+# The fenced commit. KEYS[1] lock, KEYS[2] value key of the fence, KEYS[3] index,
+# KEYS[4..] value keys; ARGV[1] our token, ARGV[2] our fence, ARGV[3] mtime,
+# ARGV[4] the fence's key name, then (key name, data) per value.
+# Returns {1, ""} when written, {0, "lease"} or {0, <stored fence>} when refused.
+_COMMIT_FENCED = """
+local v = redis.call('GET', KEYS[1])
+if not v then return {0, 'lease'} end
+local ok, o = pcall(cjson.decode, v)
+if not ok or type(o) ~= 'table' or o['token'] ~= ARGV[1] then return {0, 'lease'} end
+local cur = tonumber(redis.call('HGET', KEYS[2], 'd'))
+if cur and cur > tonumber(ARGV[2]) then return {0, tostring(cur)} end
+for i = 4, #KEYS do
+  local j = 3 + (i - 3) * 2
+  redis.call('DEL', KEYS[i])
+  redis.call('HSET', KEYS[i], 'd', ARGV[j + 1], 'm', ARGV[3], 'e', '0')
+  redis.call('ZADD', KEYS[3], 0, ARGV[j])
+end
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[2], 'd', ARGV[2], 'm', ARGV[3], 'e', '0')
+redis.call('ZADD', KEYS[3], 0, ARGV[4])
+return {1, ''}
+"""
 
 
 def _bytes(value: object) -> bytes:
@@ -137,6 +167,7 @@ class RedisStorage(Storage):
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
         self._take_over = client.register_script(_TAKE_OVER)
+        self._commit = client.register_script(_COMMIT_FENCED)
 
     # --- names ---
 
@@ -267,12 +298,20 @@ class RedisStorage(Storage):
             now = time.time()
             mine = LockOwner.for_this_process(expires_after, now)
             record = json.dumps(mine.to_json())
-            fence = int(self._acquire(keys=[lkey, fkey], args=[record, ms]))
+            try:
+                fence = int(self._acquire(keys=[lkey, fkey], args=[record, ms]))
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                raise StoreUnavailable(f"fleet store unavailable (Redis): {e}") from e
             owner = None
             if not fence:
                 raw = self.client.get(lkey)
                 owner = None if raw is None else self._parse_owner(_bytes(raw))
-                if raw is not None and owner is not None and holder_is_gone(owner, now):
+                # The lease is the key's PX, counted by Redis: a record with a TTL
+                # is only taken over when its holder provably died on this host,
+                # never by comparing its `expires` (another node's clock) with ours.
+                # A record without TTL (damaged, planted by hand) has only `expires`.
+                judged_at = now if raw is not None and self.client.pttl(lkey) == -1 else 0.0
+                if raw is not None and owner is not None and holder_is_gone(owner, judged_at):
                     fence = int(self._take_over(keys=[lkey, fkey], args=[record, ms, raw]))
                     if fence:
                         why = "its lease ran out" if owner.expires <= now else "it is gone"
@@ -296,6 +335,33 @@ class RedisStorage(Storage):
         if held is None:
             raise RuntimeError(f"lock {name!r} is not held by this process")
         return held[1]
+
+    def commit_fenced(
+        self, lock: str, token: str, fence: int, fence_key: str, values: Mapping[str, bytes]
+    ) -> None:
+        fence_key = safe_key(fence_key)
+        names = [safe_key(k) for k in values]
+        keys = [self._lkey(lock), self._vkey(fence_key), self._index()]
+        keys += [self._vkey(k) for k in names]
+        args: list[str | int | bytes] = [token, fence, repr(time.time()), fence_key]
+        for k, value in zip(names, values.values(), strict=True):
+            args += [k, bytes(value)]
+        try:
+            done, why = self._commit(keys=keys, args=args)
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            raise StoreUnavailable(f"Redis namespace {self.ns!r}: {e}") from e
+        if int(done):
+            return
+        why = _bytes(why).decode()
+        if why == "lease":
+            raise FenceRejected(f"the lease of lock {lock!r} was lost (Redis key {keys[0]})")
+        raise FenceRejected(f"{fence_key} carries fencing number {why}, newer than ours ({fence})")
+
+    def check_available(self) -> None:
+        try:
+            self.client.ping()
+        except (redis.RedisError, OSError) as e:
+            raise StoreUnavailable(f"fleet store unavailable (Redis): {e}") from e
 
     def renew_lock(self, name: str, token: str, lease: float = DEFAULT_LEASE) -> None:
         args: list[str | int] = [token, repr(time.time() + lease), self._lease_ms(lease)]

@@ -26,6 +26,7 @@ import pytest
 import redis
 
 from agent.storage import (
+    FenceRejected,
     FileStorage,
     LockLost,
     LockOwner,
@@ -308,3 +309,58 @@ def test_holder_is_gone_rules() -> None:
     assert not holder_is_gone(_owner(host="elsewhere", pid=999_999_999), now)
     assert not holder_is_gone(_owner(pid=999_999_999, boot_id="another-boot"), now)
     assert holder_is_gone(_owner(pid=999_999_999), now)
+
+
+# --- fencing -------------------------------------------------------------------------
+
+
+def test_every_acquisition_gets_a_larger_fencing_number(backend: Backend) -> None:
+    a, b = backend.open(), backend.open()
+    token = a.lock("cert-www", timeout=1)
+    first = a.fence("cert-www")
+    a.unlock("cert-www", token)
+    with pytest.raises(RuntimeError):
+        a.fence("cert-www")  # not held any more
+    token = b.lock("cert-www", timeout=1)
+    assert b.fence("cert-www") > first
+    b.unlock("cert-www", token)
+
+
+def test_a_fenced_commit_writes_the_values_and_the_fence_together(backend: Backend) -> None:
+    st = backend.open()
+    token = st.lock("cert-www", timeout=1)
+    fence = st.fence("cert-www")
+    st.commit_fenced("cert-www", token, fence, "certificates/www/fence",
+                     {"certificates/www/current": b"gen-1"})  # fmt: skip
+    assert st.load("certificates/www/current") == b"gen-1"
+    assert int(st.load("certificates/www/fence")) == fence
+    assert "certificates/www/fence" in st.list("certificates/www")
+    st.unlock("cert-www", token)
+
+
+def test_a_holder_whose_lease_ran_out_cannot_commit_over_its_successor(backend: Backend) -> None:
+    stale, fresh = backend.open(), backend.open()
+    old_token = stale.lock("cert-www", timeout=1, expires_after=0.2)
+    old_fence = stale.fence("cert-www")
+    new_token = fresh.lock("cert-www", timeout=5)  # after the stale lease ran out
+    new_fence = fresh.fence("cert-www")
+    fresh.commit_fenced("cert-www", new_token, new_fence, "certificates/www/fence",
+                        {"certificates/www/current": b"new"})  # fmt: skip
+    with pytest.raises(FenceRejected, match="lease"):
+        stale.commit_fenced("cert-www", old_token, old_fence, "certificates/www/fence",
+                            {"certificates/www/current": b"stale"})  # fmt: skip
+    assert stale.load("certificates/www/current") == b"new"
+    assert int(stale.load("certificates/www/fence")) == new_fence
+    fresh.unlock("cert-www", new_token)
+
+
+def test_a_commit_with_a_lower_fence_than_the_stored_one_is_refused(backend: Backend) -> None:
+    st = backend.open()
+    st.store("certificates/www/fence", b"1000000")  # a later holder's install
+    st.store("certificates/www/current", b"theirs")
+    token = st.lock("cert-www", timeout=1)  # our lease is fine, our number is older
+    with pytest.raises(FenceRejected, match="1000000"):
+        st.commit_fenced("cert-www", token, st.fence("cert-www"), "certificates/www/fence",
+                         {"certificates/www/current": b"ours"})  # fmt: skip
+    assert st.load("certificates/www/current") == b"theirs"
+    st.unlock("cert-www", token)

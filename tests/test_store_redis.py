@@ -4,12 +4,15 @@ tests/test_storage_contract.py)."""
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from collections.abc import Iterator
 
 import pytest
 import redis
 
+from agent.storage import LockTimeout
 from agent.store_redis import RedisStorage, SecretError
 from tests.support.redis import redis_available, shared_redis
 
@@ -89,3 +92,25 @@ def test_every_acquisition_gets_a_larger_fencing_token(client: redis.Redis) -> N
     tc = b.lock("www", timeout=1)
     assert b.fence("www") > fb
     b.unlock("www", tc)
+
+
+def test_a_node_whose_clock_runs_ahead_does_not_take_a_live_lock_over(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lease is the key's PX in Redis: a taker whose wall clock is past the
+    holder's `expires` (skew, not an expired lease) still waits."""
+    server = shared_redis(tmp_path_factory)
+    ns = "skew" + os.urandom(6).hex()
+    holder = RedisStorage(redis.Redis.from_url(server.url), ns)
+    taker = RedisStorage(redis.Redis.from_url(server.url), ns)
+    other_host = {"host": "node-b", "pid": 999_999_999}
+    token = holder.lock("cert-www", timeout=1, expires_after=30)
+    record = json.loads(holder.client.get(holder._lkey("cert-www")) or b"{}")
+    record.update(other_host)  # the holder is another node: only its lease counts
+    holder.client.set(holder._lkey("cert-www"), json.dumps(record), px=30_000)
+    skewed = time.time() + 120  # the taker's clock is two minutes ahead
+    monkeypatch.setattr("agent.store_redis.time.time", lambda: skewed)
+    with pytest.raises(LockTimeout):
+        taker.lock("cert-www", timeout=0.3)
+    monkeypatch.undo()
+    holder.unlock("cert-www", token)
