@@ -45,7 +45,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -511,6 +511,21 @@ class IssuedCertificate:
 
 
 @dataclass(frozen=True)
+class OrderProgress:
+    """Where an order stands, as `Issuer.issue` reports it to `progress` and takes
+    it back as `resume`: the order URL, its status ("pending", "ready",
+    "processing", "valid"), and the finalize and certificate URLs once known."""
+
+    url: str
+    status: str
+    finalize: str | None = None
+    certificate: str | None = None
+
+
+OrderProgressHook = Callable[[OrderProgress], None]
+
+
+@dataclass(frozen=True)
 class PersistChallenge:
     """One authorization's dns-persist-01 challenge: the name (a wildcard's base name),
     whether it is a wildcard, the CA's issuer domain names and our account URI."""
@@ -530,6 +545,9 @@ def account_slug(directory_url: str) -> str:
 
 class Issuer:
     """One CA account; issues certificates. See the module docstring for the flow."""
+
+    # `issue` takes `resume` / `progress` (a renewer checks this before passing them).
+    resumes_orders = True
 
     def __init__(
         self,
@@ -747,11 +765,19 @@ class Issuer:
         *,
         challenge: str = DEFAULT_CHALLENGE,
         cert_name: str | None = None,
+        resume: OrderProgress | None = None,
+        progress: OrderProgressHook | None = None,
     ) -> IssuedCertificate:
         """Run one order to completion; raise an AcmeError subclass on failure.
 
         `challenge` is the certificate's challenge type: the solver of that type
         proves every authorization. `cert_name` names the certificate in errors.
+        `resume`: an order placed earlier (by this account, maybe by another node
+        that died): it is fetched and carried on from where it stands (`valid`:
+        download; `ready`/`processing`: finalize or poll; `pending`: answer its
+        challenges again); one that is invalid, expired, unknown to the CA or for
+        other names is dropped and a new order placed. `progress(p)` is called
+        each time the order moves on (placed, validated, finalized, valid).
         """
         solver = self.solvers.get(challenge)
         label = cert_name or ", ".join(domains)
@@ -766,7 +792,9 @@ class Issuer:
         order = _OrderSolver(solver, label, presented)
         try:
             try:
-                return self._issue(acme, net, csr_pem, domains, replaces, order, deadline)
+                return self._issue(
+                    acme, net, csr_pem, domains, replaces, order, deadline, resume, progress
+                )
             except messages.Error as e:
                 code = problem_code(e)
                 if replaces and (
@@ -779,7 +807,9 @@ class Issuer:
                         replaces,
                         _problem_text(e),
                     )
-                    return self._issue(acme, net, csr_pem, domains, None, order, deadline)
+                    return self._issue(
+                        acme, net, csr_pem, domains, None, order, deadline, None, progress
+                    )
                 raise
         except AcmeError:
             raise
@@ -868,8 +898,52 @@ class Issuer:
         replaces: str | None,
         solving: _OrderSolver,
         deadline: float,
+        resume: OrderProgress | None = None,
+        progress: OrderProgressHook | None = None,
     ) -> IssuedCertificate:
         assert self.directory is not None and self.account_key is not None
+
+        def report(status: str, certificate: str | None = None) -> None:
+            if progress is not None:
+                progress(OrderProgress(order_url, status, str(order.finalize), certificate))
+
+        resumed = self._resume(net, resume, domains, solving.label) if resume else None
+        if resumed is not None:
+            order, order_url = resumed, resume.url  # type: ignore[union-attr]
+        else:
+            order, order_url = self._new_order(net, domains, replaces)
+            report("pending")
+        return self._complete(acme, net, csr_pem, order, order_url, solving, deadline, report)
+
+    def _resume(
+        self, net: RetryingNetwork, resume: OrderProgress, domains: Sequence[str], label: str
+    ) -> messages.Order | None:
+        """The order at `resume.url` if it can be carried on, else None (logged)."""
+        try:
+            order = _parse(
+                messages.Order, self._post_as_get(net, resume.url), net.last_what,
+                ("status", "authorizations", "finalize"),
+            )  # fmt: skip
+        except (AcmeServerError, messages.Error) as e:
+            log.warning("certificate %s: cannot resume order %s: %s", label, resume.url, e)
+            return None
+        names = sorted(i.value for i in order.identifiers)
+        expired = order.expires is not None and order.expires.timestamp() <= time.time()
+        status = order.status.name
+        if status in ("invalid", "expired") or expired or names != sorted(domains):
+            why = "expired" if expired else status if status != "pending" else "other names"
+            log.warning(
+                "certificate %s: order %s is %s: placing a new one", label, resume.url, why
+            )
+            return None
+        log.info("certificate %s: resuming order %s (%s)", label, resume.url, status)
+        resumed: messages.Order = order
+        return resumed
+
+    def _new_order(
+        self, net: RetryingNetwork, domains: Sequence[str], replaces: str | None
+    ) -> tuple[messages.Order, str]:
+        assert self.directory is not None
         order_msg = ari.NewOrder(
             identifiers=[
                 messages.Identifier(typ=messages.IDENTIFIER_FQDN, value=d) for d in domains
@@ -891,6 +965,21 @@ class Issuer:
         order_url = resp.headers.get("Location")
         if not order_url:
             raise AcmeServerError("the CA's newOrder response has no Location header")
+        return order, str(order_url)
+
+    def _complete(
+        self,
+        acme: client.ClientV2,
+        net: RetryingNetwork,
+        csr_pem: bytes,
+        order: messages.Order,
+        order_url: str,
+        solving: _OrderSolver,
+        deadline: float,
+        report: Callable[..., None],
+    ) -> IssuedCertificate:
+        """Carry `order` from where it stands to its certificate."""
+        assert self.directory is not None and self.account_key is not None
 
         # Start every pending authorization first, then poll them together: the
         # CA validates the domains in parallel.
@@ -942,7 +1031,8 @@ class Issuer:
             deadline += waited
             net.deadline += waited
         for challb, response in answers:
-            acme.answer_challenge(challb, response)
+            if challb.status == messages.STATUS_PENDING:  # not one answered before a takeover
+                acme.answer_challenge(challb, response)
 
         polls = PollSchedule(self.cfg.poll_interval)
         while pending:
@@ -962,14 +1052,18 @@ class Issuer:
                 still.append(updated)
             pending = still
 
-        # Finalize, then poll the order until the certificate is there.
+        # Finalize (unless a resumed order already was), then poll it until the
+        # certificate is there.
         wrapped = messages.CertificateRequest(csr=x509.load_pem_x509_csr(csr_pem))
-        try:
-            resp = net.post(order.finalize, wrapped, new_nonce_url=self.directory["newNonce"])
-            order = _parse(messages.Order, resp, net.last_what, ("status",))
-        except messages.Error as e:
-            if problem_code(e) != "orderNotReady":
-                raise OrderFailed(f"finalization refused: {_problem_text(e)}") from e
+        if order.status not in (messages.STATUS_VALID, messages.STATUS_PROCESSING):
+            report("ready")
+            try:
+                resp = net.post(order.finalize, wrapped, new_nonce_url=self.directory["newNonce"])
+                order = _parse(messages.Order, resp, net.last_what, ("status",))
+                report(order.status.name)
+            except messages.Error as e:
+                if problem_code(e) != "orderNotReady":
+                    raise OrderFailed(f"finalization refused: {_problem_text(e)}") from e
         polls = PollSchedule(self.cfg.poll_interval)
         while True:
             if order.status == messages.STATUS_VALID:
@@ -990,6 +1084,7 @@ class Issuer:
                 # A finalize that got lost (e.g. retried after a connection reset).
                 resp = net.post(order.finalize, wrapped, new_nonce_url=self.directory["newNonce"])
                 order = _parse(messages.Order, resp, net.last_what, ("status",))
+        report("valid", str(order.certificate))
         cert_resp = self._post_as_get(net, order.certificate)
         return IssuedCertificate(fullchain_pem=cert_resp.text, order_url=order_url)
 

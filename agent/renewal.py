@@ -29,6 +29,7 @@ decides that nothing is due.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -67,11 +68,12 @@ from agent.issuer import (
     AcmeUnreachable,
     IssuedCertificate,
     OrderFailed,
+    OrderProgress,
     RateLimited,
     ReplacesRefused,
     ValidationFailed,
 )
-from agent.storage import LockLost, LockTimeout, Storage
+from agent.storage import FenceRejected, LockLost, LockTimeout, Storage, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -239,8 +241,9 @@ def make_bundle(fullchain_pem: bytes, key_pem: bytes, dhparam_pem: bytes | None 
 @dataclass(frozen=True)
 class RenewResult:
     """Outcome for one certificate. status: "renewed", "deployed" (the stored
-    certificate was pushed to HAProxy, nothing ordered), "not-due", "failed"
-    or "dry-run"."""
+    certificate was pushed to HAProxy, nothing ordered), "not-due", "failed",
+    "dry-run" or "skipped" (the fleet store cannot be reached: nothing was
+    attempted, try again later; not a failure of the certificate)."""
 
     name: str
     status: str
@@ -345,11 +348,71 @@ class Renewer:
         self.issuer: CertificateIssuer = issuer or wiring.make_issuer(config, storage, registry)
         self.on_installed = on_installed
         self.clock = clock
+        import socket
+
+        # The node named in fence refusals, order records and meta.json.
+        self.node = config.fleet.node if config.fleet is not None else socket.gethostname()
+
+    MIN_LEASE = 30.0  # s: the shortest lease of a certificate's lock
 
     @property
     def lease(self) -> float:
         """Lease of a certificate's lock (s); renewed from a thread while the order runs."""
-        return max(30.0, self.config.acme.timeout * 2)
+        return max(self.MIN_LEASE, self.config.acme.timeout * 2)
+
+    @property
+    def lock_wait(self) -> float:
+        """How long a run waits for the lock of a certificate another process holds (s).
+
+        Alone: 2 s (a cron run next to the daemon reports it busy). In a fleet,
+        the other nodes wait for the holder's result (watching the lock in the
+        store, never asking the CA) for as long as an order may take plus one
+        lease: a holder that died is taken over when its lease ends."""
+        if self.config.fleet is None:
+            return 2.0
+        return self.lease + self.config.acme.timeout
+
+    # -- the in-flight order (fleet: a node taking over resumes it) --
+
+    def _load_order(self, cfg: CertificateConfig) -> OrderProgress | None:
+        """The recorded order in flight for `cfg` (placed with this CA for these names)."""
+        try:
+            data = json.loads(self.storage.load(layout.order_key(cfg.name)))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return None
+        if data.get("directory") != self.config.acme.directory or sorted(
+            data.get("domains") or []
+        ) != sorted(cfg.domains):
+            return None
+        try:
+            return OrderProgress(
+                str(data["url"]), str(data["status"]), data.get("finalize"),
+                data.get("certificate"),
+            )  # fmt: skip
+        except KeyError:
+            return None
+
+    def _save_order(self, cfg: CertificateConfig, p: OrderProgress, fence: int | None) -> None:
+        """Record where the order stands (we hold the cert lock); errors only logged:
+        the order itself goes on, a takeover would then place a new one."""
+        record = {
+            "url": p.url, "status": p.status, "finalize": p.finalize,
+            "certificate": p.certificate, "node": self.node, "fence": fence,
+            "directory": self.config.acme.directory, "domains": list(cfg.domains),
+            "updated": self.clock(),
+        }  # fmt: skip
+        try:
+            self.storage.store(layout.order_key(cfg.name), json.dumps(record).encode())
+        except OSError as e:
+            log.warning("certificate %s: cannot record order %s: %s", cfg.name, p.url, e)
+
+    def _clear_order(self, cfg: CertificateConfig) -> None:
+        try:
+            self.storage.delete(layout.order_key(cfg.name))
+        except OSError as e:
+            log.warning("certificate %s: cannot clear the order record: %s", cfg.name, e)
 
     # -- helpers --
 
@@ -454,18 +517,22 @@ class Renewer:
         self, cfg: CertificateConfig, checked: CheckedChain, lock_token: str | None = None
     ) -> CertMeta:
         """Store `checked` as a new generation and switch to it. The caller holds
-        `layout.cert_lock(cfg.name)`; with its `lock_token`, the lease is checked
-        right before the switch (`LockLost`: nothing switched)."""
+        `layout.cert_lock(cfg.name)`; with its `lock_token`, the switch is a fenced
+        commit (`Storage.commit_fenced`): refused with `FenceRejected`, nothing
+        switched, when our lease was lost or a newer holder installed since."""
         st = self.storage
         now = self.clock()
+        lock = layout.cert_lock(cfg.name)
+        fence = st.fence(lock) if lock_token is not None else None
 
-        def still_ours() -> None:
-            if lock_token is not None:
-                st.renew_lock(layout.cert_lock(cfg.name), lock_token, self.lease)
+        def commit(values: dict[str, bytes]) -> None:
+            assert lock_token is not None and fence is not None
+            st.commit_fenced(lock, lock_token, fence, layout.fence_key(cfg.name), values)
 
         meta = install_generation(
-            st, cfg.name, checked.leaf, checked.chain, now, self.config.acme.directory, still_ours,
-            profile=self.config.acme.profile or None,
+            st, cfg.name, checked.leaf, checked.chain, now, self.config.acme.directory,
+            profile=self.config.acme.profile or None, fence=fence, node=self.node,
+            commit=commit if lock_token is not None else None,
         )  # fmt: skip
         # A new certificate: the old one's ARI window and retry time are void,
         # and no instance serves it yet.
@@ -501,6 +568,11 @@ class Renewer:
         apply to a certificate installed at or after `started_at` (UNIX s): a
         concurrent run we waited for renewed it after our run began."""
         meta = load_meta(self.storage, cfg.name)
+        if (meta is None or not meta.installed) and self.config.fleet is not None:
+            local = self._served_locally(cfg)
+            if local is not None:
+                serial = format(local.leaf.serial_number, "x")
+                return "adopt", f"the fleet store lost it; this node serves serial {serial}", meta
         if refresh_ari:
             meta = self._refresh_ari(cfg, meta)
         now = self.clock()
@@ -533,18 +605,73 @@ class Renewer:
             return None, f"renewed by a concurrent run at {_fmt_time(meta.installed_at)}", meta
         return None, f"next renewal at {_fmt_time(when)} ({why})", meta
 
+    def _served_locally(self, cfg: CertificateConfig) -> CheckedChain | None:
+        """The certificate this node's HAProxy bundle (`<cert_dir>/NAME.pem`) holds,
+        if it passes every check an issued one must (our key, the names, a chain
+        to a trusted root, not expired); None otherwise. Used to rebuild a fleet
+        store that lost its data (Redis restarted empty) without ordering again."""
+        path = layout.bundle_path(Path(self.config.haproxy.cert_dir), cfg.name)
+        try:
+            pem = path.read_bytes()
+            key = keys.load_private_key(cfg.key)
+            return check_certificate(
+                pem, key, cfg.domains, cfg.backup_pins, self.clock(),
+                policy=policy_for(self.config.acme, cfg), name=cfg.name,
+            )  # fmt: skip
+        except (OSError, keys.StableKeyError, CertificateRejected) as e:
+            log.debug("certificate %s: %s not usable to rebuild the store: %s", cfg.name, path, e)
+            return None
+
+    def _adopt(self, cfg: CertificateConfig, why: str, token: str) -> RenewResult:
+        """Install the certificate this node serves as the stored one (we hold the lock)."""
+        local = self._served_locally(cfg)
+        if local is None:
+            return RenewResult(cfg.name, "not-due", "nothing to rebuild the store from")
+        try:
+            meta = self.install(cfg, local, token)
+        except LockLost as e:
+            return self._refused(cfg, local, e)
+        log.warning("certificate %s: %s: stored it again, no order placed", cfg.name, why)
+        if self.on_installed is not None:
+            self._deploy(cfg.name, meta.serial)
+        return RenewResult(cfg.name, "deployed", why, meta.serial, meta.not_after)
+
+    def _refused(self, cfg: CertificateConfig, checked: CheckedChain, e: LockLost) -> RenewResult:
+        serial = format(checked.leaf.serial_number, "x")
+        msg = (
+            f"certificate {cfg.name}: node {self.node} did not install serial {serial}: {e} "
+            "(its lock lease ran out while it worked; another node holds it or installed since)"
+        )
+        log.error("%s", msg)
+        kind = "fence" if isinstance(e, FenceRejected) else "lock"
+        return RenewResult(cfg.name, "failed", msg, error_type=kind)
+
     def _renew_one(self, cfg: CertificateConfig, force: bool, started_at: float) -> RenewResult:
         hold = ratelimit.active_hold(self.storage, self.config.acme.directory, self.clock())
         if hold is not None:
             # The CA said stop: ordering more before its time only digs the hole deeper.
             return self._held(cfg, hold)
+        lock = layout.cert_lock(cfg.name)
         try:
-            held = self.storage.locked(
-                layout.cert_lock(cfg.name), timeout=2.0, expires_after=self.lease
-            )
-            token = held.__enter__()
+            try:
+                held = self.storage.locked(lock, timeout=2.0, expires_after=self.lease)
+                token = held.__enter__()
+            except LockTimeout:
+                if self.config.fleet is None:
+                    return RenewResult(
+                        cfg.name, "not-due", "another process is renewing it right now"
+                    )
+                owner = self.storage.lock_owner(lock)
+                log.info(
+                    "certificate %s: %s holds its order; waiting for the result",
+                    cfg.name, f"{owner.host} pid {owner.pid}" if owner else "another node",
+                )  # fmt: skip
+                held = self.storage.locked(lock, timeout=self.lock_wait, expires_after=self.lease)
+                token = held.__enter__()
         except LockTimeout:
-            return RenewResult(cfg.name, "not-due", "another process is renewing it right now")
+            return RenewResult(cfg.name, "not-due", "another node is still renewing it")
+        except StoreUnavailable as e:
+            return RenewResult(cfg.name, "skipped", str(e), error_type="store")
         try:
             # Re-check under the lock: a concurrent run may have just renewed it.
             # Forced, but a run we waited for installed it after we started:
@@ -552,6 +679,8 @@ class Renewer:
             action, why, meta = self._due(cfg, force, refresh_ari=False, started_at=started_at)
             if action == "order":
                 return self._order_and_install(cfg, why, meta, token)
+            if action == "adopt":
+                return self._adopt(cfg, why, token)
             if action == "deploy":
                 assert meta is not None
                 return self._push_stored(cfg, why, meta)
@@ -615,7 +744,7 @@ class Renewer:
                     cfg.name, replaces, meta.replaces_failures,
                 )  # fmt: skip
                 replaces = None
-            issued = self._issue(cfg, csr_pem, replaces)
+            issued = self._issue(cfg, csr_pem, replaces, token)
             checked = check_certificate(
                 issued.fullchain_pem.encode(), key, cfg.domains, cfg.backup_pins, self.clock(),
                 policy=policy_for(self.config.acme, cfg), name=cfg.name,
@@ -629,6 +758,8 @@ class Renewer:
             )  # fmt: skip
         except (AcmeError, CertificateRejected, keys.StableKeyError, keys.CSRError, OSError) as e:
             msg = f"{type(e).__name__}: {e}" if isinstance(e, OSError) else str(e)
+            if isinstance(e, OrderFailed | ValidationFailed | CertificateRejected):
+                self._clear_order(cfg)  # that order is over: the next run places a new one
             self._record_failure(cfg, msg, None, locked=True)
             return RenewResult(cfg.name, "failed", msg, error_type=error_type(e))
         try:
@@ -638,9 +769,8 @@ class Renewer:
         try:
             new_meta = self.install(cfg, checked, token)
         except LockLost as e:
-            msg = f"not installed: {e} (the order took longer than the lock's lease)"
-            log.error("certificate %s: %s", cfg.name, msg)
-            return RenewResult(cfg.name, "failed", msg, error_type="lock")
+            return self._refused(cfg, checked, e)
+        self._clear_order(cfg)
         serial, not_after = new_meta.serial, new_meta.not_after
         log.info(
             "certificate %s: renewed (%s), serial %s, valid until %s",
@@ -660,15 +790,33 @@ class Renewer:
         return RenewResult(cfg.name, "renewed", why, serial, not_after)
 
     def _issue(
-        self, cfg: CertificateConfig, csr_pem: bytes, replaces: str | None
-    ) -> IssuedCertificate:
+        self, cfg: CertificateConfig, csr_pem: bytes, replaces: str | None,
+        token: str | None = None,
+    ) -> IssuedCertificate:  # fmt: skip
         """One order; a newOrder carrying `replaces` that the CA refuses (after the
         issuer's retries) is counted in state.json (we hold the cert lock) and
-        ordered again without it, once."""
+        ordered again without it, once. With an issuer that resumes orders, the
+        order in flight is recorded in storage (`layout.order_key`) as it moves
+        on, and one recorded by a holder that died is resumed instead of placing
+        a new one."""
+        extra: dict[str, Any] = {}
+        if getattr(self.issuer, "resumes_orders", False) and token is not None:
+            fence = self.storage.fence(layout.cert_lock(cfg.name))
+            resume = self._load_order(cfg)
+            if resume is not None:
+                log.info(
+                    "certificate %s: an order is recorded in flight (%s, %s): resuming it",
+                    cfg.name, resume.url, resume.status,
+                )  # fmt: skip
+            extra = {
+                "resume": resume,
+                "progress": lambda p: self._save_order(cfg, p, fence),
+            }
         try:
             return self.issuer.issue(
-                csr_pem, cfg.domains, replaces=replaces, challenge=cfg.challenge, cert_name=cfg.name
-            )
+                csr_pem, cfg.domains, replaces=replaces, challenge=cfg.challenge,
+                cert_name=cfg.name, **extra,
+            )  # fmt: skip
         except ReplacesRefused as e:
             log.warning(
                 "certificate %s: the CA refused an order with replaces=%s (%s); "
@@ -681,9 +829,11 @@ class Renewer:
                 )  # fmt: skip
             except OSError as err:
                 log.error("certificate %s: cannot record the refusal: %s", cfg.name, err)
+            extra.pop("resume", None)
             return self.issuer.issue(
-                csr_pem, cfg.domains, replaces=None, challenge=cfg.challenge, cert_name=cfg.name
-            )
+                csr_pem, cfg.domains, replaces=None, challenge=cfg.challenge, cert_name=cfg.name,
+                **extra,
+            )  # fmt: skip
 
     @staticmethod
     def _held(cfg: CertificateConfig, hold: ratelimit.Hold) -> RenewResult:
@@ -705,6 +855,22 @@ class Renewer:
             self.config.acme.directory, _fmt_time(hold.until),
         )  # fmt: skip
         return hold
+
+    def rebuild_if_emptied(self) -> list[RenewResult]:
+        """Fleet: when the store lost its data (`layout.FLEET_MARKER` is missing:
+        Redis restarted empty), store again every certificate this node serves
+        and the store lacks (`_served_locally`, under its lock, fenced), then
+        put the marker back. No CA is contacted. Empty list alone or when
+        nothing was lost."""
+        if self.config.fleet is None or self.storage.exists(layout.FLEET_MARKER):
+            return []
+        results = []
+        for cfg in self.config.certificates:
+            action, _, _ = self._due(cfg, False, refresh_ari=False)
+            if action == "adopt":
+                results.append(self._renew_one(cfg, False, self.clock()))
+        self.storage.store(layout.FLEET_MARKER, self.node.encode())
+        return results
 
     # -- the run --
 
@@ -732,6 +898,13 @@ class Renewer:
         results: dict[str, RenewResult] = {}
         due: list[CertificateConfig] = []
         pushes: list[CertificateConfig] = []
+        try:
+            self.storage.check_available()
+        except StoreUnavailable as e:
+            # No lock can be taken: nothing starts, and this is not the
+            # certificates' failure (they are served as they are).
+            log.warning("renewals skipped: %s", e)
+            return [RenewResult(c.name, "skipped", str(e), error_type="store") for c in certs]
         for cfg in certs:
             action, why, meta = self._due(cfg, force, refresh_ari=not dry_run, started_at=started)
             serial, not_after = (meta.serial, meta.not_after) if meta else (None, None)
@@ -742,7 +915,7 @@ class Renewer:
                 results[cfg.name] = RenewResult(
                     cfg.name, "dry-run", f"{verb}: {why}", serial, not_after
                 )
-            elif action == "deploy":
+            elif action in ("deploy", "adopt"):
                 pushes.append(cfg)
             else:
                 due.append(cfg)
