@@ -80,6 +80,13 @@ class CertState:
     running: bool = False
     ari_at: float | None = None  # next renewalInfo check; None: nothing installed to ask about
     ari_running: bool = False
+    skips: int = 0  # consecutive runs skipped because the fleet store was unreachable
+
+
+# A renewal skipped because the fleet store is unreachable is tried again after
+# STORE_RETRY_BASE * 2^(skips-1) s, at most STORE_RETRY_MAX s, jittered.
+STORE_RETRY_BASE = 2.0
+STORE_RETRY_MAX = 60.0
 
 
 def retry_delay(
@@ -121,6 +128,7 @@ class Daemon:
         self._ari_semaphore = asyncio.Semaphore(ARI_CONCURRENCY)
         # directory URL -> end of the CA's rate-limit hold (UNIX s), as last read
         self.rate_limits: dict[str, float] = {}
+        self._store_problem: str | None = None  # [fleet]: why the last renewal was skipped
         self._started = False
         ensure_private_dir(config.state_dir)  # before the loop runs
         self._build(config)
@@ -311,8 +319,11 @@ class Daemon:
                     self._executor, self.renewer.run, [name], force, False
                 )
             result = results[0]
-            meta = await asyncio.to_thread(load_meta, self.storage, name)
-            await asyncio.to_thread(self._load_holds)
+            if result.status == "skipped":  # the store is unreachable: keep what we know
+                meta = st.meta
+            else:
+                meta = await asyncio.to_thread(load_meta, self.storage, name)
+                await asyncio.to_thread(self._load_holds)
         except KeyError:
             result = RenewResult(name, "failed", "certificate removed from the config meanwhile")
             meta = st.meta
@@ -341,6 +352,8 @@ class Daemon:
         st.meta = meta
         cfg = next((c for c in self.config.certificates if c.name == name), None)
         extra = {"certificate": name, "outcome": result.status, "reason": result.reason}
+        if self._fleet_outcome(name, st, result, now):
+            return
         if result.failed:
             st.failures += 1
             lifetime = None
@@ -377,6 +390,50 @@ class Daemon:
                 # The renewer said not due (e.g. a concurrent run just renewed,
                 # or the CA's retry time): look again shortly, not in a busy loop.
                 st.next_at = now + max(1.0, min(60.0, self.config.daemon.retry_base))
+
+    def _fleet_outcome(self, name: str, st: CertState, result: RenewResult, now: float) -> bool:
+        """Fleet outcomes of a run: "skipped" (store unreachable: retried with a
+        bounded backoff, not a failure) and a fenced install (counted). True when
+        `result` was handled here (the caller reschedules nothing more)."""
+        if result.error_type == "fence":
+            self.metrics.fenced_installs.labels(name, self.renewer.node).inc()
+        if result.status != "skipped":
+            st.skips = 0
+            self._store_problem = None
+            return False
+        st.skips += 1
+        self._store_problem = result.reason
+        self.metrics.renewals_skipped.labels(name).inc()
+        delay = min(STORE_RETRY_BASE * 2 ** min(st.skips - 1, 20), STORE_RETRY_MAX)
+        st.next_at = now + delay * self.rng.uniform(0.5, 1.0)
+        log.warning(
+            "renewal skipped; trying again in %.0f s", st.next_at - now,
+            extra={"certificate": name, "outcome": "skipped", "reason": result.reason},
+        )  # fmt: skip
+        return True
+
+    def degraded(self) -> str | None:
+        """Why this node is degraded (/healthz says so, still 200), or None: the
+        fleet store is unreachable (the last renewal was skipped, or the shared
+        challenge registry lost its Redis connection)."""
+        if self.config.fleet is None:
+            return None
+        problem: str | None = getattr(self, "_store_problem", None)
+        connected = getattr(self.registry, "connected", None)
+        if problem is None and connected is not None and not connected.is_set():
+            problem = "fleet store unavailable: the challenge registry is not connected to Redis"
+        return problem
+
+    def _fleet_rebuild(self) -> None:
+        """Worker thread, [fleet]: a store that lost its data (Redis restarted empty)
+        gets back the certificates this node serves (`Renewer.rebuild_if_emptied`)."""
+        if self.config.fleet is None or self._closing.is_set():
+            return
+        try:
+            for r in self.renewer.rebuild_if_emptied():
+                log.info("fleet store rebuilt: %s: %s", r.name, r.reason)
+        except Exception as e:  # Redis away again: the next pass tries
+            log.warning("fleet store: cannot check whether it lost its data: %s", e)
 
     # -- loops --------------------------------------------------------------------------
 
@@ -450,6 +507,7 @@ class Daemon:
         last_full = self.clock()
         while not self._stop.is_set():
             try:
+                await asyncio.to_thread(self._fleet_rebuild)
                 await asyncio.to_thread(self._reconcile, full)
                 # New deployed facts: the metrics read them from the states.
                 for name, meta in self._fresh_metas.items():
@@ -599,7 +657,7 @@ class Daemon:
 
     def _make_metrics_server(self) -> MetricsServer:
         listen = self.config.metrics.listen
-        return MetricsServer(self.metrics, listen.host, listen.port, self.healthy)
+        return MetricsServer(self.metrics, listen.host, listen.port, self.healthy, self.degraded)
 
     # -- run ----------------------------------------------------------------------------
 

@@ -225,6 +225,19 @@ class Metrics:
             ["certificate", "instance"],
             registry=self.registry,
         )
+        self.fenced_installs = Counter(
+            PREFIX + "fleet_fenced_installs",
+            "Installs this node refused because its lock lease was lost or a newer "
+            "holder (higher fencing number) installed since.",
+            ["certificate", "node"],
+            registry=self.registry,
+        )
+        self.renewals_skipped = Counter(
+            PREFIX + "fleet_renewals_skipped",
+            "Renewal runs skipped because the fleet store (Redis) could not be reached.",
+            ["certificate"],
+            registry=self.registry,
+        )
         listen_to_challenge_results(self.observe_validation)
 
     def observe_challenge(self, result: str, seconds: float) -> None:
@@ -245,16 +258,26 @@ class Metrics:
 class MetricsServer:
     """HTTP on loopback by default: GET /metrics (Prometheus text) and /healthz.
 
-    `healthy` decides /healthz: 200 "ok" when it returns True, 503 otherwise.
+    `healthy` decides /healthz: 200 "ok" when it returns True, 503 otherwise;
+    `degraded()` (if given) returning a reason turns a healthy "ok" into 200
+    "degraded: <reason>" (the node serves, something it depends on is away).
     One short request per connection; requests larger than 8 KiB or slower
     than 5 s are dropped.
     """
 
-    def __init__(self, metrics: Metrics, host: str, port: int, healthy: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        host: str,
+        port: int,
+        healthy: Callable[[], bool],
+        degraded: Callable[[], str | None] | None = None,
+    ) -> None:
         self._metrics = metrics
         self._host = host
         self._port = port
         self._healthy = healthy
+        self._degraded = degraded
         self._server: asyncio.Server | None = None
 
     @property
@@ -289,6 +312,9 @@ class MetricsServer:
                 ok = self._healthy()
                 status = "200 OK" if ok else "503 Service Unavailable"
                 ctype, body = "text/plain", b"ok\n" if ok else b"unhealthy\n"
+                reason = self._degraded() if ok and self._degraded is not None else None
+                if reason:
+                    body = f"degraded: {reason}\n".encode()
             else:
                 status, ctype, body = "404 Not Found", "text/plain", b"not found\n"
             header = (
