@@ -19,7 +19,12 @@ Contract:
 - `rate_limit(path, times, retry_after)`: the next `times` POSTs to `path`
   (e.g. Pebble's newOrder, "/order-plz") are answered 429 rateLimited with
   `Retry-After: <retry_after>` and never reach the CA; `.rate_limited` counts them.
-- `.counts` tallies the faults injected, `.requests` the requests seen.
+- `.counts` tallies the faults injected, `.requests` the requests seen,
+  `.seen` each one's (method, path) in arrival order.
+- `hold(prefix)`: the next request whose path starts with `prefix` waits in
+  the proxy (`.held` is set when it arrived) until `release()` (forwarded then)
+  or `release(drop=True)` (reset, never reaching the CA); bounded by
+  HOLD_TIMEOUT s. A gate holds one request; later ones pass.
 - `start()` / `stop()` run the server in a thread; stop joins it (bounded).
 """
 
@@ -42,6 +47,7 @@ from tests.support.haproxy import free_port
 
 FAULTS = ("5xx", "reset", "truncate", "garbage", "leaf_only")
 UPSTREAM_TIMEOUT = 30.0  # seconds per forwarded request
+HOLD_TIMEOUT = 120.0  # seconds a held request waits for release() at most
 
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----\n?", re.S)
 # Hop-by-hop headers (and the ones we recompute) are not copied from the CA's answer.
@@ -80,6 +86,11 @@ class FaultProxy:
         self._limit: tuple[str, int, int] | None = None  # (path, times left, retry after s)
         self.rate_limited = 0
         self.requests = 0
+        self.seen: list[tuple[str, str]] = []
+        self._gate: str | None = None
+        self.held = threading.Event()
+        self._released = threading.Event()
+        self._drop = False
         ca = make_ca("fault proxy test CA")
         key = make_key()
         leaf = issue_leaf(ca, key, ["localhost", "127.0.0.1"])
@@ -122,6 +133,25 @@ class FaultProxy:
             self._limit = (limit_path, left - 1, retry_after)
             self.rate_limited += 1
             return retry_after
+
+    def hold(self, prefix: str) -> None:
+        with self._lock:
+            self._gate = prefix
+            self.held.clear()
+            self._released.clear()
+
+    def release(self, *, drop: bool = False) -> None:
+        self._drop = drop
+        self._released.set()
+
+    def _take_gate(self, method: str, path: str) -> bool:
+        with self._lock:
+            self.seen.append((method, path))
+            if self._gate is None or not path.startswith(self._gate):
+                return False
+            self._gate = None
+        self.held.set()
+        return True
 
     def total_faults(self) -> int:
         with self._lock:
@@ -174,6 +204,11 @@ class FaultProxy:
             def _forward(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
+                if proxy._take_gate(self.command, self.path):
+                    proxy._released.wait(HOLD_TIMEOUT)
+                    if proxy._drop:
+                        self._reset()
+                        return
                 limited = proxy._take_rate_limit(self.command, self.path)
                 if limited is not None:
                     problem = b'{"type":"urn:ietf:params:acme:error:rateLimited",'
