@@ -61,7 +61,7 @@ from agent.renewal import (
     record_sync,
 )
 from agent.spoa import SpoaServer, door_settings
-from agent.storage import ensure_private_dir
+from agent.storage import StoreUnavailable, ensure_private_dir
 
 log = logging.getLogger("agent.daemon")
 
@@ -187,7 +187,13 @@ class Daemon:
         stored certificate some instance is not confirmed to serve is due now:
         the renewer pushes it."""
         config = self.config
-        metas = await asyncio.to_thread(self._load_metas)
+        try:
+            metas = await asyncio.to_thread(self._load_metas)
+        except StoreUnavailable as e:
+            # [fleet] Redis away: keep what we knew; a certificate we know
+            # nothing of is tried now, skipped, and retried with a backoff.
+            log.warning("cannot read the stored certificates: %s", e)
+            metas = {n: st.meta for n, st in self.states.items()}
         if config is not self.config:
             return  # reloaded meanwhile: that reload schedules again
         now = self.clock()
@@ -666,7 +672,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         # A crash (kill -9) or an older version may have left temp files,
         # half-written generations or the old flat layout: repair first.
-        await asyncio.to_thread(prepare_state, self.config, self.storage)
+        await asyncio.to_thread(self._prepare_state)
         # DNS records a killed order left behind go now, not at the first order.
         recover = getattr(self.renewer.issuer, "recover_leftovers", None)
         if recover is not None:
@@ -730,6 +736,15 @@ class Daemon:
         await self._stop_servers()
         if getattr(self, "_heartbeat", None) is not None:
             await asyncio.to_thread(self._heartbeat.stop)
+
+    def _prepare_state(self) -> None:
+        """Worker thread: `prepare_state` at start; a fleet store that cannot be
+        reached is not repaired now (nothing writes to it until it is back),
+        and the node starts serving all the same."""
+        try:
+            prepare_state(self.config, self.storage)
+        except StoreUnavailable as e:
+            log.warning("starting without the fleet store: %s", e)
 
     def _start_heartbeat(self) -> Any:
         """[fleet]: beat every few seconds with the serial of each certificate

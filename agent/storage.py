@@ -490,6 +490,8 @@ class Storage(ABC):
                 self.unlock(name, token)
             except LockLost:
                 log.error("lock %r was taken over before we released it", name)
+            except StoreUnavailable as e:  # the lease ends it by itself
+                log.warning("lock %r: cannot release it now, its lease will end: %s", name, e)
 
 
 def _stored_fence(storage: Storage, key: str) -> int | None:

@@ -36,11 +36,13 @@ against a real redis-server) plus:
 from __future__ import annotations
 
 import builtins
+import functools
 import json
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import redis
 from cryptography.exceptions import InvalidTag
@@ -139,6 +141,24 @@ def _bytes(value: object) -> bytes:
     raise TypeError(f"unexpected Redis reply {type(value).__name__}")
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _reachable(method: _F) -> _F:
+    """Turn the client's connection errors into `StoreUnavailable` (an OSError),
+    so callers handle "Redis is away" as they handle a store they cannot reach,
+    without knowing about redis-py."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            raise StoreUnavailable(f"fleet store unavailable (Redis): {e}") from e
+
+    return wrapper  # type: ignore[return-value]
+
+
 class SecretError(ValueError):
     """A secret value in Redis does not decrypt under this node's fleet secret."""
 
@@ -188,6 +208,7 @@ class RedisStorage(Storage):
     def _ad(self, key: str) -> bytes:
         return f"{self.ns}:{key}".encode()
 
+    @_reachable
     def store(self, key: str, value: bytes, *, secret: bool = False) -> None:
         key = safe_key(key)
         data = bytes(value)
@@ -203,6 +224,7 @@ class RedisStorage(Storage):
         pipe.zadd(self._index(), {key: 0})
         pipe.execute()
 
+    @_reachable
     def load(self, key: str) -> bytes:
         key = safe_key(key)
         data, enc = self.client.hmget(self._vkey(key), ["d", "e"])
@@ -224,6 +246,7 @@ class RedisStorage(Storage):
                 "that stored it (every node of a fleet needs the same secret_file)"
             ) from None
 
+    @_reachable
     def delete(self, key: str) -> None:
         key = safe_key(key)
         pipe = self.client.pipeline(transaction=True)
@@ -231,9 +254,11 @@ class RedisStorage(Storage):
         pipe.zrem(self._index(), key)
         pipe.execute()
 
+    @_reachable
     def exists(self, key: str) -> bool:
         return bool(self.client.exists(self._vkey(safe_key(key))))
 
+    @_reachable
     def _below(self, prefix: str) -> builtins.list[str]:
         if not prefix:
             raw = self.client.zrange(self._index(), 0, -1)
@@ -251,6 +276,7 @@ class RedisStorage(Storage):
         children = {head + k[len(head) :].split("/", 1)[0] for k in keys}
         return sorted(children)
 
+    @_reachable
     def stat(self, key: str) -> KeyInfo:
         key = safe_key(key)
         size, modified = (
@@ -261,6 +287,7 @@ class RedisStorage(Storage):
             raise FileNotFoundError(f"no key {key!r} in Redis namespace {self.ns!r}")
         return KeyInfo(key=key, size=int(size), modified=float(modified))
 
+    @_reachable
     def delete_all(self, prefix: str) -> None:
         keys = self._below(prefix)
         for i in range(0, len(keys), 500):
@@ -276,6 +303,7 @@ class RedisStorage(Storage):
     def _lease_ms(seconds: float) -> int:
         return max(1, int(seconds * 1000))
 
+    @_reachable
     def lock_owner(self, name: str) -> LockOwner | None:
         raw = self.client.get(self._lkey(name))
         if raw is None:
@@ -363,11 +391,13 @@ class RedisStorage(Storage):
         except (redis.RedisError, OSError) as e:
             raise StoreUnavailable(f"fleet store unavailable (Redis): {e}") from e
 
+    @_reachable
     def renew_lock(self, name: str, token: str, lease: float = DEFAULT_LEASE) -> None:
         args: list[str | int] = [token, repr(time.time() + lease), self._lease_ms(lease)]
         if not self._renew(keys=[self._lkey(name)], args=args):
             raise LockLost(f"lock {name!r} is no longer held by this process")
 
+    @_reachable
     def unlock(self, name: str, token: str | None = None) -> None:
         if token is None:
             held = self._held.get(name)

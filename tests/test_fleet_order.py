@@ -284,3 +284,57 @@ def test_a_store_restarted_empty_is_rebuilt_from_the_nodes_without_ordering(
         assert Renewer(config, MemoryChallengeRegistry(), issuer=issuer).rebuild_if_emptied() == []
     finally:
         server.stop()
+
+
+def test_a_daemon_started_while_redis_is_down_serves_and_renews_once_it_is_back(
+    tmp_path: Path,
+) -> None:
+    from tests.support.haproxy import free_port
+
+    if not redis_available():
+        pytest.fail("redis-server is not installed (scripts/setup.sh installs it)")
+    server = RedisProcess(tmp_path / "redis").start()
+    server.stop()  # down before the daemon starts
+    config = fleet_config(tmp_path, server.url, "start")
+    text = config.path.read_text().replace(
+        "[fleet]",
+        f'[spoa]\nlisten = "127.0.0.1:{free_port()}"\n'
+        f'[metrics]\nlisten = "127.0.0.1:{free_port()}"\n[fleet]',
+    )
+    config.path.write_text(text)
+    config = load_config(config.path)
+    issuer = CountingIssuer()
+
+    async def main() -> tuple[str, int, int, str]:
+        daemon = Daemon(config)
+        daemon.renewer.issuer = issuer
+        task = asyncio.create_task(daemon.run())
+        try:
+            port = config.metrics.listen.port
+            for _ in range(400):  # the first run is skipped: degraded, no order
+                await asyncio.sleep(0.05)
+                if daemon._started and daemon.degraded():
+                    break
+            health_down = await _get(port, "/healthz")
+            orders_down = issuer.orders
+            server.start()
+            for _ in range(1200):  # retried by itself within its backoff (<= 60 s)
+                await asyncio.sleep(0.05)
+                st = daemon.states.get("www")
+                if issuer.orders and st is not None and st.meta is not None and not st.running:
+                    break
+            health_back = await _get(port, "/healthz")
+            return health_down, orders_down, issuer.orders, health_back
+        finally:
+            daemon._stop.set()
+            await asyncio.wait_for(task, 30)
+            daemon.registry.close()  # type: ignore[attr-defined]
+
+    try:
+        health_down, orders_down, orders, health_back = asyncio.run(main())
+    finally:
+        server.stop()
+    assert health_down.startswith("200") and "degraded: fleet store unavailable" in health_down
+    assert orders_down == 0
+    assert orders == 1
+    assert health_back.startswith("200") and health_back.endswith("ok\n"), health_back
