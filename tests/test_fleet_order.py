@@ -223,6 +223,9 @@ def test_renewals_are_skipped_while_redis_is_down_and_resume_when_it_is_back(
                 next_try = daemon.states["www"].next_at - time.time()
                 server.start()
                 back = await daemon.renew("www", True)
+                # The challenge mirror reconnects by itself (backoff up to 2 s):
+                # degraded until it has.
+                await asyncio.to_thread(daemon.registry.connected.wait, 10)  # type: ignore[attr-defined]
                 health_back = await _get(http.port, "/healthz")
             finally:
                 await http.stop()
@@ -323,6 +326,7 @@ def test_a_daemon_started_while_redis_is_down_serves_and_renews_once_it_is_back(
                 st = daemon.states.get("www")
                 if issuer.orders and st is not None and st.meta is not None and not st.running:
                     break
+            await asyncio.to_thread(daemon.registry.connected.wait, 10)  # type: ignore[attr-defined]
             health_back = await _get(port, "/healthz")
             return health_down, orders_down, issuer.orders, health_back
         finally:
