@@ -22,6 +22,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -110,6 +111,21 @@ class Node:
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=5) as r:
             return str(r.read().decode())
+
+    def _status(self, *extra: str) -> str:
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        out = subprocess.run(
+            [sys.executable, "-m", "agent.cli", "status", "-c", str(self.config), *extra],
+            cwd=REPO, env=env, capture_output=True, timeout=60, check=True,
+        )  # fmt: skip
+        return out.stdout.decode()
+
+    def status(self) -> dict[str, Any]:
+        doc: dict[str, Any] = json.loads(self._status("--json"))
+        return doc
+
+    def status_text(self) -> str:
+        return self._status()
 
     def challenge(self, token: str) -> str:
         conn = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=5)
@@ -251,11 +267,23 @@ def test_a_stored_certificate_is_served_by_both_nodes_and_b_catches_up_after_a_r
     assert "haproxy_acme_fleet_nodes 2.0" in fleet.a.metrics()
     assert 'haproxy_acme_fleet_redis_up{node="edge-b"} 1.0' in fleet.b.metrics()
 
+    doc = fleet.a.status()
+    for name in ("edge-a", "edge-b"):
+        (row,) = [n for n in doc["nodes"] if n["node"] == name]
+        assert row["alive"] and row["certificates"]["www"] == {
+            "served_serial": f"{second:x}", "stored_serial": f"{second:x}",
+            "in_sync": True, "key_mismatch": False,
+        }  # fmt: skip
+
     # B down while a new certificate is stored: it catches up when it starts.
     fleet.b.stop()
     third = fleet.store()
     wait_for("A serving the third", lambda: fleet.a.served_serial() == third)
     assert fleet.b.served_serial() == second  # nobody deployed it to B's HAProxy
+    (row,) = [n for n in fleet.a.status()["nodes"] if n["node"] == "edge-b"]
+    assert not row["alive"] and row["certificates"]["www"]["in_sync"] is None  # listed, dead
+    text = fleet.a.status_text()
+    assert "node edge-b: DEAD" in text and f"www: serves {third:x} (the stored serial)" in text
     fleet.b.start()
     wait_for("B caught up after its restart", lambda: fleet.b.served_serial() == third)
 
