@@ -16,6 +16,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from concurrent.futures import Future
 
 # RFC 8555 section 8.3: a token is base64url without padding; at least 128 bits
 # of entropy (22 chars). We accept the URL-safe alphabet only and cap the length
@@ -56,6 +57,14 @@ class ChallengeRegistry(ABC):
     @abstractmethod
     def __len__(self) -> int:
         """Number of pending (unexpired) entries."""
+
+    def fetch(self, token: str) -> Future[str | None] | None:
+        """After `lookup` missed: a Future of the answer from a slower, shared
+        source (a fleet's Redis), or None when there is none to ask. Must never
+        block; the SPOE agent sends that frame's ACK when the Future completes
+        or its lookup deadline passes. Local registries have nothing more."""
+        del token
+        return None
 
 
 class MemoryChallengeRegistry(ChallengeRegistry):

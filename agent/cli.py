@@ -305,6 +305,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             by_name[entry["certificate"]]["haproxy"].append(entry)
     _add_dns_persist_status(config, rows)
     nodes = _fleet_nodes(config)
+    if nodes is not None:
+        _add_node_certificates(nodes, {row["name"]: row["serial"] for row in rows})
     if args.json:
         # Without [fleet] the list of certificates, as always; with it, an object
         # that also lists the fleet's nodes.
@@ -317,6 +319,17 @@ def cmd_status(args: argparse.Namespace) -> int:
             continue
         seen = _fmt_time(node["seen"]) if node.get("seen") else "-"
         print(f"node {node['node']}: {'alive' if node['alive'] else 'DEAD'} (last beat {seen})")
+        for name, c in node["certificates"].items():
+            if c["key_mismatch"]:
+                state = "KEY MISMATCH: refuses the stored certificate (its key file differs)"
+            elif c["in_sync"] is None:
+                state = "unknown (node dead)" if not node["alive"] else "nothing stored"
+            elif c["in_sync"]:
+                state = f"serves {c['served_serial']} (the stored serial)"
+            else:
+                state = f"STALE: serves {c['served_serial'] or 'nothing'}, "
+                state += f"stored {c['stored_serial']}"
+            print(f"  {name}: {state}")
     if not rows:
         print("no certificates configured")
     for row in rows:
@@ -413,6 +426,28 @@ def cmd_dns_persist(args: argparse.Namespace) -> int:
     for r in records:
         print(r.zone_file_line())
     return EXIT_OK
+
+
+def _add_node_certificates(nodes: list[dict[str, Any]], stored: dict[str, str | None]) -> None:
+    """Give every node row "certificates": {name: {served_serial, stored_serial,
+    in_sync, key_mismatch}} from its heartbeat (served serials as hex; in_sync
+    None when unknown: a dead node, or nothing stored)."""
+    for node in nodes:
+        if node.get("error"):
+            continue
+        served = node.get("serials") or {}
+        refused = set(node.get("key_mismatch") or [])
+        certs: dict[str, Any] = {}
+        for name, stored_serial in stored.items():
+            serving = served.get(name) if node.get("alive") else None
+            known = bool(node.get("alive")) and stored_serial is not None
+            certs[name] = {
+                "served_serial": serving,
+                "stored_serial": stored_serial,
+                "in_sync": (serving == stored_serial) if known else None,
+                "key_mismatch": name in refused,
+            }
+        node["certificates"] = certs
 
 
 def _fleet_nodes(config: Config) -> list[dict[str, Any]] | None:

@@ -47,7 +47,8 @@ from agent import deploy as deploy_mod
 from agent.certstate import undeployed
 from agent.config import Config, ConfigError, load_config
 from agent.control import ControlServer
-from agent.deploy import DeployResult, SyncStatus, stored_target, stored_targets
+from agent.deploy import DeployResult, SyncStatus, stored_target
+from agent.fleet_sync import FleetSync, node_targets
 from agent.metrics import CertificateView, Metrics, MetricsServer
 from agent.renewal import (
     ARI_ERROR_RETRY,
@@ -116,7 +117,9 @@ class Daemon:
         self.rng = rng or random.Random()
         self.clock = clock
         self.registry = wiring.make_registry(config)
-        self.metrics = Metrics(self._views, rate_limits=lambda: dict(self.rate_limits))
+        self.metrics = Metrics(
+            self._views, rate_limits=lambda: dict(self.rate_limits), fleet=self._fleet_view
+        )
         self.states: dict[str, CertState] = {}
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
@@ -130,6 +133,9 @@ class Daemon:
         self.rate_limits: dict[str, float] = {}
         self._store_problem: str | None = None  # [fleet]: why the last renewal was skipped
         self._started = False
+        self._heartbeat: Any = None  # agent.fleet.Heartbeat with [fleet]
+        self._fleet_sync: FleetSync | None = None  # [fleet] fan-out and catch-up
+        self._fleet_task: asyncio.Task[None] | None = None
         ensure_private_dir(config.state_dir)  # before the loop runs
         self._build(config)
         self.spoa = self._make_spoa()
@@ -245,6 +251,12 @@ class Daemon:
                 ),
             )
 
+    def _fleet_view(self) -> Any:
+        """The fleet as last read by the fan-out (agent.fleet_sync.FleetView); None
+        without [fleet]. Read at scrape time: no Redis I/O."""
+        sync = self._fleet_sync
+        return sync.view if sync is not None else None
+
     def healthy(self) -> bool:
         return self._started and not self._stop.is_set() and all(not t.done() for t in self._tasks)
 
@@ -256,6 +268,7 @@ class Daemon:
         if not served."""
         if self._closing.is_set():
             raise RuntimeError("agent is stopping: deploy left to the next start")
+        self._announce_stored(name)
         target = stored_target(self.config.certificate(name), self.storage)
         if target is None:
             raise deploy_mod.BundleError(f"certificate {name!r}: nothing stored to deploy")
@@ -263,6 +276,8 @@ class Daemon:
         for inst in result.instances:
             if inst.error:
                 self.metrics.deploy_errors.labels(name, inst.instance).inc()
+        if self._heartbeat is not None:
+            self._heartbeat.beat_now()  # the fleet sees what we serve now
         return result.raise_for_errors()
 
     def _reconcile(self, full: bool) -> list[SyncStatus]:
@@ -270,7 +285,9 @@ class Daemon:
         if self._closing.is_set():
             return []
         try:
-            targets = stored_targets(self.config, self.storage)
+            # One certificate's bad bundle (e.g. this node's key does not match
+            # it) skips that certificate only (agent.fleet_sync logs it).
+            targets, _ = node_targets(self.config, self.storage)
         except (deploy_mod.BundleError, OSError) as e:
             log.error("reconcile: cannot read the stored bundles: %s", e)
             return []
@@ -613,8 +630,12 @@ class Daemon:
             return False
         old = self.config
         await asyncio.to_thread(ensure_private_dir, new.state_dir)
+        await self._reload_fleet(old, new)
         self.config = new
         self._build(new)
+        if self._started and old.fleet != new.fleet:
+            self._heartbeat = self._start_heartbeat()
+            self._start_fleet_sync()
         await self._schedule_all()
         if new.spoa != old.spoa:  # listen address or limits
             await self._restart_spoa()
@@ -702,6 +723,7 @@ class Daemon:
         for coro in (self._scheduler(), self._reconciler()):
             task = asyncio.create_task(coro)
             self._tasks.add(task)
+        self._start_fleet_sync()
         self._started = True
         log.info(
             "agent running: %d certificates, SPOA on %s, metrics on %s, control %s",
@@ -734,7 +756,7 @@ class Daemon:
         if not await asyncio.to_thread(self.deployer.wait_idle, SHUTDOWN_GRACE):
             log.warning("an HAProxy certificate transaction is still running at exit")
         await self._stop_servers()
-        if getattr(self, "_heartbeat", None) is not None:
+        if self._heartbeat is not None:
             await asyncio.to_thread(self._heartbeat.stop)
 
     def _prepare_state(self) -> None:
@@ -755,9 +777,76 @@ class Daemon:
         from agent.fleet import Heartbeat, redis_client
 
         def serials() -> dict[str, str | None]:
-            return {n: (s.meta.serial if s.meta else None) for n, s in list(self.states.items())}
+            # What this node's HAProxy serves (as its deployer last saw it).
+            served = FleetSync.served_by(self.deployer)
+            return {n: served.get(n) for n in list(self.states)}
 
-        return Heartbeat(redis_client(fleet), fleet.namespace, fleet.node, serials).start()
+        def extra() -> dict[str, Any]:
+            sync = self._fleet_sync
+            return {"key_mismatch": sync.refused() if sync is not None else []}
+
+        return Heartbeat(
+            redis_client(fleet), fleet.namespace, fleet.node, serials, extra=extra
+        ).start()
+
+    # -- fleet: fan-out, catch-up, reload (agent.fleet_sync) ----------------------------
+
+    def _announce_stored(self, name: str) -> None:
+        """[fleet], worker thread: tell the other nodes that `name` was stored (or is
+        being pushed again) so they deploy it; a hint only (they also compare serials)."""
+        fleet = self.config.fleet
+        if fleet is None:
+            return
+        from agent import layout
+        from agent.certstate import read_current
+        from agent.fleet import publish_changed
+
+        try:
+            gen = read_current(self.storage, name)
+            if gen is None:
+                return
+            fence = None
+            with contextlib.suppress(Exception):  # only a RedisStorage hold has one
+                fence = self.storage.fence(layout.cert_lock(name))  # type: ignore[attr-defined]
+            publish_changed(
+                self.storage.client,  # type: ignore[attr-defined]
+                fleet.namespace, name, gen.rsplit("-", 1)[1], fence, fleet.node,
+            )  # fmt: skip
+        except Exception as e:  # the others catch up by comparing serials
+            log.warning("fleet: cannot announce certificate %s: %s", name, e)
+
+    def _start_fleet_sync(self) -> None:
+        """[fleet]: subscribe to "certificate changed" and run the fan-out/catch-up task."""
+        fleet = self.config.fleet
+        self._fleet_sync = None
+        if fleet is None:
+            return
+        from agent.fleet import redis_client
+
+        self._fleet_sync = FleetSync(self, redis_client(fleet), fleet.namespace, fleet.node)
+        task = asyncio.create_task(self._fleet_sync.run(), name="fleet-sync")
+        self._fleet_task = task
+        self._tasks.add(task)
+
+    async def _reload_fleet(self, old: Config, new: Config) -> None:
+        """SIGHUP with a changed [fleet]: new registry (the SPOA answers from it at once;
+        its connections stay), heartbeat and fan-out; the old ones are closed."""
+        if old.fleet == new.fleet:
+            return
+        old_registry, old_hb, old_task = self.registry, self._heartbeat, self._fleet_task
+        self.registry = wiring.make_registry(new)
+        self.spoa.registry = self.registry
+        if old_task is not None:
+            self._tasks.discard(old_task)
+            old_task.cancel()
+            await asyncio.gather(old_task, return_exceptions=True)
+            self._fleet_task = None
+        if old_hb is not None:
+            await asyncio.to_thread(old_hb.stop)
+        close = getattr(old_registry, "close", None)
+        if close is not None:
+            await asyncio.to_thread(close)
+        log.info("[fleet] changed: challenge registry, heartbeat and fan-out rebuilt")
 
     async def _stop_servers(self) -> None:
         for server in (self.spoa, self.metrics_server, self.control):

@@ -146,6 +146,15 @@ class BundleError(ValueError):
     """A bundle that must not be deployed (no leaf, no or wrong key, bad name)."""
 
 
+class KeyMismatch(BundleError):
+    """The private key (this node's key file) does not belong to the leaf: in a
+    fleet, the node's key differs from the one the certificate was issued for."""
+
+    def __init__(self, message: str, serial: int) -> None:
+        super().__init__(message)
+        self.serial = serial
+
+
 class ReloadError(RuntimeError):
     """The configured reload command failed."""
 
@@ -294,9 +303,10 @@ def inspect_bundle(name: str, bundle: bytes) -> x509.Certificate:
     if key.public_key().public_bytes(
         serialization.Encoding.DER, spki
     ) != leaf.public_key().public_bytes(serialization.Encoding.DER, spki):
-        raise BundleError(
+        raise KeyMismatch(
             f"certificate {name!r}: the private key does not belong to the leaf certificate "
-            f"(serial {leaf.serial_number:X})"
+            f"(serial {leaf.serial_number:X})",
+            leaf.serial_number,
         )
     return leaf
 
@@ -1954,6 +1964,10 @@ def stored_target(cert: Any, storage: Any) -> DeployTarget | None:
         ) from exc
     try:
         target = DeployTarget.from_bundle(cert.name, bundle)
+    except KeyMismatch as exc:
+        raise KeyMismatch(
+            f"{exc} (key file {cert.key}, stored generation {gen.id})", exc.serial
+        ) from exc
     except BundleError as exc:
         raise BundleError(f"{exc} (key file {cert.key}, stored generation {gen.id})") from exc
     if identity is not None and _file_identity(cert.key) == key_id:

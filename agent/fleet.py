@@ -21,11 +21,18 @@ Guarantees and limits (this step):
   (HGETALL) after every (re)subscription, so messages missed while cut off
   are not lost. A token another node added is answered once its message
   arrived (normally well under a millisecond on a LAN).
-- GAP (left for a later step): a token missing from the mirror is answered
-  "unknown" for the frame that asked; it is queued (bounded queue, shape
-  check first, short negative cache) for the background thread to fetch
-  with HGET, so the CA's retry or its next vantage point is answered. The
-  async lookup with a late ACK will answer the frame itself.
+- A token missing from the mirror: `fetch(token)` (the SPOE agent calls it
+  after `lookup` missed) starts one HGET on a small pool of worker threads and
+  returns a `concurrent.futures.Future` of the key authorization (None: not
+  in Redis either), or None when it does not ask Redis at all: a token not of
+  the RFC 8555 shape (base64url, 22..255 characters), a token in the short
+  negative cache (NEGATIVE_TTL s after Redis said "no"), more than
+  MAX_INFLIGHT distinct tokens already being fetched, the fetch budget spent
+  (FETCH_RATE per second, FETCH_BURST at once: a flood of distinct unknown
+  tokens costs at most that many HGETs), or Redis not connected. The same
+  token asked while its fetch runs joins that fetch. The lookup connection
+  has a socket timeout of LOOKUP_TIMEOUT s, so a hung Redis frees the worker
+  soon; the SPOE agent gives up waiting even sooner (its lookup deadline).
 - Redis unreachable: lookups keep answering from the mirror (entries expire
   by their own `expires_at`), the thread reconnects with a bounded backoff.
 """
@@ -35,20 +42,21 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import redis
 import redis.sentinel
 
-from agent.challenges import ChallengeRegistry, valid_token
+from agent.challenges import MAX_TOKEN_LENGTH, ChallengeRegistry, valid_token
 from agent.config import FleetConfig
 
 log = logging.getLogger(__name__)
 
+MIN_TOKEN_LENGTH = 22  # RFC 8555 8.3: at least 128 bits of entropy, base64url
 CONNECT_TIMEOUT = 2.0  # s to connect to Redis
 SOCKET_TIMEOUT = 5.0  # s for one command's reply
 
@@ -90,10 +98,14 @@ class RedisChallengeRegistry(ChallengeRegistry):
     `start=False`); `close()` stops it. `clock`: UNIX seconds (expiry checks).
     """
 
-    MISS_QUEUE = 64  # tokens waiting to be fetched; more are dropped
     NEGATIVE_TTL = 2.0  # s a token found nowhere is not asked for again
-    NEGATIVE_MAX = 10_000  # entries in the negative cache; when full, misses are not queued
+    NEGATIVE_MAX = 10_000  # entries in the negative cache; when full, misses are not fetched
     BACKOFF_MAX = 2.0  # s between reconnection attempts, at most
+    MAX_INFLIGHT = 32  # distinct tokens being fetched at once; more are answered "unknown"
+    FETCH_WORKERS = 4  # threads doing the HGETs
+    FETCH_RATE = 50.0  # fetches per second on average (a CA asks a few times per token)
+    FETCH_BURST = 50  # fetches at once after a quiet spell
+    LOOKUP_TIMEOUT = 0.5  # s: socket timeout of the lookup connection
 
     def __init__(
         self,
@@ -110,7 +122,11 @@ class RedisChallengeRegistry(ChallengeRegistry):
         self._mirror: dict[str, tuple[str, float]] = {}
         self._lock = threading.Lock()
         self._negative: dict[str, float] = {}  # token -> time.monotonic() until which it is unknown
-        self._misses: queue.Queue[str] = queue.Queue(self.MISS_QUEUE)
+        self._inflight: dict[str, Future[str | None]] = {}
+        self._budget = float(self.FETCH_BURST)
+        self._budget_at = time.monotonic()
+        self._pool: ThreadPoolExecutor | None = None
+        self._lookup_client: redis.Redis | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.connected = threading.Event()  # set while subscribed and resynchronised
@@ -152,8 +168,7 @@ class RedisChallengeRegistry(ChallengeRegistry):
             return None
         entry = self._mirror.get(token)  # atomic under the GIL: no lock on the hot path
         if entry is None:
-            self._missed(token)
-            return None
+            return None  # the SPOE agent may ask `fetch` (a late ACK)
         key_authorization, expires_at = entry
         if expires_at <= self._clock():
             with self._lock:
@@ -168,30 +183,82 @@ class RedisChallengeRegistry(ChallengeRegistry):
 
     # --- misses ---
 
-    def _missed(self, token: str) -> None:
+    def fetch(self, token: str) -> Future[str | None] | None:
+        """Look `token` up in Redis (see the module doc for when it does not):
+        a Future of its key authorization (None: unknown there too), or None.
+        Never blocks: the HGET runs on a worker thread."""
+        if not (MIN_TOKEN_LENGTH <= len(token) <= MAX_TOKEN_LENGTH) or not valid_token(token):
+            return None
+        if not self.connected.is_set() or self._stop.is_set():
+            return None  # Redis unreachable: the mirror is all there is
         now = time.monotonic()
         until = self._negative.get(token)
         if until is not None and until > now:
-            return
+            return None
         with self._lock:
+            running = self._inflight.get(token)
+            if running is not None:
+                return running
+            if len(self._inflight) >= self.MAX_INFLIGHT:
+                return None
+            self._budget = min(
+                float(self.FETCH_BURST), self._budget + (now - self._budget_at) * self.FETCH_RATE
+            )
+            self._budget_at = now
+            if self._budget < 1.0:
+                return None
             if len(self._negative) >= self.NEGATIVE_MAX:
                 self._negative = {t: u for t, u in self._negative.items() if u > now}
                 if len(self._negative) >= self.NEGATIVE_MAX:
-                    return  # a flood: answer from the mirror only until it expires
-            self._negative[token] = now + self.NEGATIVE_TTL
-        with contextlib.suppress(queue.Full):
-            self._misses.put_nowait(token)
+                    return None  # a flood: answer from the mirror only until it expires
+            self._budget -= 1.0
+            future: Future[str | None] = Future()
+            self._inflight[token] = future
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(
+                    self.FETCH_WORKERS, thread_name_prefix="fleet-fetch"
+                )
+            pool = self._pool
+        try:
+            pool.submit(self._fetch_one, token, future)
+        except RuntimeError:  # closed meanwhile
+            with self._lock:
+                self._inflight.pop(token, None)
+            future.set_result(None)
+        return future
 
-    def _fetch_misses(self) -> None:
-        for _ in range(self.MISS_QUEUE):
-            try:
-                token = self._misses.get_nowait()
-            except queue.Empty:
-                return
+    def _lookup_conn(self) -> redis.Redis:
+        """A client of its own with a short socket timeout (a hung Redis frees the
+        worker in LOOKUP_TIMEOUT s); same server, credentials and TLS as `client`."""
+        if self._lookup_client is None:
+            kwargs = dict(self.client.connection_pool.connection_kwargs)
+            kwargs["socket_timeout"] = self.LOOKUP_TIMEOUT
+            kwargs["socket_connect_timeout"] = self.LOOKUP_TIMEOUT
+            pool = self.client.connection_pool.__class__(
+                connection_class=self.client.connection_pool.connection_class, **kwargs
+            )
+            self._lookup_client = redis.Redis(connection_pool=pool)
+        return self._lookup_client
+
+    def _fetch_one(self, token: str, future: Future[str | None]) -> None:
+        answer: str | None = None
+        try:
             self.fetches += 1
-            raw = self.client.hget(self.key, token)
+            raw = self._lookup_conn().hget(self.key, token)
             if raw is not None:
                 self._apply_entry(token, raw)
+                answer = self.lookup(token)
+            if answer is None:
+                with self._lock:
+                    self._negative[token] = time.monotonic() + self.NEGATIVE_TTL
+        except (redis.RedisError, OSError) as e:
+            log.debug("fleet challenges: lookup of %s failed: %s", token[:12], e)
+        except Exception:  # the future must always complete
+            log.exception("fleet challenges: lookup of %s failed", token[:12])
+        finally:
+            with self._lock:
+                self._inflight.pop(token, None)
+            future.set_result(answer)
 
     # --- mirror thread ---
 
@@ -253,6 +320,19 @@ class RedisChallengeRegistry(ChallengeRegistry):
         if self._thread is not None:
             self._thread.join(10)
             self._thread = None
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            left, self._inflight = list(self._inflight.values()), {}
+        for future in left:  # cancelled before they ran: answer "unknown"
+            if not future.done():
+                with contextlib.suppress(Exception):
+                    future.set_result(None)
+        if self._lookup_client is not None:
+            with contextlib.suppress(Exception):
+                self._lookup_client.close()
 
     def _run(self) -> None:
         backoff = 0.05
@@ -267,7 +347,6 @@ class RedisChallengeRegistry(ChallengeRegistry):
                     message = pubsub.get_message(timeout=0.2)
                     if message is not None and message.get("type") == "message":
                         self._apply_message(message["data"])
-                    self._fetch_misses()
             except (redis.RedisError, OSError) as e:
                 if self.connected.is_set():
                     log.warning(
@@ -284,7 +363,9 @@ class RedisChallengeRegistry(ChallengeRegistry):
 
 # --- node heartbeats ---------------------------------------------------------------
 #
-#     NS:node:NODE  {"node", "host", "pid", "started", "seen" (UNIX s), "serials": {cert: serial}}
+#     NS:node:NODE  {"node", "host", "pid", "started", "seen" (UNIX s),
+#                    "serials": {cert: serial its HAProxy serves (hex) | null},
+#                    "key_mismatch": [cert refused: the node's key does not match]}
 #                   with a PX expiry of `ttl`: the key exists while the node is alive
 #     NS:nodes      set of every node that ever beat (so a dead one is still listed)
 
@@ -300,10 +381,12 @@ def beat(
     *,
     ttl: float = HEARTBEAT_TTL,
     started: float | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> None:
-    """Record that `node` is alive now (for `ttl` seconds), with `serials`: the serial
-    of each certificate as this node's daemon knows it (stored and deployed by it;
-    what its HAProxy serves, checked by handshake, is a later step)."""
+    """Record that `node` is alive now (for `ttl` seconds), with `serials`: per
+    certificate the serial its HAProxy instances serve (the daemon reads it
+    from its deployer: every instance the same serial, else null), and the
+    `extra` fields (the daemon adds "key_mismatch")."""
     import os
     import socket
 
@@ -314,6 +397,7 @@ def beat(
         "started": started,
         "seen": time.time(),
         "serials": serials or {},
+        **(extra or {}),
     }
     pipe = client.pipeline(transaction=True)
     pipe.set(f"{namespace}:node:{node}", json.dumps(record), px=max(1, int(ttl * 1000)))
@@ -362,11 +446,14 @@ class Heartbeat:
         *,
         interval: float = HEARTBEAT_INTERVAL,
         ttl: float = HEARTBEAT_TTL,
+        extra: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.client, self.namespace, self.node = client, namespace, node
         self.serials, self.interval, self.ttl = serials, interval, ttl
+        self.extra = extra
         self.started = time.time()
         self._stop = threading.Event()
+        self._kick = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fleet-heartbeat", daemon=True)
 
     def start(self) -> Heartbeat:
@@ -379,15 +466,23 @@ class Heartbeat:
                 beat(
                     self.client, self.namespace, self.node, self.serials(),
                     ttl=self.ttl, started=self.started,
+                    extra=self.extra() if self.extra is not None else None,
                 )  # fmt: skip
             except (redis.RedisError, OSError) as e:
                 log.warning("fleet heartbeat of node %s failed: %s", self.node, e)
-            if self._stop.wait(self.interval):
+            self._kick.wait(self.interval)
+            self._kick.clear()
+            if self._stop.is_set():
                 return
+
+    def beat_now(self) -> None:
+        """Beat at once (after a deploy changed what this node serves), not at the interval."""
+        self._kick.set()
 
     def stop(self) -> None:
         """Stop beating and drop our record (the others see us gone at once)."""
         self._stop.set()
+        self._kick.set()
         if self._thread.is_alive():
             self._thread.join(10)
         with contextlib.suppress(redis.RedisError, OSError):
@@ -414,15 +509,23 @@ def publish_changed(
 class ChangeListener:
     """A thread calling `on_change(name, serial, fence, node)` for every "certificate
     changed" message, resubscribing (bounded backoff) after Redis errors.
-    `connected` is set while subscribed. The callback runs on this thread."""
+    `connected` is set while subscribed. The callbacks run on this thread.
+
+    `on_connect()` runs after every successful (re)subscription, the first one
+    included: messages published while we were not subscribed are lost, so
+    the caller compares serials then (a catch-up pass) instead of trusting
+    that it saw every message. `connects` counts them."""
 
     def __init__(
         self,
         client: redis.Redis,
         namespace: str,
         on_change: Callable[[str, str, int | None, str], object],
+        on_connect: Callable[[], object] | None = None,
     ) -> None:
         self.client, self.channel, self.on_change = client, f"{namespace}:certificates", on_change
+        self.on_connect = on_connect
+        self.connects = 0
         self.connected = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fleet-changes", daemon=True)
@@ -439,11 +542,26 @@ class ChangeListener:
     def _run(self) -> None:
         backoff = 0.05
         while not self._stop.is_set():
-            pubsub = self.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+            pubsub = self.client.pubsub()  # type: ignore[no-untyped-call]
             try:
                 pubsub.subscribe(self.channel)
+                # The subscription is confirmed only by its reply: read it
+                # before calling it connected, so a catch-up started now
+                # cannot miss a message published right after it.
+                for _ in range(50):
+                    reply = pubsub.get_message(timeout=0.1)
+                    if reply is not None and reply.get("type") == "subscribe":
+                        break
+                else:
+                    raise redis.ConnectionError("no reply to SUBSCRIBE")
                 self.connected.set()
+                self.connects += 1
                 backoff = 0.05
+                if self.on_connect is not None:
+                    try:
+                        self.on_connect()
+                    except Exception:
+                        log.exception("fleet: the catch-up after (re)connecting failed")
                 while not self._stop.is_set():
                     message = pubsub.get_message(timeout=0.2)
                     if message is None or message.get("type") != "message":

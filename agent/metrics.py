@@ -23,6 +23,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import (
@@ -187,6 +188,66 @@ class _RateLimitCollector(Collector):
         yield family
 
 
+class _FleetCollector(Collector):
+    """[fleet]: the fleet as this node last read it (agent.fleet_sync.FleetView, or
+    None without [fleet]: then no fleet metric at all). No Redis I/O at scrape time.
+
+    Every node exports the fleet-wide families (nodes, node_up, node_in_sync)
+    from the same heartbeats: aggregate with max by (certificate, node)."""
+
+    def __init__(self, source: Callable[[], Any]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            view = self._source()
+        except Exception:
+            log.exception("metrics: reading the fleet view failed")
+            return
+        if view is None:
+            return
+        up = GaugeMetricFamily(
+            PREFIX + "fleet_redis_up",
+            "1 when this node's last read of the fleet's Redis worked (and its "
+            "certificate-changed subscription is up), else 0.",
+            labels=["node"],
+        )
+        up.add_metric([view.node], 1.0 if view.redis_up else 0.0)
+        yield up
+        alive = [n for n in view.nodes if n.get("alive")]
+        nodes = GaugeMetricFamily(
+            PREFIX + "fleet_nodes", "Nodes of the fleet whose heartbeat is current."
+        )
+        nodes.add_metric([], float(len(alive)))
+        yield nodes
+        node_up = GaugeMetricFamily(
+            PREFIX + "fleet_node_up",
+            "1 while the node's heartbeat is current, 0 for a node that beat once and stopped.",
+            labels=["node"],
+        )
+        for n in view.nodes:
+            node_up.add_metric([str(n["node"])], 1.0 if n.get("alive") else 0.0)
+        yield node_up
+        in_sync = GaugeMetricFamily(
+            PREFIX + "fleet_node_in_sync",
+            "1 when the alive node's HAProxy serves the stored serial of the certificate "
+            "(from its heartbeat), else 0.",
+            labels=["certificate", "node"],
+        )
+        for (cert, node), ok in sorted(view.in_sync().items()):
+            in_sync.add_metric([cert, node], 1.0 if ok else 0.0)
+        yield in_sync
+        mismatch = GaugeMetricFamily(
+            PREFIX + "fleet_key_mismatch",
+            "1 when this node refuses to deploy the stored certificate because its key "
+            "file does not match the certificate's public key, else 0.",
+            labels=["certificate", "node"],
+        )
+        for cert, bad in sorted(view.key_mismatch.items()):
+            mismatch.add_metric([cert, view.node], 1.0 if bad else 0.0)
+        yield mismatch
+
+
 class Metrics:
     """All metrics of one agent process, on a registry of its own."""
 
@@ -194,11 +255,14 @@ class Metrics:
         self,
         certificates: Callable[[], Iterable[CertificateView]],
         rate_limits: Callable[[], Mapping[str, float]] | None = None,
+        fleet: Callable[[], Any] | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_CertificateCollector(certificates))
         if rate_limits is not None:
             self.registry.register(_RateLimitCollector(rate_limits))
+        if fleet is not None:
+            self.registry.register(_FleetCollector(fleet))
         self.renewals = Counter(
             PREFIX + "renewals",
             "Renewal attempts by result (success or failure).",
@@ -210,9 +274,7 @@ class Metrics:
         # Authorization outcomes per challenge type (issuer hook, worker threads).
         self.validations: dict[tuple[str, str], int] = {}
         self._validations_lock = threading.Lock()
-        self.registry.register(
-            _SpoaCollector(self.spoa, self.validations, self._validations_lock)
-        )
+        self.registry.register(_SpoaCollector(self.spoa, self.validations, self._validations_lock))
         self.acme_errors = Counter(
             PREFIX + "acme_errors",
             "ACME failures by error type (e.g. rateLimited, connection, badNonce).",

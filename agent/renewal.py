@@ -577,7 +577,11 @@ class Renewer:
             meta = self._refresh_ari(cfg, meta)
         now = self.clock()
         when, why = renewal_decision(meta, cfg, now, meta.ari if meta else None)
-        if meta is not None and meta.installed and cfg.key.exists() and meta.key_pin:
+        # In a fleet every node has its own key file and the certificate is the
+        # fleet's: a node whose key differs refuses to deploy it (agent.fleet_sync)
+        # instead of ordering one for its own key, which every other node refuses.
+        single = self.config.fleet is None
+        if single and meta is not None and meta.installed and cfg.key.exists() and meta.key_pin:
             try:
                 pin = keys.spki_pin(keys.load_private_key(cfg.key))
             except keys.StableKeyError:

@@ -68,6 +68,7 @@ import argparse
 import asyncio
 import bisect
 import contextlib
+import functools
 import logging
 import math
 import signal
@@ -75,6 +76,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
+from concurrent.futures import Future
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypedDict, TypeVar, cast
 
@@ -106,6 +108,12 @@ T = TypeVar("T")
 MESSAGE_NAME = "acme-challenge"  # spoe-message name in haproxy/spoe-acme.conf
 TOKEN_ARG = "token"
 VAR_NAME = "keyauth"  # set in scope txn; with `option var-prefix acme` -> txn.acme.keyauth
+
+# A token missing from the local registry, looked up in a shared store (fleet):
+# its ACK waits at most this long (HAProxy's `timeout processing` is 2 s in
+# haproxy/spoe-acme.conf), and at most this many ACKs wait at once.
+LOOKUP_DEADLINE = 0.5  # s
+MAX_DEFERRED = 1024
 
 OnRequest = Callable[[str, float], None]  # (result "answered"|"unknown", seconds)
 
@@ -197,6 +205,7 @@ class _SpoaProtocol(asyncio.Protocol):
         "_closing",
         "_conn",
         "_counters",
+        "_deferred",
         "_fast",
         "_server",
         "_transport",
@@ -216,6 +225,7 @@ class _SpoaProtocol(asyncio.Protocol):
         self.accepted = now  # for the HELLO deadline
         self.last_activity = now  # last COMPLETE frame (or accept): for the idle timeout
         self.peer_host: object = None  # the per-peer limit's key
+        self._deferred = 0  # NOTIFYs whose ACK waits for a shared-store lookup
 
     # -- asyncio callbacks
 
@@ -354,6 +364,9 @@ class _SpoaProtocol(asyncio.Protocol):
                         pos = end
                         continue
                     self._log_too_big(answer)
+                elif server.can_fetch and self._defer_fast(token, data[ids:q], started):
+                    pos = end  # its ACK is sent when the lookup ends (any order: pipelining)
+                    continue
                 out += heads[q - ids]
                 out += data[ids:q]
                 unknown += 1
@@ -453,6 +466,10 @@ class _SpoaProtocol(asyncio.Protocol):
             except Exception:  # a broken shared store must not drop HAProxy's connection
                 server._log_lookup_failure()
             seconds = time.perf_counter() - started
+            if answer is None and server.can_fetch:
+                ack = functools.partial(self._general_ack, (stream_id, frame_id))
+                if self._defer(token, started, ack):
+                    return b""  # its ACK is sent when the lookup ends
             break
         if answer is None:
             data = encode_empty_ack(stream_id, frame_id)
@@ -469,6 +486,88 @@ class _SpoaProtocol(asyncio.Protocol):
         if on_request is not None:
             self._report(on_request, result, seconds)
         return data
+
+    # -- late ACKs: a token the local registry lacks, looked up in a shared store
+
+    def _defer_fast(self, token: str, ids: bytes, started: float) -> bool:
+        max_size = self._conn.max_frame_size
+
+        def ack(answer: str | None) -> tuple[bytes, str]:
+            if answer is not None:
+                action = set_txn_string_action(VAR_NAME, answer)
+                rest = len(ids) + len(action)
+                if rest + 5 <= max_size:
+                    head = _ACK_HEADS[rest] if rest < _HEADS_MAX else ack_head(rest)
+                    return head + ids + action, "answered"
+                self._log_too_big(answer)
+            return _ACK_HEADS[len(ids)] + ids, "unknown"
+
+        return self._defer(token, started, ack)
+
+    def _general_ack(self, ids: tuple[int, int], answer: str | None) -> tuple[bytes, str]:
+        if answer is not None:
+            data = encode_ack_set_txn_string(ids[0], ids[1], VAR_NAME, answer.encode())
+            if len(data) - 4 <= self._conn.max_frame_size:
+                return data, "answered"
+            self._log_too_big(answer)
+        return encode_empty_ack(ids[0], ids[1]), "unknown"
+
+    def _defer(
+        self,
+        token: str,
+        started: float,
+        make_ack: Callable[[str | None], tuple[bytes, str]],
+    ) -> bool:
+        """Ask the registry's shared store for `token` (`ChallengeRegistry.fetch`) and
+        send this NOTIFY's ACK when it answers, or "unknown" at the server's
+        `lookup_deadline` (well under HAProxy's processing timeout), whichever is
+        first. False (answer "unknown" now) when the registry has nothing to ask
+        or too many ACKs already wait."""
+        server = self._server
+        if server._deferred >= server.max_deferred:
+            return False
+        try:
+            future = server.registry.fetch(token)
+        except Exception:
+            server._log_lookup_failure()
+            return False
+        if future is None:
+            return False
+        loop = asyncio.get_running_loop()
+        server._deferred += 1
+        self._deferred += 1
+        done = False
+
+        def finish(answer: str | None) -> None:
+            nonlocal done
+            if done:
+                return
+            done = True
+            timer.cancel()
+            server._deferred -= 1
+            self._deferred -= 1
+            seconds = time.perf_counter() - started
+            data, result = make_ack(answer)
+            self._counters.count_result(result, seconds)
+            if server.on_request is not None:
+                self._report(server.on_request, result, seconds)
+            transport = self._transport
+            if self._closing or transport is None or transport.is_closing():
+                return
+            self.last_activity = time.monotonic()
+            transport.write(data)
+
+        def resolved(f: Future[str | None]) -> None:
+            try:
+                answer = f.result()
+            except Exception:
+                answer = None
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody to answer
+                loop.call_soon_threadsafe(finish, answer)
+
+        timer = loop.call_later(server.lookup_deadline, finish, None)
+        future.add_done_callback(resolved)
+        return True
 
     def _peer(self) -> str:
         peer = self._transport.get_extra_info("peername") if self._transport else None
@@ -596,6 +695,8 @@ class SpoaServer:
         warning_interval: float = 10.0,
         counters: SpoaCounters | None = None,
         fast_path: bool = True,
+        lookup_deadline: float = LOOKUP_DEADLINE,
+        max_deferred: int = MAX_DEFERRED,
     ) -> None:
         if max_frame_size < MIN_FRAME_SIZE:
             raise ValueError(f"max_frame_size must be >= {MIN_FRAME_SIZE}, got {max_frame_size}")
@@ -609,6 +710,9 @@ class SpoaServer:
             if not value > 0:
                 raise ValueError(f"{name} must be positive, got {value}")
         self.registry = registry
+        self.lookup_deadline = lookup_deadline
+        self.max_deferred = max_deferred
+        self._deferred = 0  # ACKs waiting for a shared-store lookup, on every connection
         self.host = host
         self._requested_port = port
         self.on_request = on_request
@@ -638,6 +742,18 @@ class SpoaServer:
         self.haproxy_uses_us = threading.Event()
 
     HEALTH_CHECKS_TO_RISE = 2
+
+    @property
+    def registry(self) -> ChallengeRegistry:
+        return self._registry
+
+    @registry.setter
+    def registry(self, registry: ChallengeRegistry) -> None:
+        """Swappable while serving (a SIGHUP that changed [fleet]): the next NOTIFY
+        asks the new one; connections stay."""
+        self._registry = registry
+        # Only a registry with a shared store behind it defers ACKs.
+        self.can_fetch = type(registry).fetch is not ChallengeRegistry.fetch
 
     @property
     def drops(self) -> dict[str, int]:

@@ -1,7 +1,7 @@
 """What the Redis challenge registry adds to the contract: a token added on one node is
-answered by the others from their mirrors (pub/sub), a miss is fetched in the
-background (bounded), and with Redis down the mirror still answers. Real
-redis-server on 127.0.0.1; every wait bounded."""
+answered by the others from their mirrors (pub/sub), a miss is fetched on
+demand (`fetch`, bounded: counted in Redis's own command statistics), and with
+Redis down the mirror still answers. Real redis-server on 127.0.0.1; every wait bounded."""
 
 from __future__ import annotations
 
@@ -72,33 +72,53 @@ def test_a_node_started_later_resynchronises_from_the_hash(
         late.close()
 
 
-def test_a_missed_token_is_fetched_in_the_background_and_unknowns_are_not_flooded(
+def hgets(client: redis.Redis) -> int:
+    """HGET commands the server has executed (INFO commandstats)."""
+    stats = client.info("commandstats")
+    return int(stats.get("cmdstat_hget", {}).get("calls", 0))  # type: ignore[union-attr]
+
+
+def test_a_missed_token_is_fetched_on_demand_and_then_mirrored(
     node_pair: tuple[RedisChallengeRegistry, RedisChallengeRegistry],
 ) -> None:
     a, b = node_pair
     # Written straight to the hash (as if b missed the message): b's mirror lacks it.
     a.client.hset(a.key, TOKEN, json.dumps({"k": KEYAUTH, "e": time.time() + 600}))
-    assert b.lookup(TOKEN) is None  # the frame that asked is not held for Redis (the gap)
-    assert eventually(lambda: b.lookup(TOKEN) == KEYAUTH)
-    # The same unknown token asked again and again (each time after the queue
-    # drained): the negative cache makes that one HGET, not twenty.
-    b.NEGATIVE_TTL = 600.0  # so a slow machine cannot outlast it within the loop
-    before = b.fetches
+    assert b.lookup(TOKEN) is None  # lookup itself never goes to Redis
+    future = b.fetch(TOKEN)
+    assert future is not None and future.result(10) == KEYAUTH
+    assert b.lookup(TOKEN) == KEYAUTH  # now mirrored: no second fetch needed
+    assert b.fetches == 1
+
+
+def test_a_flood_of_unknown_tokens_is_bounded_in_redis_commands(
+    node_pair: tuple[RedisChallengeRegistry, RedisChallengeRegistry],
+) -> None:
+    _, b = node_pair
+    b.NEGATIVE_TTL = 600.0  # so a slow machine cannot outlast it within the test
+    # The same unknown token asked again and again: one HGET, then the negative cache.
+    before = hgets(b.client)
     for _ in range(20):
-        assert b.lookup("again-" + "q" * 30) is None
-        assert eventually(lambda: b._misses.empty() and b.fetches > before)
-    assert b.fetches - before == 1
-    # 5000 lookups of one unknown token and of 5000 distinct ones: bounded fetches.
-    before = b.fetches
-    for _ in range(5000):
-        assert b.lookup("unknown-" + "x" * 30) is None
-    for i in range(5000):
-        assert b.lookup(f"flood{i:05d}" + "y" * 30) is None
-    assert eventually(lambda: b._misses.empty())
-    assert b.fetches - before <= 1 + 2 * RedisChallengeRegistry.MISS_QUEUE
-    for bad in ["../x", "a b", "x" * 300]:
-        b.lookup(bad)  # shape check: never queued
-    assert b._misses.empty()
+        f = b.fetch("again" + "q" * 30)
+        if f is not None:
+            assert f.result(10) is None
+    assert hgets(b.client) - before == 1
+    # 5000 asks of one unknown token and 5000 distinct ones, as fast as they come:
+    # the fetch budget (burst + rate) bounds the HGETs, whatever the flood.
+    b.FETCH_BURST, b.FETCH_RATE = 10, 1.0
+    b._budget = 10.0
+    before, started = hgets(b.client), time.monotonic()
+    futures = [b.fetch("unknown" + "x" * 30) for _ in range(5000)]
+    futures += [b.fetch(f"flood{i:05d}" + "y" * 30) for i in range(5000)]
+    for f in futures:
+        if f is not None:
+            assert f.result(10) is None
+    elapsed = time.monotonic() - started
+    flood = hgets(b.client) - before
+    assert 1 <= flood <= 10 + 1 + elapsed * 1.0, flood
+    assert b.fetches <= 1 + 11 + elapsed
+    for bad in ["../x" + "a" * 30, "a b" + "c" * 30, "x" * 300, "short"]:
+        assert b.fetch(bad) is None  # shape check (RFC 8555 base64url, >= 22): never asked
 
 
 def test_with_redis_down_the_mirror_answers_and_add_fails(tmp_path: Path) -> None:
@@ -115,6 +135,7 @@ def test_with_redis_down_the_mirror_answers_and_add_fails(tmp_path: Path) -> Non
             assert eventually(lambda: not reg.connected.is_set())
             assert reg.lookup(TOKEN) == KEYAUTH  # mirrored: still answered
             assert reg.lookup("other-" + "z" * 30) is None
+            assert reg.fetch("other-" + "z" * 30) is None  # Redis away: nothing to wait for
             other = "o" * 43
             with pytest.raises(redis.RedisError):
                 reg.add(other, other + ".k", expires_at=time.time() + 600)

@@ -71,7 +71,13 @@ def exported_metric_names() -> set[str]:
         last_success=now - 86400,
         in_sync={"unix:/run/haproxy/admin.sock": True},
     )
-    m = Metrics(lambda: [view])
+    from agent.fleet_sync import FleetView
+
+    fleet = FleetView(
+        "edge-a", True, ({"node": "edge-a", "alive": True, "serials": {"www": "1a"}},),
+        {"www": "1a"}, {"www": False}, now,
+    )  # fmt: skip
+    m = Metrics(lambda: [view], fleet=lambda: fleet)
     m.renewals.labels("www", "success").inc()
     m.renewals.labels("www", "failure").inc()
     m.acme_errors.labels("rateLimited").inc()
