@@ -23,6 +23,7 @@ that).
 from __future__ import annotations
 
 import logging
+import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,11 @@ def check_secret_file(path: Path, what: str, strict: bool) -> list[Problem]:
     mode = _mode(path)
     if mode is None:
         return []
+    return secret_mode_problems(path, mode, what, strict)
+
+
+def secret_mode_problems(path: Path, mode: int, what: str, strict: bool) -> list[Problem]:
+    """`check_secret_file` for a file whose permission bits `mode` are known."""
     problems = []
     fix = f"fix: chmod 600 {path}"
     if mode & (stat.S_IROTH | stat.S_IWOTH):
@@ -117,14 +123,19 @@ def check(config: Config, strict: bool | None = None) -> list[Problem]:
                 f"HAProxy bundle of {c.name!r} (has the key)",
             ),
         ):
-            try:
-                st = path.stat()
-            except FileNotFoundError:
+            facts = c.key_facts if path == c.key else None
+            if facts is not None:  # stat'ed by load_config moments ago: no second stat
+                ident, mode = (facts.identity[0], facts.identity[1]), facts.mode
+            else:
+                try:
+                    st = os.stat(path)
+                except FileNotFoundError:
+                    continue
+                ident, mode = (st.st_dev, st.st_ino), stat.S_IMODE(st.st_mode)
+            if ident in seen:
                 continue
-            if (st.st_dev, st.st_ino) in seen:
-                continue
-            seen.add((st.st_dev, st.st_ino))
-            problems += check_secret_file(path, what, strict)
+            seen.add(ident)
+            problems += secret_mode_problems(path, mode, what, strict)
             if path == c.key and path.parent not in dirs_seen:
                 dirs_seen.add(path.parent)
                 problems += check_directory(
