@@ -309,12 +309,15 @@ def validate_domain(name: str, wildcard_ok: bool = False) -> str:
             raise ValueError(f"{name!r}: a wildcard may only be the whole leftmost label")
         validate_domain(lower[2:])
         return lower
-    try:
-        ipaddress.ip_address(lower.strip("[]"))
-    except ValueError:
-        pass
-    else:
-        raise ValueError(f"{name!r} is an IP address; only DNS names are supported")
+    # Only a name ending in a digit (IPv4) or holding ':' (IPv6) can be an
+    # address: skip the costly parse for the usual names (10,000 at start).
+    if ":" in lower or lower[-1:].isdigit() or lower.endswith("]"):
+        try:
+            ipaddress.ip_address(lower.strip("[]"))
+        except ValueError:
+            pass
+        else:
+            raise ValueError(f"{name!r} is an IP address; only DNS names are supported")
     if len(lower) > 253:
         raise ValueError(f"{name!r} is longer than 253 characters")
     labels = lower.split(".")
@@ -945,7 +948,7 @@ class _Loader:
             raise s.error("key_type", f"{key_type!r} is not one of {', '.join(keys.KEY_TYPES)}")
 
         facts: keys.KeyFileFacts | None = None
-        if key_path.exists() or not generate_key:
+        if not generate_key or key_path.exists():
             try:
                 facts = keys.key_file_facts(key_path, self.key_cache.get(str(key_path)))
             except keys.StableKeyError as e:

@@ -44,7 +44,7 @@ from typing import Any
 
 from agent import challenge_map, ratelimit, wiring
 from agent import deploy as deploy_mod
-from agent.certstate import undeployed
+from agent.certstate import load_metas, undeployed
 from agent.config import Config, ConfigError, load_config, save_key_checks
 from agent.control import ControlServer
 from agent.deploy import DeployResult, SyncStatus, stored_target, stored_targets
@@ -157,7 +157,7 @@ class Daemon:
         """Worker thread: the stored metadata of every configured certificate
         (and, on the side, the CAs' rate-limit holds)."""
         self._load_holds()
-        return {cfg.name: load_meta(self.storage, cfg.name) for cfg in self.config.certificates}
+        return load_metas(self.storage, [cfg.name for cfg in self.config.certificates])
 
     def _load_holds(self) -> None:
         """Worker thread: refresh `rate_limits` from the state dir."""

@@ -115,33 +115,42 @@ def check(config: Config, strict: bool | None = None) -> list[Problem]:
     problems += check_directory(config.haproxy.cert_dir, "cert_dir", strict, private=False)
     seen: set[tuple[int, int]] = set()  # (st_dev, st_ino): a file linked twice is checked once
     dirs_seen: set[Path] = set()
+    cert_dir = str(config.haproxy.cert_dir)
     for c in config.certificates:
-        for path, what in (
-            (c.key, f"private key of certificate {c.name!r}"),
-            (
-                config.haproxy.cert_dir / f"{c.name}.pem",
-                f"HAProxy bundle of {c.name!r} (has the key)",
-            ),
-        ):
-            facts = c.key_facts if path == c.key else None
-            if facts is not None:  # stat'ed by load_config moments ago: no second stat
-                ident, mode = (facts.identity[0], facts.identity[1]), facts.mode
-            else:
-                try:
-                    st = os.stat(path)
-                except FileNotFoundError:
-                    continue
-                ident, mode = (st.st_dev, st.st_ino), stat.S_IMODE(st.st_mode)
-            if ident in seen:
-                continue
-            seen.add(ident)
-            problems += secret_mode_problems(path, mode, what, strict)
-            if path == c.key and path.parent not in dirs_seen:
-                dirs_seen.add(path.parent)
+        # The key: stat'ed by load_config moments ago (no second stat) unless
+        # it is a generate_key key that did not exist then.
+        facts = c.key_facts
+        if facts is not None:
+            key_ident: tuple[int, int] | None = (facts.identity[0], facts.identity[1])
+            key_mode = facts.mode
+        else:
+            key_ident, key_mode = _ident_mode(c.key)
+        if key_ident is not None and key_ident not in seen:
+            seen.add(key_ident)
+            what = f"private key of certificate {c.name!r}"
+            problems += secret_mode_problems(c.key, key_mode, what, strict)
+            if c.key.parent not in dirs_seen:
+                dirs_seen.add(c.key.parent)
                 problems += check_directory(
-                    path.parent, f"directory of the key of {c.name!r}", strict, private=False
+                    c.key.parent, f"directory of the key of {c.name!r}", strict, private=False
                 )
+        # Its HAProxy bundle (a str path: 10,000 of them at start).
+        bundle = os.path.join(cert_dir, f"{c.name}.pem")
+        ident, mode = _ident_mode(bundle)
+        if ident is not None and ident not in seen:
+            seen.add(ident)
+            what = f"HAProxy bundle of {c.name!r} (has the key)"
+            problems += secret_mode_problems(Path(bundle), mode, what, strict)
     return problems
+
+
+def _ident_mode(path: str | Path) -> tuple[tuple[int, int] | None, int]:
+    """((st_dev, st_ino), permission bits) of `path`; (None, 0) when it does not exist."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None, 0
+    return (st.st_dev, st.st_ino), stat.S_IMODE(st.st_mode)
 
 
 def startup_checks(config: Config, logger: logging.Logger | None = None) -> list[Problem]:
