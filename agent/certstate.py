@@ -283,7 +283,12 @@ def read_current(storage: Storage, name: str) -> str | None:
 
 def load_generation_meta(storage: Storage, name: str, gen_id: str) -> CertMeta:
     """A generation's meta.json; FileNotFoundError while incomplete, GenerationError if bad."""
-    raw = storage.load(layout.generation_key(name, gen_id, layout.META))
+    return _parse_generation_meta(
+        name, gen_id, storage.load(layout.generation_key(name, gen_id, layout.META))
+    )
+
+
+def _parse_generation_meta(name: str, gen_id: str, raw: bytes) -> CertMeta:
     try:
         meta = CertMeta.from_json(json.loads(raw))
     except (ValueError, KeyError, TypeError) as e:
@@ -335,6 +340,12 @@ def load_state(storage: Storage, name: str) -> CertState:
         raw = storage.load(layout.state_key(name))
     except FileNotFoundError:
         return CertState()
+    return _parse_state(name, raw)
+
+
+def _parse_state(name: str, raw: bytes | None) -> CertState:
+    if raw is None:
+        return CertState()
     try:
         return CertState.from_json(json.loads(raw))
     except (ValueError, KeyError, TypeError) as e:
@@ -344,19 +355,45 @@ def load_state(storage: Storage, name: str) -> CertState:
 
 def load_meta(storage: Storage, name: str) -> CertMeta | None:
     """The current generation's facts merged with state.json; None when neither exists."""
-    state = load_state(storage, name)
-    gen_id = read_current(storage, name)
-    meta: CertMeta | None = None
-    if gen_id is not None:
-        try:
-            meta = load_generation_meta(storage, name, gen_id)
-        except (FileNotFoundError, GenerationError) as e:
-            log.warning("certificate %s: current generation %s unreadable: %s", name, gen_id, e)
-    if meta is None:
-        if state == CertState():
-            return None
-        meta = CertMeta(name=name)
-    return meta.with_state(state)
+    return load_metas(storage, [name])[name]
+
+
+def load_metas(storage: Storage, names: Iterable[str]) -> dict[str, CertMeta | None]:
+    """`load_meta` of every name in `names`, in two `Storage.load_many` rounds
+    (every state.json and pointer, then every current meta.json): the daemon
+    reads 10,000 of them at start."""
+    names = list(names)
+    first = storage.load_many(
+        [k for n in names for k in (layout.state_key(n), layout.current_key(n))]
+    )
+    gen_ids: dict[str, str] = {}
+    for n in names:
+        raw = first.get(layout.current_key(n))
+        if raw is not None:
+            gen_id = raw.decode("ascii", "replace").strip()
+            if layout.is_generation_id(gen_id):
+                gen_ids[n] = gen_id
+    metas_raw = storage.load_many(
+        [layout.generation_key(n, g, layout.META) for n, g in gen_ids.items()]
+    )
+    out: dict[str, CertMeta | None] = {}
+    for n in names:
+        state = _parse_state(n, first.get(layout.state_key(n)))
+        meta: CertMeta | None = None
+        current = gen_ids.get(n)
+        if current is not None:
+            try:
+                meta_raw = metas_raw.get(layout.generation_key(n, current, layout.META))
+                if meta_raw is None:
+                    raise FileNotFoundError(f"no {layout.META}")
+                meta = _parse_generation_meta(n, current, meta_raw)
+            except (FileNotFoundError, GenerationError) as e:
+                log.warning("certificate %s: current generation %s unreadable: %s", n, current, e)
+        if meta is None:
+            out[n] = None if state == CertState() else CertMeta(name=n).with_state(state)
+        else:
+            out[n] = meta.with_state(state)
+    return out
 
 
 # --- writing (callers hold layout.cert_lock(name)) -----------------------------------
@@ -524,8 +561,15 @@ def repair(
         parts = key.split("/", 2)
         if len(parts) == 3:
             by_name.setdefault(parts[1], []).append(parts[2])
-    for name in sorted(set(names) | set(by_name)):
-        if name not in with_temps and not _needs_repair(storage, name, by_name.get(name, [])):
+    every = sorted(set(names) | set(by_name))
+    # The pointers of every certificate with generations, in one round.
+    pointers = storage.load_many(
+        [layout.current_key(n) for n in every if n not in with_temps and n in by_name]
+    )
+    for name in every:
+        if name not in with_temps and not _needs_repair(
+            name, by_name.get(name, []), pointers.get(layout.current_key(name))
+        ):
             continue
         try:
             with storage.locked(layout.cert_lock(name), timeout=lock_timeout):
@@ -545,14 +589,17 @@ def repair(
     return report
 
 
-def _needs_repair(storage: Storage, name: str, keys_below: Sequence[str]) -> bool:
-    """Cheap, from the keys below certificates/NAME (relative): old flat files,
-    a generation without meta.json, or generations other than `current` and
-    one older one."""
-    if set(keys_below) & set(layout.LEGACY_FILES):
-        return True
+_LEGACY = frozenset(layout.LEGACY_FILES)
+
+
+def _needs_repair(name: str, keys_below: Sequence[str], pointer: bytes | None) -> bool:
+    """Cheap, from the keys below certificates/NAME (relative) and the raw
+    `current` pointer (None: absent): old flat files, a generation without
+    meta.json, or generations other than `current` and one older one."""
     gens: dict[str, set[str]] = {}
     for k in keys_below:
+        if k in _LEGACY:
+            return True
         parts = k.split("/")
         if len(parts) == 3 and parts[0] == layout.GENERATIONS:
             gens.setdefault(parts[1], set()).add(parts[2])
@@ -562,7 +609,8 @@ def _needs_repair(storage: Storage, name: str, keys_below: Sequence[str]) -> boo
         return True
     # Installs write the newest generation and then point at it; anything
     # else (a newer one not pointed to, no pointer) is a crash.
-    return read_current(storage, name) != max(gens)
+    current = None if pointer is None else pointer.decode("ascii", "replace").strip()
+    return current != max(gens)
 
 
 def _repair_one(storage: Storage, name: str, report: RepairReport) -> None:

@@ -44,8 +44,8 @@ from typing import Any
 
 from agent import challenge_map, ratelimit, wiring
 from agent import deploy as deploy_mod
-from agent.certstate import undeployed
-from agent.config import Config, ConfigError, load_config
+from agent.certstate import load_metas, undeployed
+from agent.config import Config, ConfigError, load_config, save_key_checks
 from agent.control import ControlServer
 from agent.deploy import DeployResult, SyncStatus, stored_target
 from agent.fleet_sync import FleetSync, node_targets
@@ -171,7 +171,7 @@ class Daemon:
         """Worker thread: the stored metadata of every configured certificate
         (and, on the side, the CAs' rate-limit holds)."""
         self._load_holds()
-        return {cfg.name: load_meta(self.storage, cfg.name) for cfg in self.config.certificates}
+        return load_metas(self.storage, [cfg.name for cfg in self.config.certificates])
 
     def _load_holds(self) -> None:
         """Worker thread: refresh `rate_limits` from the state dir."""
@@ -615,7 +615,7 @@ class Daemon:
         from agent import permissions
 
         def load_checked() -> Config:
-            config = load_config(path)
+            config = load_config(path, cached_key_checks=True)
             permissions.startup_checks(config)  # what `run` checks at start, also at reload
             challenge_map.startup_check(config)
             return config
@@ -631,6 +631,7 @@ class Daemon:
         old = self.config
         await asyncio.to_thread(ensure_private_dir, new.state_dir)
         await self._reload_fleet(old, new)
+        await asyncio.to_thread(_save_key_checks, new)
         self.config = new
         self._build(new)
         if self._started and old.fleet != new.fleet:
@@ -694,6 +695,8 @@ class Daemon:
         # A crash (kill -9) or an older version may have left temp files,
         # half-written generations or the old flat layout: repair first.
         await asyncio.to_thread(self._prepare_state)
+        # The keys passed their checks: the next start only stats unchanged ones.
+        await asyncio.to_thread(_save_key_checks, self.config)
         # DNS records a killed order left behind go now, not at the first order.
         recover = getattr(self.renewer.issuer, "recover_leftovers", None)
         if recover is not None:
@@ -854,13 +857,25 @@ class Daemon:
                 await server.stop()
 
 
+def _save_key_checks(config: Config) -> None:
+    """Worker thread: record the key checks `config` passed (agent.config.save_key_checks);
+    the cache only saves time, so a failure to write it is logged, not fatal."""
+    try:
+        save_key_checks(config)
+    except OSError as e:
+        log.warning("cannot write the key check cache in %s: %s", config.state_dir, e)
+
+
 def run_daemon(config_path: Path, log_format: str | None = None, verbose: bool = False) -> int:
     """Entry point of `haproxy-acme-agent run`. Raises ConfigError for a bad config
     and PermissionsError for a key others may read under strict_permissions."""
     from agent import permissions
     from agent.logs import setup_logging
 
-    config = load_config(config_path)
+    # Keys unchanged since the last start are not parsed again (the same
+    # checks, from the cache `_save_key_checks` keeps); check-config and
+    # renew parse every key.
+    config = load_config(config_path, cached_key_checks=True)
     setup_logging(
         log_format or config.daemon.log_format, logging.DEBUG if verbose else logging.INFO
     )

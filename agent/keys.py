@@ -14,9 +14,12 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import json
 import os
+import stat
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
@@ -24,7 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from agent.storage import SECRET_MODE, fsync_dir
+from agent.storage import SECRET_MODE, atomic_write, fsync_dir
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
@@ -112,6 +115,105 @@ def load_private_key(path: Path) -> PrivateKey:
     except OSError as e:
         raise KeyLoadError(f"file {path} cannot be read: {e.strerror}") from e
     return parse_private_key(data, str(path))
+
+
+# --- key file checks at start, and their cache ---------------------------------------
+#
+# Parsing a key is the costly part of loading a config (about 0.1 ms for a
+# P-256 key, more for RSA; 10,000 keys take over a second). A full check of a
+# file (`key_file_facts`) yields its public facts, tied to the file's identity;
+# a later check of a file with the same identity (device, inode, size, mtime
+# and ctime in ns: a write, chmod, rename over or touch changes one of them)
+# can take the facts from the cache instead of parsing again. The cache holds
+# no key material: the key's type and its public SPKI pin.
+
+Identity = tuple[int, int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns
+
+
+@dataclass(frozen=True)
+class KeyFileFacts:
+    """What checking the key file at `path` found: `identity` and `mode` from
+    this check's stat; `kind` (`describe_key`, e.g. "ECDSA P-256") and `pin`
+    (`spki_pin` of its public key) from parsing it, or from the cache when the
+    identity is the one that was parsed. `parsed`: parsed by this check."""
+
+    path: str
+    identity: Identity
+    mode: int
+    kind: str
+    pin: str
+    parsed: bool = True
+
+    def to_json(self) -> dict[str, object]:
+        return {"identity": list(self.identity), "kind": self.kind, "pin": self.pin}
+
+
+def _identity(st: os.stat_result) -> Identity:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def key_file_facts(path: Path, cached: KeyFileFacts | None = None) -> KeyFileFacts:
+    """Check the private key file at `path` (exists, regular, readable,
+    parses as a supported unencrypted key) and return its facts. With
+    `cached` facts of the same path whose identity equals the file's now, the
+    file is stat'ed and access-checked but not read. Raises KeyLoadError
+    (or UnsupportedKeyError); the messages name the file."""
+    p = str(path)
+    try:
+        st = os.stat(p)
+    except FileNotFoundError as e:
+        raise KeyLoadError(f"file {path} does not exist") from e
+    except OSError as e:
+        raise KeyLoadError(f"file {path} cannot be read: {e.strerror}") from e
+    if not stat.S_ISREG(st.st_mode):
+        raise KeyLoadError(f"{path} is not a regular file")
+    if not os.access(p, os.R_OK):
+        raise KeyLoadError(f"file {path} is not readable")
+    ident = _identity(st)
+    if cached is not None and cached.path == p and cached.identity == ident:
+        return KeyFileFacts(p, ident, stat.S_IMODE(st.st_mode), cached.kind, cached.pin, False)
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+    except PermissionError as e:
+        raise KeyLoadError(f"file {path} is not readable") from e
+    except OSError as e:
+        raise KeyLoadError(f"file {path} is not readable ({e.strerror})") from e
+    try:
+        # The identity of what we read: a change while reading changes ctime,
+        # so the next check parses again.
+        st = os.fstat(fd)
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+    except OSError as e:
+        raise KeyLoadError(f"file {path} is not readable ({e.strerror})") from e
+    finally:
+        os.close(fd)
+    key = parse_private_key(b"".join(chunks), p)
+    return KeyFileFacts(
+        p, _identity(st), stat.S_IMODE(st.st_mode), describe_key(key), spki_pin(key), True
+    )
+
+
+def read_key_checks(path: Path) -> dict[str, KeyFileFacts]:
+    """The cache of earlier full checks (key file path -> facts; `mode` 0); empty
+    when missing or damaged (then every key is parsed: the cache only saves time)."""
+    try:
+        data = json.loads(Path(path).read_bytes())
+        out: dict[str, KeyFileFacts] = {}
+        for p, f in data["keys"].items():
+            dev, ino, size, mtime, ctime = (int(x) for x in f["identity"])
+            ident = (dev, ino, size, mtime, ctime)
+            out[str(p)] = KeyFileFacts(str(p), ident, 0, str(f["kind"]), str(f["pin"]), False)
+        return out
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def write_key_checks(path: Path, facts: Mapping[str, KeyFileFacts]) -> None:
+    """Store `facts` as the cache (atomically, 0600; public facts only)."""
+    data = {"version": 1, "keys": {p: f.to_json() for p, f in sorted(facts.items())}}
+    atomic_write(Path(path), (json.dumps(data, separators=(",", ":")) + "\n").encode(), SECRET_MODE)
 
 
 def generate_private_key(key_type: str) -> PrivateKey:

@@ -23,6 +23,7 @@ that).
 from __future__ import annotations
 
 import logging
+import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,11 @@ def check_secret_file(path: Path, what: str, strict: bool) -> list[Problem]:
     mode = _mode(path)
     if mode is None:
         return []
+    return secret_mode_problems(path, mode, what, strict)
+
+
+def secret_mode_problems(path: Path, mode: int, what: str, strict: bool) -> list[Problem]:
+    """`check_secret_file` for a file whose permission bits `mode` are known."""
     problems = []
     fix = f"fix: chmod 600 {path}"
     if mode & (stat.S_IROTH | stat.S_IWOTH):
@@ -109,28 +115,42 @@ def check(config: Config, strict: bool | None = None) -> list[Problem]:
     problems += check_directory(config.haproxy.cert_dir, "cert_dir", strict, private=False)
     seen: set[tuple[int, int]] = set()  # (st_dev, st_ino): a file linked twice is checked once
     dirs_seen: set[Path] = set()
+    cert_dir = str(config.haproxy.cert_dir)
     for c in config.certificates:
-        for path, what in (
-            (c.key, f"private key of certificate {c.name!r}"),
-            (
-                config.haproxy.cert_dir / f"{c.name}.pem",
-                f"HAProxy bundle of {c.name!r} (has the key)",
-            ),
-        ):
-            try:
-                st = path.stat()
-            except FileNotFoundError:
-                continue
-            if (st.st_dev, st.st_ino) in seen:
-                continue
-            seen.add((st.st_dev, st.st_ino))
-            problems += check_secret_file(path, what, strict)
-            if path == c.key and path.parent not in dirs_seen:
-                dirs_seen.add(path.parent)
+        # The key: stat'ed by load_config moments ago (no second stat) unless
+        # it is a generate_key key that did not exist then.
+        facts = c.key_facts
+        if facts is not None:
+            key_ident: tuple[int, int] | None = (facts.identity[0], facts.identity[1])
+            key_mode = facts.mode
+        else:
+            key_ident, key_mode = _ident_mode(c.key)
+        if key_ident is not None and key_ident not in seen:
+            seen.add(key_ident)
+            what = f"private key of certificate {c.name!r}"
+            problems += secret_mode_problems(c.key, key_mode, what, strict)
+            if c.key.parent not in dirs_seen:
+                dirs_seen.add(c.key.parent)
                 problems += check_directory(
-                    path.parent, f"directory of the key of {c.name!r}", strict, private=False
+                    c.key.parent, f"directory of the key of {c.name!r}", strict, private=False
                 )
+        # Its HAProxy bundle (a str path: 10,000 of them at start).
+        bundle = os.path.join(cert_dir, f"{c.name}.pem")
+        ident, mode = _ident_mode(bundle)
+        if ident is not None and ident not in seen:
+            seen.add(ident)
+            what = f"HAProxy bundle of {c.name!r} (has the key)"
+            problems += secret_mode_problems(Path(bundle), mode, what, strict)
     return problems
+
+
+def _ident_mode(path: str | Path) -> tuple[tuple[int, int] | None, int]:
+    """((st_dev, st_ino), permission bits) of `path`; (None, 0) when it does not exist."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None, 0
+    return (st.st_dev, st.st_ino), stat.S_IMODE(st.st_mode)
 
 
 def startup_checks(config: Config, logger: logging.Logger | None = None) -> list[Problem]:

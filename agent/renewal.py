@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -1090,29 +1091,35 @@ def remove_bundle_temporaries(config: Config, names: Iterable[str] | None = None
     of another certificate may be writing its own right now)."""
     cert_dir = Path(config.haproxy.cert_dir)
     wanted = [c.name for c in config.certificates] if names is None else list(names)
-    removed = _remove_temporaries(cert_dir, {layout.bundle_path(cert_dir, n).name for n in wanted})
+    removed = _remove_temporaries(
+        cert_dir, lambda: {layout.bundle_path(cert_dir, n).name for n in wanted}
+    )
     crt_list = config.haproxy.crt_list
     if names is None and crt_list is not None and not Path(crt_list).is_dir():
         from agent.crtlist import CrtListFile
 
         try:
             with CrtListFile(Path(crt_list)).locked():
-                removed += _remove_temporaries(Path(crt_list).parent, {Path(crt_list).name})
+                removed += _remove_temporaries(Path(crt_list).parent, lambda: {Path(crt_list).name})
         except (OSError, TimeoutError) as e:
             log.warning("cannot clean temp files next to %s: %s", crt_list, e)
     return removed
 
 
-def _remove_temporaries(directory: Path, targets: set[str]) -> int:
+def _remove_temporaries(directory: Path, targets: Callable[[], set[str]]) -> int:
+    """Remove the temp files in `directory` of the files named `targets()`
+    (called only when there are temp files: it may name 10,000 bundles)."""
     removed = 0
     try:
-        entries = list(directory.iterdir())
+        # Names only: cert_dir holds 10,000 bundles, and only dot-files are temp files.
+        names = [n for n in os.listdir(directory) if n[0] == "." and n.endswith(".tmp")]
     except OSError:
         return 0
-    for p in entries:
-        if layout.temp_target(p.name) in targets:
+    wanted = targets() if names else set()
+    for n in names:
+        if layout.temp_target(n) in wanted:
             try:
-                p.unlink()
+                (directory / n).unlink()
             except FileNotFoundError:
                 continue
             removed += 1

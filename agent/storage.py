@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -165,6 +165,8 @@ def ensure_private_dir(path: Path, *, within: Path | None = None) -> None:
 # --- key sanitising -------------------------------------------------------------
 
 _SAFE_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,254}$")
+_PART = r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,254}"
+_SAFE_KEY = re.compile(rf"{_PART}(?:/{_PART})*\Z")  # every part a _SAFE_PART, all in one match
 
 
 class StorageKeyError(ValueError):
@@ -179,6 +181,10 @@ def safe_key(key: str) -> str:
     no hidden files, no absolute paths, no backslashes or NULs). Certificate
     names and domain names pass; anything that could escape the root does not.
     """
+    # The common case in one match (it runs for every key of 10,000
+    # certificates at start); anything it refuses gets the precise message below.
+    if _SAFE_KEY.match(key) and ".." not in key:
+        return key
     if not key or key.startswith("/") or key.endswith("/"):
         raise StorageKeyError(f"invalid storage key {key!r}")
     parts = key.split("/")
@@ -457,6 +463,17 @@ class Storage(ABC):
         where the store can do that."""
         return self.list(prefix, recursive=True), self.list_temporaries(prefix)
 
+    def load_many(self, keys: Iterable[str]) -> dict[str, bytes]:
+        """The values of those of `keys` that exist (missing ones are left out),
+        in one round trip where the store can do that; same checks as `load`."""
+        out: dict[str, bytes] = {}
+        for key in keys:
+            try:
+                out[key] = self.load(key)
+            except FileNotFoundError:
+                continue
+        return out
+
     @contextlib.contextmanager
     def locked(
         self, name: str, timeout: float = 60.0, expires_after: float = DEFAULT_LEASE
@@ -624,19 +641,50 @@ class FileStorage(Storage):
         return self.scan(prefix)[1]
 
     def scan(self, prefix: str) -> tuple[builtins.list[str], builtins.list[str]]:
-        base = self._path(prefix) if prefix else self.root
+        base = str(self._path(prefix) if prefix else self.root)
         keys: list[str] = []
         temps: list[str] = []
-        root = str(self.root) + os.sep
-        for dirpath, dirnames, filenames in os.walk(base):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            rel = (dirpath + os.sep)[len(root) :].replace(os.sep, "/")
-            for f in filenames:
-                if not f.startswith("."):
-                    keys.append(rel + f)
-                elif f.endswith(".tmp"):
-                    temps.append(rel + f)
+        # One scandir per directory (its d_type says file or directory, no
+        # stat): the start-up repair scans 30,000 directories at 10,000
+        # certificates, where os.walk's overhead was most of the time.
+        stack = [(base, safe_key(prefix) + "/" if prefix else "")]
+        while stack:
+            directory, rel = stack.pop()
+            try:
+                entries = os.scandir(directory)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            with entries:
+                for e in entries:
+                    name = e.name
+                    is_dir = e.is_dir()
+                    if name[0] == ".":
+                        if name.endswith(".tmp") and not is_dir:
+                            temps.append(rel + name)
+                    elif not is_dir:
+                        keys.append(rel + name)
+                    elif not e.is_symlink():  # as os.walk: listed nowhere, not entered
+                        stack.append((e.path, rel + name + "/"))
         return sorted(keys), sorted(temps)
+
+    def load_many(self, keys: Iterable[str]) -> dict[str, bytes]:
+        root = str(self.root) + os.sep
+        out: dict[str, bytes] = {}
+        for key in keys:
+            # os-level reads: 10,000 pointers and state files at start, where
+            # pathlib's per-call overhead outweighed the read itself.
+            try:
+                fd = os.open(root + safe_key(key), os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                chunks = []
+                while chunk := os.read(fd, 1 << 16):
+                    chunks.append(chunk)
+            finally:
+                os.close(fd)
+            out[key] = b"".join(chunks)
+        return out
 
     # --- locks ---
     #

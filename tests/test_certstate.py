@@ -345,3 +345,30 @@ def test_start_removes_temp_files_next_to_a_crt_list_outside_cert_dir(tmp_path: 
     prepare_state(cfg)
     assert not leftover.exists() and not bundle_tmp.exists()
     assert other.exists() and crt_list.read_text() == ""
+
+
+def test_load_metas_reads_what_load_meta_reads_for_every_kind_of_store(config: Config) -> None:
+    """The daemon's batch read (agent.certstate.load_metas) agrees with
+    load_meta: installed, state only, a damaged pointer, a missing meta.json,
+    nothing at all."""
+    from agent.certstate import CertState, Deployed, install_generation, load_metas, save_state
+
+    store = FileStorage(config.state_dir)
+    key = serialization.load_pem_private_key(config.certificate("www").key.read_bytes(), None)
+    ca = TinyCA()
+    now = time.time()
+    leaf = ca.leaf(key, ["www.example.com"], now - 60, now + 90 * DAY, serial=77)  # type: ignore[arg-type]
+    for name in ("ok", "bad-pointer", "no-meta"):
+        install_generation(store, name, leaf, [ca.intermediate], now, None)
+        save_state(store, name, CertState(deployed={"disk": Deployed("4d", now)}))
+    save_state(store, "state-only", CertState(retry_not_before=now + 60))
+    store.store(layout.current_key("bad-pointer"), b"not-a-generation")
+    gen_id = store.load(layout.current_key("no-meta")).decode()
+    store.delete(layout.generation_key("no-meta", gen_id, layout.META))
+    names = ["ok", "bad-pointer", "no-meta", "state-only", "never"]
+    batch = load_metas(store, names)
+    assert batch == {n: load_meta(store, n) for n in names}
+    ok = batch["ok"]
+    assert ok is not None and ok.serial == "4d" and ok.deployed["disk"].serial == "4d"
+    assert batch["never"] is None
+    assert batch["bad-pointer"] is not None and batch["bad-pointer"].serial is None

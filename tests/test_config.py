@@ -278,3 +278,110 @@ def test_key_pem_in_traditional_format_is_accepted(site: Path) -> None:
     )
     cfg = load_config(write(site, BASE + cert_block(key='"trad.key"', key_type='"ec384"')))
     assert cfg.certificates[0].key_type == "ec384"
+
+
+# --- the daemon's key check cache (load_config(cached_key_checks=True)) -------------------
+
+
+def _count_parses(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    parsed: list[str] = []
+    real = keys.parse_private_key
+
+    def counting(data: bytes, source: str) -> keys.PrivateKey:
+        parsed.append(source)
+        return real(data, source)
+
+    monkeypatch.setattr(keys, "parse_private_key", counting)
+    return parsed
+
+
+def _saved(path: Path) -> None:
+    from agent.config import save_key_checks
+
+    cfg = load_config(path)
+    (path.parent / "state").mkdir(mode=0o700, exist_ok=True)
+    assert save_key_checks(cfg)
+
+
+def test_unchanged_key_is_not_parsed_again_from_the_key_check_cache(
+    site: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(site, BASE + cert_block())
+    _saved(path)
+    parsed = _count_parses(monkeypatch)
+    cfg = load_config(path, cached_key_checks=True)
+    assert parsed == []
+    facts = cfg.certificates[0].key_facts
+    assert facts is not None and facts.kind == "ECDSA P-256" and not facts.parsed
+    assert facts.pin == keys.spki_pin(_EC_KEY)
+
+
+def test_check_config_parses_every_key_even_with_a_cache(
+    site: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(site, BASE + cert_block())
+    _saved(path)
+    parsed = _count_parses(monkeypatch)
+    load_config(path)  # what check-config and renew call
+    assert parsed == [str(site / "ec.key")]
+
+
+def test_key_replaced_after_the_cache_was_written_is_checked_again(site: Path) -> None:
+    path = write(site, BASE + cert_block())
+    _saved(path)
+    # Same size, garbage content: the identity (ctime, mtime) changes with the write.
+    key_file = site / "ec.key"
+    size = key_file.stat().st_size
+    key_file.write_bytes(b"-----BEGIN PRIVATE KEY-----\n" + b"A" * (size - 28))
+    with pytest.raises(ConfigError) as e:
+        load_config(path, cached_key_checks=True)
+    assert str(e.value).startswith(f"{path}: certificates[0].key: {key_file}: not a readable")
+
+
+def test_key_type_mismatch_is_found_from_the_cache(site: Path) -> None:
+    path = write(site, BASE + cert_block())
+    _saved(path)
+    path = write(site, BASE + cert_block(key_type='"rsa2048"'))
+    with pytest.raises(ConfigError, match=r"certificates\[0\]\.key_type: .* ECDSA P-256 key"):
+        load_config(path, cached_key_checks=True)
+
+
+def test_csr_of_another_key_is_refused_from_the_cache(site: Path) -> None:
+    domains = '["a.example.com", "b.example.com"]'
+    path = write(site, BASE + cert_block(domains=domains))  # ec.key, checked and cached
+    _saved(path)
+    path = write(site, BASE + cert_block(domains=domains, csr='"rsa.csr"'))
+    with pytest.raises(ConfigError, match=r"certificates\[0\]\.csr: .*\(public keys differ\)"):
+        load_config(path, cached_key_checks=True)
+
+
+def test_key_check_cache_holds_no_key_material_and_is_private(site: Path) -> None:
+    from agent.config import key_checks_path
+
+    path = write(site, BASE + cert_block())
+    _saved(path)
+    cache = key_checks_path(site / "state")
+    raw = cache.read_bytes()
+    der = _EC_KEY.private_bytes(
+        serialization.Encoding.DER,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    assert b"PRIVATE" not in raw
+    assert base64.b64encode(der)[:40] not in raw
+    private_value = _EC_KEY.private_numbers().private_value
+    assert str(private_value).encode() not in raw and format(private_value, "x").encode() not in raw
+    assert cache.stat().st_mode & 0o777 == 0o600
+
+
+def test_damaged_key_check_cache_means_a_full_check(
+    site: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agent.config import key_checks_path
+
+    path = write(site, BASE + cert_block())
+    _saved(path)
+    key_checks_path(site / "state").write_text("{not json")
+    parsed = _count_parses(monkeypatch)
+    load_config(path, cached_key_checks=True)
+    assert parsed == [str(site / "ec.key")]

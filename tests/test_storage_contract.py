@@ -140,6 +140,19 @@ def test_store_load_delete_list_stat(backend: Backend) -> None:
     assert st.load("accounts/ca/account.key") == b"k"
 
 
+def test_load_many_returns_what_exists_and_refuses_bad_keys(backend: Backend) -> None:
+    st = backend.open()
+    st.store("certificates/www/current", b"1")
+    st.store("certificates/api/state.json", b"{}")
+    got = st.load_many(
+        ["certificates/www/current", "certificates/nope/current", "certificates/api/state.json"]
+    )
+    assert got == {"certificates/www/current": b"1", "certificates/api/state.json": b"{}"}
+    assert st.load_many([]) == {}
+    with pytest.raises(StorageKeyError):
+        st.load_many(["certificates/www/current", "a/../b"])
+
+
 @pytest.mark.parametrize("key", ["", "/abs", "a/../b", "a//b", ".hidden", "a/", "a\\b"])
 def test_invalid_keys_are_refused(backend: Backend, key: str) -> None:
     st = backend.open()
