@@ -185,8 +185,11 @@ class FleetSync:
         try:
             last_check = time.monotonic()
             while True:
+                # asyncio.timeout, not wait_for: on 3.11 a cancel that meets the
+                # wake-up inside wait_for can be lost, and the daemon's stop hangs.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=CHECK_INTERVAL)
+                    async with asyncio.timeout(CHECK_INTERVAL):
+                        await self._wake.wait()
                 self._wake.clear()
                 await self._debounce()
                 with self._lock:
@@ -218,7 +221,8 @@ class FleetSync:
                 return
             self._wake.clear()
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=min(DEBOUNCE, left))
+                async with asyncio.timeout(min(DEBOUNCE, left)):
+                    await self._wake.wait()
             except TimeoutError:
                 return  # quiet (or the burst's time is up): run the batch
 
