@@ -185,8 +185,11 @@ class FleetSync:
         try:
             last_check = time.monotonic()
             while True:
+                # asyncio.timeout, not wait_for: on 3.11 a cancel that meets the
+                # wake-up inside wait_for can be lost, and the daemon's stop hangs.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=CHECK_INTERVAL)
+                    async with asyncio.timeout(CHECK_INTERVAL):
+                        await self._wake.wait()
                 self._wake.clear()
                 await self._debounce()
                 with self._lock:
@@ -208,16 +211,20 @@ class FleetSync:
 
     async def _debounce(self) -> None:
         """Wait while messages keep coming (DEBOUNCE s of quiet), at most DEBOUNCE_MAX."""
-        for _ in range(int(DEBOUNCE_MAX / DEBOUNCE) + 1):
+        # Bounded by time (DEBOUNCE_MAX), not by the number of wake-ups: every
+        # message of a burst wakes us once.
+        for _ in range(1_000_000):
             with self._lock:
                 first = self._first_pending_at
-            if first is None or time.monotonic() - first >= DEBOUNCE_MAX:
+            left = DEBOUNCE_MAX - (time.monotonic() - first) if first is not None else 0.0
+            if left <= 0:
                 return
             self._wake.clear()
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=DEBOUNCE)
+                async with asyncio.timeout(min(DEBOUNCE, left)):
+                    await self._wake.wait()
             except TimeoutError:
-                return  # quiet: run the batch
+                return  # quiet (or the burst's time is up): run the batch
 
     # -- worker thread --
 
@@ -313,7 +320,7 @@ class FleetSync:
                 log.warning("fleet: cannot read the fleet's state from Redis: %s", e)
                 redis_up = False
         redis_up = redis_up and self.listener.connected.is_set()
-        mismatch = {c.name: c.name in refused for c in config.certificates if c.name in stored}
+        mismatch = {c.name: c.name in refused for c in config.certificates}
         self.view = FleetView(
             self.node, redis_up, nodes, stored, mismatch, time.time() if redis_up else self.view.at
         )

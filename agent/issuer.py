@@ -924,8 +924,13 @@ class Issuer:
                 messages.Order, self._post_as_get(net, resume.url), net.last_what,
                 ("status", "authorizations", "finalize"),
             )  # fmt: skip
-        except (AcmeServerError, messages.Error) as e:
-            log.warning("certificate %s: cannot resume order %s: %s", label, resume.url, e)
+        except (
+            AcmeServerError, AcmeProtocolError, messages.Error, errors.Error, ValueError,
+            jose_errors.DeserializationError,
+        ) as e:  # fmt: skip
+            # Unknown to the CA (404), another account's, or not an order: a new one.
+            why = redact_key_authorizations(str(e)) or type(e).__name__
+            log.warning("certificate %s: cannot resume order %s: %s", label, resume.url, why)
             return None
         names = sorted(i.value for i in order.identifiers)
         expired = order.expires is not None and order.expires.timestamp() <= time.time()

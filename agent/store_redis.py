@@ -153,7 +153,9 @@ def _reachable(method: _F) -> _F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return method(*args, **kwargs)
-        except (redis.ConnectionError, redis.TimeoutError) as e:
+        except (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError) as e:
+            # ReadOnlyError: a primary demoted by a Sentinel failover, until the
+            # client follows the new one.
             raise StoreUnavailable(f"fleet store unavailable (Redis): {e}") from e
 
     return wrapper  # type: ignore[return-value]
@@ -328,7 +330,7 @@ class RedisStorage(Storage):
             record = json.dumps(mine.to_json())
             try:
                 fence = int(self._acquire(keys=[lkey, fkey], args=[record, ms]))
-            except (redis.ConnectionError, redis.TimeoutError) as e:
+            except (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError) as e:
                 raise StoreUnavailable(f"fleet store unavailable (Redis): {e}") from e
             owner = None
             if not fence:
@@ -376,7 +378,7 @@ class RedisStorage(Storage):
             args += [k, bytes(value)]
         try:
             done, why = self._commit(keys=keys, args=args)
-        except (redis.ConnectionError, redis.TimeoutError) as e:
+        except (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError) as e:
             raise StoreUnavailable(f"Redis namespace {self.ns!r}: {e}") from e
         if int(done):
             return

@@ -342,3 +342,52 @@ def test_a_daemon_started_while_redis_is_down_serves_and_renews_once_it_is_back(
     assert orders_down == 0
     assert orders == 1
     assert health_back.startswith("200") and health_back.endswith("ok\n"), health_back
+
+
+def test_a_renewal_after_a_sentinel_failover_succeeds_on_the_new_primary(tmp_path: Path) -> None:
+    from tests.support.redis import SentinelProcess
+
+    if not redis_available():
+        pytest.fail("redis-server is not installed (scripts/setup.sh installs it)")
+    with RedisProcess(tmp_path / "primary") as primary:
+        replica = RedisProcess(
+            tmp_path / "replica", extra=f"replicaof {primary.host} {primary.port}"
+        ).start()
+        sentinel = SentinelProcess(tmp_path / "sentinel", primary, "acme").start()
+        try:
+            config = fleet_config(tmp_path, primary.url, "sent")
+            text = config.path.read_text().replace(
+                f'redis = "{primary.url}"',
+                f'sentinels = ["{sentinel.host}:{sentinel.port}"]\nservice = "acme"',
+            )
+            config.path.write_text(text)
+            config = load_config(config.path)
+            issuer = CountingIssuer()
+            renewer = Renewer(config, MemoryChallengeRegistry(), issuer=issuer)
+            first = renewer.run(None, False, False)[0]
+            assert first.status == "renewed", first
+            direct = redis.Redis(host=replica.host, port=replica.port)
+            for _ in range(500):  # bounded: until the replica has the certificate
+                if direct.exists("sent:v:certificates/www/current"):
+                    break
+                time.sleep(0.02)
+            primary.kill()  # SIGKILL: Sentinel promotes the replica
+            statuses = []
+            second = None
+            for _ in range(300):  # bounded: skipped while there is no primary
+                second = renewer.run(None, True, False)[0]
+                statuses.append(second.status)
+                if second.status != "skipped":
+                    break
+                time.sleep(0.1)
+            assert second is not None and second.status == "renewed", (second, statuses)
+            assert set(statuses[:-1]) <= {"skipped"}  # never a failure storm, never a crash
+            assert direct.execute_command("ROLE")[0] == b"master"  # type: ignore[no-untyped-call]
+            on_new = RedisStorage(direct, "sent")
+            meta = load_meta(on_new, "www")
+            assert meta is not None and meta.serial == second.serial
+            assert issuer.orders == 2
+            direct.close()
+        finally:
+            sentinel.stop()
+            replica.stop()

@@ -222,3 +222,34 @@ def test_a_node_paused_past_its_lease_cannot_install_its_stale_result(fleet: Fle
         meta.serial, "node-b", meta.fence,
     )  # fmt: skip
     assert fleet.new_orders() == 1
+
+
+def test_a_pending_order_left_by_a_killed_node_is_validated_again_by_the_next(
+    fleet: Fleet,
+) -> None:
+    fleet.proxy.hold("/chalZ/")  # node-a's answer to the challenge
+    first = fleet.start("node-a")
+    _wait("node-a's challenge answer", fleet.proxy.held.is_set)
+    record = json.loads(fleet.store().load(layout.order_key("www")))
+    assert record["status"] == "pending"
+    first.send_signal(signal.SIGKILL)
+    first.wait(10)
+    fleet.proxy.release(drop=True)  # the CA never heard the answer
+    result = fleet.results(fleet.start("node-b"))[0]
+    assert result["status"] == "renewed", result
+    assert fleet.new_orders() == 1
+    answers = [p for m, p in fleet.proxy.seen if m == "POST" and p.startswith("/chalZ/")]
+    assert len(answers) == 2  # node-b answered the same challenge again
+
+
+def test_a_recorded_order_the_ca_does_not_know_is_replaced_by_a_new_one(fleet: Fleet) -> None:
+    store = fleet.store()
+    store.store(layout.order_key("www"), json.dumps({
+        "url": fleet.proxy.directory_url.replace("/dir", "/my-order/no-such-order"),
+        "status": "pending", "finalize": None, "certificate": None, "node": "gone",
+        "fence": 1, "directory": fleet.proxy.directory_url, "domains": [DOMAIN],
+    }).encode())  # fmt: skip
+    result = fleet.results(fleet.start("node-b"))[0]
+    assert result["status"] == "renewed", result
+    assert fleet.new_orders() == 1
+    assert not store.exists(layout.order_key("www"))

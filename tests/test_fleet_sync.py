@@ -1,0 +1,146 @@
+"""FleetSync's batching and its triggers, against a real redis-server with a
+recording deployer: a burst of 200 "certificate changed" messages becomes ONE
+reconcile of the 200 (one deploy_batch per instance), our own messages are
+left to our deploy hook, every (re)subscription compares everything, and a
+refused key is reported by name."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from agent import fleet_sync
+from agent.deploy import DeployTarget, KeyMismatch, SyncStatus
+from agent.fleet import publish_changed
+from agent.fleet_sync import FleetSync, served_serials
+from agent.storage import FileStorage
+from tests.support.redis import redis_available, shared_redis
+
+
+@dataclass
+class Cert:
+    name: str
+
+
+class Config:
+    def __init__(self, names: Iterable[str]) -> None:
+        self.certificates = [Cert(n) for n in names]
+
+
+class RecordingDeployer:
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    def status(self) -> list[SyncStatus]:
+        return []
+
+    def instances(self) -> list[str]:
+        return ["unix:/run/haproxy/admin.sock"]
+
+    def reconcile(self, targets: Iterable[DeployTarget], instances: Any) -> list[SyncStatus]:
+        names = [t.name for t in targets]
+        self.calls.append(names)
+        inst = "unix:/run/haproxy/admin.sock"
+        return [SyncStatus(n, inst, 1, 1, True, pushed=True) for n in names]
+
+    def finish(self) -> bool:
+        return False
+
+
+class FakeDaemon:
+    def __init__(self, names: list[str], state: Path) -> None:
+        self.config = Config(names)
+        self.storage = FileStorage(state)
+        self.deployer = RecordingDeployer()
+        self._closing = threading.Event()
+        self._fresh_metas: dict[str, Any] = {}
+        self._heartbeat = None
+
+    def clock(self) -> float:
+        return time.time()
+
+
+NAMES = [f"c{i:03d}" for i in range(200)]
+
+
+def fake_targets(
+    config: Any, storage: Any, names: Iterable[str] | None = None
+) -> tuple[list[DeployTarget], dict[str, KeyMismatch]]:
+    refused = {"c199": KeyMismatch("certificate 'c199': the private key does not belong", 0x99)}
+    targets = [
+        DeployTarget(c.name, b"", 1, (f"{c.name}.test",))
+        for c in config.certificates
+        if c.name not in refused
+    ]
+    return targets, refused
+
+
+def test_a_burst_of_200_messages_is_one_reconcile_and_our_own_are_skipped(
+    tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    if not redis_available():
+        pytest.fail("redis-server is not installed (scripts/setup.sh installs it)")
+    monkeypatch.setattr(fleet_sync, "node_targets", fake_targets)
+    monkeypatch.setattr(fleet_sync.FleetSync, "_record", lambda self, statuses: None)
+    url, ns = shared_redis(tmp_path_factory).url, "t" + os.urandom(8).hex()
+    client = redis.Redis.from_url(url)
+    daemon = FakeDaemon(NAMES, tmp_path / "state")
+
+    async def main() -> list[list[str]]:
+        sync = FleetSync(daemon, client, ns, "edge-b")  # type: ignore[arg-type]
+        task = asyncio.create_task(sync.run())
+        try:
+            for _ in range(500):  # the first subscription: one full pass
+                if daemon.deployer.calls and sync.view.key_mismatch:
+                    break
+                await asyncio.sleep(0.02)
+            assert daemon.deployer.calls == [NAMES[:199]]
+            assert sync.view.key_mismatch["c199"] is True and sync.refused() == ["c199"]
+            # Our own message: our deploy hook deploys it, no pass.
+            publish_changed(client, ns, "c000", "1", 1, "edge-b")
+            # 200 renewed at once on another node: one burst of messages.
+            pipe = client.pipeline(transaction=False)
+            for name in NAMES:
+                pipe.publish(f"{ns}:certificates", f'{{"name": "{name}", "serial": "1", '
+                             f'"fence": 3, "node": "edge-a"}}')  # fmt: skip
+            pipe.execute()
+            for _ in range(500):
+                if len(daemon.deployer.calls) >= 2:
+                    break
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.5)  # room for a wrong second batch to show up
+            return list(daemon.deployer.calls)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    with caplog.at_level("ERROR"):
+        calls = asyncio.run(main())
+    client.close()
+    assert len(calls) == 2, [len(c) for c in calls]
+    assert sorted(calls[1]) == NAMES[:199]  # one batch, without the refused one
+    refusals = [r for r in caplog.records if "refuses to deploy certificate c199" in r.message]
+    assert len(refusals) == 1 and "node edge-b" in refusals[0].message  # once per serial
+
+
+def test_the_heartbeat_carries_the_serial_every_instance_serves() -> None:
+    statuses = [
+        SyncStatus("www", "a", 0x1A, 0x1A, True),
+        SyncStatus("www", "b", 0x1A, 0x1A, True),
+        SyncStatus("api", "a", 0x2B, 0x2C, False),
+        SyncStatus("api", "b", 0x2C, 0x2C, True),
+        SyncStatus("old", "a", None, 0x3, False),
+    ]
+    assert served_serials(statuses) == {"www": "1a", "api": None, "old": None}
