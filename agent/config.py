@@ -38,6 +38,10 @@ Schema (every key optional unless marked required):
                 secret_file (required: 32 random bytes, 0600, the same on every node)
     [[certificates]]  name (required), domains (required), key (required), csr,
                 generate_key = false, key_type = "ec256", backup_pins = [], dhparam,
+                or instead of key/csr/generate_key/key_type: keys = [{ key, key_type,
+                generate_key, csr }, ...], one key per type (RSA and ECDSA): a dual
+                certificate, stored and served as NAME.rsa and NAME.ecdsa
+                (docs/dual-certificates.md),
                 renew_before ("30d", "12h", "90m", "3600s"), allow_leaf_only (default: [acme]'s),
                 challenge = "http-01" | "dns-01" | "dns-persist-01" (wildcards "*.example.com"
                 need a DNS challenge; dns-01 names must lie in a [[dns]] zone)
@@ -57,13 +61,13 @@ import os
 import re
 import socket
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from agent import keys
+from agent import keys, layout
 
 DEFAULT_CONFIG_PATH = Path("/etc/haproxy-acme-agent/config.toml")
 DEFAULT_STATE_DIR = "/var/lib/haproxy-acme-agent"
@@ -208,6 +212,16 @@ class CertificateConfig:
     renew_before: float | None = None  # seconds before not_after; None = automatic rule
     allow_leaf_only: bool | None = None  # None: [acme] allow_leaf_only decides
     challenge: str = "http-01"  # "http-01" | "dns-01" | "dns-persist-01" (agent/solvers.py)
+    # A certificate with `keys` (one key per type) is one CertificateConfig per key,
+    # named `<group>.<key_kind>` (agent.layout.variant_name): `group` is the name in
+    # the config, `key_kind` "rsa" or "ecdsa". Both None for a single-key certificate.
+    group: str | None = None
+    key_kind: str | None = None
+
+    @property
+    def label(self) -> str:
+        """The name the operator wrote in the config (the group of a dual certificate)."""
+        return self.group or self.name
 
 
 @dataclass(frozen=True)
@@ -251,6 +265,40 @@ class Config:
             if c.name == name:
                 return c
         raise KeyError(name)
+
+    def pair(self, name: str) -> tuple[CertificateConfig, ...]:
+        """Every key's certificate of the certificate `name` belongs to: the variants
+        of its group (a dual certificate; `name` may be the group or a variant), or
+        `(certificate(name),)`. KeyError if there is none."""
+        for c in self.certificates:
+            if c.name == name or (c.group is not None and c.group == name):
+                if c.group is None:
+                    return (c,)
+                return tuple(v for v in self.certificates if v.group == c.group)
+        raise KeyError(name)
+
+    def expand_names(self, names: Sequence[str]) -> list[str]:
+        """`names` with each dual certificate's group name (and each of its variants)
+        replaced by all its variants, in config order; KeyError naming the unknown."""
+        unknown = [n for n in names if not any(n in (c.name, c.group) for c in self.certificates)]
+        if unknown:
+            raise KeyError(f"no certificate named {', '.join(map(repr, unknown))}")
+        wanted = {v.name for n in names for v in self.pair(n)}
+        return [c.name for c in self.certificates if c.name in wanted]
+
+
+@dataclass(frozen=True)
+class _KeyEntry:
+    """One parsed key of a certificate (see _Loader._key_entry)."""
+
+    path: Path
+    generate: bool
+    key_type: str
+    csr: Path | None
+
+    @property
+    def kind(self) -> str:
+        return layout.key_kind(self.key_type)
 
 
 # --- value parsers ---------------------------------------------------------------------
@@ -791,13 +839,25 @@ class _Loader:
             prefix = f"certificates[{i}]"
             if not isinstance(item, dict):
                 raise ConfigError(self.file, prefix, "expected a table ([[certificates]])")
-            cert = self._certificate(_Section(self, prefix, item))
-            if cert.name in names:
+            variants = self._certificate(_Section(self, prefix, item))
+            # A dual certificate NAME stores its keys' certificates as NAME.rsa and
+            # NAME.ecdsa (agent.layout.variant_name): those names are taken too.
+            taken = {variants[0].group or variants[0].name, *(v.name for v in variants)}
+            clash = sorted(taken & names)
+            if clash:
                 raise ConfigError(
-                    self.file, f"{prefix}.name", f"duplicate certificate name {cert.name!r}"
+                    self.file,
+                    f"{prefix}.name",
+                    f"duplicate certificate name {clash[0]!r}"
+                    + (
+                        ""
+                        if clash[0] == (variants[0].group or variants[0].name)
+                        else " (a certificate with `keys` stores its keys' certificates as "
+                        "NAME.rsa and NAME.ecdsa)"
+                    ),
                 )
-            names.add(cert.name)
-            certs.append(cert)
+            names |= taken
+            certs.extend(variants)
         return tuple(certs)
 
     def _dns_zones(self, top: _Section) -> tuple[DnsZoneConfig, ...]:
@@ -880,62 +940,19 @@ class _Loader:
             propagation_timeout=propagation,
         )
 
-    def _certificate(self, s: _Section) -> CertificateConfig:
-        name = s.get_str("name", required=True)
-        assert name is not None
-        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", name) or ".." in name:
-            raise s.error(
-                "name",
-                f"{name!r} is not a safe name (letters, digits, '.', '_', '-'; no '/' or '..'; "
-                "it names files in the state directory)",
-            )
-        challenge = s.get_str("challenge", "http-01")
-        assert challenge is not None
-        if challenge not in ("http-01", "dns-01", "dns-persist-01"):
-            raise s.error(
-                "challenge", f'{challenge!r} is not "http-01", "dns-01" or "dns-persist-01"'
-            )
-        raw_domains = s.get("domains", list, required=True)
-        if not raw_domains:
-            raise s.error("domains", "must list at least one domain")
-        domains: list[str] = []
-        for j, d in enumerate(raw_domains):
-            dkey = f"{s.key('domains')}[{j}]"
-            if not isinstance(d, str):
-                raise ConfigError(self.file, dkey, f"expected a string, got {_toml_type(d)}")
-            try:
-                norm = validate_domain(d, wildcard_ok=challenge != "http-01")
-            except ValueError as e:
-                raise ConfigError(self.file, dkey, str(e)) from None
-            holder = _zone_holding(self.dns_zones, norm)
-            if challenge == "dns-01" and holder is None:
-                raise ConfigError(
-                    self.file,
-                    dkey,
-                    f"{norm!r} uses challenge dns-01 but no [[dns]] zone holds it "
-                    f"(zones: {', '.join(z.zone for z in self.dns_zones) or 'none'})",
-                )
-            if challenge == "dns-01" and holder is not None and not (holder.server or holder.hook):
-                raise ConfigError(
-                    self.file,
-                    dkey,
-                    f"{norm!r} uses challenge dns-01 but its [[dns]] zone {holder.zone!r} has "
-                    "neither server + tsig_* keys nor a hook to publish records with",
-                )
-            if norm in domains:
-                raise ConfigError(self.file, dkey, f"duplicate domain {norm!r}")
-            domains.append(norm)
-        # ACME (and Let's Encrypt) cap an order at 100 names.
-        if len(domains) > 100:
-            raise s.error("domains", "at most 100 domains per certificate")
-
+    def _key_entry(
+        self, s: _Section, domains: list[str], default_type: str | None
+    ) -> _KeyEntry:
+        """One key: `key`, `generate_key`, `key_type`, `csr` of table `s` (a
+        [[certificates]] table, or one table of its `keys` list). `default_type`
+        None: `key_type` is taken from the existing key file, and is required to
+        create one."""
         key_path = s.get_path("key", required=True)
         assert key_path is not None
         generate_key = s.get("generate_key", bool, False)
         key_type_given = s.has("key_type")
-        key_type = s.get_str("key_type", "ec256")
-        assert key_type is not None
-        if key_type not in keys.KEY_TYPES:
+        key_type = s.get_str("key_type", default_type)
+        if key_type is not None and key_type not in keys.KEY_TYPES:
             raise s.error("key_type", f"{key_type!r} is not one of {', '.join(keys.KEY_TYPES)}")
 
         key: keys.PrivateKey | None = None
@@ -985,6 +1002,103 @@ class _Loader:
                     f"from domains ({', '.join(sorted(domains))})",
                 )
 
+        if key_type is None:
+            if key is None:
+                raise s.error("key_type", "is required to create the key (generate_key = true)")
+            key_type = _key_type_of(key)
+        return _KeyEntry(key_path, generate_key, key_type, csr_path)
+
+    def _key_list(self, s: _Section, domains: list[str]) -> list[_KeyEntry]:
+        """`keys = [{ key = ..., key_type = ... }, ...]`: one key per kind (RSA, ECDSA)."""
+        raw = s.get("keys", list)
+        if not raw:
+            raise s.error("keys", "must list at least one key ({ key = \"...\", key_type = ... })")
+        entries: list[_KeyEntry] = []
+        for j, item in enumerate(raw):
+            prefix = f"{s.key('keys')}[{j}]"
+            if not isinstance(item, dict):
+                raise ConfigError(
+                    self.file, prefix, f"expected a table {{ key = ... }}, got {_toml_type(item)}"
+                )
+            sub = _Section(self, prefix, item)
+            entry = self._key_entry(sub, domains, default_type=None)
+            sub.check_unknown()
+            for k, other in enumerate(entries):
+                if other.kind == entry.kind:
+                    raise ConfigError(
+                        self.file,
+                        prefix,
+                        f"a second {entry.kind.upper()} key ({entry.key_type}; keys[{k}] is "
+                        f"{other.key_type}): list one key per type, RSA and ECDSA",
+                    )
+                if other.path.resolve() == entry.path.resolve():
+                    raise ConfigError(
+                        self.file, f"{prefix}.key", f"{entry.path} is also keys[{k}].key"
+                    )
+            entries.append(entry)
+        return entries
+
+    def _certificate(self, s: _Section) -> tuple[CertificateConfig, ...]:
+        name = s.get_str("name", required=True)
+        assert name is not None
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", name) or ".." in name:
+            raise s.error(
+                "name",
+                f"{name!r} is not a safe name (letters, digits, '.', '_', '-'; no '/' or '..'; "
+                "it names files in the state directory)",
+            )
+        challenge = s.get_str("challenge", "http-01")
+        assert challenge is not None
+        if challenge not in ("http-01", "dns-01", "dns-persist-01"):
+            raise s.error(
+                "challenge", f'{challenge!r} is not "http-01", "dns-01" or "dns-persist-01"'
+            )
+        raw_domains = s.get("domains", list, required=True)
+        if not raw_domains:
+            raise s.error("domains", "must list at least one domain")
+        domains: list[str] = []
+        for j, d in enumerate(raw_domains):
+            dkey = f"{s.key('domains')}[{j}]"
+            if not isinstance(d, str):
+                raise ConfigError(self.file, dkey, f"expected a string, got {_toml_type(d)}")
+            try:
+                norm = validate_domain(d, wildcard_ok=challenge != "http-01")
+            except ValueError as e:
+                raise ConfigError(self.file, dkey, str(e)) from None
+            holder = _zone_holding(self.dns_zones, norm)
+            if challenge == "dns-01" and holder is None:
+                raise ConfigError(
+                    self.file,
+                    dkey,
+                    f"{norm!r} uses challenge dns-01 but no [[dns]] zone holds it "
+                    f"(zones: {', '.join(z.zone for z in self.dns_zones) or 'none'})",
+                )
+            if challenge == "dns-01" and holder is not None and not (holder.server or holder.hook):
+                raise ConfigError(
+                    self.file,
+                    dkey,
+                    f"{norm!r} uses challenge dns-01 but its [[dns]] zone {holder.zone!r} has "
+                    "neither server + tsig_* keys nor a hook to publish records with",
+                )
+            if norm in domains:
+                raise ConfigError(self.file, dkey, f"duplicate domain {norm!r}")
+            domains.append(norm)
+        # ACME (and Let's Encrypt) cap an order at 100 names.
+        if len(domains) > 100:
+            raise s.error("domains", "at most 100 domains per certificate")
+
+        if s.has("keys"):
+            for single in ("key", "generate_key", "key_type", "csr"):
+                if s.has(single):
+                    raise s.error(
+                        single,
+                        "a certificate with `keys` (one key per type) sets it per key, "
+                        "inside `keys`",
+                    )
+            variants = self._key_list(s, domains)
+        else:
+            variants = [self._key_entry(s, domains, default_type="ec256")]
+
         pins = s.get_str_list("backup_pins")
         for j, pin in enumerate(pins):
             key_j = f"{s.key('backup_pins')}[{j}]"
@@ -1012,18 +1126,24 @@ class _Loader:
                 raise s.error("renew_before", str(e)) from None
         allow_leaf_only: bool | None = s.get("allow_leaf_only", bool, None)
         s.check_unknown()
-        return CertificateConfig(
-            name=name,
-            domains=tuple(domains),
-            key=key_path,
-            csr=csr_path,
-            generate_key=generate_key,
-            key_type=key_type,
-            backup_pins=tuple(pins),
-            dhparam=dhparam,
-            renew_before=renew_before,
-            allow_leaf_only=allow_leaf_only,
-            challenge=challenge,
+        dual = len(variants) > 1 or s.has("keys")
+        return tuple(
+            CertificateConfig(
+                name=layout.variant_name(name, v.kind) if dual else name,
+                domains=tuple(domains),
+                key=v.path,
+                csr=v.csr,
+                generate_key=v.generate,
+                key_type=v.key_type,
+                backup_pins=tuple(pins),
+                dhparam=dhparam,
+                renew_before=renew_before,
+                allow_leaf_only=allow_leaf_only,
+                challenge=challenge,
+                group=name if dual else None,
+                key_kind=v.kind if dual else None,
+            )
+            for v in variants
         )
 
 

@@ -143,6 +143,12 @@ class Daemon:
             self.storage,
             on_installed=self._deploy_installed,
         )
+        # A dual certificate's key -> the other keys of its pair (agent.pairs).
+        groups: dict[str, list[str]] = {}
+        for c in config.certificates:
+            if c.group is not None:
+                groups.setdefault(c.group, []).append(c.name)
+        self._pairs = {n: tuple(m for m in g if m != n) for g in groups.values() for n in g}
         self.semaphore = asyncio.Semaphore(config.acme.max_concurrent_orders)
         # Orders run on threads of their own, not asyncio's default executor:
         # a stop must not wait for an order that takes minutes.
@@ -210,15 +216,20 @@ class Daemon:
         for s in self.deployer.status():
             sync.setdefault(s.name, {})[s.instance] = s.in_sync
         instances = self.renewer.deploy_instances()
+        dual = {c.name: c for c in self.config.certificates if c.group is not None}
         for name, st in list(self.states.items()):
             meta = st.meta
+            variant = dual.get(name)
             last_ok = None
             if meta is not None:
                 last_ok = meta.installed_at
                 if meta.last_attempt is not None and meta.last_attempt.result == "success":
                     last_ok = meta.last_attempt.time
             yield CertificateView(
-                name=name,
+                # A dual certificate's key: certificate="NAME", key_type="rsa4096"
+                # (docs/metrics.md); a single-key certificate's series are unchanged.
+                name=variant.label if variant else name,
+                key_type=variant.key_type if variant else None,
                 not_before=meta.not_before if meta else None,
                 not_after=meta.not_after if meta else None,
                 next_renewal=st.next_at,
@@ -310,8 +321,13 @@ class Daemon:
                 results = await loop.run_in_executor(
                     self._executor, self.renewer.run, [name], force, False
                 )
-            result = results[0]
+            # A dual certificate's keys are renewed as a pair: one result per key.
+            result = next(r for r in results if r.name == name)
+            others = [r for r in results if r.name != name]
             meta = await asyncio.to_thread(load_meta, self.storage, name)
+            for r in others:
+                other_meta = await asyncio.to_thread(load_meta, self.storage, r.name)
+                self._after_renewal(r.name, r, other_meta)
             await asyncio.to_thread(self._load_holds)
         except KeyError:
             result = RenewResult(name, "failed", "certificate removed from the config meanwhile")
@@ -388,6 +404,9 @@ class Daemon:
             if st.running:
                 continue
             if st.next_at <= now:
+                mates = [self.states.get(n) for n in self._pairs.get(name, ())]
+                if any(m is not None and m.running for m in mates):
+                    continue  # its pair is being renewed, this key with it
                 self._renewal_task(name, False)
                 continue
             soonest = min(soonest, st.next_at)
