@@ -173,7 +173,6 @@ def pair_key(group: str) -> str:
 
 
 
-
 # DNS challenges (agent/dns01.py, agent/dns_persist.py): not per-generation state.
 DNS_PENDING = "dns/pending"
 
