@@ -375,7 +375,9 @@ class Daemon:
                 delay = max(result.retry_at - now, 0.0) + self.rng.uniform(0.0, 1.0)
                 st.next_at = now + delay
             self.metrics.renewals.labels(name, "failure").inc()
-            if result.error_type != "deploy":  # deploy failures: deploy_errors, per instance
+            # deploy failures: deploy_errors, per instance; "pair": a dual certificate's key
+            # held back because its sibling's order failed (that one is counted).
+            if result.error_type not in ("deploy", "pair"):
                 self.metrics.acme_errors.labels(result.error_type or "other").inc()
             log.error("renewal failed; retrying in %.0f s", delay, extra=extra)
             return

@@ -170,7 +170,7 @@ def test_failed_ecdsa_order_leaves_the_old_pair_served_and_stored(
     rc, out, err = cli(capsys, "renew", "-c", str(config), "--force")
     out += err  # failures are printed on stderr
     assert rc != 0
-    assert sorted(ordered) == [f"{NAME}.ecdsa", f"{NAME}.rsa"]  # both were ordered
+    assert sorted(str(n) for n in ordered) == [f"{NAME}.ecdsa", f"{NAME}.rsa"]  # both were ordered
     assert "injected fault" in out
     assert re.search(rf"{NAME}\.rsa: failed: issued and checked \(serial [0-9a-f]+\) but not "
                      r"installed: the ecdsa order failed", out), out  # fmt: skip
