@@ -408,3 +408,43 @@ def test_a_dual_certificates_keys_carry_a_key_type_label_and_single_keys_do_not(
     )
     assert 'haproxy_acme_haproxy_in_sync{certificate="api",instance="i"} 1.0' in text
     assert text.count("# TYPE haproxy_acme_haproxy_in_sync gauge") == 1
+
+
+# --- daemon ------------------------------------------------------------------------------
+
+
+def test_the_daemon_renews_a_pair_in_one_task_and_reschedules_both_keys(config: Config) -> None:
+    import asyncio
+    import random
+
+    from agent.daemon import Daemon
+
+    issuer = PairIssuer()
+
+    async def main() -> None:
+        daemon = Daemon(config, rng=random.Random(7))
+        daemon.renewer.issuer = issuer  # type: ignore[assignment]
+        await daemon._schedule_all()
+        # Both keys are due (nothing stored): the scheduler starts ONE pair renewal.
+        daemon._tick()
+        pair_tasks = [k for k in daemon._renewals if k.startswith("\0pair:")]
+        assert len(pair_tasks) == 1 and len(daemon._renewals) == 2  # the pair + "api"
+        await asyncio.gather(*daemon._renewals.values())
+        assert sorted(str(n) for n in issuer.ordered) == ["api", "www.ecdsa", "www.rsa"]
+        for name in ("www.rsa", "www.ecdsa"):
+            st = daemon.states[name]
+            assert not st.running and st.meta is not None and st.meta.installed
+            assert st.next_at > time.time() + 30 * DAY  # rescheduled from its new leaf
+        # The control socket takes the config's name; each key gets its own result.
+        issuer.fail = {"www.ecdsa"}
+        reply = await daemon._control({"cmd": "renew", "names": ["www"], "force": True})
+        assert reply["ok"], reply
+        got = {r["name"]: r["status"] for r in reply["results"]}
+        assert got == {"www.rsa": "failed", "www.ecdsa": "failed"}
+        assert issuer.ordered.count("www.rsa") == 2  # ordered once more, not twice
+        assert all(daemon.states[n].failures == 1 for n in ("www.rsa", "www.ecdsa"))
+        text = daemon.metrics.render().decode()
+        assert 'certificate="www",key_type="rsa2048"' in text
+        assert 'haproxy_acme_acme_errors_total{type="order"} 1.0' in text
+
+    asyncio.run(main())
