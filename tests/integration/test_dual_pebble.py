@@ -192,3 +192,53 @@ def test_failed_ecdsa_order_leaves_the_old_pair_served_and_stored(
     new = stored_pair(state)
     assert all(new[k] != old[k] for k in old)
     assert served_pair(stack) == new
+
+
+class Killed(BaseException):
+    """Stands for a kill -9 between the two `current` switches of a pair install."""
+
+
+def test_a_crash_between_the_two_switches_ends_with_the_new_pair_served_after_the_next_run(
+    tmp_path: Path,
+    stack: AcmeStack,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from agent import pairs
+
+    config = dual_config(stack, tmp_path)
+    state = tmp_path / "state"
+    rc, _, err = cli(capsys, "renew", "-c", str(config))
+    assert rc == 0, err
+    old = stored_pair(state)
+
+    real_switch = pairs.switch_generation
+    switched: list[str] = []
+
+    def switch(storage: Any, name: str, gen_id: str) -> None:
+        if switched:  # the second key: the process "dies" here
+            raise Killed(name)
+        switched.append(name)
+        real_switch(storage, name, gen_id)
+
+    monkeypatch.setattr(pairs, "switch_generation", switch)
+    with pytest.raises(Killed):
+        main(["renew", "-c", str(config), "--force"])
+    capsys.readouterr()
+    monkeypatch.setattr(pairs, "switch_generation", real_switch)
+    half = stored_pair(state)
+    assert half["rsa"] != old["rsa"] and half["ecdsa"] == old["ecdsa"]  # the torn state
+    assert served_pair(stack) == old  # nothing was deployed before the crash
+    pointer = json.loads((state / "pairs" / f"{NAME}.json").read_text())["generations"]
+
+    # The next run (cron; the daemon's start does the same repair): the pair pointer
+    # decides, both keys are pushed, and HAProxy serves the new pair together.
+    rc, out, err = cli(capsys, "renew", "-c", str(config))
+    assert rc == 0, err
+    new = stored_pair(state)
+    assert new["rsa"] == half["rsa"] and new["ecdsa"] != old["ecdsa"]
+    assert {
+        f"{NAME}.{k}": (state / "certificates" / f"{NAME}.{k}" / "current").read_text()
+        for k in ("rsa", "ecdsa")
+    } == pointer
+    assert served_pair(stack) == new
