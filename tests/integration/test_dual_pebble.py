@@ -212,7 +212,7 @@ def test_a_crash_between_the_two_switches_ends_with_the_new_pair_served_after_th
     assert rc == 0, err
     old = stored_pair(state)
 
-    real_switch = pairs.switch_generation
+    real_switch = pairs.switch_generation  # type: ignore[attr-defined]
     switched: list[str] = []
 
     def switch(storage: Any, name: str, gen_id: str) -> None:
@@ -235,6 +235,7 @@ def test_a_crash_between_the_two_switches_ends_with_the_new_pair_served_after_th
     # decides, both keys are pushed, and HAProxy serves the new pair together.
     rc, out, err = cli(capsys, "renew", "-c", str(config))
     assert rc == 0, err
+    assert f"{NAME}.ecdsa: deployed" in out and f"{NAME}.rsa: deployed" in out, out
     new = stored_pair(state)
     assert new["rsa"] == half["rsa"] and new["ecdsa"] != old["ecdsa"]
     assert {
