@@ -539,7 +539,10 @@ def stored_names(storage: Storage) -> list[str]:
 
 
 def repair(
-    storage: Storage, names: Iterable[str] = (), lock_timeout: float = 5.0
+    storage: Storage,
+    names: Iterable[str] = (),
+    lock_timeout: float = 5.0,
+    pinned: Mapping[str, str] | None = None,
 ) -> RepairReport:
     """Make the stored state whole again after a crash or an older version.
 
@@ -550,7 +553,14 @@ def repair(
     completed but did not switch to, or when it points nowhere valid); delete
     incomplete generations and all but the current and previous complete ones. Temp files
     elsewhere in storage (accounts, locks) older than a minute go too.
+
+    `pinned` maps a certificate name to the generation a pair pointer says it
+    serves (a dual certificate's key, `agent.pairs.pinned_generations`): a
+    complete pinned generation at or after `current` becomes `current` (the
+    pair's switch is rolled forward), and a newer generation than it is one
+    half of a pair whose pointer was never written: deleted, not adopted.
     """
+    pinned = pinned or {}
     report = RepairReport()
     # One listing of every key (cheap), then a lock and a closer look only
     # where something is off: a start with 10,000 certificates stays quick.
@@ -567,13 +577,17 @@ def repair(
         [layout.current_key(n) for n in every if n not in with_temps and n in by_name]
     )
     for name in every:
-        if name not in with_temps and not _needs_repair(
-            name, by_name.get(name, []), pointers.get(layout.current_key(name))
+        if (
+            name not in with_temps
+            and not _needs_repair(
+                name, by_name.get(name, []), pointers.get(layout.current_key(name))
+            )
+            and (name not in pinned or read_current(storage, name) == pinned[name])
         ):
             continue
         try:
             with storage.locked(layout.cert_lock(name), timeout=lock_timeout):
-                _repair_one(storage, name, report)
+                _repair_one(storage, name, report, pinned.get(name))
         except LockTimeout:
             report.skipped.append(name)
     for top in storage.list(""):
@@ -613,7 +627,9 @@ def _needs_repair(name: str, keys_below: Sequence[str], pointer: bytes | None) -
     return current != max(gens)
 
 
-def _repair_one(storage: Storage, name: str, report: RepairReport) -> None:
+def _repair_one(
+    storage: Storage, name: str, report: RepairReport, pinned: str | None = None
+) -> None:
     report.temp_files += storage.remove_temporaries(layout.cert_prefix(name))
     if _migrate_legacy(storage, name):
         report.migrated.append(name)
@@ -638,7 +654,18 @@ def _repair_one(storage: Storage, name: str, report: RepairReport) -> None:
             report.incomplete_generations += 1
             continue
         complete.append(gen_id)
-    if complete and (current not in complete or complete[-1] > current):
+    if pinned is not None and pinned in complete and (current is None or pinned >= current):
+        # One key of a dual certificate: its pair pointer decides (agent.pairs).
+        if current != pinned:
+            storage.store(layout.current_key(name), pinned.encode())
+            update_state(storage, name, lambda s: replace(s, ari=None))
+            report.repointed.append(name)
+            current = pinned
+        for gen_id in [g for g in complete if g > pinned]:
+            storage.delete_all(layout.generation_prefix(name, gen_id))
+            report.incomplete_generations += 1
+        complete = [g for g in complete if g <= pinned]
+    elif complete and (current not in complete or complete[-1] > current):
         # A kill after a generation was complete (meta.json is written last,
         # after the checks) but before the switch: adopt it rather than order
         # again. A damaged pointer or generation: the newest good one.

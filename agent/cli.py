@@ -47,20 +47,35 @@ def load(args: argparse.Namespace) -> Config:
     return load_config(args.config)
 
 
+def _select_one(config: Config, name: str) -> CertificateConfig:
+    """The one certificate `name` (a key's NAME.KIND for a dual certificate)."""
+    found = _select(config, [name])
+    if len(found) != 1:
+        raise ConfigError(
+            config.path,
+            "certificates",
+            f"{name!r} is a certificate with one key per type: name one of its keys "
+            f"({', '.join(c.name for c in found)})",
+        )
+    return found[0]
+
+
 def _select(config: Config, names: Sequence[str]) -> list[CertificateConfig]:
     """The named certificates (all when `names` is empty); unknown names -> ConfigError."""
     if not names:
         return list(config.certificates)
     known = {c.name: c for c in config.certificates}
-    unknown = [n for n in names if n not in known]
+    # A dual certificate is named by its config name (all its keys) or a key's NAME.KIND.
+    groups = {c.group for c in config.certificates if c.group}
+    unknown = [n for n in names if n not in known and n not in groups]
     if unknown:
         raise ConfigError(
             config.path,
             "certificates",
             f"no certificate named {', '.join(map(repr, unknown))} "
-            f"(configured: {', '.join(known) or 'none'})",
+            f"(configured: {', '.join(dict.fromkeys(c.label for c in known.values())) or 'none'})",
         )
-    return [known[n] for n in dict.fromkeys(names)]
+    return [known[n] for n in config.expand_names(list(dict.fromkeys(names)))]
 
 
 def _fmt_time(t: float | None) -> str:
@@ -408,7 +423,7 @@ def cmd_dns_persist(args: argparse.Namespace) -> int:
     from agent.storage import FileStorage
 
     config = load(args)
-    (cert,) = _select(config, [args.name])
+    cert = _select_one(config, args.name)
     if cert.challenge != "dns-persist-01":
         raise ConfigError(
             config.path,
@@ -551,7 +566,7 @@ def _args_csr(p: argparse.ArgumentParser) -> None:
 
 def cmd_csr(args: argparse.Namespace) -> int:
     config = load(args)
-    (cert,) = _select(config, [args.name])
+    cert = _select_one(config, args.name)
     try:
         if cert.csr is not None:
             pem = keys.csr_pem(keys.load_csr(cert.csr))

@@ -38,6 +38,10 @@ Schema (every key optional unless marked required):
                 secret_file (required: 32 random bytes, 0600, the same on every node)
     [[certificates]]  name (required), domains (required), key (required), csr,
                 generate_key = false, key_type = "ec256", backup_pins = [], dhparam,
+                or instead of key/csr/generate_key/key_type: keys = [{ key, key_type,
+                generate_key, csr }, ...], one key per type (RSA and ECDSA): a dual
+                certificate, stored and served as NAME.rsa and NAME.ecdsa
+                (docs/dual-certificates.md),
                 renew_before ("30d", "12h", "90m", "3600s"), allow_leaf_only (default: [acme]'s),
                 challenge = "http-01" | "dns-01" | "dns-persist-01" (wildcards "*.example.com"
                 need a DNS challenge; dns-01 names must lie in a [[dns]] zone)
@@ -57,13 +61,13 @@ import os
 import re
 import socket
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from agent import keys
+from agent import keys, layout
 
 DEFAULT_CONFIG_PATH = Path("/etc/haproxy-acme-agent/config.toml")
 DEFAULT_STATE_DIR = "/var/lib/haproxy-acme-agent"
@@ -210,6 +214,16 @@ class CertificateConfig:
     challenge: str = "http-01"  # "http-01" | "dns-01" | "dns-persist-01" (agent/solvers.py)
     # What checking `key` found at load time (None: a generate_key key not created yet).
     key_facts: keys.KeyFileFacts | None = field(default=None, compare=False, repr=False)
+    # A certificate with `keys` (one key per type) is one CertificateConfig per key,
+    # named `<group>.<key_kind>` (agent.layout.variant_name): `group` is the name in
+    # the config, `key_kind` "rsa" or "ecdsa". Both None for a single-key certificate.
+    group: str | None = None
+    key_kind: str | None = None
+
+    @property
+    def label(self) -> str:
+        """The name the operator wrote in the config (the group of a dual certificate)."""
+        return self.group or self.name
 
 
 @dataclass(frozen=True)
@@ -253,6 +267,41 @@ class Config:
             if c.name == name:
                 return c
         raise KeyError(name)
+
+    def pair(self, name: str) -> tuple[CertificateConfig, ...]:
+        """Every key's certificate of the certificate `name` belongs to: the variants
+        of its group (a dual certificate; `name` may be the group or a variant), or
+        `(certificate(name),)`. KeyError if there is none."""
+        for c in self.certificates:
+            if c.name == name or (c.group is not None and c.group == name):
+                if c.group is None:
+                    return (c,)
+                return tuple(v for v in self.certificates if v.group == c.group)
+        raise KeyError(name)
+
+    def expand_names(self, names: Sequence[str]) -> list[str]:
+        """`names` with each dual certificate's group name (and each of its variants)
+        replaced by all its variants, in config order; KeyError naming the unknown."""
+        unknown = [n for n in names if not any(n in (c.name, c.group) for c in self.certificates)]
+        if unknown:
+            raise KeyError(f"no certificate named {', '.join(map(repr, unknown))}")
+        wanted = {v.name for n in names for v in self.pair(n)}
+        return [c.name for c in self.certificates if c.name in wanted]
+
+
+@dataclass(frozen=True)
+class _KeyEntry:
+    """One parsed key of a certificate (see _Loader._key_entry)."""
+
+    path: Path
+    generate: bool
+    key_type: str
+    csr: Path | None
+    facts: keys.KeyFileFacts | None = None  # what checking the file found (None: to be created)
+
+    @property
+    def kind(self) -> str:
+        return layout.key_kind(self.key_type)
 
 
 # --- value parsers ---------------------------------------------------------------------
@@ -800,13 +849,25 @@ class _Loader:
             prefix = f"certificates[{i}]"
             if not isinstance(item, dict):
                 raise ConfigError(self.file, prefix, "expected a table ([[certificates]])")
-            cert = self._certificate(_Section(self, prefix, item))
-            if cert.name in names:
+            variants = self._certificate(_Section(self, prefix, item))
+            # A dual certificate NAME stores its keys' certificates as NAME.rsa and
+            # NAME.ecdsa (agent.layout.variant_name): those names are taken too.
+            taken = {variants[0].group or variants[0].name, *(v.name for v in variants)}
+            clash = sorted(taken & names)
+            if clash:
                 raise ConfigError(
-                    self.file, f"{prefix}.name", f"duplicate certificate name {cert.name!r}"
+                    self.file,
+                    f"{prefix}.name",
+                    f"duplicate certificate name {clash[0]!r}"
+                    + (
+                        ""
+                        if clash[0] == (variants[0].group or variants[0].name)
+                        else " (a certificate with `keys` stores its keys' certificates as "
+                        "NAME.rsa and NAME.ecdsa)"
+                    ),
                 )
-            names.add(cert.name)
-            certs.append(cert)
+            names |= taken
+            certs.extend(variants)
         return tuple(certs)
 
     def _dns_zones(self, top: _Section) -> tuple[DnsZoneConfig, ...]:
@@ -889,7 +950,103 @@ class _Loader:
             propagation_timeout=propagation,
         )
 
-    def _certificate(self, s: _Section) -> CertificateConfig:
+    def _key_entry(
+        self, s: _Section, domains: list[str], default_type: str | None
+    ) -> _KeyEntry:
+        """One key: `key`, `generate_key`, `key_type`, `csr` of table `s` (a
+        [[certificates]] table, or one table of its `keys` list). `default_type`
+        None: `key_type` is taken from the existing key file, and is required to
+        create one."""
+        key_path = s.get_path("key", required=True)
+        assert key_path is not None
+        generate_key = s.get("generate_key", bool, False)
+        key_type_given = s.has("key_type")
+        key_type = s.get_str("key_type", default_type)
+        if key_type is not None and key_type not in keys.KEY_TYPES:
+            raise s.error("key_type", f"{key_type!r} is not one of {', '.join(keys.KEY_TYPES)}")
+
+        facts: keys.KeyFileFacts | None = None
+        if not generate_key or key_path.exists():
+            try:
+                facts = keys.key_file_facts(key_path, self.key_cache.get(str(key_path)))
+            except keys.StableKeyError as e:
+                missing = not key_path.exists() and not generate_key
+                hint = " (set generate_key = true to create it)" if missing else ""
+                raise s.error("key", str(e) + hint) from None
+            if key_type_given and _KEY_TYPE_OF.get(facts.kind, facts.kind) != key_type:
+                raise s.error(
+                    "key_type",
+                    f"is {key_type!r} but {key_path} holds a {facts.kind} key",
+                )
+        else:
+            parent = key_path.parent
+            if not parent.is_dir():
+                raise s.error(
+                    "key", f"directory {parent} does not exist (needed to create the key)"
+                )
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise s.error(
+                    "key", f"directory {parent} is not writable (needed to create the key)"
+                )
+
+        csr_path = s.get_path("csr")
+        if csr_path is not None:
+            problem = _readable_file(csr_path)
+            if problem:
+                raise s.error("csr", problem)
+            try:
+                csr = keys.load_csr(csr_path)
+            except keys.CSRError as e:
+                raise s.error("csr", str(e)) from None
+            if facts is not None and keys.spki_pin(csr.public_key()) != facts.pin:  # type: ignore[arg-type]
+                raise s.error(
+                    "csr", f"{csr_path} was not made from the key {key_path} (public keys differ)"
+                )
+            csr_names = keys.csr_domains(csr)
+            if sorted(csr_names) != sorted(domains):
+                raise s.error(
+                    "csr",
+                    f"names in {csr_path} ({', '.join(sorted(csr_names)) or 'none'}) differ "
+                    f"from domains ({', '.join(sorted(domains))})",
+                )
+
+        if key_type is None:
+            if facts is None:
+                raise s.error("key_type", "is required to create the key (generate_key = true)")
+            key_type = _KEY_TYPE_OF.get(facts.kind, facts.kind)
+        return _KeyEntry(key_path, generate_key, key_type, csr_path, facts)
+
+    def _key_list(self, s: _Section, domains: list[str]) -> list[_KeyEntry]:
+        """`keys = [{ key = ..., key_type = ... }, ...]`: one key per kind (RSA, ECDSA)."""
+        raw = s.get("keys", list)
+        if not raw:
+            raise s.error("keys", "must list at least one key ({ key = \"...\", key_type = ... })")
+        entries: list[_KeyEntry] = []
+        for j, item in enumerate(raw):
+            prefix = f"{s.key('keys')}[{j}]"
+            if not isinstance(item, dict):
+                raise ConfigError(
+                    self.file, prefix, f"expected a table {{ key = ... }}, got {_toml_type(item)}"
+                )
+            sub = _Section(self, prefix, item)
+            entry = self._key_entry(sub, domains, default_type=None)
+            sub.check_unknown()
+            for k, other in enumerate(entries):
+                if other.kind == entry.kind:
+                    raise ConfigError(
+                        self.file,
+                        prefix,
+                        f"a second {entry.kind.upper()} key ({entry.key_type}; keys[{k}] is "
+                        f"{other.key_type}): list one key per type, RSA and ECDSA",
+                    )
+                if other.path.resolve() == entry.path.resolve():
+                    raise ConfigError(
+                        self.file, f"{prefix}.key", f"{entry.path} is also keys[{k}].key"
+                    )
+            entries.append(entry)
+        return entries
+
+    def _certificate(self, s: _Section) -> tuple[CertificateConfig, ...]:
         name = s.get_str("name", required=True)
         assert name is not None
         if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$", name) or ".." in name:
@@ -938,59 +1095,17 @@ class _Loader:
         if len(domains) > 100:
             raise s.error("domains", "at most 100 domains per certificate")
 
-        key_path = s.get_path("key", required=True)
-        assert key_path is not None
-        generate_key = s.get("generate_key", bool, False)
-        key_type_given = s.has("key_type")
-        key_type = s.get_str("key_type", "ec256")
-        assert key_type is not None
-        if key_type not in keys.KEY_TYPES:
-            raise s.error("key_type", f"{key_type!r} is not one of {', '.join(keys.KEY_TYPES)}")
-
-        facts: keys.KeyFileFacts | None = None
-        if not generate_key or key_path.exists():
-            try:
-                facts = keys.key_file_facts(key_path, self.key_cache.get(str(key_path)))
-            except keys.StableKeyError as e:
-                missing = not key_path.exists() and not generate_key
-                hint = " (set generate_key = true to create it)" if missing else ""
-                raise s.error("key", str(e) + hint) from None
-            if key_type_given and _KEY_TYPE_OF.get(facts.kind, facts.kind) != key_type:
-                raise s.error(
-                    "key_type",
-                    f"is {key_type!r} but {key_path} holds a {facts.kind} key",
-                )
+        if s.has("keys"):
+            for single in ("key", "generate_key", "key_type", "csr"):
+                if s.has(single):
+                    raise s.error(
+                        single,
+                        "a certificate with `keys` (one key per type) sets it per key, "
+                        "inside `keys`",
+                    )
+            variants = self._key_list(s, domains)
         else:
-            parent = key_path.parent
-            if not parent.is_dir():
-                raise s.error(
-                    "key", f"directory {parent} does not exist (needed to create the key)"
-                )
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise s.error(
-                    "key", f"directory {parent} is not writable (needed to create the key)"
-                )
-
-        csr_path = s.get_path("csr")
-        if csr_path is not None:
-            problem = _readable_file(csr_path)
-            if problem:
-                raise s.error("csr", problem)
-            try:
-                csr = keys.load_csr(csr_path)
-            except keys.CSRError as e:
-                raise s.error("csr", str(e)) from None
-            if facts is not None and keys.spki_pin(csr.public_key()) != facts.pin:  # type: ignore[arg-type]
-                raise s.error(
-                    "csr", f"{csr_path} was not made from the key {key_path} (public keys differ)"
-                )
-            csr_names = keys.csr_domains(csr)
-            if sorted(csr_names) != sorted(domains):
-                raise s.error(
-                    "csr",
-                    f"names in {csr_path} ({', '.join(sorted(csr_names)) or 'none'}) differ "
-                    f"from domains ({', '.join(sorted(domains))})",
-                )
+            variants = [self._key_entry(s, domains, default_type="ec256")]
 
         pins = s.get_str_list("backup_pins")
         for j, pin in enumerate(pins):
@@ -1019,19 +1134,25 @@ class _Loader:
                 raise s.error("renew_before", str(e)) from None
         allow_leaf_only: bool | None = s.get("allow_leaf_only", bool, None)
         s.check_unknown()
-        return CertificateConfig(
-            name=name,
-            domains=tuple(domains),
-            key=key_path,
-            csr=csr_path,
-            generate_key=generate_key,
-            key_type=key_type,
-            backup_pins=tuple(pins),
-            dhparam=dhparam,
-            renew_before=renew_before,
-            allow_leaf_only=allow_leaf_only,
-            challenge=challenge,
-            key_facts=facts,
+        dual = len(variants) > 1 or s.has("keys")
+        return tuple(
+            CertificateConfig(
+                name=layout.variant_name(name, v.kind) if dual else name,
+                domains=tuple(domains),
+                key=v.path,
+                csr=v.csr,
+                generate_key=v.generate,
+                key_type=v.key_type,
+                backup_pins=tuple(pins),
+                dhparam=dhparam,
+                renew_before=renew_before,
+                allow_leaf_only=allow_leaf_only,
+                challenge=challenge,
+                group=name if dual else None,
+                key_kind=v.kind if dual else None,
+                key_facts=v.facts,
+            )
+            for v in variants
         )
 
 

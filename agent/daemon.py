@@ -38,7 +38,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +126,10 @@ class Daemon:
         self._closing = threading.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._renewals: dict[str, asyncio.Task[RenewResult]] = {}
+        # The last result of each dual certificate key renewed by its pair mate's task.
+        self._pair_results: dict[str, RenewResult] = {}
+        self._pairs: dict[str, tuple[str, ...]] = {}
+        self._groups: dict[str, tuple[str, ...]] = {}
         self._fresh_metas: dict[str, CertMeta | None] = {}  # set by _reconcile (a thread)
         self._ari_tasks: set[asyncio.Task[None]] = set()
         self._ari_semaphore = asyncio.Semaphore(ARI_CONCURRENCY)
@@ -157,6 +161,13 @@ class Daemon:
             self.storage,
             on_installed=self._deploy_installed,
         )
+        # A dual certificate's key -> the other keys of its pair (agent.pairs).
+        groups: dict[str, list[str]] = {}
+        for c in config.certificates:
+            if c.group is not None:
+                groups.setdefault(c.group, []).append(c.name)
+        self._pairs = {n: tuple(m for m in g if m != n) for g in groups.values() for n in g}
+        self._groups = {g: tuple(names) for g, names in groups.items()}
         self.semaphore = asyncio.Semaphore(config.acme.max_concurrent_orders)
         # Orders run on threads of their own, not asyncio's default executor:
         # a stop must not wait for an order that takes minutes.
@@ -230,15 +241,20 @@ class Daemon:
         for s in self.deployer.status():
             sync.setdefault(s.name, {})[s.instance] = s.in_sync
         instances = self.renewer.deploy_instances()
+        dual = {c.name: c for c in self.config.certificates if c.group is not None}
         for name, st in list(self.states.items()):
             meta = st.meta
+            variant = dual.get(name)
             last_ok = None
             if meta is not None:
                 last_ok = meta.installed_at
                 if meta.last_attempt is not None and meta.last_attempt.result == "success":
                     last_ok = meta.last_attempt.time
             yield CertificateView(
-                name=name,
+                # A dual certificate's key: certificate="NAME", key_type="rsa4096"
+                # (docs/metrics.md); a single-key certificate's series are unchanged.
+                name=variant.label if variant else name,
+                key_type=variant.key_type if variant else None,
                 not_before=meta.not_before if meta else None,
                 not_after=meta.not_after if meta else None,
                 next_renewal=st.next_at,
@@ -314,25 +330,35 @@ class Daemon:
     # -- renewals ---------------------------------------------------------------------
 
     def _renewal_task(self, name: str, force: bool) -> asyncio.Task[RenewResult]:
-        """The running renewal of `name`, or a new one (never two at once)."""
-        running = self._renewals.get(name)
+        """The running renewal of `name`, or a new one (never two at once). A dual
+        certificate's keys share one task: the renewer renews them as a pair."""
+        mates = self._pairs.get(name, ())
+        key = "\0pair:" + min(name, *mates) if mates else name
+        running = self._renewals.get(key)
         if running is None or running.done():
-            st = self.states.get(name)
-            if st is not None:
-                st.running = True  # from now on, not when the task first runs
+            for n in (name, *mates):
+                st = self.states.get(n)
+                if st is not None:
+                    st.running = True  # from now on, not when the task first runs
             running = asyncio.create_task(self._renew(name, force), name=f"renew-{name}")
-            self._renewals[name] = running
+            self._renewals[key] = running
         return running
 
     async def renew(self, name: str, force: bool) -> RenewResult:
         """Renew one certificate now (or join the renewal already running)."""
-        return await asyncio.shield(self._renewal_task(name, force))
+        result = await asyncio.shield(self._renewal_task(name, force))
+        if result.name != name:  # the task its pair's other key started
+            result = self._pair_results.get(name, replace(result, name=name))
+        return result
 
     async def _renew(self, name: str, force: bool) -> RenewResult:
         st = self.states.get(name)
         if st is None:
             return RenewResult(name, "failed", f"no certificate named {name!r} in the config")
         st.running = True
+        mates = self._pairs.get(name, ())
+        for m in mates:  # filled by this run only (renew() reads them after it)
+            self._pair_results.pop(m, None)
         try:
             async with self.semaphore:
                 if self._closing.is_set():
@@ -341,11 +367,22 @@ class Daemon:
                 results = await loop.run_in_executor(
                     self._executor, self.renewer.run, [name], force, False
                 )
-            result = results[0]
+            # A dual certificate's keys are renewed as a pair: one result per key.
+            result = next(r for r in results if r.name == name)
+            others = [r for r in results if r.name != name]
             if result.status == "skipped":  # the store is unreachable: keep what we know
                 meta = st.meta
             else:
                 meta = await asyncio.to_thread(load_meta, self.storage, name)
+            for r in others:
+                self._pair_results[r.name] = r
+                mate = self.states.get(r.name)
+                if r.status == "skipped":
+                    other_meta = mate.meta if mate is not None else None
+                else:
+                    other_meta = await asyncio.to_thread(load_meta, self.storage, r.name)
+                self._after_renewal(r.name, r, other_meta)
+            if result.status != "skipped":
                 await asyncio.to_thread(self._load_holds)
         except KeyError:
             result = RenewResult(name, "failed", "certificate removed from the config meanwhile")
@@ -356,6 +393,10 @@ class Daemon:
             meta = st.meta
         finally:
             st.running = False
+            for m in mates:
+                mate = self.states.get(m)
+                if mate is not None:
+                    mate.running = False
         self._after_renewal(name, result, meta)
         self._wake.set()  # the scheduler skipped us while running: let it see next_at
         if result.status in ("renewed", "deployed"):
@@ -395,7 +436,9 @@ class Daemon:
                 delay = max(result.retry_at - now, 0.0) + self.rng.uniform(0.0, 1.0)
                 st.next_at = now + delay
             self.metrics.renewals.labels(name, "failure").inc()
-            if result.error_type != "deploy":  # deploy failures: deploy_errors, per instance
+            # deploy failures: deploy_errors, per instance; "pair": a dual certificate's key
+            # held back because its sibling's order failed (that one is counted).
+            if result.error_type not in ("deploy", "pair"):
                 self.metrics.acme_errors.labels(result.error_type or "other").inc()
             log.error("renewal failed; retrying in %.0f s", delay, extra=extra)
             return
@@ -468,6 +511,9 @@ class Daemon:
             if st.running:
                 continue
             if st.next_at <= now:
+                mates = [self.states.get(n) for n in self._pairs.get(name, ())]
+                if any(m is not None and m.running for m in mates):
+                    continue  # its pair is being renewed, this key with it
                 self._renewal_task(name, False)
                 continue
             soonest = min(soonest, st.next_at)
@@ -560,9 +606,11 @@ class Daemon:
             names = request.get("names") or [c.name for c in self.config.certificates]
             if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
                 raise ValueError("'names' must be a list of strings")
-            unknown = [n for n in names if n not in self.states]
+            unknown = [n for n in names if n not in self.states and n not in self._groups]
             if unknown:
                 return {"ok": False, "error": f"no certificate named {', '.join(unknown)}"}
+            # A dual certificate's config name stands for its keys (renewed as a pair).
+            names = [v for n in names for v in self._groups.get(n, (n,))]
             force = bool(request.get("force", False))
             results = await asyncio.gather(*(self.renew(n, force) for n in names))
             self._wake.set()

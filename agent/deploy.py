@@ -179,6 +179,10 @@ class DeployTarget:
     names: Sequence[str]
     crt_list_options: str = ""
     sni_filters: Sequence[str] = ()
+    # One key of a dual certificate ("rsa" or "ecdsa", agent.pairs): HAProxy serves
+    # this or its sibling for the same names by the client's signature algorithms,
+    # so the TLS check asks for this kind only (TLS 1.2, aRSA / aECDSA ciphers).
+    key_kind: str | None = None
 
     def __post_init__(self) -> None:
         # Accept lists from callers but keep the value hashable and immutable.
@@ -192,11 +196,14 @@ class DeployTarget:
         bundle: bytes,
         crt_list_options: str = "",
         sni_filters: Sequence[str] = (),
+        key_kind: str | None = None,
     ) -> DeployTarget:
         """Build a target from a bundle, reading serial and names from its leaf
         (checked once per bundle content: see `checked_leaf`)."""
         leaf = checked_leaf(name, bundle)
-        return cls(name, bundle, leaf.serial, leaf.names, crt_list_options, tuple(sni_filters))
+        return cls(
+            name, bundle, leaf.serial, leaf.names, crt_list_options, tuple(sni_filters), key_kind
+        )
 
 
 @dataclass(frozen=True)
@@ -367,19 +374,30 @@ def _verify_names(target: DeployTarget) -> tuple[str, ...]:
     return positive or tuple(target.names) or ("",)
 
 
-def _client_context() -> ssl.SSLContext:
+def _client_context(key_kind: str | None = None) -> ssl.SSLContext:
+    """The TLS check's client; with `key_kind` ("rsa", "ecdsa") it offers TLS 1.2
+    with only that kind's cipher suites, so a server holding an RSA and an ECDSA
+    certificate for one name must present that kind's (Python's ssl cannot limit
+    TLS 1.3 signature algorithms). Checked on HAProxy 2.6, 2.8, 3.0 and 3.2."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
+    if key_kind is not None:
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+        context.set_ciphers({"rsa": "aRSA", "ecdsa": "aECDSA"}[key_kind])
     return context
 
 
-# One context for every check (thread-safe; building one costs more than a handshake).
-_CLIENT_CONTEXT = _client_context()
+# One context per kind for every check (thread-safe; building one costs more than a
+# handshake).
+_CLIENT_CONTEXTS = {kind: _client_context(kind) for kind in (None, "rsa", "ecdsa")}
 
 
-def tls_leaf(address: str, server_name: str | None, timeout: float) -> bytes:
-    """DER of the leaf certificate a TLS server at "host:port" presents for `server_name`.
+def tls_leaf(
+    address: str, server_name: str | None, timeout: float, key_kind: str | None = None
+) -> bytes:
+    """DER of the leaf certificate a TLS server at "host:port" presents for `server_name`
+    (to a client that supports only `key_kind` keys, if given: see `_client_context`).
 
     Chain and hostname are deliberately not validated: this checks WHICH
     certificate is served, not whether a client would trust it.
@@ -387,7 +405,7 @@ def tls_leaf(address: str, server_name: str | None, timeout: float) -> bytes:
     host, port = _split_host_port(address)
     with (
         socket.create_connection((host, port), timeout=timeout) as raw,
-        _CLIENT_CONTEXT.wrap_socket(raw, server_hostname=server_name) as tls,
+        _CLIENT_CONTEXTS[key_kind].wrap_socket(raw, server_hostname=server_name) as tls,
     ):
         der = tls.getpeercert(binary_form=True)
     if not der:
@@ -472,9 +490,11 @@ class _Item:
         self.result.errors.append(str(exc))
 
 
-def _handshake(address: str, sni: str | None, timeout: float) -> bytes | Exception:
+def _handshake(
+    address: str, sni: str | None, timeout: float, key_kind: str | None = None
+) -> bytes | Exception:
     try:
-        return tls_leaf(address, sni, timeout)
+        return tls_leaf(address, sni, timeout, key_kind)
     except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
         return exc
 
@@ -520,7 +540,9 @@ class _Handshakes:
         for address in self.verify:
             for name in _verify_names(it.target):
                 sni = _sni_for(name) if name else None
-                future = self._pool.submit(_handshake, address, sni, self.timeout)
+                future = self._pool.submit(
+                    _handshake, address, sni, self.timeout, it.target.key_kind
+                )
                 self._jobs.append((it, address, sni, future))
 
     def check_skipped(self) -> None:
@@ -1396,7 +1418,9 @@ class Deployer:
         for it in items:
             if it.old is not None:
                 try:
-                    it.old_target = DeployTarget.from_bundle(it.target.name, it.old)
+                    it.old_target = DeployTarget.from_bundle(
+                        it.target.name, it.old, key_kind=it.target.key_kind
+                    )
                 except BundleError as exc:
                     it.result.errors.append(f"cannot roll back to the previous file: {exc}")
         for api in self.apis:
@@ -1963,7 +1987,9 @@ def stored_target(cert: Any, storage: Any) -> DeployTarget | None:
             f"certificate {cert.name!r}: cannot read its key {cert.key}: {exc}"
         ) from exc
     try:
-        target = DeployTarget.from_bundle(cert.name, bundle)
+        target = DeployTarget.from_bundle(
+            cert.name, bundle, key_kind=getattr(cert, "key_kind", None)
+        )
     except KeyMismatch as exc:
         raise KeyMismatch(
             f"{exc} (key file {cert.key}, stored generation {gen.id})", exc.serial

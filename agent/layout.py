@@ -33,6 +33,19 @@ that the start-up repair can migrate it.
 HAProxy files: `bundle_path(cert_dir, NAME)` is `<cert_dir>/NAME.pem`, the file
 the HAProxy config's `crt` / crt-list line names.
 
+Dual certificates (one key per type, `keys = [...]` in the config): each key's
+certificate is a certificate of its own named `variant_name(NAME, KIND)`,
+`NAME.rsa` or `NAME.ecdsa`, with everything above (certificates/NAME.rsa/...,
+<cert_dir>/NAME.rsa.pem). What pairs them is one more key:
+
+    pairs/NAME.json        {"generations": {"NAME.rsa": ID, "NAME.ecdsa": ID}}: the
+                           generations served together, written (atomically, under
+                           both variants' locks) after both are stored and before
+                           their `current` pointers move; start-up repair points
+                           each `current` at it (agent/pairs.py)
+
+A single-key certificate has no variant and no pair key: its names are unchanged.
+
 DNS challenges: `dns_pending_key(NAME, DIGEST)` (dns-01 journal of published
 records, under `DNS_PENDING`), `dns_persist_key(NAME)` (dns-persist-01 records).
 
@@ -156,6 +169,33 @@ def cert_lock(name: str) -> str:
 def bundle_path(cert_dir: Path, name: str) -> Path:
     """The HAProxy bundle of certificate `name`: `<cert_dir>/<name>.pem`."""
     return Path(cert_dir) / f"{safe_name(name)}.pem"
+
+
+# Dual certificates (agent/pairs.py): one certificate per key kind, paired.
+KEY_KINDS = ("rsa", "ecdsa")
+PAIRS = "pairs"
+
+
+def key_kind(key_type: str) -> str:
+    """The kind ("rsa" or "ecdsa") of a config key_type (rsa2048..rsa4096, ec256, ec384)."""
+    if key_type.startswith("rsa"):
+        return "rsa"
+    if key_type.startswith("ec"):
+        return "ecdsa"
+    raise ValueError(f"unknown key type {key_type!r}")
+
+
+def variant_name(group: str, kind: str) -> str:
+    """The certificate name of the `kind` key of dual certificate `group`: GROUP.KIND."""
+    if kind not in KEY_KINDS:
+        raise ValueError(f"{kind!r} is not a key kind {KEY_KINDS}")
+    return safe_name(f"{safe_name(group)}.{kind}")
+
+
+def pair_key(group: str) -> str:
+    """The pair pointer of dual certificate `group`: pairs/GROUP.json."""
+    return safe_key(f"{PAIRS}/{safe_name(group)}.json")
+
 
 
 # DNS challenges (agent/dns01.py, agent/dns_persist.py): not per-generation state.

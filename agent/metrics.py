@@ -34,6 +34,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 from agent.solvers import listen_to_challenge_results
@@ -62,6 +63,17 @@ class CertificateView:
     # instance ("disk" in reload mode) -> the serial last confirmed served by a
     # deploy there (the recorded fact, agent.certstate.Deployed) is the stored one
     deployed: Mapping[str, bool] = field(default_factory=dict)
+    # One key of a dual certificate (config `keys`): its key_type ("rsa4096", "ec256"),
+    # added as a `key_type` label; `name` is then the certificate's name in the config.
+    # None (single-key certificates): no such label, the series stay as they were.
+    key_type: str | None = None
+
+    def labels(self, **more: str) -> dict[str, str]:
+        """The sample labels: certificate (and key_type for a dual certificate's key)."""
+        out = {"certificate": self.name}
+        if self.key_type is not None:
+            out["key_type"] = self.key_type
+        return {**out, **more}
 
 
 class _CertificateCollector(Collector):
@@ -94,7 +106,7 @@ class _CertificateCollector(Collector):
             for v in views:
                 value = getattr(v, attr)
                 if value is not None:
-                    family.add_metric([v.name], value)
+                    family.samples.append(Sample(family.name, v.labels(), value))
             yield family
         in_sync = GaugeMetricFamily(
             PREFIX + "haproxy_in_sync",
@@ -103,7 +115,8 @@ class _CertificateCollector(Collector):
         )
         for v in views:
             for instance, ok in v.in_sync.items():
-                in_sync.add_metric([v.name, instance], 1.0 if ok else 0.0)
+                labels = v.labels(instance=instance)
+                in_sync.samples.append(Sample(in_sync.name, labels, 1.0 if ok else 0.0))
         yield in_sync
         deployed = GaugeMetricFamily(
             PREFIX + "certificate_deployed",
@@ -113,7 +126,8 @@ class _CertificateCollector(Collector):
         )
         for v in views:
             for instance, ok in v.deployed.items():
-                deployed.add_metric([v.name, instance], 1.0 if ok else 0.0)
+                labels = v.labels(instance=instance)
+                deployed.samples.append(Sample(deployed.name, labels, 1.0 if ok else 0.0))
         yield deployed
 
 

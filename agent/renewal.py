@@ -45,7 +45,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
-from agent import ari, keys, layout, ratelimit, wiring
+from agent import ari, keys, layout, pairs, ratelimit, wiring
 from agent.certstate import Attempt as Attempt
 from agent.certstate import CertMeta as CertMeta
 from agent.certstate import (
@@ -535,11 +535,14 @@ class Renewer:
             profile=self.config.acme.profile or None, fence=fence, node=self.node,
             commit=commit if lock_token is not None else None,
         )  # fmt: skip
-        # A new certificate: the old one's ARI window and retry time are void,
-        # and no instance serves it yet.
-        state = update_state(
-            st,
-            cfg.name,
+        return meta.with_state(self._fresh_state(cfg.name, now))
+
+    def _fresh_state(self, name: str, now: float) -> CertState:
+        """state.json after a new certificate of `name` was switched to: the old one's
+        ARI window and retry time are void, and no instance serves it yet."""
+        return update_state(
+            self.storage,
+            name,
             lambda s: replace(
                 s,
                 last_attempt=Attempt(now, "success", None, None),
@@ -548,7 +551,6 @@ class Renewer:
                 replaces_failures=0,
             ),
         )
-        return meta.with_state(state)
 
     # -- one certificate --
 
@@ -730,6 +732,22 @@ class Renewer:
     def _order_and_install(
         self, cfg: CertificateConfig, why: str, meta: CertMeta | None, token: str | None = None
     ) -> RenewResult:
+        checked = self._order_checked(cfg, meta, token)
+        if isinstance(checked, RenewResult):
+            return checked
+        try:
+            new_meta = self.install(cfg, checked, token)
+        except LockLost as e:
+            return self._refused(cfg, checked, e)
+        self._clear_order(cfg)
+        return self._installed(cfg, why, new_meta)
+
+    def _order_checked(
+        self, cfg: CertificateConfig, meta: CertMeta | None, token: str | None = None
+    ) -> CheckedChain | RenewResult:
+        """Order `cfg`'s certificate (with ARI `replaces` for the current leaf) and
+        check it: the chain to install, or the failed RenewResult (recorded in
+        state.json: the caller holds the cert lock). Installs nothing."""
         try:
             key = self._key_for(cfg, create=True)
             csr_pem = self._csr_pem(cfg, key)
@@ -771,11 +789,10 @@ class Renewer:
             ratelimit.clear_hold(self.storage, self.config.acme.directory)
         except (OSError, LockTimeout) as e:
             log.warning("cannot clear the CA's rate-limit strikes: %s", e)
-        try:
-            new_meta = self.install(cfg, checked, token)
-        except LockLost as e:
-            return self._refused(cfg, checked, e)
-        self._clear_order(cfg)
+        return checked
+
+    def _installed(self, cfg: CertificateConfig, why: str, new_meta: CertMeta) -> RenewResult:
+        """Log the install of `new_meta`, deploy it (with a hook) and say how it went."""
         serial, not_after = new_meta.serial, new_meta.not_after
         log.info(
             "certificate %s: renewed (%s), serial %s, valid until %s",
@@ -896,10 +913,9 @@ class Renewer:
         started = self.clock() if started_at is None else started_at
         certs = self.config.certificates
         if names:
-            unknown = [n for n in names if n not in {c.name for c in certs}]
-            if unknown:
-                raise KeyError(f"no certificate named {', '.join(map(repr, unknown))}")
-            certs = tuple(c for c in certs if c.name in names)
+            # A dual certificate's name (or one of its keys' names) means all its keys.
+            wanted = set(self.config.expand_names(names))
+            certs = tuple(c for c in certs if c.name in wanted)
         results: dict[str, RenewResult] = {}
         due: list[CertificateConfig] = []
         pushes: list[CertificateConfig] = []
@@ -924,6 +940,9 @@ class Renewer:
                 pushes.append(cfg)
             else:
                 due.append(cfg)
+        # A dual certificate's keys are ordered together when one of them is due
+        # (agent.pairs): its other keys join the orders.
+        due, pushes = pairs.order_together(certs, due, pushes, results, dry_run)
         # Pushing what is stored needs no CA and no challenges: do it first.
         results.update(self._run_parallel(pushes, force, started))
         if due:
@@ -961,16 +980,30 @@ class Renewer:
         results: dict[str, RenewResult] = {}
         if not due:
             return results
-        workers = max(1, min(self.config.acme.max_concurrent_orders, len(due)))
+        # One unit per certificate; a dual certificate's keys are one unit (agent.pairs).
+        units = pairs.units(due)
+        workers = max(1, min(self.config.acme.max_concurrent_orders, len(units)))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="order") as pool:
-            futures = {cfg.name: pool.submit(self._renew_one, cfg, force, started) for cfg in due}
-            for name, fut in futures.items():
+            futures = {
+                unit: pool.submit(self._renew_unit, unit, force, started) for unit in units
+            }
+            for unit, fut in futures.items():
                 try:
-                    results[name] = fut.result()
+                    results.update(fut.result())
                 except Exception as e:  # a bug must not hide the other results
-                    log.exception("certificate %s: renewal crashed", name)
-                    results[name] = RenewResult(name, "failed", f"internal error: {e!r}")
+                    for cfg in unit:
+                        log.exception("certificate %s: renewal crashed", cfg.name)
+                        results[cfg.name] = RenewResult(
+                            cfg.name, "failed", f"internal error: {e!r}"
+                        )
         return results
+
+    def _renew_unit(
+        self, unit: tuple[CertificateConfig, ...], force: bool, started: float
+    ) -> dict[str, RenewResult]:
+        if len(unit) == 1 and unit[0].group is None:
+            return {unit[0].name: self._renew_one(unit[0], force, started)}
+        return pairs.renew_pair(self, unit, force, started)
 
 
 def deploy_facts(result: object, now: float) -> dict[str, Deployed]:
@@ -1135,7 +1168,10 @@ def prepare_state(config: Config, storage: Storage | None = None, *, bundles: bo
     cert_dir. A state dir that does not exist yet is left alone."""
     store = storage if storage is not None else wiring.make_storage(config)
     if config.state_dir.is_dir():
-        repair(store, [c.name for c in config.certificates], lock_timeout=lock_timeout)
+        repair(
+            store, [c.name for c in config.certificates], lock_timeout=lock_timeout,
+            pinned=pairs.pinned_generations(config, store),
+        )  # fmt: skip
     if bundles:
         remove_bundle_temporaries(config)
     return store
@@ -1220,6 +1256,10 @@ def certificate_status(
         rows.append(
             {
                 "name": cfg.name,
+                # A dual certificate's key (config `keys`): the config's name and the key's
+                # type; None for a single-key certificate.
+                "group": cfg.group,
+                "key_type": cfg.key_type if cfg.group else None,
                 "domains": list(cfg.domains),
                 "key_pin": pin,
                 "serial": serial,

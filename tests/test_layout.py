@@ -39,6 +39,13 @@ TABLE: list[tuple[str, Callable[..., object], tuple[object, ...], object]] = [
     ("not a temp", layout.temp_target, ("www.pem",), None),
     ("dns-01 journal", layout.dns_pending_key, ("www", "0a1b"), "dns/pending/www-0a1b.json"),
     ("dns-persist records", layout.dns_persist_key, ("www",), "dns/persist/www.json"),
+    ("dual: rsa key's name", layout.variant_name, ("www", "rsa"), "www.rsa"),
+    ("dual: ecdsa key's name", layout.variant_name, ("www", "ecdsa"), "www.ecdsa"),
+    ("dual: pair pointer", layout.pair_key, ("www",), "pairs/www.json"),
+    ("dual: rsa bundle file", layout.bundle_path, (Path("/c"), "www.rsa"), Path("/c/www.rsa.pem")),
+    ("dual: rsa key storage", layout.current_key, ("www.rsa",), "certificates/www.rsa/current"),
+    ("key kind of rsa4096", layout.key_kind, ("rsa4096",), "rsa"),
+    ("key kind of ec384", layout.key_kind, ("ec384",), "ecdsa"),
 ]  # fmt: skip
 
 
@@ -59,6 +66,8 @@ def test_layout_names(
         (layout.cert_lock, (".hidden",)),
         (layout.dns_pending_key, ("../x", "00")),
         (layout.dns_persist_key, ("a/b",)),
+        (layout.variant_name, ("../x", "rsa")),
+        (layout.pair_key, ("a/b",)),
     ],
 )
 def test_hostile_names_are_refused(fn: Callable[..., object], args: tuple[object, ...]) -> None:
