@@ -24,6 +24,13 @@ during a switch-over):
   `poll` (called from the daemon's reconciler) re-adds every pending token
   through `resync`.
 
+In a fleet ([fleet] with answer = "map"), every node's HAProxy needs the
+token, because the CA may validate against any of them: `peers`
+(agent.fleet_map.PeerAcks) makes `add` also wait until every live map-mode
+node said its HAProxy took the token, and each node's daemon runs an
+agent.fleet_map.MapFollower that `mirror`s the tokens other nodes add into
+its own instances.
+
 Which map: `[challenges] map` when set. Otherwise per instance, from the maps
 it declares (`show map`): "virt@acme" (HAProxy 3.0+; 2.6 and 2.8 have no
 virtual maps) or else the empty file `<cert_dir>/acme-challenge.map`, which
@@ -39,6 +46,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from agent.challenges import ChallengeRegistry
 from agent.config import DEFAULT_MAP_FILE, Config, ConfigError
@@ -73,6 +81,17 @@ class ChallengeMapError(AcmeError):
 
 class MapNotDeclared(Exception):
     """The instance declares no map the agent may use."""
+
+
+class Peers(Protocol):
+    """The other nodes of a fleet (agent.fleet_map.PeerAcks)."""
+
+    def acknowledge(self, token: str, expires_at: float) -> None:
+        """Say this node's HAProxy instances all hold `token`."""
+
+    def wait(self, token: str, timeout: float) -> None:
+        """Return once every other live map-mode node acknowledged `token`;
+        raise ChallengeMapError naming the nodes that did not within `timeout` s."""
 
 
 @dataclass
@@ -111,6 +130,7 @@ class HAProxyMapRegistry(ChallengeRegistry):
         timeout: float = 10.0,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
+        peers: Peers | None = None,
     ) -> None:
         if not instances:
             raise ValueError("map mode needs at least one runtime API instance")
@@ -124,6 +144,7 @@ class HAProxyMapRegistry(ChallengeRegistry):
         self.timeout = timeout
         self._clock = clock
         self._sleep = sleep
+        self.peers = peers
         self._instances = [_Instance(api) for api in instances]
         self._pending: dict[str, tuple[str, float]] = {}  # token -> (keyauth, expires_at)
         self._stale: dict[str, set[str]] = {}  # token -> instances its `del map` failed on
@@ -171,6 +192,14 @@ class HAProxyMapRegistry(ChallengeRegistry):
                 first.api.name,
                 first.map_name or self.map_name,
             )
+        if self.peers is not None:
+            left = max(0.0, self.timeout - max(time.monotonic() - start, waited))
+            try:
+                self.peers.acknowledge(token, expires_at)
+                self.peers.wait(token, left)
+            except ChallengeMapError:
+                self.remove(token)
+                raise
 
     def remove(self, token: str) -> None:
         with self._lock:
@@ -181,6 +210,35 @@ class HAProxyMapRegistry(ChallengeRegistry):
 
     def lookup(self, token: str) -> str | None:
         return self.inner.lookup(token)
+
+    # -- tokens of other fleet nodes ------------------------------------------------
+
+    def mirror(self, token: str, key_authorization: str, expires_at: float) -> list[str]:
+        """Put a token ANOTHER node added (the fleet registry already holds it) on
+        every instance of this node, without touching the inner registry. One
+        attempt per instance; returns the instances that did not take it (`poll`
+        re-adds it to them when they come back)."""
+        check_map_token(token)
+        check_key_authorization(token, key_authorization)
+        with self._lock:
+            self._pending[token] = (key_authorization, expires_at)
+            self._stale.pop(token, None)
+        failed: list[str] = []
+        for inst in self._instances:
+            try:
+                self._push(inst, token, key_authorization)
+            except (HAProxyError, MapNotDeclared) as e:
+                log.warning("challenge map on HAProxy %s: %s", inst.api.name, e)
+                failed.append(inst.api.name)
+        return failed
+
+    def unmirror(self, token: str) -> None:
+        """Take a token another node removed off this node's instances (best effort)."""
+        with self._lock:
+            known = self._pending.pop(token, None) is not None
+        if known:
+            for inst in self._instances:
+                self._delete(inst, token)
 
     def __len__(self) -> int:
         return len(self.inner)
@@ -361,8 +419,11 @@ def map_file(config: Config) -> Path | None:
     return None if name.startswith("virt@") else Path(name)
 
 
-def from_config(config: Config, inner: ChallengeRegistry) -> HAProxyMapRegistry | None:
+def from_config(
+    config: Config, inner: ChallengeRegistry, peers: Peers | None = None
+) -> HAProxyMapRegistry | None:
     """The map registry wrapping `inner` when `[challenges] answer = "map"`, else None.
+    `peers`: the fleet's other nodes (agent.wiring.make_map_registry passes them).
     Does no I/O."""
     if config.challenges.answer != "map":
         return None
@@ -376,6 +437,7 @@ def from_config(config: Config, inner: ChallengeRegistry) -> HAProxyMapRegistry 
         config.challenges.map,
         default_file=str(default_map_file(config)),
         timeout=config.challenges.map_timeout,
+        peers=peers,
     )
 
 

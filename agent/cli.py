@@ -117,7 +117,7 @@ def cmd_renew(args: argparse.Namespace) -> int:
             return handed
     registry = wiring.make_registry(config)
     # answer = "map": HAProxy answers from its map; no SPOA needed for this run.
-    map_registry = challenge_map.from_config(config, registry)
+    map_registry = wiring.make_map_registry(config, registry)
     if map_registry is not None and not args.dry_run:
         challenge_map.startup_check(config)
 

@@ -154,7 +154,8 @@ class Daemon:
         self.storage = wiring.make_storage(config)
         self.deployer = wiring.make_deployer(config)
         # answer = "map": orders also fill HAProxy's map; the SPOA keeps serving self.registry.
-        self.challenge_map = challenge_map.from_config(config, self.registry)
+        self.challenge_map = wiring.make_map_registry(config, self.registry)
+        self._start_map_follower()
         self.renewer = Renewer(
             config,
             self.registry if self.challenge_map is None else self.challenge_map,
@@ -807,6 +808,8 @@ class Daemon:
         if not await asyncio.to_thread(self.deployer.wait_idle, SHUTDOWN_GRACE):
             log.warning("an HAProxy certificate transaction is still running at exit")
         await self._stop_servers()
+        if self._map_follower is not None:
+            await asyncio.to_thread(self._map_follower.stop)
         if self._heartbeat is not None:
             await asyncio.to_thread(self._heartbeat.stop)
 
@@ -818,6 +821,26 @@ class Daemon:
             prepare_state(self.config, self.storage)
         except StoreUnavailable as e:
             log.warning("starting without the fleet store: %s", e)
+
+    def _start_map_follower(self) -> None:
+        """[fleet] + answer = "map": mirror the tokens other nodes add into this
+        node's HAProxy maps (agent.fleet_map.MapFollower, its own thread); the
+        previous follower (before a reload) is stopped."""
+        old = getattr(self, "_map_follower", None)
+        self._map_follower: Any = None
+        if old is not None:
+            old.stop(wait=False)
+        from agent.fleet import RedisChallengeRegistry
+
+        fleet = self.config.fleet
+        if (fleet is None or self.challenge_map is None
+                or not isinstance(self.registry, RedisChallengeRegistry)):  # fmt: skip
+            return
+        from agent.fleet import redis_client
+        from agent.fleet_map import MapFollower, PeerAcks
+
+        acks = PeerAcks(redis_client(fleet), fleet.namespace, fleet.node)
+        self._map_follower = MapFollower(self.registry, self.challenge_map, acks).start()
 
     def _start_heartbeat(self) -> Any:
         """[fleet]: beat every few seconds with the serial of each certificate
@@ -834,7 +857,11 @@ class Daemon:
 
         def extra() -> dict[str, Any]:
             sync = self._fleet_sync
-            return {"key_mismatch": sync.refused() if sync is not None else []}
+            return {
+                "key_mismatch": sync.refused() if sync is not None else [],
+                # Map-mode orders wait for every live node saying "map" (agent.fleet_map).
+                "answer": self.config.challenges.answer,
+            }
 
         return Heartbeat(
             redis_client(fleet), fleet.namespace, fleet.node, serials, extra=extra

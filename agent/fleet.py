@@ -131,6 +131,7 @@ class RedisChallengeRegistry(ChallengeRegistry):
         self._thread: threading.Thread | None = None
         self.connected = threading.Event()  # set while subscribed and resynchronised
         self.fetches = 0  # HGETs made for missed tokens (to check the flood bound)
+        self._listeners: list[Callable[[str, str, str | None, float | None], None]] = []
         if start:
             self.start()
 
@@ -180,6 +181,28 @@ class RedisChallengeRegistry(ChallengeRegistry):
         now = self._clock()
         with self._lock:
             return sum(1 for _, exp in self._mirror.values() if exp > now)
+
+    def add_listener(self, listener: Callable[[str, str, str | None, float | None], None]) -> None:
+        """Call `listener(op, token, key_authorization, expires_at)` from the mirror
+        thread for every token the mirror learns ("add") or drops ("del", None, None)
+        through pub/sub or a resynchronisation, this node's own adds included. It
+        must return quickly (queue the work): it runs on the thread that keeps the
+        mirror current. Exceptions are logged."""
+        self._listeners.append(listener)
+
+    def remove_listener(
+        self, listener: Callable[[str, str, str | None, float | None], None]
+    ) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(listener)
+
+    def _notify(self, op: str, token: str, key_authorization: str | None,
+                expires_at: float | None) -> None:  # fmt: skip
+        for listener in self._listeners:
+            try:
+                listener(op, token, key_authorization, expires_at)
+            except Exception:
+                log.exception("fleet challenges: listener failed for %s", token[:12])
 
     # --- misses ---
 
@@ -283,9 +306,14 @@ class RedisChallengeRegistry(ChallengeRegistry):
             return
         if op == "add":
             self._apply_entry(token, json.dumps({"k": msg.get("k"), "e": msg.get("e")}))
+            entry = self._mirror.get(token)
+            if entry is not None and self._listeners:
+                self._notify("add", token, entry[0], entry[1])
         elif op == "del":
             with self._lock:
                 self._mirror.pop(token, None)
+            if self._listeners:
+                self._notify("del", token, None, None)
 
     def _resync(self) -> None:
         """Replace the mirror by the hash (called once subscribed: nothing is missed)."""
@@ -305,7 +333,13 @@ class RedisChallengeRegistry(ChallengeRegistry):
             elif valid_token(token) and entry[0].startswith(token + "."):
                 fresh[token] = entry
         with self._lock:
+            gone = [t for t in self._mirror if t not in fresh]
             self._mirror = fresh
+        if self._listeners:
+            for token, (key_authorization, expires_at) in fresh.items():
+                self._notify("add", token, key_authorization, expires_at)
+            for token in gone:
+                self._notify("del", token, None, None)
         if expired:
             self.client.hdel(self.key, *expired)
 

@@ -19,6 +19,7 @@ from agent.config import Config
 from agent.storage import FileStorage, Storage
 
 if TYPE_CHECKING:
+    from agent.challenge_map import HAProxyMapRegistry
     from agent.deploy import Deployer
     from agent.issuer import Issuer
 
@@ -39,6 +40,23 @@ def make_registry(config: Config) -> ChallengeRegistry:
     from agent.fleet import RedisChallengeRegistry, redis_client
 
     return RedisChallengeRegistry(redis_client(config.fleet), config.fleet.namespace)
+
+
+def make_map_registry(config: Config, inner: ChallengeRegistry) -> HAProxyMapRegistry | None:
+    """answer = "map": the HAProxy map registry around `inner` (None otherwise).
+    With [fleet] its `add` also waits for the other live map-mode nodes
+    (agent.fleet_map.PeerAcks), so a token is in every node's HAProxy first."""
+    from agent import challenge_map
+
+    if config.challenges.answer != "map":
+        return None
+    peers = None
+    if config.fleet is not None:
+        from agent.fleet import redis_client
+        from agent.fleet_map import PeerAcks
+
+        peers = PeerAcks(redis_client(config.fleet), config.fleet.namespace, config.fleet.node)
+    return challenge_map.from_config(config, inner, peers)
 
 
 def make_issuer(config: Config, storage: Storage, registry: ChallengeRegistry) -> Issuer:

@@ -9,6 +9,9 @@ The SPOE agent is NOT started here: `haproxy-acme-agent renew` serves it on
 `spoa_port` itself. `write_config(certs, ...)` writes an agent config.toml
 pointing at all of it.
 
+`validation_port`: Pebble validates http-01 there instead (another node's
+HAProxy, in fleet tests).
+
 `answer="map"` runs haproxy/haproxy-map.cfg instead (no SPOE): its map is
 `virt@acme` on HAProxy 3.0+ and the empty file <cert_dir>/acme-challenge.map
 before (the agent's defaults), and write_config adds `[challenges] answer = "map"`.
@@ -80,6 +83,7 @@ class AcmeStack:
         dns_server: str | None = None,
         pebble_binary: str | None = None,
         pebble_profiles: dict[str, int] | None = None,
+        validation_port: int | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.answer = answer
@@ -113,7 +117,7 @@ class AcmeStack:
         self.haproxy = HAProxyProcess(haproxy_binary, config, env, hdir)
         self.pebble = PebbleProcess(
             self.workdir / "pebble",
-            self.http_port,
+            validation_port or self.http_port,  # another node's HAProxy (fleet tests)
             nonce_reject=nonce_reject,
             validity_period=validity_period,
             extra_env=pebble_env,
