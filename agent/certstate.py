@@ -34,7 +34,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
-from agent import ari, keys, layout
+from agent import ari, keys, layout, rollover
 from agent.storage import LockTimeout, Storage
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,8 @@ class CertState:
     # Orders carrying `replaces` (RFC 9773) for the current leaf that the CA
     # refused; from `agent.renewal.REPLACES_MAX_FAILURES` on, orders go without.
     replaces_failures: int = 0
+    # Key rollover state (agent/rollover.py); None: no next key ever seen.
+    keys: rollover.KeyState | None = None
 
     def to_json(self, name: str) -> dict[str, Any]:
         return {
@@ -119,6 +121,7 @@ class CertState:
             "ari": self.ari.to_json() if self.ari else None,
             "deployed": {k: v.to_json() for k, v in sorted(self.deployed.items())},
             "replaces_failures": self.replaces_failures,
+            "keys": self.keys.to_json() if self.keys else None,
         }
 
     @classmethod
@@ -133,6 +136,7 @@ class CertState:
                 str(k): Deployed.from_json(v) for k, v in (data.get("deployed") or {}).items()
             },
             replaces_failures=int(data.get("replaces_failures") or 0),
+            keys=rollover.KeyState.from_json(data["keys"]) if data.get("keys") else None,
         )
 
 
@@ -156,6 +160,10 @@ class CertMeta:
     deployed: Mapping[str, Deployed] = field(default_factory=dict)
     profile: str | None = None  # the ACME profile it was ordered under (None: CA default)
     replaces_failures: int = 0  # from state.json (see CertState)
+    # The key file this generation was ordered for (meta.json; None: older
+    # versions, the configured key). The bundle is built from it.
+    key_path: str | None = None
+    keys: rollover.KeyState | None = None  # from state.json (see CertState)
 
     @property
     def installed(self) -> bool:
@@ -168,6 +176,7 @@ class CertMeta:
             self.ari,
             dict(self.deployed),
             self.replaces_failures,
+            self.keys,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -184,6 +193,7 @@ class CertMeta:
             "installed_at": self.installed_at,
             "directory": self.directory,
             "profile": self.profile,
+            "key_path": self.key_path,
         }
 
     @classmethod
@@ -205,6 +215,7 @@ class CertMeta:
             directory=data.get("directory"),
             generation=data.get("generation"),
             profile=data.get("profile"),
+            key_path=data.get("key_path"),
         )
 
     def with_state(self, state: CertState) -> CertMeta:
@@ -215,6 +226,7 @@ class CertMeta:
             ari=state.ari,
             deployed=dict(state.deployed),
             replaces_failures=state.replaces_failures,
+            keys=state.keys,
         )
 
 
@@ -376,8 +388,10 @@ def write_generation(
     installed_at: float,
     directory: str | None,
     profile: str | None = None,
+    key_path: str | None = None,
 ) -> CertMeta:
-    """Write a complete new generation (meta.json last); the pointer is not moved."""
+    """Write a complete new generation (meta.json last); the pointer is not moved.
+    `key_path`: the key file the leaf was ordered for (the bundle is built from it)."""
     gen_id = layout.new_generation_id(installed_at, leaf.serial_number)
     meta = replace(
         meta_from_certificate(name, leaf),
@@ -385,6 +399,7 @@ def write_generation(
         directory=directory,
         generation=gen_id,
         profile=profile,
+        key_path=key_path,
     )
     files = {
         layout.CERT: _pem([leaf]),
@@ -416,10 +431,11 @@ def install_generation(
     directory: str | None,
     before_switch: Callable[[], None] | None = None,
     profile: str | None = None,
+    key_path: str | None = None,
 ) -> CertMeta:
     """Write a generation and switch to it. `before_switch` runs between the two
     (e.g. a lease check that raises `LockLost`: then nothing is switched)."""
-    meta = write_generation(storage, name, leaf, chain, installed_at, directory, profile)
+    meta = write_generation(storage, name, leaf, chain, installed_at, directory, profile, key_path)
     assert meta.generation is not None
     if before_switch is not None:
         before_switch()

@@ -43,7 +43,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
-from agent import ari, keys, layout, ratelimit, wiring
+from agent import ari, keys, layout, ratelimit, rollover, wiring
 from agent.certstate import Attempt as Attempt
 from agent.certstate import CertMeta as CertMeta
 from agent.certstate import (
@@ -112,6 +112,9 @@ def renewal_decision(
         when, why = meta.not_after - lifetime * RENEW_FRACTION, "1/3 of the lifetime left"
     if emergency < when:
         when, why = emergency, "less than 1/20 of the lifetime left"
+    switch_at = rollover.switch_time(cert_cfg, meta.keys, now)
+    if switch_at is not None and switch_at < when:
+        when, why = switch_at, "key rollover"
     if meta.retry_not_before is not None and meta.retry_not_before > when:
         when, why = meta.retry_not_before, why + " (after the CA's rate-limit retry time)"
     if meta.not_after <= now:
@@ -451,7 +454,11 @@ class Renewer:
             log.error("certificate %s: cannot record the failed attempt: %s", cfg.name, e)
 
     def install(
-        self, cfg: CertificateConfig, checked: CheckedChain, lock_token: str | None = None
+        self,
+        cfg: CertificateConfig,
+        checked: CheckedChain,
+        lock_token: str | None = None,
+        key_path: Path | None = None,
     ) -> CertMeta:
         """Store `checked` as a new generation and switch to it. The caller holds
         `layout.cert_lock(cfg.name)`; with its `lock_token`, the lease is checked
@@ -466,6 +473,7 @@ class Renewer:
         meta = install_generation(
             st, cfg.name, checked.leaf, checked.chain, now, self.config.acme.directory, still_ours,
             profile=self.config.acme.profile or None,
+            key_path=str(key_path if key_path is not None else cfg.key),
         )  # fmt: skip
         # A new certificate: the old one's ARI window and retry time are void,
         # and no instance serves it yet.
@@ -505,9 +513,10 @@ class Renewer:
             meta = self._refresh_ari(cfg, meta)
         now = self.clock()
         when, why = renewal_decision(meta, cfg, now, meta.ari if meta else None)
-        if meta is not None and meta.installed and cfg.key.exists() and meta.key_pin:
+        current_key = rollover.current_key_path(cfg, meta.keys if meta else None)
+        if meta is not None and meta.installed and current_key.exists() and meta.key_pin:
             try:
-                pin = keys.spki_pin(keys.load_private_key(cfg.key))
+                pin = keys.spki_pin(keys.load_private_key(current_key))
             except keys.StableKeyError:
                 pin = meta.key_pin
             if pin != meta.key_pin:
@@ -546,6 +555,7 @@ class Renewer:
         except LockTimeout:
             return RenewResult(cfg.name, "not-due", "another process is renewing it right now")
         try:
+            self._settle_keys(cfg)
             # Re-check under the lock: a concurrent run may have just renewed it.
             # Forced, but a run we waited for installed it after we started:
             # that is what was asked for; it is not ordered a second time.
@@ -597,7 +607,11 @@ class Renewer:
         self, cfg: CertificateConfig, why: str, meta: CertMeta | None, token: str | None = None
     ) -> RenewResult:
         try:
-            key = self._key_for(cfg, create=True)
+            switch = self._begin_switch(cfg, meta)
+            key_path = Path(switch.new.path) if switch else rollover.current_key_path(
+                cfg, meta.keys if meta else None)  # fmt: skip
+            key = (self._key_for(cfg, create=True) if key_path == cfg.key
+                   else keys.load_private_key(key_path))  # fmt: skip
             csr_pem = self._csr_pem(cfg, key)
             replaces = None
             if meta is not None and meta.installed and self.issuer.renewal_info_url:
@@ -617,7 +631,8 @@ class Renewer:
                 replaces = None
             issued = self._issue(cfg, csr_pem, replaces)
             checked = check_certificate(
-                issued.fullchain_pem.encode(), key, cfg.domains, cfg.backup_pins, self.clock(),
+                issued.fullchain_pem.encode(), key, cfg.domains,
+                rollover.announced_pins(cfg, meta.keys if meta else None, switch), self.clock(),
                 policy=policy_for(self.config.acme, cfg), name=cfg.name,
             )  # fmt: skip
         except RateLimited as e:
@@ -635,8 +650,9 @@ class Renewer:
             ratelimit.clear_hold(self.storage, self.config.acme.directory)
         except (OSError, LockTimeout) as e:
             log.warning("cannot clear the CA's rate-limit strikes: %s", e)
+        old_leaf = self._current_cert(cfg.name) if switch else None
         try:
-            new_meta = self.install(cfg, checked, token)
+            new_meta = self.install(cfg, checked, token, key_path)
         except LockLost as e:
             msg = f"not installed: {e} (the order took longer than the lock's lease)"
             log.error("certificate %s: %s", cfg.name, msg)
@@ -646,6 +662,8 @@ class Renewer:
             "certificate %s: renewed (%s), serial %s, valid until %s",
             cfg.name, why, serial, _fmt_time(not_after or 0),
         )  # fmt: skip
+        if switch is not None:
+            self._finish_switch(cfg, switch, old_leaf)
         if self.on_installed is not None:
             error = self._deploy(cfg.name, serial)
             if error is not None:
@@ -657,7 +675,38 @@ class Renewer:
                     not_after,
                     error_type="deploy",
                 )
+        if switch is not None:
+            self._revoke_pending(cfg)
         return RenewResult(cfg.name, "renewed", why, serial, not_after)
+
+    # -- key rollover (agent/rollover.py; the caller holds the cert lock) --
+
+    def _settle_keys(self, cfg: CertificateConfig) -> None:
+        """Finish a switch a kill interrupted, adopt/create the next key, retry a revocation."""
+        try:
+            rollover.prepare(self.storage, cfg, self.clock(), create=True)
+        except (keys.StableKeyError, OSError) as e:
+            log.error("certificate %s: key rollover state: %s", cfg.name, e)
+        self._revoke_pending(cfg)
+
+    def _begin_switch(
+        self, cfg: CertificateConfig, meta: CertMeta | None
+    ) -> rollover.Switch | None:
+        """The switch this order is for (recorded in state.json), or None (a renewal)."""
+        return rollover.begin_switch(self.storage, cfg, meta, self.clock())
+
+    def _finish_switch(
+        self, cfg: CertificateConfig, switch: rollover.Switch, old_leaf: x509.Certificate | None
+    ) -> None:
+        try:
+            rollover.finish(self.storage, cfg, switch, old_leaf, self.clock())
+        except (keys.StableKeyError, OSError) as e:
+            log.error("certificate %s: after the key switch: %s", cfg.name, e)
+
+    def _revoke_pending(self, cfg: CertificateConfig) -> None:
+        revoke = getattr(self.issuer, "revoke_with_key", None)
+        if revoke is not None:
+            rollover.revoke_pending(self.storage, cfg, revoke)
 
     def _issue(
         self, cfg: CertificateConfig, csr_pem: bytes, replaces: str | None
@@ -892,12 +941,17 @@ def record_sync(storage: Storage, statuses: Iterable[Any], now: float) -> list[s
     return changed
 
 
-def node_bundle(cfg: CertificateConfig, fullchain_pem: bytes) -> bytes:
+def node_bundle(
+    cfg: CertificateConfig, fullchain_pem: bytes, key_path: str | None = None
+) -> bytes:
     """The HAProxy bundle of `cfg` on this node: the stored full chain, this
-    node's key file and the DH parameters (`make_bundle`). Raises OSError /
-    `keys.StableKeyError` naming the file when the key cannot be read."""
-    raw = Path(cfg.key).read_bytes()
-    key_pem = raw if b"-----BEGIN" in raw else keys.private_key_pem(keys.load_private_key(cfg.key))
+    node's key file and the DH parameters (`make_bundle`). `key_path`: the key
+    the generation was ordered for (`CertMeta.key_path`; None: the configured
+    key). Raises OSError / `keys.StableKeyError` naming the file when the key
+    cannot be read."""
+    path = rollover.served_key_path(cfg, key_path)
+    raw = path.read_bytes()
+    key_pem = raw if b"-----BEGIN" in raw else keys.private_key_pem(keys.load_private_key(path))
     dh = Path(cfg.dhparam).read_bytes() if cfg.dhparam else None
     return make_bundle(fullchain_pem, key_pem, dh)
 
@@ -1018,7 +1072,9 @@ def certificate_status(
         except OSError:
             meta = None
         try:
-            pin: str | None = keys.spki_pin(keys.load_private_key(cfg.key))
+            pin: str | None = keys.spki_pin(
+                keys.load_private_key(rollover.current_key_path(cfg, meta.keys if meta else None))
+            )
         except keys.StableKeyError:
             pin = None
         when = next_renewal_time(meta, cfg, now, meta.ari if meta else None)
@@ -1068,6 +1124,8 @@ def certificate_status(
                 "last_deployed": la.deployed if la else None,
                 "deployed": deployed,
                 "in_sync": serial is not None and all(d["matches"] for d in deployed.values()),
+                "key_rollover": rollover.status_row(cfg, meta.keys if meta else None, now,
+                                                    meta.key_pin if meta else None),
             }
         )
     return rows
