@@ -1117,7 +1117,7 @@ def parse_timestamp(value: object) -> float:
     """UNIX seconds from a TOML offset date-time, an ISO 8601 string with a UTC
     offset ("2027-03-01T00:00:00Z") or a number of UNIX seconds."""
     if isinstance(value, bool):
-        raise ValueError('expected a date-time like 2027-03-01T00:00:00Z')
+        raise ValueError("expected a date-time like 2027-03-01T00:00:00Z")
     if isinstance(value, int | float):
         return float(value)
     if isinstance(value, str):
@@ -1129,7 +1129,7 @@ def parse_timestamp(value: object) -> float:
         if value.tzinfo is None:
             raise ValueError("needs a UTC offset (e.g. 2027-03-01T00:00:00Z)")
         return value.timestamp()
-    raise ValueError('expected a date-time like 2027-03-01T00:00:00Z')
+    raise ValueError("expected a date-time like 2027-03-01T00:00:00Z")
 
 
 def _zone_holding(zones: tuple[DnsZoneConfig, ...], name: str) -> DnsZoneConfig | None:
