@@ -42,13 +42,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent import challenge_map, ratelimit, wiring
+from agent import challenge_map, ratelimit, rollover, wiring
 from agent import deploy as deploy_mod
 from agent.certstate import undeployed
 from agent.config import Config, ConfigError, load_config
 from agent.control import ControlServer
 from agent.deploy import DeployResult, SyncStatus, stored_target, stored_targets
-from agent.metrics import CertificateView, Metrics, MetricsServer
+from agent.metrics import CertificateView, KeyView, Metrics, MetricsServer
 from agent.renewal import (
     ARI_ERROR_RETRY,
     EMERGENCY_FRACTION,
@@ -229,7 +229,15 @@ class Daemon:
                     if meta is not None and meta.installed
                     else {}
                 ),
+                keys=self._key_view(name, meta),
             )
+
+    def _key_view(self, name: str, meta: CertMeta | None) -> KeyView | None:
+        try:
+            cfg = self.config.certificate(name)
+        except KeyError:
+            return None
+        return rollover.key_view(cfg, meta, self.clock())
 
     def healthy(self) -> bool:
         return self._started and not self._stop.is_set() and all(not t.done() for t in self._tasks)

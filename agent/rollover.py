@@ -36,11 +36,15 @@ key material is ever stored here: paths and SPKI pins only.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from agent.metrics import KeyView
 
 from agent import keys
 
@@ -493,6 +497,15 @@ def ensure_next(
     return ks
 
 
+_TYPE_NAMES = {
+    "RSA 2048": "rsa2048",
+    "RSA 3072": "rsa3072",
+    "RSA 4096": "rsa4096",
+    "ECDSA P-256": "ec256",
+    "ECDSA P-384": "ec384",
+}
+
+
 def _key_type(cfg: Any, current_pin: str | None) -> str:
     """The current key's type (a rollover keeps it), else config key_type."""
     try:
@@ -770,3 +783,46 @@ def served_pinned(cfg: Any, ks: KeyState | None, served_pin: str | None) -> bool
         return ks.current_announced_at is not None
     # No switch yet: still on the key the operator configured (and pinned) from the start.
     return ks.current is None
+
+
+_LABELS: dict[tuple[str, int], str] = {}
+
+
+def key_label(path: Path) -> str:
+    """The key type of the key file at `path` ("ec256", "rsa4096", ...; "unknown"
+    when unreadable), cached by path and mtime: a metrics label, no key material."""
+    try:
+        ident = (str(path), os.stat(path).st_mtime_ns)
+    except OSError:
+        return "unknown"
+    label = _LABELS.get(ident)
+    if label is None:
+        try:
+            key = keys.load_private_key(path)
+        except keys.StableKeyError:
+            return "unknown"
+        label = _TYPE_NAMES.get(keys.describe_key(key), "unknown")
+        if len(_LABELS) > 10000:
+            _LABELS.clear()
+        _LABELS[ident] = label
+    return label
+
+
+def key_view(cfg: Any, meta: Any, now: float) -> KeyView | None:
+    """The metrics view (agent.metrics.KeyView) of a certificate that rolls keys
+    (next_key, generate_next_key, backup_pins or a stored key state), else None."""
+    from agent.metrics import KeyView  # at run time too (agent.metrics imports much)
+
+    ks: KeyState | None = meta.keys if meta is not None else None
+    if not (cfg.next_key or cfg.generate_next_key or cfg.backup_pins or ks):
+        return None
+    st = status_of(cfg, ks, now)
+    label = key_label(current_key_path(cfg, ks))
+    return KeyView(
+        key=label,
+        state=STATE_CODES[st.state],
+        announced_at=ks.next.announced_at if ks is not None and ks.next else None,
+        scheduled_at=st.scheduled_at,
+        announce_for=float(cfg.announce_for),
+        pinned=served_pinned(cfg, ks, meta.key_pin if meta is not None else None),
+    )

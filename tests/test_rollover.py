@@ -433,3 +433,37 @@ def test_pins_match_openssl_for_every_key_type(tmp_path: Path, key_type: str, ca
     out = capsys.readouterr().out
     assert f"pin-sha256 next    {next_pin}" in out
     assert f"_443._tcp.a.example.com. IN TLSA 3 1 1 {next_hex}" in out
+
+
+# --- metrics ----------------------------------------------------------------------------
+
+
+def test_metrics_export_rollover_state_and_announcement_without_key_material(
+    site: Config,
+) -> None:
+    from agent.metrics import CertificateView, Metrics
+
+    clock, issuer = Clock(), StandInIssuer()
+    store = FileStorage(site.state_dir)
+    Renewer(site, MemoryChallengeRegistry(), store, issuer, clock=clock).run(None, False, False)
+    cfg = site.certificate("www")
+    pins_of(cfg, storage=store, now=clock.now)
+    assert main(["keys", "rollover", "www", "-c", str(site.path)]) == 0
+
+    def scrape(now: float) -> str:
+        view = rollover.key_view(cfg, load_meta(store, "www"), now)
+        cv = CertificateView("www", None, None, None, None, {}, keys=view)
+        return Metrics(lambda: [cv]).render().decode()
+
+    text = scrape(clock.now)
+    assert 'haproxy_acme_key_rollover_state{certificate="www",key="ec256"} 1.0' in text
+    (line,) = [ln for ln in text.splitlines()
+               if ln.startswith('haproxy_acme_key_announced_timestamp_seconds{certificate="www"')]
+    assert float(line.rsplit(" ", 1)[1]) == pytest.approx(clock.now)
+    assert 'haproxy_acme_key_served_pinned{certificate="www",key="ec256"} 1.0' in text
+    assert 'haproxy_acme_key_announce_for_seconds{certificate="www",key="ec256"} 864000.0' in text
+    assert "haproxy_acme_key_rollover_scheduled_timestamp_seconds{" in text
+    later = scrape(clock.now + 11 * DAY)
+    assert 'haproxy_acme_key_rollover_state{certificate="www",key="ec256"} 2.0' in later
+    for pem in (site.path.parent / "www.key").read_bytes().splitlines()[1:-1]:
+        assert pem.decode() not in text
