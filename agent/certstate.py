@@ -34,7 +34,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
-from agent import ari, keys, layout
+from agent import ari, keys, layout, rollover
 from agent.storage import LockLost, LockTimeout, Storage
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,8 @@ class CertState:
     # Orders carrying `replaces` (RFC 9773) for the current leaf that the CA
     # refused; from `agent.renewal.REPLACES_MAX_FAILURES` on, orders go without.
     replaces_failures: int = 0
+    # Key rollover state (agent/rollover.py); None: no next key ever seen.
+    keys: rollover.KeyState | None = None
 
     def to_json(self, name: str) -> dict[str, Any]:
         return {
@@ -119,6 +121,7 @@ class CertState:
             "ari": self.ari.to_json() if self.ari else None,
             "deployed": {k: v.to_json() for k, v in sorted(self.deployed.items())},
             "replaces_failures": self.replaces_failures,
+            "keys": self.keys.to_json() if self.keys else None,
         }
 
     @classmethod
@@ -133,6 +136,7 @@ class CertState:
                 str(k): Deployed.from_json(v) for k, v in (data.get("deployed") or {}).items()
             },
             replaces_failures=int(data.get("replaces_failures") or 0),
+            keys=rollover.KeyState.from_json(data["keys"]) if data.get("keys") else None,
         )
 
 
@@ -160,6 +164,10 @@ class CertMeta:
     # (None: installed without a fenced lock, e.g. by an older version or `import`).
     fence: int | None = None
     node: str | None = None
+    # The key file this generation was ordered for (meta.json; None: older
+    # versions, the configured key). The bundle is built from it.
+    key_path: str | None = None
+    keys: rollover.KeyState | None = None  # from state.json (see CertState)
 
     @property
     def installed(self) -> bool:
@@ -172,6 +180,7 @@ class CertMeta:
             self.ari,
             dict(self.deployed),
             self.replaces_failures,
+            self.keys,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -190,6 +199,7 @@ class CertMeta:
             "profile": self.profile,
             "fence": self.fence,
             "node": self.node,
+            "key_path": self.key_path,
         }
 
     @classmethod
@@ -213,6 +223,7 @@ class CertMeta:
             profile=data.get("profile"),
             fence=None if data.get("fence") is None else int(data["fence"]),
             node=None if data.get("node") is None else str(data["node"]),
+            key_path=data.get("key_path"),
         )
 
     def with_state(self, state: CertState) -> CertMeta:
@@ -223,6 +234,7 @@ class CertMeta:
             ari=state.ari,
             deployed=dict(state.deployed),
             replaces_failures=state.replaces_failures,
+            keys=state.keys,
         )
 
 
@@ -421,11 +433,13 @@ def write_generation(
     installed_at: float,
     directory: str | None,
     profile: str | None = None,
+    key_path: str | None = None,
     *,
     fence: int | None = None,
     node: str | None = None,
 ) -> CertMeta:
     """Write a complete new generation (meta.json last); the pointer is not moved.
+    `key_path`: the key file the leaf was ordered for (the bundle is built from it);
     `fence` / `node`: recorded in meta.json (who installed it, under which hold)."""
     gen_id = layout.new_generation_id(installed_at, leaf.serial_number)
     meta = replace(
@@ -436,6 +450,7 @@ def write_generation(
         profile=profile,
         fence=fence,
         node=node,
+        key_path=key_path,
     )
     files = {
         layout.CERT: _pem([leaf]),
@@ -479,6 +494,7 @@ def install_generation(
     directory: str | None,
     before_switch: Callable[[], None] | None = None,
     profile: str | None = None,
+    key_path: str | None = None,
     *,
     fence: int | None = None,
     node: str | None = None,
@@ -487,10 +503,12 @@ def install_generation(
     """Write a generation and switch to it. `before_switch` runs between the two
     (e.g. a lease check that raises `LockLost`: then nothing is switched);
     `commit` makes the switch (see `switch_generation`). A generation written
-    but not switched to is removed again (a refused commit leaves nothing)."""
+    but not switched to is removed again (a refused commit leaves nothing).
+    `key_path`: see `write_generation`."""
     meta = write_generation(
-        storage, name, leaf, chain, installed_at, directory, profile, fence=fence, node=node
-    )
+        storage, name, leaf, chain, installed_at, directory, profile, key_path,
+        fence=fence, node=node,
+    )  # fmt: skip
     assert meta.generation is not None
     try:
         if before_switch is not None:

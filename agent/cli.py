@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from agent import __version__, haproxy_config, importer, keys, permissions
@@ -353,6 +354,19 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"{row['name']}")
         print(f"  domains       {', '.join(row['domains'])}")
         print(f"  key pin       {row['key_pin'] or '(key not created yet)'}")
+        kr = row.get("key_rollover") or {}
+        if kr.get("next_key") or kr.get("requested") or kr.get("previous"):
+            print(f"  key rollover  {kr['state']}: {kr['why']}")
+            if kr.get("next_key"):
+                print(f"  next key      {kr['next_key']} (pin {kr['next_pin']}, announced "
+                      f"{_fmt_time(kr['announced_at'])})")  # fmt: skip
+            for p in kr.get("previous", []):
+                print(f"  previous key  {p['path']} (pin {p['pin']}, listed until "
+                      f"{_fmt_time(p['until'])})")  # fmt: skip
+            if kr.get("revocation_pending"):
+                print(f"  revocation    serial {kr['revocation_pending']} pending (keyCompromise)")
+        if kr.get("served_pinned") is False:
+            print("  WARNING       the served key's pin was never announced")
         print(f"  stored serial {row['serial'] or '-'}")
         print(f"  not after     {_fmt_time(row['not_after'])}  ({days} days left)")
         print(f"  next renewal  {due}")
@@ -516,29 +530,94 @@ def _args_pins(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report-uri", metavar="URL", help="report-uri for the HPKP header")
 
 
-def pins_of(cert: CertificateConfig, report_uri: str | None = None) -> dict[str, Any]:
-    """Pins, HPKP header and TLSA data for one certificate (creates a generate_key key)."""
-    key = _stable_key(cert)
-    key_pin = keys.spki_pin(key)
-    backups = [p for p in cert.backup_pins if p != key_pin]
+def _key_entry(path: Path, key: keys.PrivateKey) -> dict[str, Any]:
+    return {"path": str(path), "key_type": keys.describe_key(key),
+            "pin": keys.spki_pin(key), "tlsa_311": keys.tlsa_311(key)}  # fmt: skip
+
+
+def tlsa_rrset(domains: Sequence[str], hexes: Sequence[str], port: int = 443) -> list[str]:
+    """TLSA 3 1 1 records (zone-file lines) for every domain and hash, in order.
+    Wildcard names are left out: TLSA has no wildcard owner name for them."""
+    seen = list(dict.fromkeys(hexes))
+    return [f"_{port}._tcp.{d}. IN TLSA 3 1 1 {h}" for d in domains if not d.startswith("*.")
+            for h in seen]  # fmt: skip
+
+
+def pins_of(
+    cert: CertificateConfig,
+    report_uri: str | None = None,
+    storage: Any | None = None,
+    now: float | None = None,
+) -> dict[str, Any]:
+    """Pins, HPKP header values and TLSA data for one certificate: the current,
+    next (being announced), backup and previous keys. Creates a generate_key /
+    generate_next_key key. With `storage` (what `pins` passes) the next key's
+    first showing is recorded as its announcement (under the certificate's
+    lock; never moved later) and the rollover state is read from there."""
+    from agent import layout, rollover
+    from agent.certstate import load_meta
+
+    now = time.time() if now is None else now
+    ks: rollover.KeyState | None = None
+    served_pin: str | None = None
+    if storage is not None:
+        _stable_key(cert)  # generate_key: the key exists before the next key is resolved
+        if cert.next_key is not None or cert.generate_next_key:
+            with storage.locked(layout.cert_lock(cert.name), timeout=30.0):
+                rollover.record_shown(storage, cert, now)
+                meta = load_meta(storage, cert.name)
+        else:  # no rollover configured: read only (a state dir may not even exist)
+            meta = load_meta(storage, cert.name) if storage.exists(layout.state_key(cert.name)) \
+                or storage.exists(layout.current_key(cert.name)) else None  # fmt: skip
+        ks = meta.keys if meta else None
+        served_pin = meta.key_pin if meta else None
+    current_path = rollover.current_key_path(cert, ks)
+    key = _stable_key(cert) if current_path == cert.key else keys.load_private_key(current_path)
+    current = _key_entry(current_path, key)
+    key_pin = current["pin"]
+    nxt: dict[str, Any] | None = None
+    if ks is not None and ks.next is not None:
+        nxt = _key_entry(Path(ks.next.path), keys.load_private_key(Path(ks.next.path)))
+        nxt["announced_at"] = ks.next.announced_at
+        at = ks.next.announced_at
+        nxt["switch_allowed_at"] = None if at is None else at + cert.announce_for
+    next_pins = [nxt["pin"]] if nxt else []
+    backups = [p for p in cert.backup_pins if p != key_pin and p not in next_pins]
+    pins = [key_pin, *next_pins, *backups]
+    previous = [
+        {"path": p.path, "pin": p.pin, "tlsa_311": keys.pin_to_tlsa(p.pin), "until": p.until}
+        for p in (ks.previous if ks else ()) if p.until > now
+    ]  # fmt: skip
+    header = keys.hpkp_report_only_header(pins, report_uri=report_uri)
+    hexes = [keys.pin_to_tlsa(p) for p in pins]
+    st = rollover.status_of(cert, ks, now)
     return {
         "name": cert.name,
-        "key": str(cert.key),
-        "key_type": keys.describe_key(key),
+        "key": str(current_path),
+        "key_type": current["key_type"],
         "key_pin": key_pin,
         "backup_pins": backups,
-        "hpkp_report_only": keys.hpkp_report_only_header(
-            [key_pin, *backups], report_uri=report_uri
-        ),
-        "tlsa_311": keys.tlsa_311(key),
+        "hpkp_report_only": header,
+        "hpkp": header,
+        "tlsa_311": current["tlsa_311"],
         "backup_tlsa_311": [keys.pin_to_tlsa(p) for p in backups],
+        "current": current,
+        "next": nxt,
+        "previous": previous,
+        "tlsa_rrset": tlsa_rrset(cert.domains, hexes),
+        "rollover": {"state": st.state, "why": st.why, "allowed_at": st.allowed_at},
+        "served_pin": served_pin,
     }
 
 
 def cmd_pins(args: argparse.Namespace) -> int:
+    from agent import wiring
+
     config = load(args)
+    certs = _select(config, args.names)
+    storage = wiring.make_storage(config)
     try:
-        out = [pins_of(c, args.report_uri) for c in _select(config, args.names)]
+        out = [pins_of(c, args.report_uri, storage) for c in certs]
     except keys.StableKeyError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
@@ -548,13 +627,117 @@ def cmd_pins(args: argparse.Namespace) -> int:
     for item in out:
         print(f"{item['name']} ({item['key_type']}, {item['key']})")
         print(f"  pin-sha256 key     {item['key_pin']}")
+        if item["next"]:
+            n = item["next"]
+            print(f"  pin-sha256 next    {n['pin']}  ({n['path']}, announced "
+                  f"{_fmt_time(n['announced_at'])}, switch allowed from "
+                  f"{_fmt_time(n['switch_allowed_at'])})")  # fmt: skip
         for pin in item["backup_pins"]:
             print(f"  pin-sha256 backup  {pin}")
+        for p in item["previous"]:
+            print(f"  pin-sha256 previous {p['pin']}  ({p['path']}; may be dropped from "
+                  f"headers and DNS after {_fmt_time(p['until'])})")  # fmt: skip
         print(f"  Public-Key-Pins-Report-Only: {item['hpkp_report_only']}")
+        print(f"  Public-Key-Pins: {item['hpkp']}")
         print(f"  TLSA 3 1 1 {item['tlsa_311']}  (key)")
+        if item["next"]:
+            print(f"  TLSA 3 1 1 {item['next']['tlsa_311']}  (next)")
         for tlsa in item["backup_tlsa_311"]:
             print(f"  TLSA 3 1 1 {tlsa}  (backup)")
+        print("  TLSA RRset to publish:")
+        for line in item["tlsa_rrset"]:
+            print(f"    {line}")
+        print(f"  rollover: {item['rollover']['state']}: {item['rollover']['why']}")
     return EXIT_OK
+
+
+# --- keys rollover ----------------------------------------------------------------------
+
+
+def _args_keys(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    r = sub.add_parser("rollover", help="switch a certificate to its next (or a backup) key",
+                       description="Ask for a switch to the next key: done as soon as it has "
+                       "been announced for announce_for (by the daemon, or by this command "
+                       "now). With --now --to: an emergency switch to a backup key.")  # fmt: skip
+    r.add_argument("-c", "--config", default=argparse.SUPPRESS,
+                   help=f"config file (default {DEFAULT_CONFIG_PATH})")  # fmt: skip
+    r.add_argument("name", metavar="NAME", help="certificate name")
+    r.add_argument("--now", action="store_true", help="emergency: switch at once (needs --to)")
+    r.add_argument("--to", metavar="BACKUP_KEY_PATH", help="the backup key to switch to")
+    r.add_argument(
+        "--revoke",
+        action="store_true",
+        help="revoke the old certificate (keyCompromise, signed with the old key)",
+    )
+    r.add_argument("--force-unannounced", action="store_true",
+                   help="accept a --to key whose pin is not in backup_pins (pinning clients "
+                   "will refuse it)")  # fmt: skip
+    r.add_argument("-q", "--quiet", action="store_true", help=argparse.SUPPRESS)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """`keys rollover NAME [--now --to KEY [--revoke] [--force-unannounced]]`."""
+    from pathlib import Path
+
+    from agent import layout, rollover, wiring
+    from agent.certstate import load_meta
+    from agent.storage import LockTimeout
+
+    config = load(args)
+    (cert,) = _select(config, [args.name])
+    if (args.now or args.revoke or args.force_unannounced) and not args.to:
+        print("error: --now, --revoke and --force-unannounced need --to BACKUP_KEY_PATH "
+              "(a scheduled rollover goes to the next key)", file=sys.stderr)  # fmt: skip
+        return EXIT_CONFIG
+    if args.to and not args.now:
+        print("error: --to needs --now (an emergency switch)", file=sys.stderr)
+        return EXIT_CONFIG
+    if cert.csr is not None:
+        print(f"error: certificate {cert.name}: a rollover needs CSRs the agent builds: "
+              f"remove csr from {config.path}", file=sys.stderr)  # fmt: skip
+        return EXIT_CONFIG
+    permissions.startup_checks(config)
+    storage = wiring.make_storage(config)
+    now = time.time()
+    try:
+        with storage.locked(layout.cert_lock(cert.name), timeout=config.acme.timeout):
+            ks = rollover.prepare(storage, cert, now, create=False)
+            meta = load_meta(storage, cert.name)
+            current_pin = meta.key_pin if meta and meta.key_pin else None
+            if args.now:
+                request, warnings = rollover.emergency_request(
+                    cert, Path(args.to), current_pin, now,
+                    revoke=args.revoke, force_unannounced=args.force_unannounced,
+                )  # fmt: skip
+                for w in warnings:
+                    print(w, file=sys.stderr)
+            else:
+                if ks.next is None:
+                    print(f"error: certificate {cert.name}: no next key (set next_key or "
+                          f"generate_next_key in {config.path}, then run `pins`)",
+                          file=sys.stderr)  # fmt: skip
+                    return EXIT_FAILED
+                request = rollover.Request(now)
+            ks = rollover.record_request(storage, cert, request)
+    except rollover.RolloverError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except LockTimeout:
+        print(f"error: certificate {cert.name}: busy (a renewal holds its lock); try again",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_FAILED
+    st = rollover.status_of(cert, ks, now)
+    print(f"{cert.name}: rollover {'requested' if not args.now else 'to ' + args.to}: {st.why}")
+    if not st.due:
+        # A running daemon reschedules the certificate now (it wakes when the
+        # switch is allowed); without one, the next `renew` switches.
+        args.names, args.force, args.quiet = [cert.name], False, True
+        handed = _renew_through_daemon(config, args)
+        return EXIT_OK if handed is None else handed
+    args.names, args.force, args.dry_run = [cert.name], False, False
+    args.quiet = getattr(args, "quiet", False)
+    return cmd_renew(args)
 
 
 # --- csr -------------------------------------------------------------------------------
@@ -609,6 +792,9 @@ COMMANDS: dict[str, Command] = {
     "status": Command("show certificates and when they renew", _args_status, cmd_status),
     "pins": Command("print SPKI pins, HPKP header and TLSA 3 1 1 data", _args_pins, cmd_pins),
     "csr": Command("print the CSR for a certificate (PEM)", _args_csr, cmd_csr),
+    "keys": Command(
+        "key lifecycle: `keys rollover NAME` (see docs/pinning.md)", _args_keys, cmd_keys
+    ),
     "check-config": Command("validate the configuration", _args_none, cmd_check_config),
     "dns-persist": Command(
         "print the dns-persist-01 TXT record(s) to publish once for a certificate",

@@ -42,6 +42,8 @@ Schema (every key optional unless marked required):
                 generate_key, csr }, ...], one key per type (RSA and ECDSA): a dual
                 certificate, stored and served as NAME.rsa and NAME.ecdsa
                 (docs/dual-certificates.md),
+                next_key (path) or generate_next_key = false, announce_for = "60d",
+                previous_pin_for = "60d", rollover_at (UTC timestamp; see docs/pinning.md),
                 renew_before ("30d", "12h", "90m", "3600s"), allow_leaf_only (default: [acme]'s),
                 challenge = "http-01" | "dns-01" | "dns-persist-01" (wildcards "*.example.com"
                 need a DNS challenge; dns-01 names must lie in a [[dns]] zone)
@@ -63,6 +65,7 @@ import socket
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -219,6 +222,15 @@ class CertificateConfig:
     # the config, `key_kind` "rsa" or "ecdsa". Both None for a single-key certificate.
     group: str | None = None
     key_kind: str | None = None
+    # Key rollover (agent/rollover.py, docs/pinning.md). `next_key`: the key to
+    # announce and switch to; with `generate_next_key` the agent creates it
+    # (once, 0600) and a fresh one after every switch. Durations in seconds,
+    # `rollover_at` a UNIX time (UTC).
+    next_key: Path | None = None
+    generate_next_key: bool = False
+    announce_for: float = 60 * 86400.0
+    previous_pin_for: float = 60 * 86400.0
+    rollover_at: float | None = None
 
     @property
     def label(self) -> str:
@@ -1133,8 +1145,36 @@ class _Loader:
             except ValueError as e:
                 raise s.error("renew_before", str(e)) from None
         allow_leaf_only: bool | None = s.get("allow_leaf_only", bool, None)
-        s.check_unknown()
         dual = len(variants) > 1 or s.has("keys")
+        if dual:
+            for rkey in ("next_key", "generate_next_key", "rollover_at"):
+                if s.has(rkey):
+                    raise s.error(
+                        rkey,
+                        "key rollover is not supported for a certificate with `keys` "
+                        "(one key per type) yet: roll a single-key certificate",
+                    )
+        v0 = variants[0]
+        next_key, generate_next_key = self._next_key(s, v0.path, v0.facts, v0.key_type)
+        csr_path = v0.csr
+        if (next_key is not None or generate_next_key) and csr_path is not None:
+            raise s.error(
+                "next_key" if next_key is not None else "generate_next_key",
+                "a key rollover orders with CSRs the agent builds: remove csr",
+            )
+        rollover_durations: dict[str, float] = {}
+        for dkey in ("announce_for", "previous_pin_for"):
+            try:
+                rollover_durations[dkey] = parse_duration(s.get(dkey, (str, int, float), "60d"))
+            except ValueError as e:
+                raise s.error(dkey, str(e)) from None
+        rollover_at: float | None = None
+        if s.has("rollover_at"):
+            try:
+                rollover_at = parse_timestamp(s.get("rollover_at", (str, int, float, datetime)))
+            except ValueError as e:
+                raise s.error("rollover_at", str(e)) from None
+        s.check_unknown()
         return tuple(
             CertificateConfig(
                 name=layout.variant_name(name, v.kind) if dual else name,
@@ -1151,9 +1191,84 @@ class _Loader:
                 group=name if dual else None,
                 key_kind=v.kind if dual else None,
                 key_facts=v.facts,
+                next_key=next_key,
+                generate_next_key=generate_next_key,
+                announce_for=rollover_durations["announce_for"],
+                previous_pin_for=rollover_durations["previous_pin_for"],
+                rollover_at=rollover_at,
             )
             for v in variants
         )
+
+    def _next_key(
+        self,
+        s: _Section,
+        key_path: Path,
+        facts: keys.KeyFileFacts | None,
+        key_type: str,
+    ) -> tuple[Path | None, bool]:
+        """(next_key, generate_next_key), checked: an existing next key must be
+        readable, supported, of the certificate's key type and not the key itself;
+        a missing one needs generate_next_key and a writable directory."""
+        next_key = s.get_path("next_key")
+        generate = bool(s.get("generate_next_key", bool, False))
+        if next_key is None:
+            if generate:
+                self._check_creatable(s, "generate_next_key", key_path.parent)
+            return None, generate
+        if next_key.exists() and key_path.exists() and os.path.samefile(next_key, key_path):
+            raise s.error("next_key", f"{next_key} is the certificate's key itself ({key_path})")
+        if not next_key.exists():
+            if not generate:
+                raise s.error(
+                    "next_key",
+                    f"file {next_key} does not exist (set generate_next_key = true to create it)",
+                )
+            self._check_creatable(s, "next_key", next_key.parent)
+            return next_key, generate
+        problem = _readable_file(next_key)
+        if problem:
+            raise s.error("next_key", problem)
+        try:
+            nk = keys.load_private_key(next_key)
+        except keys.StableKeyError as e:
+            raise s.error("next_key", str(e)) from None
+        want = _KEY_TYPE_OF.get(facts.kind, facts.kind) if facts is not None else key_type
+        nk_type = _KEY_TYPE_OF.get(keys.describe_key(nk), keys.describe_key(nk))
+        if nk_type != want:
+            raise s.error(
+                "next_key",
+                f"{next_key} holds a {keys.describe_key(nk)} key, not {want!r} like the "
+                f"certificate's key (a rollover keeps the key type)",
+            )
+        if facts is not None and keys.spki_pin(nk) == facts.pin:
+            raise s.error("next_key", f"{next_key} holds the same key as {key_path}")
+        return next_key, generate
+
+    def _check_creatable(self, s: _Section, name: str, parent: Path) -> None:
+        if not parent.is_dir():
+            raise s.error(name, f"directory {parent} does not exist (needed to create the key)")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise s.error(name, f"directory {parent} is not writable (needed to create the key)")
+
+
+def parse_timestamp(value: object) -> float:
+    """UNIX seconds from a TOML offset date-time, an ISO 8601 string with a UTC
+    offset ("2027-03-01T00:00:00Z") or a number of UNIX seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a date-time like 2027-03-01T00:00:00Z")
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(f"{value!r} is not a date-time like 2027-03-01T00:00:00Z") from None
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise ValueError("needs a UTC offset (e.g. 2027-03-01T00:00:00Z)")
+        return value.timestamp()
+    raise ValueError("expected a date-time like 2027-03-01T00:00:00Z")
 
 
 def _zone_holding(zones: tuple[DnsZoneConfig, ...], name: str) -> DnsZoneConfig | None:

@@ -42,14 +42,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from agent import challenge_map, ratelimit, wiring
+from agent import challenge_map, ratelimit, rollover, wiring
 from agent import deploy as deploy_mod
 from agent.certstate import load_metas, undeployed
 from agent.config import Config, ConfigError, load_config, save_key_checks
 from agent.control import ControlServer
 from agent.deploy import DeployResult, SyncStatus, stored_target
 from agent.fleet_sync import FleetSync, node_targets
-from agent.metrics import CertificateView, Metrics, MetricsServer
+from agent.metrics import CertificateView, KeyView, Metrics, MetricsServer
 from agent.renewal import (
     ARI_ERROR_RETRY,
     EMERGENCY_FRACTION,
@@ -266,6 +266,7 @@ class Daemon:
                     if meta is not None and meta.installed
                     else {}
                 ),
+                keys=self._key_view(name, meta),
             )
 
     def _fleet_view(self) -> Any:
@@ -273,6 +274,13 @@ class Daemon:
         without [fleet]. Read at scrape time: no Redis I/O."""
         sync = self._fleet_sync
         return sync.view if sync is not None else None
+
+    def _key_view(self, name: str, meta: CertMeta | None) -> KeyView | None:
+        try:
+            cfg = self.config.certificate(name)
+        except KeyError:
+            return None
+        return rollover.key_view(cfg, meta, self.clock())
 
     def healthy(self) -> bool:
         return self._started and not self._stop.is_set() and all(not t.done() for t in self._tasks)

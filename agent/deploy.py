@@ -1965,14 +1965,20 @@ def stored_target(cert: Any, storage: Any) -> DeployTarget | None:
     gen_id = read_current(storage, cert.name)
     if gen_id is None:
         return None
-    key_id = _file_identity(cert.key)
+    # The key file is the one the generation was ordered for (its meta.json,
+    # agent.rollover.served_key_path): a key rollover never pairs a leaf with
+    # the other key. A cached entry of the same generation names it already.
+    with _TARGET_GUARD:
+        hit = _TARGET_CACHE.get(storage, {}).get(cert.name)
+    key_file = Path(cert.key)
+    if hit is not None and hit[0][0] == gen_id and isinstance(hit[0][1], tuple):
+        key_file = Path(str(hit[0][1][0]))
+    key_id = _file_identity(key_file)
     dh = getattr(cert, "dhparam", None)
     dh_id = _file_identity(dh) if dh is not None else ()
     identity: tuple[object, ...] | None = None
     if key_id is not None and dh_id is not None:
-        identity = (gen_id, key_id, dh_id)
-        with _TARGET_GUARD:
-            hit = _TARGET_CACHE.get(storage, {}).get(cert.name)
+        identity = (gen_id, key_id, dh_id, str(cert.key))
         if hit is not None and hit[0] == identity:
             return hit[1]
     try:
@@ -1980,11 +1986,17 @@ def stored_target(cert: Any, storage: Any) -> DeployTarget | None:
     except (FileNotFoundError, GenerationError) as exc:
         log.warning("certificate %s: current generation %s unreadable: %s", cert.name, gen_id, exc)
         return None
+    from agent.rollover import served_key_path
+
+    key_file = served_key_path(cert, gen.meta.key_path)
+    key_id = _file_identity(key_file)
+    identity = (gen_id, key_id, dh_id, str(cert.key)) if key_id is not None and dh_id is not None \
+        else None  # fmt: skip
     try:
-        bundle = node_bundle(cert, gen.fullchain_pem)
+        bundle = node_bundle(cert, gen.fullchain_pem, gen.meta.key_path)
     except (OSError, StableKeyError) as exc:
         raise BundleError(
-            f"certificate {cert.name!r}: cannot read its key {cert.key}: {exc}"
+            f"certificate {cert.name!r}: cannot read its key {key_file}: {exc}"
         ) from exc
     try:
         target = DeployTarget.from_bundle(
@@ -1995,8 +2007,8 @@ def stored_target(cert: Any, storage: Any) -> DeployTarget | None:
             f"{exc} (key file {cert.key}, stored generation {gen.id})", exc.serial
         ) from exc
     except BundleError as exc:
-        raise BundleError(f"{exc} (key file {cert.key}, stored generation {gen.id})") from exc
-    if identity is not None and _file_identity(cert.key) == key_id:
+        raise BundleError(f"{exc} (key file {key_file}, stored generation {gen.id})") from exc
+    if identity is not None and _file_identity(key_file) == key_id:
         # Cached only if the key file did not change while we read it.
         with _TARGET_GUARD:
             try:

@@ -55,8 +55,8 @@ from acme import challenges, client, errors, messages
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from josepy import errors as jose_errors
-from josepy.jwa import ES256
-from josepy.jwk import JWKEC
+from josepy.jwa import ES256, ES384, RS256
+from josepy.jwk import JWK, JWKEC, JWKRSA
 
 from agent import ari, keys
 from agent.challenges import ChallengeRegistry
@@ -752,6 +752,34 @@ class Issuer:
                 time.time(),
                 previous,
             )
+        finally:
+            net.session.close()
+
+    def revoke_with_key(self, cert: x509.Certificate, key: keys.PrivateKey, reason: int) -> None:
+        """Revoke `cert` (RFC 8555 7.6) with a request signed by the certificate's own
+        private `key` (a JWK header, no account): what a key compromise calls for,
+        and it works whichever account ordered the certificate. `reason`: an RFC
+        5280 CRLReason code (1 = keyCompromise). Raises AcmeServerError."""
+        self.load_directory()
+        assert self.directory is not None
+        if isinstance(key, ec.EllipticCurvePrivateKey):
+            jwk: JWK = JWKEC(key=key)
+            alg = {"secp256r1": ES256, "secp384r1": ES384}[key.curve.name]
+        else:
+            jwk, alg = JWKRSA(key=key), RS256
+        net = RetryingNetwork(
+            deadline=time.monotonic() + self.cfg.timeout, request_timeout=self.cfg.timeout,
+            key=jwk, account=None, alg=alg, verify_ssl=self._verify(), user_agent=self.user_agent,
+        )  # fmt: skip
+        try:
+            client.ClientV2(self.directory, net).revoke(cert, reason)
+        except AcmeError:
+            raise
+        except (messages.Error, errors.Error) as e:
+            raise AcmeServerError(
+                f"revoking serial {cert.serial_number:x}: {e}",
+                problem_type=getattr(e, "typ", None),
+            ) from e
         finally:
             net.session.close()
 

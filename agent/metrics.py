@@ -67,6 +67,9 @@ class CertificateView:
     # added as a `key_type` label; `name` is then the certificate's name in the config.
     # None (single-key certificates): no such label, the series stay as they were.
     key_type: str | None = None
+    # Key rollover (agent/rollover.py), labelled by the current key's type
+    # ("ec256", "rsa4096", ...); None: the certificate does not roll keys.
+    keys: KeyView | None = None
 
     def labels(self, **more: str) -> dict[str, str]:
         """The sample labels: certificate (and key_type for a dual certificate's key)."""
@@ -74,6 +77,20 @@ class CertificateView:
         if self.key_type is not None:
             out["key_type"] = self.key_type
         return {**out, **more}
+
+
+@dataclass(frozen=True)
+class KeyView:
+    """A certificate's key lifecycle for metrics: no key material, times in UNIX s.
+    `state`: agent.rollover.STATE_CODES; `pinned`: the served key was announced
+    (None: the certificate does not pin)."""
+
+    key: str
+    state: int
+    announced_at: float | None
+    scheduled_at: float | None
+    announce_for: float
+    pinned: bool | None
 
 
 class _CertificateCollector(Collector):
@@ -129,6 +146,53 @@ class _CertificateCollector(Collector):
                 labels = v.labels(instance=instance)
                 deployed.samples.append(Sample(deployed.name, labels, 1.0 if ok else 0.0))
         yield deployed
+        yield from _key_families(views)
+
+
+def _key_families(views: list[CertificateView]) -> Iterator[Metric]:
+    labels = ["certificate", "key"]
+    state = GaugeMetricFamily(
+        PREFIX + "key_rollover_state",
+        "Key rollover state of the next key: 0 none (no next key, or not announced yet), "
+        "1 announced (announce_for not over), 2 allowed (a switch may happen), "
+        "3 switched (a previous key is still in its previous_pin_for grace period).",
+        labels=labels,
+    )
+    announced = GaugeMetricFamily(
+        PREFIX + "key_announced_timestamp_seconds",
+        "When the next key was first shown by `pins` (its announcement; UNIX seconds).",
+        labels=labels,
+    )
+    scheduled = GaugeMetricFamily(
+        PREFIX + "key_rollover_scheduled_timestamp_seconds",
+        "When a switch to the next key was asked for (rollover_at or `keys rollover`; UNIX s).",
+        labels=labels,
+    )
+    announce_for = GaugeMetricFamily(
+        PREFIX + "key_announce_for_seconds",
+        "The configured announce_for: how long a next key must be announced before a switch.",
+        labels=labels,
+    )
+    pinned = GaugeMetricFamily(
+        PREFIX + "key_served_pinned",
+        "1 when the stored (served) certificate's key was announced (the configured key "
+        "before any switch, a backup pin, or an announced next key), else 0.",
+        labels=labels,
+    )
+    for v in views:
+        k = v.keys
+        if k is None:
+            continue
+        lv = [v.name, k.key]
+        state.add_metric(lv, float(k.state))
+        announce_for.add_metric(lv, k.announce_for)
+        if k.announced_at is not None:
+            announced.add_metric(lv, k.announced_at)
+        if k.scheduled_at is not None:
+            scheduled.add_metric(lv, k.scheduled_at)
+        if k.pinned is not None:
+            pinned.add_metric(lv, 1.0 if k.pinned else 0.0)
+    yield from (state, announced, scheduled, announce_for, pinned)
 
 
 class _SpoaCollector(Collector):

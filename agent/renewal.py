@@ -45,7 +45,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
-from agent import ari, keys, layout, pairs, ratelimit, wiring
+from agent import ari, keys, layout, pairs, ratelimit, rollover, wiring
 from agent.certstate import Attempt as Attempt
 from agent.certstate import CertMeta as CertMeta
 from agent.certstate import (
@@ -115,6 +115,9 @@ def renewal_decision(
         when, why = meta.not_after - lifetime * RENEW_FRACTION, "1/3 of the lifetime left"
     if emergency < when:
         when, why = emergency, "less than 1/20 of the lifetime left"
+    switch_at = rollover.switch_time(cert_cfg, meta.keys, now)
+    if switch_at is not None and switch_at < when:
+        when, why = switch_at, "key rollover"
     if meta.retry_not_before is not None and meta.retry_not_before > when:
         when, why = meta.retry_not_before, why + " (after the CA's rate-limit retry time)"
     if meta.not_after <= now:
@@ -515,7 +518,11 @@ class Renewer:
             log.error("certificate %s: cannot record the failed attempt: %s", cfg.name, e)
 
     def install(
-        self, cfg: CertificateConfig, checked: CheckedChain, lock_token: str | None = None
+        self,
+        cfg: CertificateConfig,
+        checked: CheckedChain,
+        lock_token: str | None = None,
+        key_path: Path | None = None,
     ) -> CertMeta:
         """Store `checked` as a new generation and switch to it. The caller holds
         `layout.cert_lock(cfg.name)`; with its `lock_token`, the switch is a fenced
@@ -532,8 +539,9 @@ class Renewer:
 
         meta = install_generation(
             st, cfg.name, checked.leaf, checked.chain, now, self.config.acme.directory,
-            profile=self.config.acme.profile or None, fence=fence, node=self.node,
-            commit=commit if lock_token is not None else None,
+            profile=self.config.acme.profile or None,
+            key_path=str(key_path if key_path is not None else cfg.key),
+            fence=fence, node=self.node, commit=commit if lock_token is not None else None,
         )  # fmt: skip
         return meta.with_state(self._fresh_state(cfg.name, now))
 
@@ -584,9 +592,10 @@ class Renewer:
         # fleet's: a node whose key differs refuses to deploy it (agent.fleet_sync)
         # instead of ordering one for its own key, which every other node refuses.
         single = self.config.fleet is None
-        if single and meta is not None and meta.installed and cfg.key.exists() and meta.key_pin:
+        current_key = rollover.current_key_path(cfg, meta.keys if meta else None)
+        if single and meta is not None and meta.installed and current_key.exists() and meta.key_pin:
             try:
-                pin = keys.spki_pin(keys.load_private_key(cfg.key))
+                pin = keys.spki_pin(keys.load_private_key(current_key))
             except keys.StableKeyError:
                 pin = meta.key_pin
             if pin != meta.key_pin:
@@ -680,6 +689,7 @@ class Renewer:
         except StoreUnavailable as e:
             return RenewResult(cfg.name, "skipped", str(e), error_type="store")
         try:
+            self._settle_keys(cfg)
             # Re-check under the lock: a concurrent run may have just renewed it.
             # Forced, but a run we waited for installed it after we started:
             # that is what was asked for; it is not ordered a second time.
@@ -732,24 +742,48 @@ class Renewer:
     def _order_and_install(
         self, cfg: CertificateConfig, why: str, meta: CertMeta | None, token: str | None = None
     ) -> RenewResult:
-        checked = self._order_checked(cfg, meta, token)
+        try:
+            switch = self._begin_switch(cfg, meta)
+        except (keys.StableKeyError, OSError) as e:
+            msg = f"key rollover: {type(e).__name__}: {e}"
+            self._record_failure(cfg, msg, None, locked=True)
+            return RenewResult(cfg.name, "failed", msg, error_type=error_type(e))
+        key_path = Path(switch.new.path) if switch else rollover.current_key_path(
+            cfg, meta.keys if meta else None)  # fmt: skip
+        checked = self._order_checked(cfg, meta, token, switch, key_path)
         if isinstance(checked, RenewResult):
             return checked
+        old_leaf = self._current_cert(cfg.name) if switch else None
         try:
-            new_meta = self.install(cfg, checked, token)
+            new_meta = self.install(cfg, checked, token, key_path)
         except LockLost as e:
             return self._refused(cfg, checked, e)
         self._clear_order(cfg)
-        return self._installed(cfg, why, new_meta)
+        if switch is not None:
+            self._finish_switch(cfg, switch, old_leaf)
+        result = self._installed(cfg, why, new_meta)
+        if switch is not None and result.status == "renewed":
+            self._revoke_pending(cfg)
+        return result
 
     def _order_checked(
-        self, cfg: CertificateConfig, meta: CertMeta | None, token: str | None = None
+        self,
+        cfg: CertificateConfig,
+        meta: CertMeta | None,
+        token: str | None = None,
+        switch: rollover.Switch | None = None,
+        key_path: Path | None = None,
     ) -> CheckedChain | RenewResult:
         """Order `cfg`'s certificate (with ARI `replaces` for the current leaf) and
         check it: the chain to install, or the failed RenewResult (recorded in
-        state.json: the caller holds the cert lock). Installs nothing."""
+        state.json: the caller holds the cert lock). Installs nothing.
+        `key_path`: the key to order for (None: the current key); `switch`: the
+        key rollover this order is for (its pins count as announced)."""
         try:
-            key = self._key_for(cfg, create=True)
+            if key_path is None:
+                key_path = rollover.current_key_path(cfg, meta.keys if meta else None)
+            key = (self._key_for(cfg, create=True) if key_path == cfg.key
+                   else keys.load_private_key(key_path))  # fmt: skip
             csr_pem = self._csr_pem(cfg, key)
             replaces = None
             if meta is not None and meta.installed and self.issuer.renewal_info_url:
@@ -769,7 +803,8 @@ class Renewer:
                 replaces = None
             issued = self._issue(cfg, csr_pem, replaces, token)
             checked = check_certificate(
-                issued.fullchain_pem.encode(), key, cfg.domains, cfg.backup_pins, self.clock(),
+                issued.fullchain_pem.encode(), key, cfg.domains,
+                rollover.announced_pins(cfg, meta.keys if meta else None, switch), self.clock(),
                 policy=policy_for(self.config.acme, cfg), name=cfg.name,
             )  # fmt: skip
         except RateLimited as e:
@@ -810,6 +845,35 @@ class Renewer:
                     error_type="deploy",
                 )
         return RenewResult(cfg.name, "renewed", why, serial, not_after)
+
+    # -- key rollover (agent/rollover.py; the caller holds the cert lock) --
+
+    def _settle_keys(self, cfg: CertificateConfig) -> None:
+        """Finish a switch a kill interrupted, adopt/create the next key, retry a revocation."""
+        try:
+            rollover.prepare(self.storage, cfg, self.clock(), create=True)
+        except (keys.StableKeyError, OSError) as e:
+            log.error("certificate %s: key rollover state: %s", cfg.name, e)
+        self._revoke_pending(cfg)
+
+    def _begin_switch(
+        self, cfg: CertificateConfig, meta: CertMeta | None
+    ) -> rollover.Switch | None:
+        """The switch this order is for (recorded in state.json), or None (a renewal)."""
+        return rollover.begin_switch(self.storage, cfg, meta, self.clock())
+
+    def _finish_switch(
+        self, cfg: CertificateConfig, switch: rollover.Switch, old_leaf: x509.Certificate | None
+    ) -> None:
+        try:
+            rollover.finish(self.storage, cfg, switch, old_leaf, self.clock())
+        except (keys.StableKeyError, OSError) as e:
+            log.error("certificate %s: after the key switch: %s", cfg.name, e)
+
+    def _revoke_pending(self, cfg: CertificateConfig) -> None:
+        revoke = getattr(self.issuer, "revoke_with_key", None)
+        if revoke is not None:
+            rollover.revoke_pending(self.storage, cfg, revoke)
 
     def _issue(
         self, cfg: CertificateConfig, csr_pem: bytes, replaces: str | None,
@@ -1103,12 +1167,17 @@ def record_sync(storage: Storage, statuses: Iterable[Any], now: float) -> list[s
     return changed
 
 
-def node_bundle(cfg: CertificateConfig, fullchain_pem: bytes) -> bytes:
+def node_bundle(
+    cfg: CertificateConfig, fullchain_pem: bytes, key_path: str | None = None
+) -> bytes:
     """The HAProxy bundle of `cfg` on this node: the stored full chain, this
-    node's key file and the DH parameters (`make_bundle`). Raises OSError /
-    `keys.StableKeyError` naming the file when the key cannot be read."""
-    raw = Path(cfg.key).read_bytes()
-    key_pem = raw if b"-----BEGIN" in raw else keys.private_key_pem(keys.load_private_key(cfg.key))
+    node's key file and the DH parameters (`make_bundle`). `key_path`: the key
+    the generation was ordered for (`CertMeta.key_path`; None: the configured
+    key). Raises OSError / `keys.StableKeyError` naming the file when the key
+    cannot be read."""
+    path = rollover.served_key_path(cfg, key_path)
+    raw = path.read_bytes()
+    key_pem = raw if b"-----BEGIN" in raw else keys.private_key_pem(keys.load_private_key(path))
     dh = Path(cfg.dhparam).read_bytes() if cfg.dhparam else None
     return make_bundle(fullchain_pem, key_pem, dh)
 
@@ -1238,7 +1307,9 @@ def certificate_status(
         except OSError:
             meta = None
         try:
-            pin: str | None = keys.spki_pin(keys.load_private_key(cfg.key))
+            pin: str | None = keys.spki_pin(
+                keys.load_private_key(rollover.current_key_path(cfg, meta.keys if meta else None))
+            )
         except keys.StableKeyError:
             pin = None
         when = next_renewal_time(meta, cfg, now, meta.ari if meta else None)
@@ -1292,6 +1363,8 @@ def certificate_status(
                 "last_deployed": la.deployed if la else None,
                 "deployed": deployed,
                 "in_sync": serial is not None and all(d["matches"] for d in deployed.values()),
+                "key_rollover": rollover.status_row(cfg, meta.keys if meta else None, now,
+                                                    meta.key_pin if meta else None),
             }
         )
     return rows

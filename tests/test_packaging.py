@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
-from agent.metrics import CertificateView, Metrics
+from agent.metrics import CertificateView, KeyView, Metrics
 from tests.support.certs import make_ca
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,6 +70,8 @@ def exported_metric_names() -> set[str]:
         next_renewal=now + 50 * 86400,
         last_success=now - 86400,
         in_sync={"unix:/run/haproxy/admin.sock": True},
+        # A pinning certificate: the key rollover gauges exist only for those.
+        keys=KeyView("ec256", 1, now - 86400, now + 86400 * 70, 60 * 86400.0, True),
     )
     from agent.fleet_sync import FleetView
 

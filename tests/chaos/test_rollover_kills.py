@@ -1,0 +1,102 @@
+"""kill -9 of `keys rollover` at random points, on real Pebble + real HAProxy.
+
+Each round announces the current next key (`pins`), waits out a 1 s
+`announce_for`, starts `keys rollover www` (which switches at once) and kills
+it at a random point: a random delay within a typical run, or right as the
+bundle file changes (the deploy). After every kill the bundle pairs its leaf
+with its own key (tests.chaos.harness.check_invariants), and both the bundle
+and the served leaf (a real TLS handshake) are on the key before the round or
+on the next key, never anything else. A cron `renew` then finishes whatever
+the kill left: HAProxy serves the stored generation, on one of the two keys.
+
+Rounds: CHAOS_ROLLOVER_ROUNDS (default 20).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections import Counter
+
+import pytest
+
+from agent import keys
+from tests.chaos.harness import (
+    Site,
+    assert_in_sync,
+    check_invariants,
+    env_int,
+    kill9,
+    run_agent,
+    spawn_agent,
+)
+from tests.chaos.test_kills import ACME_TIMEOUT, kill_point
+from tests.support.bundles import bundle_pin
+from tests.support.tls import served_leaf
+
+pytestmark = [pytest.mark.integration, pytest.mark.chaos]
+
+
+def served_pin(site: Site) -> str:
+    leaf = served_leaf(site.stack.https_port, "www.chaos.test")
+    return keys.spki_pin(leaf.public_key())  # type: ignore[arg-type]
+
+
+def stored_pin(site: Site) -> str:
+    d = site.state_dir / "certificates" / "www"
+    meta = json.loads((d / "gen" / (d / "current").read_text() / "meta.json").read_text())
+    return str(meta["key_pin"])
+
+
+@pytest.fixture
+def one_site(site: Site) -> Site:
+    site.names = {"www": "www.chaos.test"}
+    return site
+
+
+def test_rollover_killed_at_random_points_leaves_the_site_on_one_matching_key(
+    one_site: Site, tally: Counter[str]
+) -> None:
+    site = one_site
+    rng = random.Random(tally["seed"])
+    site.write_config('generate_next_key = true\nannounce_for = "1s"\n', timeout=ACME_TIMEOUT)
+    started = time.monotonic()
+    cp = run_agent("renew", "-c", str(site.config))
+    run_time = time.monotonic() - started
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    site.remember_keys()
+    switched = 0
+    for i in range(max(1, env_int("CHAOS_ROLLOVER_ROUNDS", 20))):
+        before = stored_pin(site)
+        cp = run_agent("pins", "--json", "-c", str(site.config))
+        assert cp.returncode == 0, cp.stdout + cp.stderr
+        nxt = json.loads(cp.stdout)[0]["next"]
+        assert nxt is not None and nxt["pin"] != before
+        time.sleep(max(0.0, nxt["announced_at"] + 1.05 - time.time()))
+        log = site.root / f"rollover-{i}.log"
+        proc = spawn_agent("keys", "rollover", "www", "-c", str(site.config), log=log)
+        tally["kills_" + kill_point(rng, site, proc, run_time)] += 1
+        if proc.poll() is None:
+            kill9(proc)
+            tally["kills"] += 1
+        else:
+            tally["finished_before_kill"] += 1
+        check_invariants(site)  # every bundle pairs its leaf with its key; `key` unchanged
+        two = {before, nxt["pin"]}
+        assert bundle_pin(site.bundle("www").read_bytes()) in two
+        assert served_pin(site) in two
+        # The next cron run finishes what the kill left (the request stays recorded).
+        cp = run_agent("renew", "-c", str(site.config))
+        assert cp.returncode == 0, cp.stdout + cp.stderr
+        check_invariants(site, after_restart=True)
+        assert_in_sync(site)
+        now_on = stored_pin(site)
+        assert now_on in two
+        assert served_pin(site) == now_on == bundle_pin(site.bundle("www").read_bytes())
+        state = json.loads((site.state_dir / "certificates" / "www" / "state.json").read_text())
+        assert state["keys"]["switch"] is None, state["keys"]
+        switched += now_on != before
+        tally["rounds"] += 1
+    tally["switched"] += switched
+    assert switched >= 1  # the rounds did roll keys, not only kill idle runs
