@@ -106,6 +106,7 @@ class RedisChallengeRegistry(ChallengeRegistry):
     FETCH_RATE = 50.0  # fetches per second on average (a CA asks a few times per token)
     FETCH_BURST = 50  # fetches at once after a quiet spell
     LOOKUP_TIMEOUT = 0.5  # s: socket timeout of the lookup connection
+    TOMBSTONE_TTL = 5.0  # s a locally removed token ignores late "add" messages
 
     def __init__(
         self,
@@ -123,6 +124,7 @@ class RedisChallengeRegistry(ChallengeRegistry):
         self._lock = threading.Lock()
         self._negative: dict[str, float] = {}  # token -> time.monotonic() until which it is unknown
         self._inflight: dict[str, Future[str | None]] = {}
+        self._removed: dict[str, float] = {}  # token -> monotonic time its tombstone ends
         self._budget = float(self.FETCH_BURST)
         self._budget_at = time.monotonic()
         self._pool: ThreadPoolExecutor | None = None
@@ -151,10 +153,17 @@ class RedisChallengeRegistry(ChallengeRegistry):
         with self._lock:
             self._mirror[token] = (key_authorization, expires_at)
             self._negative.pop(token, None)
+            self._removed.pop(token, None)
 
     def remove(self, token: str) -> None:
         with self._lock:
             self._mirror.pop(token, None)
+            # Our own "add" message may still be on its way to the mirror thread:
+            # it must not bring the token back after this remove returned.
+            now = time.monotonic()
+            if len(self._removed) >= 10_000:
+                self._removed = {t: u for t, u in self._removed.items() if u > now}
+            self._removed[token] = now + self.TOMBSTONE_TTL
         try:
             pipe = self.client.pipeline(transaction=True)
             pipe.hdel(self.key, token)
@@ -305,6 +314,12 @@ class RedisChallengeRegistry(ChallengeRegistry):
         except (ValueError, KeyError, TypeError):
             return
         if op == "add":
+            until = self._removed.get(token)
+            if until is not None:
+                if until > time.monotonic():
+                    return  # removed here after it was sent
+                with self._lock:
+                    self._removed.pop(token, None)
             self._apply_entry(token, json.dumps({"k": msg.get("k"), "e": msg.get("e")}))
             entry = self._mirror.get(token)
             if entry is not None and self._listeners:

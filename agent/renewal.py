@@ -816,8 +816,11 @@ class Renewer:
             )  # fmt: skip
         except (AcmeError, CertificateRejected, keys.StableKeyError, keys.CSRError, OSError) as e:
             msg = f"{type(e).__name__}: {e}" if isinstance(e, OSError) else str(e)
-            if isinstance(e, OrderFailed | ValidationFailed | CertificateRejected):
-                self._clear_order(cfg)  # that order is over: the next run places a new one
+            if not isinstance(e, AcmeUnreachable | AcmeTimeout):
+                # That order is over for us: the next run places a new one. Only
+                # a crash, or a CA we could not reach or wait for (the order may
+                # still complete there), leaves it recorded to be resumed.
+                self._clear_order(cfg)
             self._record_failure(cfg, msg, None, locked=True)
             return RenewResult(cfg.name, "failed", msg, error_type=error_type(e))
         try:

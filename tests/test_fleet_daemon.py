@@ -1,12 +1,14 @@
 """A daemon with [fleet]: the wiring gives it the Redis store and registry, a renewal
 stores the certificate in Redis (nothing under state_dir but the key it made),
-and its heartbeat lists it with the serial. Real redis-server; stand-in CA."""
+its heartbeat lists it with the serial, and it announces the certificate to the
+fleet. Real redis-server; stand-in CA."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 
 from agent.config import load_config
 from agent.daemon import Daemon
-from agent.fleet import RedisChallengeRegistry, list_nodes
+from agent.fleet import ChangeListener, RedisChallengeRegistry, list_nodes
 from agent.store_redis import RedisStorage
 from tests.support.redis import redis_available, shared_redis
 from tests.test_renewal import CA, StandInIssuer
@@ -59,6 +61,12 @@ def test_a_fleet_daemon_renews_into_redis_and_beats_with_the_serial(
     )
     config = load_config(tmp_path / "config.toml")
 
+    heard: list[tuple[str, str, int | None, str]] = []
+    listener = ChangeListener(
+        redis.Redis.from_url(url), ns, lambda *m: heard.append(m)  # type: ignore[arg-type]
+    ).start()
+    assert listener.connected.wait(10)
+
     async def main() -> tuple[str, str | None]:
         daemon = Daemon(config)
         assert isinstance(daemon.storage, RedisStorage)
@@ -84,6 +92,14 @@ def test_a_fleet_daemon_renews_into_redis_and_beats_with_the_serial(
 
     status, serial = asyncio.run(main())
     assert status == "renewed" and serial
+    # The renewal told the fleet: name, serial, the fence of its hold, this node.
+    for _ in range(500):
+        if heard:
+            break
+        time.sleep(0.01)
+    listener.stop()
+    assert heard and heard[0][0] == "www" and heard[0][1] == serial and heard[0][3] == "edge-a"
+    assert isinstance(heard[0][2], int) and heard[0][2] > 0
     store = RedisStorage(redis.Redis.from_url(url), ns)
     current = store.load("certificates/www/current").decode()
     assert current.endswith("-" + serial)

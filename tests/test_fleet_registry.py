@@ -152,3 +152,17 @@ def test_with_redis_down_the_mirror_answers_and_add_fails(tmp_path: Path) -> Non
             client.close()
     finally:
         server.stop()
+
+
+def test_our_own_late_add_message_does_not_bring_a_removed_token_back(
+    node_pair: tuple[RedisChallengeRegistry, RedisChallengeRegistry],
+) -> None:
+    a, b = node_pair
+    a.add(TOKEN, KEYAUTH, expires_at=time.time() + 600)
+    a.remove(TOKEN)
+    # The "add" message reaching a's mirror thread only now (it was in flight):
+    a._apply_message(json.dumps({"op": "add", "t": TOKEN, "k": KEYAUTH, "e": time.time() + 600}))
+    assert a.lookup(TOKEN) is None
+    a.add(TOKEN, KEYAUTH, expires_at=time.time() + 600)  # added again: served again
+    assert a.lookup(TOKEN) == KEYAUTH
+    assert eventually(lambda: b.lookup(TOKEN) == KEYAUTH)
