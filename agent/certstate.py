@@ -254,13 +254,16 @@ def meta_from_certificate(name: str, cert: x509.Certificate) -> CertMeta:
     )
 
 
-def undeployed(meta: CertMeta | None, instances: Iterable[str]) -> list[str]:
-    """The instances among `instances` not confirmed to serve `meta`'s stored serial."""
+def undeployed(
+    meta: CertMeta | None, instances: Iterable[str], node: str | None = None
+) -> list[str]:
+    """The instances among `instances` not confirmed to serve `meta`'s stored serial;
+    `node`: whose facts to read in a fleet (`layout.deployed_key`)."""
     if meta is None or not meta.installed:
         return []
     out = []
     for inst in instances:
-        fact = meta.deployed.get(inst)
+        fact = meta.deployed.get(layout.deployed_key(node, inst))
         if fact is None or fact.serial != meta.serial:
             out.append(inst)
     return out

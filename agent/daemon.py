@@ -42,7 +42,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from agent import challenge_map, ratelimit, rollover, wiring
+from agent import challenge_map, layout, ratelimit, rollover, wiring
 from agent import deploy as deploy_mod
 from agent.certstate import load_metas, undeployed
 from agent.config import Config, ConfigError, load_config, save_key_checks
@@ -221,7 +221,7 @@ class Daemon:
             old = self.states.get(cfg.name)
             meta = metas.get(cfg.name)
             when = next_renewal_time(meta, cfg, now, meta.ari if meta else None)
-            if undeployed(meta, instances):
+            if undeployed(meta, instances, layout.deploy_node(self.config)):
                 when = min(when, now)
             if old is not None and old.failures and old.next_at > when:
                 when = old.next_at  # keep backing off across a reload
@@ -242,6 +242,7 @@ class Daemon:
         for s in self.deployer.status():
             sync.setdefault(s.name, {})[s.instance] = s.in_sync
         instances = self.renewer.deploy_instances()
+        node = layout.deploy_node(self.config)
         dual = {c.name: c for c in self.config.certificates if c.group is not None}
         for name, st in list(self.states.items()):
             meta = st.meta
@@ -262,7 +263,7 @@ class Daemon:
                 last_success=last_ok,
                 in_sync=sync.get(name, {}),
                 deployed=(
-                    {inst: inst not in undeployed(meta, [inst]) for inst in instances}
+                    {inst: inst not in undeployed(meta, [inst], node) for inst in instances}
                     if meta is not None and meta.installed
                     else {}
                 ),
@@ -328,7 +329,9 @@ class Daemon:
                 )  # fmt: skip
             elif s.error:
                 log.warning("certificate %s on %s: %s", s.name, s.instance, s.error)
-        changed = record_sync(self.storage, statuses, self.clock())
+        changed = record_sync(
+            self.storage, statuses, self.clock(), layout.deploy_node(self.config)
+        )
         self._fresh_metas = {name: load_meta(self.storage, name) for name in changed}
         try:
             self.deployer.finish()
@@ -576,7 +579,7 @@ class Daemon:
         if st.failures == 0:
             now = self.clock()
             st.next_at = next_renewal_time(meta, cfg, now, meta.ari)
-            if undeployed(meta, self.renewer.deploy_instances()):
+            if undeployed(meta, self.renewer.deploy_instances(), layout.deploy_node(self.config)):
                 st.next_at = min(st.next_at, now)
         self._wake.set()
 

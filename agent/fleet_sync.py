@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from agent import deploy as deploy_mod
+from agent import layout
 from agent.certstate import read_current
 from agent.deploy import DeployTarget, KeyMismatch, SyncStatus, stored_target
 
@@ -284,7 +285,9 @@ class FleetSync:
 
         daemon = self.daemon
         try:
-            changed = record_sync(daemon.storage, statuses, daemon.clock())
+            changed = record_sync(
+                daemon.storage, statuses, daemon.clock(), layout.deploy_node(daemon.config)
+            )
             daemon._fresh_metas.update({n: load_meta(daemon.storage, n) for n in changed})
         except Exception as e:  # the facts are advice; what HAProxy serves is what counts
             log.warning("fleet: cannot record what HAProxy serves: %s", e)

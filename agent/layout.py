@@ -221,3 +221,17 @@ def temp_target(filename: str) -> str | None:
     """The file an `atomic_write` temp file named `filename` was for, or None."""
     m = _TEMP.match(filename)
     return m.group("target") if m else None
+
+
+def deployed_key(node: str | None, instance: str) -> str:
+    """The key of an instance's deploy facts in a certificate's state.json: the
+    instance name alone on a single node; "NODE|INSTANCE" in a fleet, whose
+    nodes share state.json and often name their runtime API alike
+    (unix:/run/haproxy/admin.sock on every node)."""
+    return instance if node is None else f"{node}|{instance}"
+
+
+def deploy_node(config: object) -> str | None:
+    """The node that prefixes deploy facts (`deployed_key`): [fleet] node, else None."""
+    fleet = getattr(config, "fleet", None)
+    return None if fleet is None else str(fleet.node)

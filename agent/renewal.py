@@ -612,7 +612,7 @@ class Renewer:
         if when <= now:
             return "order", why, meta
         if self.on_installed is not None:
-            missing = undeployed(meta, self.deploy_instances())
+            missing = undeployed(meta, self.deploy_instances(), layout.deploy_node(self.config))
             if missing:
                 return "deploy", f"stored serial {meta.serial if meta else '-'} is not " \
                     f"confirmed served by {', '.join(missing)}", meta  # fmt: skip
@@ -721,7 +721,7 @@ class Renewer:
             error = str(e) or type(e).__name__
             remove_bundle_temporaries(self.config, [name])
         now = self.clock()
-        facts = deploy_facts(result, now) if result is not None else {}
+        facts = deploy_facts(result, now, layout.deploy_node(self.config)) if result else {}
         try:
             record_deploy(self.storage, name, facts, now, error)
         except OSError as e:
@@ -1073,14 +1073,14 @@ class Renewer:
         return pairs.renew_pair(self, unit, force, started)
 
 
-def deploy_facts(result: object, now: float) -> dict[str, Deployed]:
+def deploy_facts(result: object, now: float, node: str | None = None) -> dict[str, Deployed]:
     """Per-instance facts from an `agent.deploy.DeployResult` (duck-typed: `ok`,
     `serial`, `errors`, `instances` with `instance`, `action`, `served_serial`,
     `error`). An instance updated or added serves the new serial; one rolled
     back serves what the rollback reports; one that failed or was unreachable
     is unknown (serial None); "not touched" tells nothing (left out). Without
     any runtime API (no instances), an ok deploy means the file on disk holds
-    it ("disk")."""
+    it ("disk"). `node`: in a fleet, the keys are `layout.deployed_key(node, ...)`."""
     from agent.deploy import DISK_INSTANCE
 
     facts: dict[str, Deployed] = {}
@@ -1103,6 +1103,8 @@ def deploy_facts(result: object, now: float) -> dict[str, Deployed]:
             facts[DISK_INSTANCE] = Deployed(f"{serial:x}", now)
         else:
             facts[DISK_INSTANCE] = Deployed(None, now, errors[0] if errors else "not deployed")
+    if node is not None:
+        return {layout.deployed_key(node, k): v for k, v in facts.items()}
     return facts
 
 
@@ -1138,16 +1140,18 @@ def record_deploy(
     return update_state(storage, name, change)
 
 
-def record_sync(storage: Storage, statuses: Iterable[Any], now: float) -> list[str]:
+def record_sync(
+    storage: Storage, statuses: Iterable[Any], now: float, node: str | None = None
+) -> list[str]:
     """Record what the reconciler saw (`agent.deploy.SyncStatus`: name, instance,
     served_serial, error): per certificate under its lock; a certificate whose
     lock is busy (a renewal runs) is skipped, that renewal records its own.
-    Returns the names whose facts changed."""
+    Returns the names whose facts changed. `node`: see `layout.deployed_key`."""
     changed: list[str] = []
     by_name: dict[str, dict[str, Deployed]] = {}
     for s in statuses:
         served = s.served_serial
-        by_name.setdefault(s.name, {})[s.instance] = Deployed(
+        by_name.setdefault(s.name, {})[layout.deployed_key(node, s.instance)] = Deployed(
             None if served is None else f"{served:x}", now, s.error
         )
     for name, facts in by_name.items():
@@ -1298,6 +1302,7 @@ def certificate_status(
     now = time.time() if now is None else now
     storage = storage if storage is not None else wiring.make_storage(config)
     instances = parse_instances(config.haproxy.runtime_api) or [DISK_INSTANCE]
+    node = layout.deploy_node(config)  # a fleet shares state.json: this node's facts
     rows: list[dict[str, Any]] = []
     hold = (
         ratelimit.active_hold(storage, config.acme.directory, now)
@@ -1320,7 +1325,7 @@ def certificate_status(
         serial = meta.serial if meta else None
         deployed: dict[str, dict[str, Any]] = {}
         for inst in instances:
-            fact = meta.deployed.get(inst) if meta else None
+            fact = meta.deployed.get(layout.deployed_key(node, inst)) if meta else None
             deployed[inst] = {
                 "serial": fact.serial if fact else None,
                 "at": fact.at if fact else None,
