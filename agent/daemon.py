@@ -68,6 +68,9 @@ log = logging.getLogger("agent.daemon")
 SHUTDOWN_GRACE = 3.0  # seconds in-flight work gets after SIGTERM before we leave it
 ARI_CONCURRENCY = 4  # renewalInfo GETs in flight at once (cheap, but be polite)
 ARI_START_SPREAD = 60.0  # s: certificates without a window are first checked within this
+# s a finished renewal's deploy waits for others to join its batch (renewals
+# finishing while a batch runs join the next one anyway)
+DEPLOY_WINDOW = 0.01
 
 
 @dataclass
@@ -124,6 +127,7 @@ class Daemon:
         self._started = False
         ensure_private_dir(config.state_dir)  # before the loop runs
         self._build(config)
+        self._deploys = deploy_mod.DeployCoalescer(self._deploy_batch, window=DEPLOY_WINDOW)
         self.spoa = self._make_spoa()
         self.metrics_server = self._make_metrics_server()
         self.control = ControlServer(config.daemon.control_socket, self._control)
@@ -242,14 +246,27 @@ class Daemon:
         if not served."""
         if self._closing.is_set():
             raise RuntimeError("agent is stopping: deploy left to the next start")
-        target = stored_target(self.config.certificate(name), self.storage)
-        if target is None:
-            raise deploy_mod.BundleError(f"certificate {name!r}: nothing stored to deploy")
-        result = self.deployer.deploy(target)
+        # Renewals that finish together (a mass renewal) are deployed as one
+        # batch: one runtime-API session per instance, not one per certificate.
+        try:
+            result = self._deploys.deploy(name)
+        except deploy_mod.DeployError as e:
+            self._count_deploy_errors(e.result)
+            raise
+        self._count_deploy_errors(result)
+        return result
+
+    def _count_deploy_errors(self, result: DeployResult) -> None:
         for inst in result.instances:
             if inst.error:
-                self.metrics.deploy_errors.labels(name, inst.instance).inc()
-        return result.raise_for_errors()
+                self.metrics.deploy_errors.labels(result.name, inst.instance).inc()
+
+    def _deploy_batch(self, names: list[str]) -> dict[str, DeployResult | Exception]:
+        """DeployCoalescer's batch (worker thread): the stored certificates `names`."""
+        config, storage = self.config, self.storage
+        return deploy_mod.batch_deploy(
+            self.deployer, names, lambda n: stored_target(config.certificate(n), storage)
+        )
 
     def _reconcile(self, full: bool) -> list[SyncStatus]:
         """Worker thread: make HAProxy serve what is stored (full, or instances that changed)."""

@@ -1992,6 +1992,112 @@ class RenewalDeployHook:
         self.results.append(result)
         return result.raise_for_errors()
 
+    def deploy_many(self, names: Sequence[str]) -> dict[str, DeployResult | Exception]:
+        """Deploy the stored certificates `names` as ONE `Deployer.deploy_batch`
+        (one runtime-API session per instance; a failure rolls back only the
+        certificates it concerns). Per name: its DeployResult when served
+        everywhere, else the exception (`DeployError` carrying the result,
+        `BundleError` when nothing was deployed for it)."""
+        return batch_deploy(
+            self.deployer,
+            names,
+            lambda name: stored_target(self.config.certificate(name), self.storage),
+            self.results,
+        )
+
     def finish(self) -> bool:
         """Run the reload command if needed (see Deployer.finish)."""
         return self.deployer.finish()
+
+
+def batch_deploy(
+    deployer: Deployer,
+    names: Sequence[str],
+    target_of: Callable[[str], DeployTarget | None],
+    results: list[DeployResult] | None = None,
+) -> dict[str, DeployResult | Exception]:
+    """`deploy_batch` of the targets of `names` with an outcome per name: the
+    DeployResult when served everywhere, else the exception (a target that
+    cannot be built or is refused before anything is written is left out of
+    the batch, so it fails alone). `results` collects every DeployResult."""
+    out: dict[str, DeployResult | Exception] = {}
+    targets: list[DeployTarget] = []
+    for name in dict.fromkeys(names):
+        try:
+            target = target_of(name)
+            if target is None:
+                raise BundleError(f"certificate {name!r}: nothing stored to deploy")
+            deployer._check_target(target)  # refused alone, before the batch writes anything
+        except (BundleError, PayloadTooLarge, ValueError, OSError, KeyError) as exc:
+            out[name] = exc
+            continue
+        targets.append(target)
+    if not targets:
+        return out
+    try:
+        batch = deployer.deploy_batch(targets)
+    except Exception as exc:  # the whole batch: every certificate in it gets the error
+        for t in targets:
+            out[t.name] = exc
+        return out
+    for result in batch:
+        if results is not None:
+            results.append(result)
+        out[result.name] = result if result.ok else DeployError(result)
+    return out
+
+
+class DeployCoalescer:
+    """Turns concurrent one-certificate deploys into batches.
+
+    `deploy(name)` (from any thread) blocks until the batch holding `name`
+    was deployed and returns its outcome (or raises it). The first caller of
+    a batch waits `window` seconds for others (renewals that finish
+    together), then runs `run_batch(names)` for all of them; callers that
+    arrive while a batch runs form the next one. `run_batch` returns an
+    outcome per name (DeployResult, or the exception to raise).
+    """
+
+    def __init__(
+        self,
+        run_batch: Callable[[list[str]], dict[str, DeployResult | Exception]],
+        window: float = 0.05,
+    ) -> None:
+        self.run_batch = run_batch
+        self.window = window
+        self._lock = threading.Lock()
+        self._pending: dict[str, list[Future[DeployResult]]] = {}
+        self._leader = False
+        self._running = threading.Lock()  # one batch at a time
+        self.batches: list[list[str]] = []  # names of every batch run (for tests and logs)
+
+    def deploy(self, name: str) -> DeployResult:
+        fut: Future[DeployResult] = Future()
+        with self._lock:
+            self._pending.setdefault(name, []).append(fut)
+            lead = not self._leader
+            if lead:
+                self._leader = True
+        if lead:
+            self._lead()
+        return fut.result()
+
+    def _lead(self) -> None:
+        time.sleep(self.window)
+        with self._running:
+            with self._lock:
+                pending, self._pending = self._pending, {}
+                self._leader = False
+            names = list(pending)
+            self.batches.append(names)
+            try:
+                outcomes = self.run_batch(names)
+            except Exception as exc:
+                outcomes = dict.fromkeys(names, exc)
+            for name, futs in pending.items():
+                outcome = outcomes.get(name) or RuntimeError(f"certificate {name!r}: not deployed")
+                for f in futs:
+                    if isinstance(outcome, Exception):
+                        f.set_exception(outcome)
+                    else:
+                        f.set_result(outcome)
