@@ -570,23 +570,30 @@ class Daemon:
         self.config = new
         self._build(new)
         await self._schedule_all()
-        if new.spoa != old.spoa:  # listen address or limits
-            await self._restart_spoa()
+        if new.spoa != old.spoa or new.challenges.answer != old.challenges.answer:
+            await self._restart_spoa()  # listen address, limits, or on/off with map mode
         if new.metrics.listen != old.metrics.listen:
             await self._restart_metrics()
         log.info("configuration reloaded from %s (%d certificates)", path, len(new.certificates))
         self._wake.set()
         return True
 
+    def _serves_spoe(self) -> bool:
+        """Whether the SPOA listener runs: not with `[challenges] answer = "map"`,
+        where HAProxy answers from its map and no SPOE agent is configured (the
+        port stays free; /healthz and /metrics do not depend on it)."""
+        return self.config.challenges.answer != "map"
+
     async def _restart_spoa(self) -> None:
         await self.spoa.stop()
         self.spoa = self._make_spoa()
-        await self.spoa.start()
-        await self._announce_spoa()
+        if self._serves_spoe():
+            await self.spoa.start()
+            await self._announce_spoa()
 
     async def _announce_spoa(self) -> None:
         """HAProxy may have marked the agent DOWN while we were away: say we are up."""
-        if not self.config.haproxy.runtime_api:
+        if not self.config.haproxy.runtime_api or not self._serves_spoe():
             return
         from agent.agent_health import mark_agent_up
 
@@ -636,7 +643,8 @@ class Daemon:
         await self._schedule_all()
         try:
             await self.control.start()
-            await self.spoa.start()
+            if self._serves_spoe():
+                await self.spoa.start()
             await self.metrics_server.start()
         except OSError as e:
             log.error("cannot start: %s", e)
@@ -661,7 +669,9 @@ class Daemon:
         self._started = True
         log.info(
             "agent running: %d certificates, SPOA on %s, metrics on %s, control %s",
-            len(self.states), self.config.spoa.listen, self.config.metrics.listen,
+            len(self.states),
+            self.config.spoa.listen if self._serves_spoe() else "none (challenges from the map)",
+            self.config.metrics.listen,
             self.config.daemon.control_socket,
         )  # fmt: skip
         await self._stop.wait()
