@@ -469,6 +469,25 @@ def _handshake(address: str, sni: str | None, timeout: float) -> bytes | Excepti
         return exc
 
 
+_POOLS: dict[str, tuple[int, ThreadPoolExecutor]] = {}
+_POOLS_GUARD = threading.Lock()
+
+
+def _shared_pool(kind: str, workers: int) -> ThreadPoolExecutor:
+    """The process's `kind` pool ("verify", "write", "fsync"), made on first use.
+
+    Shared by every deploy instead of a pool (and its threads) per deploy:
+    starting threads was a visible part of a one-certificate swap. Pool
+    tasks never wait on tasks of their own kind. A forked child gets its own.
+    """
+    with _POOLS_GUARD:
+        got = _POOLS.get(kind)
+        if got is None or got[0] != os.getpid():
+            got = (os.getpid(), ThreadPoolExecutor(workers, thread_name_prefix=kind))
+            _POOLS[kind] = got
+        return got[1]
+
+
 class _Handshakes:
     """The TLS checks of one batch, started as soon as a certificate is through
     its last instance (while the batch pushes the next ones), at most
@@ -491,7 +510,6 @@ class _Handshakes:
         if sample is not None and len(items) > sample:
             self.sampled = {id(it) for it in random.sample(list(items), sample)}
         self.skipped: list[_Item] = []
-        self._pool: ThreadPoolExecutor | None = None
         self._jobs: list[tuple[_Item, str, str | None, Future[bytes | Exception]]] = []
 
     def pushed(self, it: _Item, api: RuntimeAPI) -> None:
@@ -505,12 +523,11 @@ class _Handshakes:
         self._submit(it)
 
     def _submit(self, it: _Item) -> None:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(HANDSHAKE_WORKERS, thread_name_prefix="verify")
+        pool = _shared_pool("verify", HANDSHAKE_WORKERS)
         for address in self.verify:
             for name in _verify_names(it.target):
                 sni = _sni_for(name) if name else None
-                future = self._pool.submit(_handshake, address, sni, self.timeout)
+                future = pool.submit(_handshake, address, sni, self.timeout)
                 self._jobs.append((it, address, sni, future))
 
     def check_skipped(self) -> None:
@@ -529,9 +546,12 @@ class _Handshakes:
         return out
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        """Cancel the checks not started yet and wait for the running ones (the
+        pool is shared: it stays)."""
+        jobs, self._jobs = self._jobs, []
+        for *_, future in jobs:
+            future.cancel()
+        wait([future for *_, future in jobs])
 
 
 # ---------------------------------------------------------------------------
@@ -941,11 +961,9 @@ class Deployer:
         if len(files) == 1:
             tmps = [write_tmp(files[0])]
         else:
-            with ThreadPoolExecutor(
-                max_workers=min(FSYNC_WORKERS, len(files)), thread_name_prefix="fsync"
-            ) as pool:
-                futures = [pool.submit(write_tmp, item) for item in files]
-                wait(futures)
+            pool = _shared_pool("fsync", FSYNC_WORKERS)
+            futures = [pool.submit(write_tmp, item) for item in files]
+            wait(futures)
             errors = [f.exception() for f in futures if f.exception() is not None]
             if errors:
                 for f in futures:
@@ -1078,9 +1096,9 @@ class Deployer:
         # The files are written (fsyncs on the disk) while the instances are
         # pushed (CPU in HAProxy); both are done before the crt-list file names
         # a new bundle and before anything is reported served.
-        writer = ThreadPoolExecutor(1, thread_name_prefix="write")
-        written = writer.submit(self._write_files, [(it.path, it.target.bundle) for it in changed])
-        writer.shutdown(wait=False)
+        written = _shared_pool("write", 4).submit(
+            self._write_files, [(it.path, it.target.bundle) for it in changed]
+        )
         live = list(items)
         sessions: dict[str, Session] = {}
         checks = _Handshakes(self, live)
