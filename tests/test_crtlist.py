@@ -130,7 +130,11 @@ def test_add_many_of_paths_named_literally_stats_no_line(
     lst.write_text("".join(f"{b}\n" for b in bundles))
     calls: list[str] = []
     real = crtlist._identity
-    monkeypatch.setattr(crtlist, "_identity", lambda p: calls.append(p) or real(p))
+    def counting(p: str) -> tuple[int, int] | None:
+        calls.append(p)
+        return real(p)
+
+    monkeypatch.setattr(crtlist, "_identity", counting)
     editor = CrtListFile(lst)
     assert editor.add_many([(bundles[7], str(bundles[7]))]) == [None]
     assert calls == []
