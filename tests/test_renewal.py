@@ -690,12 +690,14 @@ class BatchFakeDeploy(FakeDeploy):
 
         self.batches.append(sorted(names))
         out: dict[str, Any] = {}
+        up = self.up
         for name in names:
             self.up = name not in self.down
             try:
                 out[name] = FakeDeploy.__call__(self, name)
             except DeployError as e:
                 out[name] = e
+        self.up = up
         return out
 
 
@@ -725,7 +727,7 @@ def test_a_batch_deploy_failing_for_one_certificate_fails_only_that_one(config: 
     assert "connection refused" in (api.deployed["disk"].error or "")
     assert api.last_attempt is not None and api.last_attempt.deployed is False
     # The next run pushes only the one not served, in a batch of its own.
-    deploy.down = set()
+    deploy.down, deploy.up = set(), True
     again = run(config, StandInIssuer(), on_installed=deploy)
     assert again["api"].status == "deployed" and again["www"].status == "not-due"
     assert deploy.calls[-1] == "api" and len(deploy.batches) == 1  # one push: no batch needed
