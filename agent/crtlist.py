@@ -224,11 +224,15 @@ class CrtListFile:
         with self.locked():
             text = self.read()
             literal: set[str] = set()
-            identity: set[tuple[int, int]] = set()
             for raw in text.splitlines():
                 named = line_path(raw, base)
                 if named is not None:
                     literal.add(named)
+            identity: set[tuple[int, int]] = set()
+            # The usual case (every path named literally: a renewal of a
+            # certificate HAProxy serves) needs no stat of the file's lines.
+            if any(os.path.abspath(path) not in literal for path, _ in items):
+                for named in literal:
                     ident = _identity(named)
                     if ident is not None:
                         identity.add(ident)
@@ -236,8 +240,11 @@ class CrtListFile:
             new_lines: list[str] = []
             for path, line in items:
                 p = os.path.abspath(path)
+                if p in literal:
+                    out.append(None)
+                    continue
                 ident = _identity(p)
-                if p in literal or (ident is not None and ident in identity):
+                if ident is not None and ident in identity:
                     out.append(None)
                     continue
                 literal.add(p)

@@ -69,6 +69,9 @@ log = logging.getLogger("agent.daemon")
 SHUTDOWN_GRACE = 3.0  # seconds in-flight work gets after SIGTERM before we leave it
 ARI_CONCURRENCY = 4  # renewalInfo GETs in flight at once (cheap, but be polite)
 ARI_START_SPREAD = 60.0  # s: certificates without a window are first checked within this
+# s a finished renewal's deploy waits for others to join its batch (renewals
+# finishing while a batch runs join the next one anyway)
+DEPLOY_WINDOW = 0.01
 
 
 @dataclass
@@ -142,6 +145,7 @@ class Daemon:
         self._fleet_task: asyncio.Task[None] | None = None
         ensure_private_dir(config.state_dir)  # before the loop runs
         self._build(config)
+        self._deploys = deploy_mod.DeployCoalescer(self._deploy_batch, window=DEPLOY_WINDOW)
         self.spoa = self._make_spoa()
         self.metrics_server = self._make_metrics_server()
         self.control = ControlServer(config.daemon.control_socket, self._control)
@@ -295,16 +299,30 @@ class Daemon:
         if self._closing.is_set():
             raise RuntimeError("agent is stopping: deploy left to the next start")
         self._announce_stored(name)
-        target = stored_target(self.config.certificate(name), self.storage)
-        if target is None:
-            raise deploy_mod.BundleError(f"certificate {name!r}: nothing stored to deploy")
-        result = self.deployer.deploy(target)
+        # Renewals that finish together (a mass renewal) are deployed as one
+        # batch: one runtime-API session per instance, not one per certificate.
+        try:
+            result = self._deploys.deploy(name)
+        except deploy_mod.DeployError as e:
+            self._count_deploy_errors(e.result)
+            raise
+        finally:
+            if self._heartbeat is not None:
+                self._heartbeat.beat_now()  # the fleet sees what we serve now
+        self._count_deploy_errors(result)
+        return result
+
+    def _count_deploy_errors(self, result: DeployResult) -> None:
         for inst in result.instances:
             if inst.error:
-                self.metrics.deploy_errors.labels(name, inst.instance).inc()
-        if self._heartbeat is not None:
-            self._heartbeat.beat_now()  # the fleet sees what we serve now
-        return result.raise_for_errors()
+                self.metrics.deploy_errors.labels(result.name, inst.instance).inc()
+
+    def _deploy_batch(self, names: list[str]) -> dict[str, DeployResult | Exception]:
+        """DeployCoalescer's batch (worker thread): the stored certificates `names`."""
+        config, storage = self.config, self.storage
+        return deploy_mod.batch_deploy(
+            self.deployer, names, lambda n: stored_target(config.certificate(n), storage)
+        )
 
     def _reconcile(self, full: bool) -> list[SyncStatus]:
         """Worker thread: make HAProxy serve what is stored (full, or instances that changed)."""
@@ -698,23 +716,30 @@ class Daemon:
             self._heartbeat = self._start_heartbeat()
             self._start_fleet_sync()
         await self._schedule_all()
-        if new.spoa != old.spoa:  # listen address or limits
-            await self._restart_spoa()
+        if new.spoa != old.spoa or new.challenges.answer != old.challenges.answer:
+            await self._restart_spoa()  # listen address, limits, or on/off with map mode
         if new.metrics.listen != old.metrics.listen:
             await self._restart_metrics()
         log.info("configuration reloaded from %s (%d certificates)", path, len(new.certificates))
         self._wake.set()
         return True
 
+    def _serves_spoe(self) -> bool:
+        """Whether the SPOA listener runs: not with `[challenges] answer = "map"`,
+        where HAProxy answers from its map and no SPOE agent is configured (the
+        port stays free; /healthz and /metrics do not depend on it)."""
+        return self.config.challenges.answer != "map"
+
     async def _restart_spoa(self) -> None:
         await self.spoa.stop()
         self.spoa = self._make_spoa()
-        await self.spoa.start()
-        await self._announce_spoa()
+        if self._serves_spoe():
+            await self.spoa.start()
+            await self._announce_spoa()
 
     async def _announce_spoa(self) -> None:
         """HAProxy may have marked the agent DOWN while we were away: say we are up."""
-        if not self.config.haproxy.runtime_api:
+        if not self.config.haproxy.runtime_api or not self._serves_spoe():
             return
         from agent.agent_health import mark_agent_up
 
@@ -764,7 +789,8 @@ class Daemon:
         await self._schedule_all()
         try:
             await self.control.start()
-            await self.spoa.start()
+            if self._serves_spoe():
+                await self.spoa.start()
             await self.metrics_server.start()
         except OSError as e:
             log.error("cannot start: %s", e)
@@ -790,7 +816,9 @@ class Daemon:
         self._started = True
         log.info(
             "agent running: %d certificates, SPOA on %s, metrics on %s, control %s",
-            len(self.states), self.config.spoa.listen, self.config.metrics.listen,
+            len(self.states),
+            self.config.spoa.listen if self._serves_spoe() else "none (challenges from the map)",
+            self.config.metrics.listen,
             self.config.daemon.control_socket,
         )  # fmt: skip
         await self._stop.wait()

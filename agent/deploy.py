@@ -499,6 +499,25 @@ def _handshake(
         return exc
 
 
+_POOLS: dict[str, tuple[int, ThreadPoolExecutor]] = {}
+_POOLS_GUARD = threading.Lock()
+
+
+def _shared_pool(kind: str, workers: int) -> ThreadPoolExecutor:
+    """The process's `kind` pool ("verify", "write", "fsync"), made on first use.
+
+    Shared by every deploy instead of a pool (and its threads) per deploy:
+    starting threads was a visible part of a one-certificate swap. Pool
+    tasks never wait on tasks of their own kind. A forked child gets its own.
+    """
+    with _POOLS_GUARD:
+        got = _POOLS.get(kind)
+        if got is None or got[0] != os.getpid():
+            got = (os.getpid(), ThreadPoolExecutor(workers, thread_name_prefix=kind))
+            _POOLS[kind] = got
+        return got[1]
+
+
 class _Handshakes:
     """The TLS checks of one batch, started as soon as a certificate is through
     its last instance (while the batch pushes the next ones), at most
@@ -521,7 +540,6 @@ class _Handshakes:
         if sample is not None and len(items) > sample:
             self.sampled = {id(it) for it in random.sample(list(items), sample)}
         self.skipped: list[_Item] = []
-        self._pool: ThreadPoolExecutor | None = None
         self._jobs: list[tuple[_Item, str, str | None, Future[bytes | Exception]]] = []
 
     def pushed(self, it: _Item, api: RuntimeAPI) -> None:
@@ -535,12 +553,11 @@ class _Handshakes:
         self._submit(it)
 
     def _submit(self, it: _Item) -> None:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(HANDSHAKE_WORKERS, thread_name_prefix="verify")
+        pool = _shared_pool("verify", HANDSHAKE_WORKERS)
         for address in self.verify:
             for name in _verify_names(it.target):
                 sni = _sni_for(name) if name else None
-                future = self._pool.submit(
+                future = pool.submit(
                     _handshake, address, sni, self.timeout, it.target.key_kind
                 )
                 self._jobs.append((it, address, sni, future))
@@ -561,9 +578,12 @@ class _Handshakes:
         return out
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        """Cancel the checks not started yet and wait for the running ones (the
+        pool is shared: it stays)."""
+        jobs, self._jobs = self._jobs, []
+        for *_, future in jobs:
+            future.cancel()
+        wait([future for *_, future in jobs])
 
 
 # ---------------------------------------------------------------------------
@@ -973,11 +993,9 @@ class Deployer:
         if len(files) == 1:
             tmps = [write_tmp(files[0])]
         else:
-            with ThreadPoolExecutor(
-                max_workers=min(FSYNC_WORKERS, len(files)), thread_name_prefix="fsync"
-            ) as pool:
-                futures = [pool.submit(write_tmp, item) for item in files]
-                wait(futures)
+            pool = _shared_pool("fsync", FSYNC_WORKERS)
+            futures = [pool.submit(write_tmp, item) for item in files]
+            wait(futures)
             errors = [f.exception() for f in futures if f.exception() is not None]
             if errors:
                 for f in futures:
@@ -1110,9 +1128,9 @@ class Deployer:
         # The files are written (fsyncs on the disk) while the instances are
         # pushed (CPU in HAProxy); both are done before the crt-list file names
         # a new bundle and before anything is reported served.
-        writer = ThreadPoolExecutor(1, thread_name_prefix="write")
-        written = writer.submit(self._write_files, [(it.path, it.target.bundle) for it in changed])
-        writer.shutdown(wait=False)
+        written = _shared_pool("write", 4).submit(
+            self._write_files, [(it.path, it.target.bundle) for it in changed]
+        )
         live = list(items)
         sessions: dict[str, Session] = {}
         checks = _Handshakes(self, live)
@@ -2044,6 +2062,112 @@ class RenewalDeployHook:
         self.results.append(result)
         return result.raise_for_errors()
 
+    def deploy_many(self, names: Sequence[str]) -> dict[str, DeployResult | Exception]:
+        """Deploy the stored certificates `names` as ONE `Deployer.deploy_batch`
+        (one runtime-API session per instance; a failure rolls back only the
+        certificates it concerns). Per name: its DeployResult when served
+        everywhere, else the exception (`DeployError` carrying the result,
+        `BundleError` when nothing was deployed for it)."""
+        return batch_deploy(
+            self.deployer,
+            names,
+            lambda name: stored_target(self.config.certificate(name), self.storage),
+            self.results,
+        )
+
     def finish(self) -> bool:
         """Run the reload command if needed (see Deployer.finish)."""
         return self.deployer.finish()
+
+
+def batch_deploy(
+    deployer: Deployer,
+    names: Sequence[str],
+    target_of: Callable[[str], DeployTarget | None],
+    results: list[DeployResult] | None = None,
+) -> dict[str, DeployResult | Exception]:
+    """`deploy_batch` of the targets of `names` with an outcome per name: the
+    DeployResult when served everywhere, else the exception (a target that
+    cannot be built or is refused before anything is written is left out of
+    the batch, so it fails alone). `results` collects every DeployResult."""
+    out: dict[str, DeployResult | Exception] = {}
+    targets: list[DeployTarget] = []
+    for name in dict.fromkeys(names):
+        try:
+            target = target_of(name)
+            if target is None:
+                raise BundleError(f"certificate {name!r}: nothing stored to deploy")
+            deployer._check_target(target)  # refused alone, before the batch writes anything
+        except (BundleError, PayloadTooLarge, ValueError, OSError, KeyError) as exc:
+            out[name] = exc
+            continue
+        targets.append(target)
+    if not targets:
+        return out
+    try:
+        batch = deployer.deploy_batch(targets)
+    except Exception as exc:  # the whole batch: every certificate in it gets the error
+        for t in targets:
+            out[t.name] = exc
+        return out
+    for result in batch:
+        if results is not None:
+            results.append(result)
+        out[result.name] = result if result.ok else DeployError(result)
+    return out
+
+
+class DeployCoalescer:
+    """Turns concurrent one-certificate deploys into batches.
+
+    `deploy(name)` (from any thread) blocks until the batch holding `name`
+    was deployed and returns its outcome (or raises it). The first caller of
+    a batch waits `window` seconds for others (renewals that finish
+    together), then runs `run_batch(names)` for all of them; callers that
+    arrive while a batch runs form the next one. `run_batch` returns an
+    outcome per name (DeployResult, or the exception to raise).
+    """
+
+    def __init__(
+        self,
+        run_batch: Callable[[list[str]], dict[str, DeployResult | Exception]],
+        window: float = 0.05,
+    ) -> None:
+        self.run_batch = run_batch
+        self.window = window
+        self._lock = threading.Lock()
+        self._pending: dict[str, list[Future[DeployResult]]] = {}
+        self._leader = False
+        self._running = threading.Lock()  # one batch at a time
+        self.batches: list[list[str]] = []  # names of every batch run (for tests and logs)
+
+    def deploy(self, name: str) -> DeployResult:
+        fut: Future[DeployResult] = Future()
+        with self._lock:
+            self._pending.setdefault(name, []).append(fut)
+            lead = not self._leader
+            if lead:
+                self._leader = True
+        if lead:
+            self._lead()
+        return fut.result()
+
+    def _lead(self) -> None:
+        time.sleep(self.window)
+        with self._running:
+            with self._lock:
+                pending, self._pending = self._pending, {}
+                self._leader = False
+            names = list(pending)
+            self.batches.append(names)
+            try:
+                outcomes = self.run_batch(names)
+            except Exception as exc:
+                outcomes = dict.fromkeys(names, exc)
+            for name, futs in pending.items():
+                outcome = outcomes.get(name) or RuntimeError(f"certificate {name!r}: not deployed")
+                for f in futs:
+                    if isinstance(outcome, Exception):
+                        f.set_exception(outcome)
+                    else:
+                        f.set_result(outcome)

@@ -130,7 +130,7 @@ def load_private_key(path: Path) -> PrivateKey:
 Identity = tuple[int, int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per certificate: 10,000 at start
 class KeyFileFacts:
     """What checking the key file at `path` found: `identity` and `mode` from
     this check's stat; `kind` (`describe_key`, e.g. "ECDSA P-256") and `pin`

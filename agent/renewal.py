@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -356,6 +357,10 @@ class Renewer:
 
         # The node named in fence refusals, order records and meta.json.
         self.node = config.fleet.node if config.fleet is not None else socket.gethostname()
+        # Names whose deploy `_run_batched` defers to one batch (None: deploy at once).
+        self._deferred: list[str] | None = None
+        self._deferred_for: set[str] = set()
+        self._deferred_lock = threading.Lock()
 
     MIN_LEASE = 30.0  # s: the shortest lease of a certificate's lock
 
@@ -709,8 +714,15 @@ class Renewer:
             held.__exit__(None, None, None)
 
     def _deploy(self, name: str, serial: str | None) -> str | None:
-        """Run the deploy hook and record the facts; the error text, or None if served."""
+        """Run the deploy hook and record the facts; the error text, or None if served.
+        Inside `run` with a batching hook: only note `name` (None); `_flush_deploys`
+        deploys the noted ones together and corrects their results."""
         assert self.on_installed is not None
+        with self._deferred_lock:
+            deferred = self._deferred
+            if deferred is not None and name in self._deferred_for:
+                deferred.append(name)
+                return None
         result: object = None
         error: str | None = None
         try:
@@ -721,7 +733,8 @@ class Renewer:
             error = str(e) or type(e).__name__
             remove_bundle_temporaries(self.config, [name])
         now = self.clock()
-        facts = deploy_facts(result, now, layout.deploy_node(self.config)) if result else {}
+        node = layout.deploy_node(self.config)
+        facts = deploy_facts(result, now, node) if result is not None else {}
         try:
             record_deploy(self.storage, name, facts, now, error)
         except OSError as e:
@@ -1011,7 +1024,7 @@ class Renewer:
         # (agent.pairs): its other keys join the orders.
         due, pushes = pairs.order_together(certs, due, pushes, results, dry_run)
         # Pushing what is stored needs no CA and no challenges: do it first.
-        results.update(self._run_parallel(pushes, force, started))
+        results.update(self._run_batched(pushes, force, started))
         if due:
             # The CA holds new orders: say so without contacting it at all.
             hold = ratelimit.active_hold(self.storage, self.config.acme.directory, self.clock())
@@ -1032,7 +1045,7 @@ class Renewer:
         if due:
             try:
                 with self.serve_challenges() if self.serve_challenges else nullcontext():
-                    results.update(self._run_parallel(due, force, started))
+                    results.update(self._run_batched(due, force, started))
             except OSError as e:
                 # The challenge server could not start (port taken by a running daemon?).
                 for cfg in due:
@@ -1040,6 +1053,78 @@ class Renewer:
                     self._record_failure(cfg, msg, None, locked=False)
                     results[cfg.name] = RenewResult(cfg.name, "failed", msg)
         return [results[c.name] for c in certs]
+
+    def _run_batched(
+        self, due: list[CertificateConfig], force: bool, started: float
+    ) -> dict[str, RenewResult]:
+        """`_run_parallel`, with the deploys of what it installed or pushes made
+        afterwards as ONE batch when the hook can (`deploy_many(names)`, e.g.
+        `agent.deploy.RenewalDeployHook`): one runtime-API session per
+        instance instead of one per certificate."""
+        deploy_many = getattr(self.on_installed, "deploy_many", None)
+        if deploy_many is None or len(due) < 2:
+            return self._run_parallel(due, force, started)
+        with self._deferred_lock:
+            busy = self._deferred is not None  # another batched run of this renewer
+            if not busy:
+                self._deferred, self._deferred_for = [], {c.name for c in due}
+        if busy:  # its deploys go at once, as without batching
+            return self._run_parallel(due, force, started)
+        try:
+            results = self._run_parallel(due, force, started)
+        finally:
+            with self._deferred_lock:
+                noted, self._deferred, self._deferred_for = self._deferred or [], None, set()
+        if noted:
+            self._flush_deploys(deploy_many, noted, results)
+        return results
+
+    def _flush_deploys(
+        self,
+        deploy_many: Callable[[list[str]], Mapping[str, object]],
+        names: list[str],
+        results: dict[str, RenewResult],
+    ) -> None:
+        """Deploy `names` in one batch, record each one's facts (under its lock,
+        as `_deploy` does) and turn the result of each that failed into the
+        failure `_deploy` would have given."""
+        try:
+            outcomes = deploy_many(names)
+        except Exception as e:  # the whole batch failed: every certificate did
+            log.exception("deploying %d certificates failed", len(names))
+            outcomes = dict.fromkeys(names, e)
+        for name in names:
+            outcome = outcomes.get(name)
+            error: str | None = None
+            result: object = outcome
+            if isinstance(outcome, Exception) or outcome is None:
+                error = (str(outcome) or type(outcome).__name__) if outcome else "not deployed"
+                result = getattr(outcome, "result", None)
+                log.error("certificate %s: deploy failed: %s", name, error)
+                remove_bundle_temporaries(self.config, [name])
+            now = self.clock()
+            facts = (
+                deploy_facts(result, now, layout.deploy_node(self.config))
+                if result is not None
+                else {}
+            )
+            try:
+                with self.storage.locked(layout.cert_lock(name), timeout=5.0):
+                    record_deploy(self.storage, name, facts, now, error)
+            except (OSError, LockTimeout) as e:
+                log.error("certificate %s: cannot record the deploy: %s", name, e)
+            r = results.get(name)
+            if error is None or r is None:
+                continue
+            if r.status == "deployed":
+                reason = f"{r.reason}; deploying the stored certificate failed: {error}"
+            elif r.status == "renewed":
+                reason = f"renewed and stored (serial {r.serial}) but deploying it failed: {error}"
+            else:
+                continue
+            results[name] = RenewResult(
+                name, "failed", reason, r.serial, r.not_after, error_type="deploy"
+            )
 
     def _run_parallel(
         self, due: list[CertificateConfig], force: bool, started: float

@@ -458,3 +458,48 @@ def test_haproxy_config_asks_the_running_haproxy_for_its_version(
         assert "map(virt@acme)" in out
     else:
         assert f"map({tmp_path / 'certs' / 'acme-challenge.map'})" in out
+
+
+# -- the daemon in map mode -------------------------------------------------------------
+
+
+def test_daemon_in_map_mode_leaves_the_spoa_port_free_and_is_healthy(tmp_path: Path) -> None:
+    import asyncio
+    import socket
+    import urllib.request
+
+    from agent.daemon import Daemon
+
+    (tmp_path / "certs").mkdir()
+    spoa_port, metrics_port = free_port(), free_port()
+    cfg = load_config(
+        write(
+            tmp_path,
+            f'[spoa]\nlisten = "127.0.0.1:{spoa_port}"\n'
+            f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n'
+            f'[daemon]\ncontrol_socket = "{tmp_path / "control.sock"}"\n'
+            '[challenges]\nanswer = "map"\n',
+        )
+    )
+
+    def probe() -> tuple[bool, int]:
+        with socket.socket() as s:
+            free = s.connect_ex(("127.0.0.1", spoa_port)) != 0
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/healthz", timeout=5) as r:
+            return free, r.status
+
+    async def main() -> tuple[bool, int]:
+        daemon = Daemon(cfg)
+        run = asyncio.create_task(daemon.run())
+        deadline = time.monotonic() + 30
+        while not daemon._started and not run.done() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        try:
+            return await asyncio.to_thread(probe)
+        finally:
+            daemon._stop.set()
+            await asyncio.wait_for(run, 30)
+
+    free, status = asyncio.run(main())
+    assert free, "the SPOA port is bound in map mode"
+    assert status == 200

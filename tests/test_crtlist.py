@@ -114,3 +114,32 @@ def test_another_process_holding_the_lock_file_blocks_edits(tmp_path: Path) -> N
     finally:
         os.close(fd)
     assert crt.add(a, str(a)) == str(a)
+
+
+def test_add_many_of_paths_named_literally_stats_no_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A renewal of certificates already in the crt-list must not stat every
+    line of a 10,000-line file (issue 12: single-certificate swap)."""
+    from agent import crtlist
+
+    bundles = [tmp_path / f"c{i}.pem" for i in range(50)]
+    for b in bundles:
+        b.write_text("x")
+    lst = tmp_path / "crt-list.txt"
+    lst.write_text("".join(f"{b}\n" for b in bundles))
+    calls: list[str] = []
+    real = crtlist._identity
+    def counting(p: str) -> tuple[int, int] | None:
+        calls.append(p)
+        return real(p)
+
+    monkeypatch.setattr(crtlist, "_identity", counting)
+    editor = CrtListFile(lst)
+    assert editor.add_many([(bundles[7], str(bundles[7]))]) == [None]
+    assert calls == []
+    # Another spelling of a listed file is still found (by identity: then stats).
+    link = tmp_path / "alias.pem"
+    link.symlink_to(bundles[3])
+    assert editor.add_many([(link, str(link))]) == [None]
+    assert calls and lst.read_text().count("\n") == 50

@@ -203,3 +203,47 @@ def test_daemon_retries_a_rate_limited_ca_when_its_hold_ends_not_later(tmp_path:
         assert (await daemon._renewals["www"]).status == "renewed"
 
     asyncio.run(main())
+
+
+def test_renewals_finishing_together_are_deployed_as_one_batch(tmp_path: Path) -> None:
+    """Daemon._deploy_installed goes through a DeployCoalescer: two renewals
+    whose deploys are pending at the same time share one deploy_batch."""
+    import asyncio
+    import time
+
+    from agent.config import load_config
+    from agent.daemon import Daemon
+    from tests.test_renewal import StandInIssuer
+
+    path = _one_cert_config(tmp_path)
+    path.write_text(
+        path.read_text()
+        + '[[certificates]]\nname = "api"\ndomains = ["api.example.com"]\n'
+        + 'key = "api.key"\ngenerate_key = true\n'
+    )
+    config = load_config(path)
+    batches: list[list[str]] = []
+
+    async def main() -> list[str]:
+        daemon = Daemon(config)
+        daemon.renewer.issuer = StandInIssuer()
+        real = daemon._deploys.run_batch
+
+        def recording(names: list[str]) -> dict[str, object]:
+            batches.append(sorted(names))
+            return real(names)  # type: ignore[return-value]
+
+        daemon._deploys.run_batch = recording  # type: ignore[assignment]
+        await daemon._schedule_all()
+        # Hold the batch runner until both deploys wait: then they are one batch.
+        daemon._deploys._running.acquire()
+        tasks = [asyncio.create_task(daemon.renew(n, True)) for n in ("www", "api")]
+        deadline = time.monotonic() + 60
+        while len(daemon._deploys._pending) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        daemon._deploys._running.release()
+        results = await asyncio.gather(*tasks)
+        return [r.status for r in results]
+
+    assert asyncio.run(main()) == ["renewed", "renewed"]
+    assert batches == [["api", "www"]]

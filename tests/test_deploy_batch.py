@@ -331,3 +331,75 @@ def test_served_state_of_many_certificates_is_one_session(tmp_path: Path, ca: CA
         assert sum(1 for c in cli.sessions[0] if re.fullmatch(r"show ssl cert \S+", c)) == 100
     finally:
         cli.close()
+
+
+class _FakeBatchDeployer:
+    """A Deployer stand-in for batch_deploy: refuses `refused` names up front,
+    fails `failing` ones in the batch; records every batch."""
+
+    def __init__(self, refused: set[str], failing: set[str]) -> None:
+        self.refused, self.failing = refused, failing
+        self.batches: list[list[str]] = []
+
+    def _check_target(self, target: DeployTarget) -> tuple[Path, bytes]:
+        if target.name in self.refused:
+            raise deploy_mod.BundleError(f"certificate {target.name!r}: refused")
+        return Path(target.name), b""
+
+    def deploy_batch(self, targets: list[DeployTarget]) -> list[deploy_mod.DeployResult]:
+        self.batches.append([t.name for t in targets])
+        out = []
+        for t in targets:
+            r = deploy_mod.DeployResult(t.name, Path(t.name), t.serial)
+            r.ok = t.name not in self.failing
+            if not r.ok:
+                r.errors.append("verification failed")
+            out.append(r)
+        return out
+
+
+def test_batch_deploy_gives_each_certificate_its_own_outcome() -> None:
+    fake = _FakeBatchDeployer(refused={"bad"}, failing={"late"})
+
+    def target_of(name: str) -> DeployTarget | None:
+        return None if name == "gone" else DeployTarget(name, b"", 1, [f"{name}.example.test"])
+
+    out = deploy_mod.batch_deploy(fake, ["a", "bad", "late", "gone", "b"], target_of)  # type: ignore[arg-type]
+    assert fake.batches == [["a", "late", "b"]]  # the refused and the missing stay out
+    assert isinstance(out["a"], deploy_mod.DeployResult) and out["a"].ok
+    assert isinstance(out["late"], deploy_mod.DeployError)
+    assert isinstance(out["bad"], deploy_mod.BundleError)
+    assert isinstance(out["gone"], deploy_mod.BundleError)
+
+
+def test_concurrent_single_deploys_are_coalesced_into_one_batch() -> None:
+    seen: list[list[str]] = []
+    gate = threading.Barrier(5)
+
+    def run_batch(names: list[str]) -> dict[str, deploy_mod.DeployResult | Exception]:
+        seen.append(sorted(names))
+        out: dict[str, deploy_mod.DeployResult | Exception] = {}
+        for n in names:
+            r = deploy_mod.DeployResult(n, Path(n), 1)
+            r.ok = n != "c"
+            out[n] = r if r.ok else deploy_mod.DeployError(r)
+        return out
+
+    co = deploy_mod.DeployCoalescer(run_batch, window=0.5)
+    outcomes: dict[str, object] = {}
+
+    def one(name: str) -> None:
+        gate.wait(5)
+        try:
+            outcomes[name] = co.deploy(name)
+        except deploy_mod.DeployError as e:
+            outcomes[name] = e
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in "abcde"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert seen == [["a", "b", "c", "d", "e"]]
+    assert isinstance(outcomes["c"], deploy_mod.DeployError)
+    assert all(isinstance(outcomes[n], deploy_mod.DeployResult) for n in "abde")

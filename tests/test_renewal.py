@@ -674,3 +674,60 @@ def test_an_order_whose_replaces_the_ca_refuses_is_placed_without_it_and_remembe
     assert issuer.replaces == [None]
     meta = load_meta(FileStorage(config.state_dir), "www")
     assert meta is not None and meta.replaces_failures == 0  # a new leaf: a new count
+
+
+class BatchFakeDeploy(FakeDeploy):
+    """FakeDeploy that can also deploy several certificates at once
+    (`deploy_many`, as agent.deploy.RenewalDeployHook); `down` names fail."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self.batches: list[list[str]] = []
+        self.down: set[str] = set()
+
+    def deploy_many(self, names: list[str]) -> dict[str, Any]:
+        from agent.deploy import DeployError
+
+        self.batches.append(sorted(names))
+        out: dict[str, Any] = {}
+        up = self.up
+        for name in names:
+            self.up = name not in self.down
+            try:
+                out[name] = FakeDeploy.__call__(self, name)
+            except DeployError as e:
+                out[name] = e
+        self.up = up
+        return out
+
+
+def test_renew_deploys_what_it_installed_as_one_batch(config: Config) -> None:
+    deploy = BatchFakeDeploy(config)
+    results = run(config, StandInIssuer(), on_installed=deploy)
+    assert {n: r.status for n, r in results.items()} == {"www": "renewed", "api": "renewed"}
+    assert deploy.batches == [["api", "www"]]
+    storage = FileStorage(config.state_dir)
+    for name in ("www", "api"):
+        meta = load_meta(storage, name)
+        assert meta is not None and meta.deployed["disk"].serial == meta.serial
+        assert meta.last_attempt is not None and meta.last_attempt.deployed is True
+
+
+def test_a_batch_deploy_failing_for_one_certificate_fails_only_that_one(config: Config) -> None:
+    deploy = BatchFakeDeploy(config)
+    deploy.down = {"api"}
+    results = run(config, StandInIssuer(), on_installed=deploy)
+    assert results["www"].status == "renewed"
+    assert results["api"].status == "failed" and results["api"].error_type == "deploy"
+    assert "renewed and stored" in results["api"].reason
+    assert "connection refused" in results["api"].reason
+    storage = FileStorage(config.state_dir)
+    api = load_meta(storage, "api")
+    assert api is not None and api.deployed["disk"].serial is None
+    assert "connection refused" in (api.deployed["disk"].error or "")
+    assert api.last_attempt is not None and api.last_attempt.deployed is False
+    # The next run pushes only the one not served, in a batch of its own.
+    deploy.down, deploy.up = set(), True
+    again = run(config, StandInIssuer(), on_installed=deploy)
+    assert again["api"].status == "deployed" and again["www"].status == "not-due"
+    assert deploy.calls[-1] == "api" and len(deploy.batches) == 1  # one push: no batch needed
