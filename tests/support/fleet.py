@@ -259,6 +259,7 @@ class FleetNode:
     def __init__(self, fleet: Fleet, name: str, address: str, haproxy_binary: str) -> None:
         self.fleet = fleet
         self.name = name
+        self.node_name = f"edge-{name}"  # [fleet] node
         self.address = address
         self.workdir = fleet.workdir / f"node-{name}"
         hdir = self.workdir / "haproxy"
@@ -279,6 +280,7 @@ class FleetNode:
         self.config_path = self.workdir / "agent.toml"
         self.agent_log = self.workdir / "agent.log"
         self.relay: Relay | None = None
+        self.extra_config: list[str] = []  # more TOML lines (sections) before [[certificates]]
         env = {
             "FLEET_NODE": name,
             "HAPROXY_ADMIN_SOCKET": str(self.admin_socket),
@@ -348,9 +350,10 @@ class FleetNode:
             lines += [f"redis = {toml_value(self.redis_url())}"]
         lines += [
             f"namespace = {toml_value(f.namespace)}",
-            f"node = {toml_value(self.name)}",
+            f"node = {toml_value(self.node_name)}",
             f"secret_file = {toml_value(self.secret_file)}",
         ]
+        lines += self.extra_config
         for cert in f.certificates:
             lines.append("[[certificates]]")
             entry = {"key": self.key_path(cert["name"]), **cert}
@@ -559,7 +562,9 @@ class Fleet:
         self.metrics_port = free_port_on(addresses)
         self.site_port = free_port_on(addresses)
         self.certificates = [dict(c) for c in certificates]
-        self.daemon = {"reconcile_interval": "2s", "retry_base": "2s", **(daemon or {})}
+        # The production reconcile interval: a node must learn of a new certificate
+        # from the fleet (fan-out, catch-up), not from a fast local polling loop.
+        self.daemon = {"reconcile_interval": "30s", "retry_base": "2s", **(daemon or {})}
         self.acme_timeout = acme_timeout
         self.namespace = "fleet" + os.urandom(6).hex()
         self.own_hosts = (os.geteuid() == 0 and shutil.which("unshare") is not None) \

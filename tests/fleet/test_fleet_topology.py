@@ -1,0 +1,434 @@
+"""Three real nodes (HAProxy + agent daemon on 127.0.0.2-4), one real redis-server, one
+Pebble whose DNS (challtestsrv `/add-a`) sends each name's validation to a chosen
+node: the "Show" list of the fleet issue (tests/support/fleet.py builds it).
+
+Every wait is bounded; the bounds named FANOUT (2 s) are the issue's targets
+for "every node serves it", measured from the moment the certificate was
+stored (or the link came back).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.certstate import load_meta
+from agent.fleet import RedisChallengeRegistry
+from agent.store_redis import RedisStorage
+from tests.support.fleet import Fleet, FleetNode, wait_until
+from tests.support.haproxy import haproxy_binaries
+from tests.support.pebble import pebble_binaries
+
+pytestmark = [pytest.mark.integration, pytest.mark.fleet]
+
+FANOUT = 2.0  # s: the issue's bound from "stored" (or "link back") to "served on every node"
+ISSUE_TIMEOUT = 40.0  # s for a first issuance through the whole fleet (generous under load)
+B_NAME, C_NAME = "b.fleet.test", "c.fleet.test"
+WWW = {"name": "www", "domains": [B_NAME, C_NAME]}
+
+# Most scenarios run on one HAProxy and one Pebble (the first of each list); the
+# headline one runs on the conftest's sampled HAProxy x Pebble matrix.
+HAPROXY = haproxy_binaries()[0][1]
+PEBBLE = pebble_binaries()[0][1]
+
+
+@contextlib.contextmanager
+def fleet_of(tmp_path: Path, **kwargs: Any) -> Iterator[Fleet]:
+    kwargs.setdefault("pebble_binary", PEBBLE)
+    certificates = kwargs.pop("certificates", [WWW])
+    binary = kwargs.pop("haproxy_binary", HAPROXY)
+    fleet = Fleet(tmp_path / "fleet", binary, certificates, **kwargs)
+    fleet.start(start_agents=False)
+    try:
+        yield fleet
+    finally:
+        fleet.stop()
+
+
+def store(fleet: Fleet) -> RedisStorage:
+    return RedisStorage(fleet.redis_client(), fleet.namespace)
+
+
+def stored_serial(fleet: Fleet, cert: str = "www") -> int | None:
+    meta = load_meta(store(fleet), cert)
+    return int(meta.serial, 16) if meta is not None and meta.serial else None
+
+
+def logs(fleet: Fleet) -> str:
+    return "\n".join(f"--- node {n.name} ---\n{n.log_tail(2500)}" for n in fleet)
+
+
+def serves(node: FleetNode, serial: int | None, domain: str = B_NAME) -> bool:
+    return serial is not None and node.served_serial(domain) == serial
+
+
+def issue_first(fleet: Fleet, on: str = "a") -> int:
+    """Issue `www` with only node `on`'s agent running (names pointed at it): the
+    certificate every later step renews. Returns its serial."""
+    fleet.point(B_NAME, on)
+    fleet.point(C_NAME, on)
+    fleet[on].start_agent()
+    wait_until(
+        f"node {on} serves a certificate for {B_NAME}",
+        lambda: fleet[on].served_serial(B_NAME) is not None,
+        ISSUE_TIMEOUT, logs=lambda: logs(fleet),
+    )  # fmt: skip
+    serial = stored_serial(fleet)
+    assert serial is not None and fleet[on].served_serial(B_NAME) == serial
+    return serial
+
+
+def start_rest(fleet: Fleet, serial: int, started: str = "a") -> None:
+    """Start the other agents; each pushes the stored certificate to its own HAProxy."""
+    others = [n for n in fleet.nodes if n != started]
+    fleet.start_agents(others)
+    for n in others:
+        wait_until(
+            f"node {n} serves serial {serial:x}", lambda n=n: serves(fleet[n], serial),
+            ISSUE_TIMEOUT, logs=lambda: logs(fleet),
+        )  # fmt: skip
+
+
+def force_renew(node: FleetNode, cert: str = "www") -> dict[str, Any]:
+    """`renew --force CERT` on `node`, handed to its daemon; the result row."""
+    cp = node.cli("renew", "--force", cert)
+    assert cp.returncode == 0, cp.stdout + cp.stderr + node.log_tail()
+    return {"stdout": cp.stdout}
+
+
+def wait_all_serve(fleet: Fleet, serial: int, bound: float, what: str = "") -> None:
+    for node in fleet:
+        wait_until(
+            f"node {node.name} serves serial {serial:x} {what}",
+            lambda node=node: serves(node, serial), bound, poll=0.01,
+            logs=lambda: logs(fleet),
+        )  # fmt: skip
+
+
+# --- A orders, B and C are validated, everyone serves -------------------------------------
+
+
+def test_node_a_orders_pebble_validates_on_b_and_c_and_every_node_serves_it(
+    tmp_path: Path, haproxy_bin: str, pebble_bin: str
+) -> None:
+    with fleet_of(tmp_path, haproxy_binary=haproxy_bin, pebble_binary=pebble_bin) as fleet:
+        first = issue_first(fleet, "a")
+        start_rest(fleet, first)
+        # From now on the CA's validation for each name reaches B or C, never A.
+        fleet.point(B_NAME, "b")
+        fleet.point(C_NAME, "c")
+        before = {n.name: n.answered_tokens() for n in fleet}
+        orders = fleet.orders_placed()
+        force_renew(fleet["a"])
+        stored_at = time.monotonic()
+        second = stored_serial(fleet)
+        assert second is not None and second != first
+        assert fleet.orders_placed() == orders + 1
+        # The HAProxy logs prove where Pebble's validation went.
+        new = {n.name: n.answered_tokens() - before[n.name] for n in fleet}
+        assert new["a"] == set(), new
+        assert new["b"] and new["c"] and not (new["b"] & new["c"]), new
+        # Every node serves the new serial, by a real handshake on its own address.
+        remaining = FANOUT - (time.monotonic() - stored_at)
+        wait_all_serve(fleet, second, max(remaining, 0.0), "within 2 s of being stored")
+
+
+# --- all due at once: one order ------------------------------------------------------------
+
+
+def test_three_nodes_due_at_the_same_moment_place_exactly_one_order(tmp_path: Path) -> None:
+    # 30-second certificates: renewed when 1/3 is left, at the same moment on
+    # every node (they read the same stored metadata).
+    with fleet_of(tmp_path, validity_period=30) as fleet:
+        fleet.point(B_NAME, "b", "c")
+        fleet.point(C_NAME, "c", "b")
+        fleet.start_agents()  # nothing stored: all three find it due at once
+        wait_until("a first certificate", lambda: stored_serial(fleet) is not None,
+                   ISSUE_TIMEOUT, logs=lambda: logs(fleet))  # fmt: skip
+        first = stored_serial(fleet)
+        assert first is not None
+        wait_all_serve(fleet, first, ISSUE_TIMEOUT)
+        assert fleet.orders_placed() == 1, fleet.pebble.log_text()[-3000:]
+        # The renewal, 20 s after issuance, again due on all three at once.
+        wait_until("the renewal", lambda: stored_serial(fleet) not in (None, first), 40,
+                   logs=lambda: logs(fleet))  # fmt: skip
+        second = stored_serial(fleet)
+        assert second is not None
+        wait_all_serve(fleet, second, ISSUE_TIMEOUT)
+        assert fleet.orders_placed() == 2, fleet.pebble.log_text()[-3000:]
+
+
+# --- a node dies or freezes in the middle of an order ------------------------------------
+
+
+def wait_mid_order(fleet: Fleet, node: FleetNode, timeout: float = 20.0) -> None:
+    """Poll Redis (2 ms) until `node`'s order has put its challenge token into the
+    shared registry: the order is placed and not finished."""
+    client = fleet.redis_client()
+    key = f"{fleet.namespace}:challenges"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if client.hlen(key):
+            return
+        assert node.running, node.log_tail()
+        time.sleep(0.002)
+    raise AssertionError(f"node {node.name} placed no order in {timeout} s:\n{node.log_tail()}")
+
+
+def lock_lease(fleet: Fleet) -> float:
+    return max(30.0, fleet.acme_timeout * 2)  # agent.renewal.Renewer.lease
+
+
+def test_ordering_node_killed_mid_order_another_node_completes_that_order(
+    tmp_path: Path,
+) -> None:
+    with fleet_of(tmp_path) as fleet:
+        first = issue_first(fleet, "a")
+        start_rest(fleet, first)
+        fleet.point(B_NAME, "b")
+        fleet.point(C_NAME, "c")
+        orders = fleet.orders_placed()
+        cp = subprocess.Popen(  # the CLI hands the order to A's daemon and waits
+            fleet["a"].agent_argv("renew", "--force", "www", "-c", str(fleet["a"].config_path)),
+            env=fleet["a"].agent_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            wait_mid_order(fleet, fleet["a"])
+            fleet["a"].kill_agent()
+            killed_at = time.monotonic()
+        finally:
+            cp.wait(30)
+        # B or C completes A's order (resumed or reused, not a second one) within the lease.
+        wait_until(
+            "another node installs the order A left", lambda: stored_serial(fleet) != first,
+            lock_lease(fleet) + 15, poll=0.1, logs=lambda: logs(fleet),
+        )  # fmt: skip
+        took = time.monotonic() - killed_at
+        second = stored_serial(fleet)
+        assert second is not None
+        assert fleet.orders_placed() == orders + 1, "a second order was placed"
+        assert took <= lock_lease(fleet) + 15
+        for n in ("b", "c"):
+            wait_until(f"node {n} serves it", lambda n=n: serves(fleet[n], second), 10,
+                       logs=lambda: logs(fleet))  # fmt: skip
+
+
+def test_a_paused_ordering_node_cannot_install_its_stale_result(tmp_path: Path) -> None:
+    with fleet_of(tmp_path) as fleet:
+        first = issue_first(fleet, "a")
+        start_rest(fleet, first)
+        fleet.point(B_NAME, "b")
+        fleet.point(C_NAME, "c")
+        cp = subprocess.Popen(
+            fleet["a"].agent_argv("renew", "--force", "www", "-c", str(fleet["a"].config_path)),
+            env=fleet["a"].agent_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            wait_mid_order(fleet, fleet["a"])
+            fleet["a"].pause_agent()
+            # Its lease runs out; B or C takes the certificate over and installs one.
+            wait_until(
+                "another node installs a certificate", lambda: stored_serial(fleet) != first,
+                lock_lease(fleet) + 15, poll=0.1, logs=lambda: logs(fleet),
+            )  # fmt: skip
+            winner = stored_serial(fleet)
+            assert winner is not None
+            fleet["a"].resume_agent()
+        finally:
+            with contextlib.suppress(Exception):
+                cp.wait(30)
+        # A wakes up with its stale order: whatever it does, it installs nothing
+        # over the newer certificate, and every node keeps serving the winner.
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline:
+            assert stored_serial(fleet) == winner, logs(fleet)
+            time.sleep(0.2)
+        wait_all_serve(fleet, winner, 10)
+        assert stored_serial(fleet) == winner
+
+
+# --- Redis stopped, back, emptied --------------------------------------------------------
+
+
+def get_challenge(node: FleetNode, token: str) -> tuple[int, str]:
+    url = f"http://{node.address}:{node.http_port}/.well-known/acme-challenge/{token}"
+    req = urllib.request.Request(url, headers={"Host": B_NAME})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, ""
+
+
+def test_redis_stopped_nodes_keep_serving_are_degraded_and_renew_once_it_is_back(
+    tmp_path: Path,
+) -> None:
+    # 30-second certificates: the renewal falls due while Redis is away.
+    with fleet_of(tmp_path, validity_period=30, redis_appendonly=True) as fleet:
+        first = issue_first(fleet, "a")
+        start_rest(fleet, first)
+        fleet.point(B_NAME, "b", "c")
+        fleet.point(C_NAME, "c", "b")
+        # A token "another node" added: mirrored on every node before Redis goes.
+        token = "fleetMirrored" + os.urandom(8).hex()
+        registry = RedisChallengeRegistry(fleet.redis_client(), fleet.namespace, start=False)
+        registry.add(token, token + ".thumb", time.time() + 300)
+        for node in fleet:
+            wait_until(f"node {node.name} answers the token",
+                       lambda node=node: get_challenge(node, token)[0] == 200, 5)  # fmt: skip
+        orders = fleet.orders_placed()
+        fleet.redis.stop()
+        for node in fleet:
+            wait_until(
+                f"node {node.name} /healthz says degraded (Redis)",
+                lambda node=node: "degraded" in (node.healthz() or (0, ""))[1].lower()
+                and "redis" in (node.healthz() or (0, ""))[1].lower(),
+                10, poll=0.2, logs=lambda: logs(fleet),
+            )  # fmt: skip
+            assert serves(node, first)
+            assert get_challenge(node, token) == (200, token + ".thumb")
+        # Past the renewal time (20 s after issuance), still no order: none can be locked.
+        time.sleep(22)
+        assert fleet.orders_placed() == orders
+        for node in fleet:
+            assert serves(node, first)
+        fleet.redis.start()
+        wait_until("the renewal after Redis is back", lambda: stored_serial(fleet) != first,
+                   30, poll=0.2, logs=lambda: logs(fleet))  # fmt: skip
+        second = stored_serial(fleet)
+        assert second is not None
+        wait_all_serve(fleet, second, 15)
+        for node in fleet:
+            wait_until(f"node {node.name} healthy again",
+                       lambda node=node: (node.healthz() or (0, ""))[0] == 200, 10)  # fmt: skip
+
+
+def test_redis_restarted_empty_no_new_orders_for_valid_certificates(tmp_path: Path) -> None:
+    with fleet_of(tmp_path) as fleet:  # no persistence: a restart loses everything
+        first = issue_first(fleet, "a")
+        start_rest(fleet, first)
+        orders = fleet.orders_placed()
+        fleet.redis.kill()
+        fleet.redis.start()
+        assert fleet.redis_client().dbsize() == 0
+        # The fleet rebuilds its shared state from what the nodes hold...
+        wait_until("the certificate back in Redis", lambda: stored_serial(fleet) == first,
+                   20, poll=0.2, logs=lambda: logs(fleet))  # fmt: skip
+        # ...and a node that starts now finds it there: no storm of new orders.
+        fleet["b"].stop_agent()
+        fleet["b"].start_agent()
+        time.sleep(6)  # three reconcile intervals
+        assert fleet.orders_placed() == orders, fleet.pebble.log_text()[-2000:]
+        for node in fleet:
+            assert serves(node, first)
+
+
+# --- a node cut off from Redis catches up -------------------------------------------------
+
+
+def test_a_node_cut_off_from_redis_catches_up_within_2s_of_the_link_coming_back(
+    tmp_path: Path,
+) -> None:
+    with fleet_of(tmp_path) as fleet:
+        first = issue_first(fleet, "a")
+        start_rest(fleet, first)
+        fleet.point(B_NAME, "b")
+        fleet.point(C_NAME, "c")
+        relay = fleet["a"].relay
+        assert relay is not None
+        relay.cut()
+        force_renew(fleet["b"])
+        second = stored_serial(fleet)
+        assert second is not None and second != first
+        for n in ("b", "c"):
+            wait_until(f"node {n} serves it", lambda n=n: serves(fleet[n], second), FANOUT,
+                       poll=0.01, logs=lambda: logs(fleet))  # fmt: skip
+        time.sleep(1)
+        assert serves(fleet["a"], first)  # cut off: it cannot know yet
+        relay.restore()
+        wait_until("node a catches up", lambda: serves(fleet["a"], second), FANOUT, poll=0.01,
+                   logs=lambda: logs(fleet))  # fmt: skip
+
+
+# --- Sentinel failover ----------------------------------------------------------------------
+
+
+def test_after_a_sentinel_failover_the_next_renewal_succeeds_on_the_new_primary(
+    tmp_path: Path,
+) -> None:
+    with fleet_of(tmp_path, validity_period=30, sentinel=True) as fleet:
+        assert fleet.replica is not None and fleet.sentinel is not None
+        first = issue_first(fleet, "a")
+        start_rest(fleet, first)
+        fleet.point(B_NAME, "b", "c")
+        fleet.point(C_NAME, "c", "b")
+        import redis
+
+        replica = redis.Redis(host="127.0.0.1", port=fleet.replica.port, socket_timeout=5)
+        wait_until("the replica has the certificate",
+                   lambda: bool(replica.zcard(f"{fleet.namespace}:index")), 10)  # fmt: skip
+        fleet.redis.kill()
+        sentinel = redis.Redis(host="127.0.0.1", port=fleet.sentinel.port, socket_timeout=5)
+        wait_until(
+            "Sentinel promotes the replica",
+            lambda: int(sentinel.sentinel_get_master_addr_by_name("fleet")[1])
+            == fleet.replica.port,  # type: ignore[union-attr]
+            20, poll=0.2,
+        )  # fmt: skip
+        wait_until("the renewal on the new primary",
+                   lambda: _serial_in(replica, fleet) not in (None, first), 45, poll=0.2,
+                   logs=lambda: logs(fleet))  # fmt: skip
+        second = _serial_in(replica, fleet)
+        assert second is not None
+        wait_all_serve(fleet, second, 15)
+
+
+def _serial_in(client: Any, fleet: Fleet) -> int | None:
+    meta = load_meta(RedisStorage(client, fleet.namespace), "www")
+    return int(meta.serial, 16) if meta is not None and meta.serial else None
+
+
+# --- a node with another key refuses ------------------------------------------------------
+
+
+def test_a_node_with_a_different_local_key_refuses_to_deploy_and_says_so(
+    tmp_path: Path,
+) -> None:
+    from tests.support.certs import key_pem, make_key
+
+    with fleet_of(tmp_path) as fleet:
+        fleet["c"].provision_key("www", key_pem(make_key()))  # the operator got C wrong
+        first = issue_first(fleet, "a")
+        fleet.start_agents(["b", "c"])
+        wait_until("node b serves it", lambda: serves(fleet["b"], first), ISSUE_TIMEOUT,
+                   logs=lambda: logs(fleet))  # fmt: skip
+        c = fleet["c"]
+        # C reports the mismatch (certificate and node named, and in a metric)...
+        wait_until(
+            "node c reports the key mismatch",
+            lambda: any(
+                "key" in k and 'certificate="www"' in k and v > 0
+                for k, v in c.metrics().items()
+                if k.startswith("haproxy_acme_")
+            ),
+            15, poll=0.2, logs=lambda: logs(fleet),
+        )  # fmt: skip
+        assert "www" in c.log_tail(20000) and c.node_name in c.log_tail(20000)
+        # ...serves its fallback, orders nothing with its own key, and A and B are unaffected.
+        time.sleep(4)
+        assert c.served_serial(B_NAME) is None
+        assert fleet.orders_placed() == 1, "node c ordered a certificate for its own key"
+        assert stored_serial(fleet) == first
+        assert serves(fleet["a"], first) and serves(fleet["b"], first)
+        status = json.dumps(c.status_json())
+        assert "edge-c" in status
