@@ -10,6 +10,7 @@ stored (or the link came back).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import subprocess
@@ -93,10 +94,7 @@ def start_rest(fleet: Fleet, serial: int, started: str = "a") -> None:
     others = [n for n in fleet.nodes if n != started]
     fleet.start_agents(others)
     for n in others:
-        wait_until(
-            f"node {n} serves serial {serial:x}", lambda n=n: serves(fleet[n], serial),
-            ISSUE_TIMEOUT, logs=lambda: logs(fleet),
-        )  # fmt: skip
+        wait_serves(fleet, fleet[n], serial, ISSUE_TIMEOUT)
 
 
 def force_renew(node: FleetNode, cert: str = "www") -> dict[str, Any]:
@@ -106,13 +104,17 @@ def force_renew(node: FleetNode, cert: str = "www") -> dict[str, Any]:
     return {"stdout": cp.stdout}
 
 
+def wait_serves(fleet: Fleet, node: FleetNode, serial: int, bound: float, what: str = "") -> None:
+    def check() -> bool:
+        return serves(node, serial)
+
+    wait_until(f"node {node.name} serves serial {serial:x} {what}", check, bound, poll=0.01,
+               logs=lambda: logs(fleet))  # fmt: skip
+
+
 def wait_all_serve(fleet: Fleet, serial: int, bound: float, what: str = "") -> None:
     for node in fleet:
-        wait_until(
-            f"node {node.name} serves serial {serial:x} {what}",
-            lambda node=node: serves(node, serial), bound, poll=0.01,
-            logs=lambda: logs(fleet),
-        )  # fmt: skip
+        wait_serves(fleet, node, serial, bound, what)
 
 
 # --- A orders, B and C are validated, everyone serves -------------------------------------
@@ -219,8 +221,7 @@ def test_ordering_node_killed_mid_order_another_node_completes_that_order(
         assert fleet.orders_placed() == orders + 1, "a second order was placed"
         assert took <= lock_lease(fleet) + 15
         for n in ("b", "c"):
-            wait_until(f"node {n} serves it", lambda n=n: serves(fleet[n], second), 10,
-                       logs=lambda: logs(fleet))  # fmt: skip
+            wait_serves(fleet, fleet[n], second, 10)
 
 
 def test_a_paused_ordering_node_cannot_install_its_stale_result(tmp_path: Path) -> None:
@@ -270,6 +271,21 @@ def get_challenge(node: FleetNode, token: str) -> tuple[int, str]:
         return e.code, ""
 
 
+def answers(node: FleetNode, token: str) -> bool:
+    return get_challenge(node, token)[0] == 200
+
+
+def degraded(node: FleetNode) -> bool:
+    """/healthz names the degraded state and its reason (Redis)."""
+    got = node.healthz()
+    return got is not None and "degraded" in got[1].lower() and "redis" in got[1].lower()
+
+
+def healthy(node: FleetNode) -> bool:
+    got = node.healthz()
+    return got is not None and got[0] == 200 and "degraded" not in got[1].lower()
+
+
 def test_redis_stopped_nodes_keep_serving_are_degraded_and_renew_once_it_is_back(
     tmp_path: Path,
 ) -> None:
@@ -285,16 +301,13 @@ def test_redis_stopped_nodes_keep_serving_are_degraded_and_renew_once_it_is_back
         registry.add(token, token + ".thumb", time.time() + 300)
         for node in fleet:
             wait_until(f"node {node.name} answers the token",
-                       lambda node=node: get_challenge(node, token)[0] == 200, 5)  # fmt: skip
+                       functools.partial(answers, node, token), 5)  # fmt: skip
         orders = fleet.orders_placed()
         fleet.redis.stop()
         for node in fleet:
-            wait_until(
-                f"node {node.name} /healthz says degraded (Redis)",
-                lambda node=node: "degraded" in (node.healthz() or (0, ""))[1].lower()
-                and "redis" in (node.healthz() or (0, ""))[1].lower(),
-                10, poll=0.2, logs=lambda: logs(fleet),
-            )  # fmt: skip
+            wait_until(f"node {node.name} /healthz says degraded (Redis)",
+                       functools.partial(degraded, node), 10, poll=0.2,
+                       logs=lambda: logs(fleet))  # fmt: skip
             assert serves(node, first)
             assert get_challenge(node, token) == (200, token + ".thumb")
         # Past the renewal time (20 s after issuance), still no order: none can be locked.
@@ -309,8 +322,7 @@ def test_redis_stopped_nodes_keep_serving_are_degraded_and_renew_once_it_is_back
         assert second is not None
         wait_all_serve(fleet, second, 15)
         for node in fleet:
-            wait_until(f"node {node.name} healthy again",
-                       lambda node=node: (node.healthz() or (0, ""))[0] == 200, 10)  # fmt: skip
+            wait_until(f"node {node.name} healthy again", functools.partial(healthy, node), 10)
 
 
 def test_redis_restarted_empty_no_new_orders_for_valid_certificates(tmp_path: Path) -> None:
@@ -351,8 +363,7 @@ def test_a_node_cut_off_from_redis_catches_up_within_2s_of_the_link_coming_back(
         second = stored_serial(fleet)
         assert second is not None and second != first
         for n in ("b", "c"):
-            wait_until(f"node {n} serves it", lambda n=n: serves(fleet[n], second), FANOUT,
-                       poll=0.01, logs=lambda: logs(fleet))  # fmt: skip
+            wait_serves(fleet, fleet[n], second, FANOUT)
         time.sleep(1)
         assert serves(fleet["a"], first)  # cut off: it cannot know yet
         relay.restore()
@@ -381,8 +392,7 @@ def test_after_a_sentinel_failover_the_next_renewal_succeeds_on_the_new_primary(
         sentinel = redis.Redis(host="127.0.0.1", port=fleet.sentinel.port, socket_timeout=5)
         wait_until(
             "Sentinel promotes the replica",
-            lambda: int(sentinel.sentinel_get_master_addr_by_name("fleet")[1])
-            == fleet.replica.port,  # type: ignore[union-attr]
+            lambda: promoted(sentinel, fleet.replica),
             20, poll=0.2,
         )  # fmt: skip
         wait_until("the renewal on the new primary",
@@ -391,6 +401,11 @@ def test_after_a_sentinel_failover_the_next_renewal_succeeds_on_the_new_primary(
         second = _serial_in(replica, fleet)
         assert second is not None
         wait_all_serve(fleet, second, 15)
+
+
+def promoted(sentinel: Any, replica: Any) -> bool:
+    addr = sentinel.sentinel_get_master_addr_by_name("fleet")
+    return bool(addr) and int(addr[1]) == replica.port
 
 
 def _serial_in(client: Any, fleet: Fleet) -> int | None:
