@@ -324,6 +324,7 @@ class FleetNode:
             "email": "ops@example.com",
             "poll_interval": 0.05,
             "timeout": f.acme_timeout,
+            **f.acme_extra,
         }
         lines = [f"state_dir = {toml_value(self.state_dir)}", "[acme]"]
         lines += [f"{k} = {toml_value(v)}" for k, v in acme.items()]
@@ -543,15 +544,17 @@ class Fleet:
         redis_appendonly: bool = False,
         daemon: dict[str, Any] | None = None,
         acme_timeout: float = 20,
+        acme_extra: dict[str, Any] | None = None,
         own_hosts: bool | None = None,
         acme_proxy: Callable[[PebbleProcess, Path], Any] | None = None,
     ) -> None:
         """`certificates`: [[certificates]] entries (name, domains, ...) without `key`:
         each node's key is its copy of the one provisioned TLS key (`key_pem`).
-        `daemon`: extra [daemon] keys. `relays`: each node reaches Redis through its
-        own `Relay` (not with `sentinel`). `acme_proxy(pebble, workdir)` returns an
-        object with `.directory_url`, `.ca_bundle`, `start()`, `stop()` the nodes use
-        instead of Pebble (e.g. a FaultProxy)."""
+        `daemon`: extra [daemon] keys, `acme_extra` extra [acme] keys. `relays`: each
+        node reaches Redis through its own `Relay` (not with `sentinel`).
+        `acme_proxy(pebble, workdir)` returns an object with `.directory_url`,
+        `.ca_bundle`, `start()`, `stop()` the nodes use instead of Pebble (e.g. a
+        FaultProxy)."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         names = list(nodes)
@@ -566,6 +569,7 @@ class Fleet:
         # from the fleet (fan-out, catch-up), not from a fast local polling loop.
         self.daemon = {"reconcile_interval": "30s", "retry_base": "2s", **(daemon or {})}
         self.acme_timeout = acme_timeout
+        self.acme_extra = dict(acme_extra or {})  # more [acme] keys
         self.namespace = "fleet" + os.urandom(6).hex()
         self.own_hosts = (os.geteuid() == 0 and shutil.which("unshare") is not None) \
             if own_hosts is None else own_hosts  # fmt: skip
