@@ -45,7 +45,7 @@ def documented_acl() -> str:
     """The `user ...` lines of the ```conf block that starts with `user default off`."""
     for block in re.findall(r"```conf\n(.*?)```", DOC.read_text(), re.S):
         if block.startswith("user default off"):
-            return block.replace("REPLACE-WITH-A-LONG-RANDOM-PASSWORD", PASSWORD)
+            return str(block).replace("REPLACE-WITH-A-LONG-RANDOM-PASSWORD", PASSWORD)
     raise AssertionError(f"{DOC}: no ```conf block with the ACL user")
 
 
@@ -86,7 +86,7 @@ def test_the_documented_acl_user_can_do_everything_the_agent_does(tmp_path: Path
             exercise_registry(client)
             exercise_heartbeats_and_fanout(client)
             exercise_daemon(config)
-            denied = admin.execute_command("ACL", "LOG")
+            denied = admin.acl_log()
             assert denied == [], denied
             # The ACL really restricts: another namespace is refused.
             with pytest.raises(redis.ResponseError, match=r"(?i)no permissions"):
