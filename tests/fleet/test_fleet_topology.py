@@ -456,3 +456,44 @@ def test_a_node_with_a_different_local_key_refuses_to_deploy_and_says_so(
         assert serves(fleet["a"], first) and serves(fleet["b"], first)
         status = json.dumps(c.status_json())
         assert "edge-c" in status
+
+
+# --- a single node moves into the fleet without re-issuing -------------------------------
+
+
+def test_a_single_node_joins_the_fleet_and_nothing_is_issued_again(tmp_path: Path) -> None:
+    from agent.storage import FileStorage
+
+    with fleet_of(tmp_path) as fleet:
+        a = fleet["a"]
+        a.solo = True  # a node that ran alone: file storage, no Redis
+        fleet.point(B_NAME, "a")
+        fleet.point(C_NAME, "a")
+        a.start_agent()
+        wait_until("the single node serves its certificate",
+                   lambda: a.served_serial(B_NAME) is not None, ISSUE_TIMEOUT,
+                   logs=lambda: logs(fleet))  # fmt: skip
+        meta = load_meta(FileStorage(a.state_dir), "www")
+        assert meta is not None and meta.serial
+        serial = int(meta.serial, 16)
+        assert stored_serial(fleet) is None  # nothing in Redis yet
+        a.stop_agent()
+        a.solo = False
+        a.write_config()
+        cp = a.cli("fleet-join")
+        assert cp.returncode == 0, cp.stdout + cp.stderr
+        assert f"copied www: serial {meta.serial}" in cp.stdout and "copied (" in cp.stdout
+        again = a.cli("fleet-join")
+        assert again.returncode == 0 and "skipped www" in again.stdout, again.stdout
+        assert stored_serial(fleet) == serial
+        # The whole fleet starts on the joined state: every node serves it, none orders.
+        fleet.start_agents()
+        wait_all_serve(fleet, serial, ISSUE_TIMEOUT)
+        time.sleep(3)
+        assert fleet.orders_placed() == 1 and fleet.accounts_created() == 1
+        # The next renewal, on another node, uses the joined account.
+        fleet.point(B_NAME, "b")
+        fleet.point(C_NAME, "c")
+        force_renew(fleet["b"])
+        assert fleet.orders_placed() == 2
+        assert fleet.accounts_created() == 1, "the fleet made a new ACME account"

@@ -281,6 +281,7 @@ class FleetNode:
         self.agent_log = self.workdir / "agent.log"
         self.relay: Relay | None = None
         self.extra_config: list[str] = []  # more TOML lines (sections) before [[certificates]]
+        self.solo = False  # True: no [fleet] section (a single node, file storage)
         env = {
             "FLEET_NODE": name,
             "HAPROXY_ADMIN_SOCKET": str(self.admin_socket),
@@ -341,7 +342,18 @@ class FleetNode:
             f"control_socket = {toml_value(self.control_socket)}",
         ]
         lines += [f"{k} = {toml_value(v)}" for k, v in f.daemon.items()]
-        lines += ["[fleet]"]
+        lines += [] if self.solo else self._fleet_lines()
+        lines += self.extra_config
+        for cert in f.certificates:
+            lines.append("[[certificates]]")
+            entry = {"key": self.key_path(cert["name"]), **cert}
+            lines += [f"{k} = {toml_value(v)}" for k, v in entry.items()]
+        self.config_path.write_text("\n".join(lines) + "\n")
+        return self.config_path
+
+    def _fleet_lines(self) -> list[str]:
+        f = self.fleet
+        lines = ["[fleet]"]
         if f.sentinel is not None:
             lines += [
                 f'sentinels = ["127.0.0.1:{f.sentinel.port}"]',
@@ -354,13 +366,7 @@ class FleetNode:
             f"node = {toml_value(self.node_name)}",
             f"secret_file = {toml_value(self.secret_file)}",
         ]
-        lines += self.extra_config
-        for cert in f.certificates:
-            lines.append("[[certificates]]")
-            entry = {"key": self.key_path(cert["name"]), **cert}
-            lines += [f"{k} = {toml_value(v)}" for k, v in entry.items()]
-        self.config_path.write_text("\n".join(lines) + "\n")
-        return self.config_path
+        return lines
 
     # --- the agent process ---
 
@@ -641,6 +647,11 @@ class Fleet:
         self._cts("/add-a", {"host": domain, "addresses": [self.nodes[n].address for n in nodes]})
 
     # --- Pebble's log ---
+
+    def accounts_created(self) -> int:
+        """ACME accounts Pebble holds now (it logs the count after each new one)."""
+        counts = re.findall(r"There are now (\d+) accounts in memory", self.pebble.log_text())
+        return int(counts[-1]) if counts else 0
 
     def orders_placed(self) -> int:
         """newOrder requests Pebble took (it logs each as it adds the order)."""
