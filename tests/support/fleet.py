@@ -59,7 +59,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -622,7 +622,7 @@ class Fleet:
     def __getitem__(self, name: str) -> FleetNode:
         return self.nodes[name]
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[FleetNode]:
         return iter(self.nodes.values())
 
     def redis_client(self) -> Any:
