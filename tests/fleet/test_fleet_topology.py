@@ -175,20 +175,25 @@ def test_three_nodes_due_at_the_same_moment_place_exactly_one_order(tmp_path: Pa
 
 def wait_order_holder(fleet: Fleet, timeout: float = 40.0) -> FleetNode:
     """Poll Redis (2 ms) until some node's order has put its challenge token into the
-    shared registry (the order is placed and not finished); the node holding the
-    certificate's lock then, found by the PID in the lock record."""
+    shared registry (placed, not finished); return the node holding the certificate's
+    lock (found by the PID in the lock record). Whenever the lock changes hands the
+    names are pointed at the other nodes at once (the lock is taken before newOrder,
+    so before the CA validates): the validation never needs the node a test is
+    about to kill or pause."""
     client = fleet.redis_client()
     challenges = f"{fleet.namespace}:challenges"
     lock = f"{fleet.namespace}:lock:cert-www"
     by_pid = {node.pid: node for node in fleet if node.running}
+    pointed_away: FleetNode | None = None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if client.hlen(challenges):
-            raw = client.get(lock)
-            if raw is not None:
-                pid = json.loads(raw).get("pid")
-                if pid in by_pid:
-                    return by_pid[pid]
+        raw = client.get(lock)
+        holder = by_pid.get(json.loads(raw).get("pid")) if raw is not None else None
+        if holder is not None and holder is not pointed_away:
+            point_at_the_others(fleet, holder)
+            pointed_away = holder
+        if holder is not None and client.hlen(challenges):
+            return holder
         time.sleep(0.002)
     raise AssertionError(f"no node placed an order in {timeout} s:\n{logs(fleet)}")
 
@@ -224,7 +229,6 @@ def test_ordering_node_killed_mid_order_another_node_completes_that_order(
 ) -> None:
     with renewal_in_flight(tmp_path) as (fleet, first, holder, orders):
         holder.kill_agent()
-        point_at_the_others(fleet, holder)
         # Another node completes the order left in flight (resumed or reused, not a
         # second newOrder), once the dead holder's lease ran out.
         wait_until(
@@ -243,7 +247,6 @@ def test_ordering_node_killed_mid_order_another_node_completes_that_order(
 def test_a_paused_ordering_node_cannot_install_its_stale_result(tmp_path: Path) -> None:
     with renewal_in_flight(tmp_path) as (fleet, first, holder, _):
         holder.pause_agent()
-        point_at_the_others(fleet, holder)
         # Its lease runs out; another node takes the certificate over and installs one.
         wait_until(
             "another node installs a certificate",
