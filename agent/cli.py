@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent import __version__, haproxy_config, importer, keys, permissions
+from agent import __version__, fleet_join, haproxy_config, importer, keys, permissions
 from agent.config import DEFAULT_CONFIG_PATH, CertificateConfig, Config, ConfigError, load_config
 
 log = logging.getLogger("agent.cli")
@@ -810,6 +810,11 @@ COMMANDS: dict[str, Command] = {
         "adopt certbot + scripts site directories (key, CSR, certificate) without re-issuing",
         importer.add_arguments,
         importer.run,
+    ),
+    "fleet-join": Command(
+        "copy this node's certificates and ACME account into the fleet's Redis ([fleet])",
+        fleet_join.add_arguments,
+        fleet_join.run,
     ),
 }
 

@@ -67,6 +67,30 @@ def _password(fleet: FleetConfig) -> str | None:
     return fleet.password_file.read_text().splitlines()[0].strip()
 
 
+_REACHED: set[tuple[str, int]] = set()  # plain Redis servers this process has talked to
+
+
+class PlainConnection(redis.Connection):
+    """A plain-TCP connection whose failure at the very first command says what it
+    most likely means: the port speaks TLS (redis-py only says "Connection reset by
+    peer"). Only for a server this process never reached: a known server dropping
+    connections is restarting, not misconfigured. Used for redis:// URLs."""
+
+    def on_connect_check_health(self, check_health: bool = True) -> None:
+        where = (str(self.host), int(self.port))
+        try:
+            super().on_connect_check_health(check_health=check_health)
+        except redis.ConnectionError as e:
+            if type(e) is not redis.ConnectionError or where in _REACHED:
+                raise  # AuthenticationError and the like: the server did speak Redis
+            raise redis.ConnectionError(
+                f"{e}: Redis at {self.host}:{self.port} dropped the connection at the first "
+                "command; if that port is a TLS port (tls-port), use a rediss:// URL "
+                "(with ca_file)"
+            ) from e
+        _REACHED.add(where)
+
+
 def redis_client(fleet: FleetConfig, **kwargs: Any) -> redis.Redis:
     """The synchronous client for `fleet` (bytes replies). `kwargs` go to redis-py."""
     opts: dict[str, Any] = {
@@ -80,6 +104,8 @@ def redis_client(fleet: FleetConfig, **kwargs: Any) -> redis.Redis:
     if fleet.redis is not None:
         if fleet.redis.startswith("rediss://") and fleet.ca_file is not None:
             opts["ssl_ca_certs"] = str(fleet.ca_file)
+        if fleet.redis.startswith("redis://"):
+            opts.setdefault("connection_class", PlainConnection)
         return redis.Redis.from_url(fleet.redis, **opts)
     assert fleet.service is not None
     sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
