@@ -319,6 +319,8 @@ def _install(
         gen = metas[cfg.name].generation
         assert gen is not None
         switch_generation(st, cfg.name, gen)
+        # That order is done: the next run places a new one, it does not resume it.
+        renewer._clear_order(cfg)
         metas[cfg.name] = metas[cfg.name].with_state(renewer._fresh_state(cfg.name, now))
     if alone is None:
         log.info("dual certificate %s: new pair installed (%s)", group, ", ".join(
