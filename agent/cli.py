@@ -548,9 +548,12 @@ def pins_of(
     report_uri: str | None = None,
     storage: Any | None = None,
     now: float | None = None,
+    mates: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Pins, HPKP header values and TLSA data for one certificate: the current,
-    next (being announced), backup and previous keys. Creates a generate_key /
+    next (being announced), backup and previous keys. `mates`: the pins of the
+    other keys of a dual certificate (served for the same names, so clients
+    must accept them too: they join the header and the TLSA RRset). Creates a generate_key /
     generate_next_key key. With `storage` (what `pins` passes) the next key's
     first showing is recorded as its announcement (under the certificate's
     lock; never moved later) and the rollover state is read from there."""
@@ -582,8 +585,11 @@ def pins_of(
         at = ks.next.announced_at
         nxt["switch_allowed_at"] = None if at is None else at + cert.announce_for
     next_pins = [nxt["pin"]] if nxt else []
-    backups = [p for p in cert.backup_pins if p != key_pin and p not in next_pins]
-    pins = [key_pin, *next_pins, *backups]
+    pair_pins = [p for p in mates if p != key_pin]
+    backups = [
+        p for p in cert.backup_pins if p != key_pin and p not in next_pins and p not in pair_pins
+    ]
+    pins = [key_pin, *pair_pins, *next_pins, *backups]
     previous = [
         {"path": p.path, "pin": p.pin, "tlsa_311": keys.pin_to_tlsa(p.pin), "until": p.until}
         for p in (ks.previous if ks else ()) if p.until > now
@@ -597,6 +603,7 @@ def pins_of(
         "key_type": current["key_type"],
         "key_pin": key_pin,
         "backup_pins": backups,
+        "pair_pins": pair_pins,
         "hpkp_report_only": header,
         "hpkp": header,
         "tlsa_311": current["tlsa_311"],
@@ -617,7 +624,16 @@ def cmd_pins(args: argparse.Namespace) -> int:
     certs = _select(config, args.names)
     storage = wiring.make_storage(config)
     try:
-        out = [pins_of(c, args.report_uri, storage) for c in certs]
+        # A dual certificate's keys are served for the same names: each key's
+        # header and TLSA RRset lists the other key too.
+        group_pins: dict[str, list[str]] = {}
+        for c in config.certificates:
+            if c.group is not None:
+                group_pins.setdefault(c.group, []).append(keys.spki_pin(_stable_key(c)))
+        out = [
+            pins_of(c, args.report_uri, storage, mates=group_pins.get(c.group or "", ()))
+            for c in certs
+        ]
     except keys.StableKeyError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
@@ -632,6 +648,8 @@ def cmd_pins(args: argparse.Namespace) -> int:
             print(f"  pin-sha256 next    {n['pin']}  ({n['path']}, announced "
                   f"{_fmt_time(n['announced_at'])}, switch allowed from "
                   f"{_fmt_time(n['switch_allowed_at'])})")  # fmt: skip
+        for pin in item["pair_pins"]:
+            print(f"  pin-sha256 pair    {pin}  (the other key of this dual certificate)")
         for pin in item["backup_pins"]:
             print(f"  pin-sha256 backup  {pin}")
         for p in item["previous"]:

@@ -448,3 +448,29 @@ def test_the_daemon_renews_a_pair_in_one_task_and_reschedules_both_keys(config: 
         assert 'haproxy_acme_acme_errors_total{type="order"} 1.0' in text
 
     asyncio.run(main())
+
+
+def test_pins_of_a_dual_certificate_list_both_keys_in_each_header_and_rrset(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Both keys are served for the same names: a client pinning the site must
+    accept either, so each key's header and TLSA RRset carries the other key."""
+    import json
+
+    from agent import keys
+    from agent.cli import main
+
+    path = write_config(tmp_path)
+    assert main(["pins", "-c", str(path), "--json", "www"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    rsa_pin = keys.spki_pin(keys.load_private_key(tmp_path / "rsa.key"))
+    ec_pin = keys.spki_pin(keys.load_private_key(tmp_path / "ec.key"))
+    assert set(rows) == {"www.rsa", "www.ecdsa"}
+    for name, own, other in (("www.rsa", rsa_pin, ec_pin), ("www.ecdsa", ec_pin, rsa_pin)):
+        row = rows[name]
+        assert row["key_pin"] == own and row["pair_pins"] == [other]
+        assert f'pin-sha256="{own}"' in row["hpkp"] and f'pin-sha256="{other}"' in row["hpkp"]
+        rrset = "\n".join(row["tlsa_rrset"])
+        assert keys.pin_to_tlsa(own) in rrset and keys.pin_to_tlsa(other) in rrset
+    assert main(["pins", "-c", str(path), "api"]) == 0
+    assert "pair" not in capsys.readouterr().out
