@@ -1007,7 +1007,13 @@ class Renewer:
             log.warning("renewals skipped: %s", e)
             return [RenewResult(c.name, "skipped", str(e), error_type="store") for c in certs]
         for cfg in certs:
-            action, why, meta = self._due(cfg, force, refresh_ari=not dry_run, started_at=started)
+            try:
+                action, why, meta = self._due(
+                    cfg, force, refresh_ari=not dry_run, started_at=started
+                )
+            except StoreUnavailable as e:  # went away since the check above
+                results[cfg.name] = RenewResult(cfg.name, "skipped", str(e), error_type="store")
+                continue
             serial, not_after = (meta.serial, meta.not_after) if meta else (None, None)
             if action is None:
                 results[cfg.name] = RenewResult(cfg.name, "not-due", why, serial, not_after)
@@ -1142,6 +1148,11 @@ class Renewer:
             for unit, fut in futures.items():
                 try:
                     results.update(fut.result())
+                except StoreUnavailable as e:  # the fleet store went away mid-run
+                    for cfg in unit:
+                        results[cfg.name] = RenewResult(
+                            cfg.name, "skipped", str(e), error_type="store"
+                        )
                 except Exception as e:  # a bug must not hide the other results
                     for cfg in unit:
                         log.exception("certificate %s: renewal crashed", cfg.name)
