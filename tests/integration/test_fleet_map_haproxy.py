@@ -112,17 +112,21 @@ def node_b(
     """Node B: a map-mode HAProxy and what B's daemon runs for it (no Pebble)."""
     stack = AcmeStack(tmp_path / "b", haproxy_bin, answer="map")
     stack.haproxy.start()
-    client = redis.Redis.from_url(redis_server.url)
-    registry = RedisChallengeRegistry(client, "fm")
-    maps = map_registry(stack, registry)
-    follower = MapFollower(registry, maps, PeerAcks(client, "fm", "b")).start()
-    beat(client, "fm", "b", {}, extra={"answer": "map"}, ttl=120)
     try:
-        wait_for("B's mirror to subscribe", registry.connected.is_set)
-        yield NodeB(stack, registry, maps, follower)
+        client = redis.Redis.from_url(redis_server.url)
+        registry = RedisChallengeRegistry(client, "fm")
+        try:
+            maps = map_registry(stack, registry)
+            follower = MapFollower(registry, maps, PeerAcks(client, "fm", "b")).start()
+            try:
+                beat(client, "fm", "b", {}, extra={"answer": "map"}, ttl=120)
+                wait_for("B's mirror to subscribe", registry.connected.is_set)
+                yield NodeB(stack, registry, maps, follower)
+            finally:
+                follower.stop()
+        finally:
+            registry.close()
     finally:
-        follower.stop()
-        registry.close()
         stack.haproxy.stop()
 
 
