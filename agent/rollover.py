@@ -280,8 +280,21 @@ def current_key_path(cfg: Any, ks: KeyState | None) -> Path:
 def served_key_path(cfg: Any, generation_key_path: str | None) -> Path:
     """The key file a generation's bundle is built from: the one it was ordered
     for (recorded in its meta.json), or the configured key for generations
-    of older versions that recorded none."""
-    return Path(generation_key_path) if generation_key_path else Path(cfg.key)
+    of older versions that recorded none.
+
+    The recorded path is honoured only where this node keeps its keys: the
+    configured `key` or `next_key`, or the directory they live in (where
+    `generate_next_key` creates next keys). In a fleet the path was recorded
+    by the ordering node; a path elsewhere is that node's file, never read
+    here: this node builds from its own configured key, and a key that does
+    not match the certificate is refused by the deploy (KeyMismatch)."""
+    if not generation_key_path:
+        return Path(cfg.key)
+    recorded = Path(generation_key_path)
+    own = [Path(cfg.key)] + ([Path(cfg.next_key)] if getattr(cfg, "next_key", None) else [])
+    if recorded in own or recorded.parent in {p.parent for p in own}:
+        return recorded
+    return Path(cfg.key)
 
 
 def settle(
