@@ -171,7 +171,8 @@ def exercise_registry(client: object) -> None:
         with b._lock:
             b._mirror.pop(late, None)
         assert b.lookup(late) is None
-        assert wait(lambda: b.fetches > 0)
+        future = b.fetch(late)  # what the SPOA does for a mirror miss
+        assert future is not None and future.result(timeout=5) == late + ".thumb"
     finally:
         a.close()
         b.close()
