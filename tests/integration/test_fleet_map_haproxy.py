@@ -24,6 +24,7 @@ from agent.fleet import RedisChallengeRegistry, beat
 from agent.fleet_map import MapFollower, PeerAcks, ack_key
 from agent.haproxy_api import RuntimeAPI, parse_map
 from tests.support.acme_stack import AcmeStack
+from tests.support.fleet import wait_until
 from tests.support.redis import RedisProcess
 
 pytestmark = pytest.mark.integration
@@ -39,18 +40,6 @@ def challenge(port: int, token: str) -> tuple[int, bytes]:
         return resp.status, resp.read()
     finally:
         conn.close()
-
-
-def wait_for(what: str, check: object, timeout: float = 10.0) -> None:
-    assert callable(check)
-    deadline = time.monotonic() + timeout
-    for _ in range(int(timeout / 0.02) + 1):
-        if check():
-            return
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def token() -> str:
@@ -120,7 +109,7 @@ def node_b(
             follower = MapFollower(registry, maps, PeerAcks(client, "fm", "b")).start()
             try:
                 beat(client, "fm", "b", {}, extra={"answer": "map"}, ttl=120)
-                wait_for("B's mirror to subscribe", registry.connected.is_set)
+                wait_until("B's mirror to subscribe", registry.connected.is_set, 10)
                 yield NodeB(stack, registry, maps, follower)
             finally:
                 follower.stop()
@@ -152,7 +141,7 @@ def test_an_order_on_a_is_validated_through_bs_haproxy_map(
         assert rc == 0, err + out
         assert "renewed" in out
         assert node_b.follower.mirrored >= 1  # B's HAProxy took A's token
-        wait_for("B's map to be empty again", lambda: node_b.entries() == {})
+        wait_until("B's map to be empty again", lambda: node_b.entries() == {}, 10)
         assert parse_map(a.haproxy.admin_command(f"show map {a.map_name}")) == {}
 
 
@@ -174,8 +163,8 @@ def test_a_token_added_on_a_is_answered_by_b_as_soon_as_add_returns(
             assert challenge(a.http_port, tok) == (200, keyauth.encode())
             assert client.sismember(ack_key("fm", tok), "b")
             maps_a.remove(tok)
-            wait_for(
-                "B to drop the token", lambda: challenge(node_b.stack.http_port, tok)[0] != 200
+            wait_until(
+                "B to drop the token", lambda: challenge(node_b.stack.http_port, tok)[0] != 200, 10
             )
         finally:
             registry_a.close()
@@ -244,8 +233,8 @@ def test_b_catches_up_on_a_token_added_while_its_haproxy_was_down(
         time.sleep(0.5)  # B tried and failed at least once
         assert not client.sismember(ack_key("fm", tok), "b")
         node_b.stack.haproxy.start()
-        wait_for("B to ack after its HAProxy came back",
-                 lambda: bool(client.sismember(ack_key("fm", tok), "b")))  # fmt: skip
+        wait_until("B to ack after its HAProxy came back",
+                   lambda: bool(client.sismember(ack_key("fm", tok), "b")), 10)  # fmt: skip
         assert challenge(node_b.stack.http_port, tok) == (200, f"{tok}.thumbprint".encode())
     finally:
         registry_a.close()

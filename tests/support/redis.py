@@ -41,6 +41,7 @@ class RedisError(RuntimeError):
 
 
 class RedisProcess:
+    BINARY = REDIS_SERVER  # the server `start` runs (SentinelProcess: redis-sentinel)
     def __init__(
         self,
         workdir: Path,
@@ -87,7 +88,7 @@ class RedisProcess:
     def start(self) -> RedisProcess:
         self._write_conf()
         self.proc = subprocess.Popen(
-            [REDIS_SERVER, str(self.conf)],
+            [self.BINARY, str(self.conf)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -157,6 +158,8 @@ REDIS_SENTINEL = os.environ.get("REDIS_SENTINEL", "/usr/bin/redis-sentinel")
 
 
 class SentinelProcess(RedisProcess):
+    BINARY = REDIS_SENTINEL
+
     def __init__(self, workdir: Path, primary: RedisProcess, service: str = "fleet") -> None:
         super().__init__(workdir)
         self.primary = primary
@@ -180,17 +183,6 @@ class SentinelProcess(RedisProcess):
                 ]
             )
         )
-
-    def start(self) -> RedisProcess:
-        self._write_conf()
-        self.proc = subprocess.Popen(
-            [REDIS_SENTINEL, str(self.conf)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        self._wait_ready()
-        return self
 
 
 def shared_redis(tmp_path_factory: object) -> RedisProcess:
