@@ -878,7 +878,9 @@ class Daemon:
         from agent.fleet import redis_client
         from agent.fleet_map import MapFollower, PeerAcks
 
-        acks = PeerAcks(redis_client(fleet), fleet.namespace, fleet.node)
+        acks = self.challenge_map.peers  # wiring.make_map_registry made them for [fleet]
+        if not isinstance(acks, PeerAcks):
+            acks = PeerAcks(redis_client(fleet), fleet.namespace, fleet.node)
         self._map_follower = MapFollower(self.registry, self.challenge_map, acks).start()
 
     def _start_heartbeat(self) -> Any:
