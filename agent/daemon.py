@@ -66,6 +66,8 @@ from agent.storage import StoreUnavailable, ensure_private_dir
 
 log = logging.getLogger("agent.daemon")
 
+# SIGTERM/SIGINT seen before the event loop installed its own handlers (run_daemon).
+STOP_REQUESTED = threading.Event()
 SHUTDOWN_GRACE = 3.0  # seconds in-flight work gets after SIGTERM before we leave it
 ARI_CONCURRENCY = 4  # renewalInfo GETs in flight at once (cheap, but be polite)
 ARI_START_SPREAD = 60.0  # s: certificates without a window are first checked within this
@@ -777,6 +779,12 @@ class Daemon:
     async def run(self) -> int:
         """Serve until SIGTERM/SIGINT; returns the exit code (0 on a graceful stop)."""
         loop = asyncio.get_running_loop()
+        # SIGTERM during start-up (systemd stopping a unit that is still starting)
+        # is a graceful stop too: the step under way finishes, nothing new starts.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        if STOP_REQUESTED.is_set():  # it came while the config was being loaded
+            self._stop.set()
         # A crash (kill -9) or an older version may have left temp files,
         # half-written generations or the old flat layout: repair first.
         await asyncio.to_thread(self._prepare_state)
@@ -784,8 +792,13 @@ class Daemon:
         await asyncio.to_thread(_save_key_checks, self.config)
         # DNS records a killed order left behind go now, not at the first order.
         recover = getattr(self.renewer.issuer, "recover_leftovers", None)
-        if recover is not None:
+        if recover is not None and not self._stop.is_set():
             await asyncio.to_thread(recover)
+        if self._stop.is_set():
+            log.info("stopping before start-up finished")
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            return 0
         await self._schedule_all()
         try:
             await self.control.start()
@@ -807,8 +820,6 @@ class Daemon:
             task.add_done_callback(pending_reload.discard)
 
         loop.add_signal_handler(signal.SIGHUP, on_hup)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stop.set)
         for coro in (self._scheduler(), self._reconciler()):
             task = asyncio.create_task(coro)
             self._tasks.add(task)
@@ -985,6 +996,21 @@ def _save_key_checks(config: Config) -> None:
 def run_daemon(config_path: Path, log_format: str | None = None, verbose: bool = False) -> int:
     """Entry point of `haproxy-acme-agent run`. Raises ConfigError for a bad config
     and PermissionsError for a key others may read under strict_permissions."""
+    # Until the event loop takes them over, SIGTERM and SIGINT are remembered,
+    # not fatal: a stop while the config and keys are loaded still exits 0.
+    STOP_REQUESTED.clear()
+    previous = {
+        sig: signal.signal(sig, lambda _signo, _frame: STOP_REQUESTED.set())
+        for sig in (signal.SIGTERM, signal.SIGINT)
+    }
+    try:
+        return _run_daemon(config_path, log_format, verbose)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run_daemon(config_path: Path, log_format: str | None, verbose: bool) -> int:
     from agent import permissions
     from agent.logs import setup_logging
 

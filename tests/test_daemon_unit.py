@@ -247,3 +247,49 @@ def test_renewals_finishing_together_are_deployed_as_one_batch(tmp_path: Path) -
 
     assert asyncio.run(main()) == ["renewed", "renewed"]
     assert batches == [["api", "www"]]
+
+
+_EARLY_STOP = """
+import os, signal, sys
+from pathlib import Path
+import agent.daemon as d
+
+where = sys.argv[2]
+if where == "load":
+    original_load = d.load_config
+    def load_config(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return original_load(*args, **kwargs)
+    d.load_config = load_config
+else:
+    original_prepare = d.Daemon._prepare_state
+    def _prepare_state(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return original_prepare(self)
+    d.Daemon._prepare_state = _prepare_state
+sys.exit(d.run_daemon(Path(sys.argv[1])))
+"""
+
+
+def test_sigterm_while_the_daemon_starts_is_a_graceful_stop_that_starts_nothing(
+    tmp_path: Path,
+) -> None:
+    """systemd may stop a unit that is still loading keys or repairing state:
+    that is exit 0 and no listener, not death by the signal (-15)."""
+    import subprocess
+    import sys
+
+    config = _one_cert_config(tmp_path)
+    repo = Path(__file__).resolve().parents[1]
+    for where in ("load", "prepare"):
+        run = subprocess.run(
+            [sys.executable, "-c", _EARLY_STOP, str(config), where],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert run.returncode == 0, (where, run.returncode, run.stderr[-2000:])
+        assert "stopping before start-up finished" in run.stderr, (where, run.stderr[-2000:])
+        assert "agent running" not in run.stderr
+        assert not (tmp_path / "control.sock").exists()
