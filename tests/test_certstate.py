@@ -160,7 +160,8 @@ def test_kill_9_during_install_never_leaves_a_mix_or_temp_files(config: Config) 
     gen = load_current(store, "www")
     assert gen is not None
     gens = sorted((config.state_dir / "certificates" / "www" / "gen").iterdir())
-    assert 1 <= len(gens) <= 2 and gens[-1].name == gen.id
+    listing = {g.name: sorted(p.name for p in g.iterdir()) for g in gens}
+    assert 1 <= len(gens) <= 2 and gens[-1].name == gen.id, (gen.id, listing)
 
 
 # --- the old flat layout ----------------------------------------------------------------
