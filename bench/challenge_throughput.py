@@ -15,8 +15,13 @@ duration), same challenge URL, one frontend per variant:
 Any answer that is not the key authorization counts as wrong (the
 frontends' fallback backend answers 404, which wrk reports as non-2xx).
 Prints req/s and p99 per variant (the median round with --rounds N, the
-variants interleaved); the last line is `ratio_vs_static=<b/a>`, the line
-before it `map_ratio_vs_static=<d/a>`, each the median of the per-round ratios.
+variants interleaved) and the CPU each process spent per request during that
+variant's load (utime + stime from /proc: HAProxy, our agent, the responder;
+these depend less on how busy the rest of the machine is than req/s does).
+The last line is `ratio_vs_static=<b/a>`, the line before it
+`map_ratio_vs_static=<d/a>`, each the median of the per-round ratios; before
+them `cpu_ratio_vs_static=` and `map_cpu_ratio_vs_static=`: static's CPU per
+request (HAProxy + agent) over the variant's, the same comparison by CPU.
 
     .venv/bin/python -m bench.challenge_throughput [--duration 5] [--haproxy PATH]
 """
@@ -34,7 +39,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,6 +112,17 @@ class Result:
     requests: int
     wrong: int  # non-2xx: the request was not answered with the key authorization
     socket_errors: int  # wrk counts every server-side close as a read error
+    cpu_us: dict[str, float] = field(default_factory=dict)  # process -> CPU µs per request
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of process `pid` so far, in seconds (/proc/PID/stat fields 14, 15)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
 
 
 _UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
@@ -159,10 +175,20 @@ def check_answer(port: int) -> None:
 
 
 def format_result(r: Result) -> str:
+    cpu = "  ".join(f"cpu_us/req[{p}]={us:.1f}" for p, us in r.cpu_us.items() if us > 0.05)
     return (
         f"{r.name:<11} req/s={r.rps:>10.0f}  p99={r.p99_ms:>8.2f}ms  "
-        f"requests={r.requests}  wrong={r.wrong}  socket_errors={r.socket_errors}"
-    )
+        f"requests={r.requests}  wrong={r.wrong}  socket_errors={r.socket_errors}  {cpu}"
+    ).rstrip()
+
+
+def measured(name: str, port: int, args: argparse.Namespace, pids: dict[str, int]) -> Result:
+    """One wrk run against `port`, with the CPU each of `pids` spent meanwhile."""
+    before = {p: cpu_seconds(pid) for p, pid in pids.items()}
+    r = wrk(name, port, args.duration, args.threads, args.connections)
+    after = {p: cpu_seconds(pid) for p, pid in pids.items()}
+    r.cpu_us = {p: (after[p] - before[p]) * 1e6 / max(r.requests, 1) for p in pids}
+    return r
 
 
 def median_result(results: list[Result]) -> Result:
@@ -245,13 +271,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     token_arg = f"{TOKEN}={KEYAUTH}"
     with (
         tempfile.TemporaryDirectory(prefix="bench-") as tmp,
-        child(["-m", "agent.spoa", "--listen", f"127.0.0.1:{spoa_port}", "--token", token_arg]),
+        child(
+            ["-m", "agent.spoa", "--listen", f"127.0.0.1:{spoa_port}", "--token", token_arg]
+        ) as agent_proc,
         child(
             [
                 *("-m", "bench.standalone_responder"),
                 *("--listen", f"127.0.0.1:{responder_port}", "--token", token_arg),
             ]
-        ),
+        ) as responder_proc,
     ):
         env = {
             "NBTHREAD": str(args.nbthread),
@@ -270,7 +298,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         ).stdout.split("\n")[0]
         map_file = Path(tmp) / "acme-challenge.map"
         env["ACME_MAP"] = map_name_for(version, map_file)
-        with HAProxyProcess(args.haproxy, CONFIG, env, Path(tmp)):
+        with HAProxyProcess(args.haproxy, CONFIG, env, Path(tmp)) as haproxy:
+            pids = {
+                "haproxy": haproxy.pid,
+                "agent": agent_proc.pid,
+                "responder": responder_proc.pid,
+            }
             fill_map(Path(tmp) / "admin.sock", map_file)
             print(
                 f"# {version}; nbthread {args.nbthread}; "
@@ -286,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     wrk(name, port, args.warmup, args.threads, args.connections)
             for _ in range(args.rounds):
                 for name, port in ports.items():
-                    r = wrk(name, port, args.duration, args.threads, args.connections)
+                    r = measured(name, port, args, pids)
                     runs[name].append(r)
                     if args.rounds > 1:
                         print(f"#   {format_result(r)}", flush=True)
@@ -307,6 +340,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs["spoe-agent"][i].rps / runs["standalone"][i].rps for i in rounds
     )
     map_vs_static = statistics.median(runs["map"][i].rps / runs["static"][i].rps for i in rounds)
+
+    def cpu_total(r: Result) -> float:
+        return sum(r.cpu_us.values())
+
+    cpu_vs_static = statistics.median(
+        cpu_total(runs["static"][i]) / max(cpu_total(runs["spoe-agent"][i]), 1e-9) for i in rounds
+    )
+    map_cpu_vs_static = statistics.median(
+        cpu_total(runs["static"][i]) / max(cpu_total(runs["map"][i]), 1e-9) for i in rounds
+    )
+    print(f"cpu_ratio_vs_static={cpu_vs_static:.2f}")
+    print(f"map_cpu_ratio_vs_static={map_cpu_vs_static:.2f}")
     print(f"agent_vs_standalone={vs_standalone:.2f}")
     print(f"map_ratio_vs_static={map_vs_static:.2f}")
     print(f"ratio_vs_static={vs_static:.2f}")
