@@ -45,7 +45,7 @@ from typing import Any
 from agent import challenge_map, layout, ratelimit, rollover, wiring
 from agent import deploy as deploy_mod
 from agent.certstate import load_metas, undeployed
-from agent.config import Config, ConfigError, load_config, save_key_checks
+from agent.config import CertificateConfig, Config, ConfigError, load_config, save_key_checks
 from agent.control import ControlServer
 from agent.deploy import DeployResult, SyncStatus, stored_target
 from agent.fleet_sync import FleetSync, node_targets
@@ -226,7 +226,7 @@ class Daemon:
         for cfg in self.config.certificates:
             old = self.states.get(cfg.name)
             meta = metas.get(cfg.name)
-            when = next_renewal_time(meta, cfg, now, meta.ari if meta else None)
+            when = _next_at(meta, cfg, now)
             if undeployed(meta, instances, layout.deploy_node(self.config)):
                 when = min(when, now)
             if old is not None and old.failures and old.next_at > when:
@@ -483,7 +483,7 @@ class Daemon:
             st.failures = 0
             log.info("stored certificate deployed", extra={**extra, "serial": result.serial})
         if cfg is not None:
-            st.next_at = next_renewal_time(meta, cfg, now, meta.ari if meta else None)
+            st.next_at = _next_at(meta, cfg, now)
             if st.next_at <= now:
                 # The renewer said not due (e.g. a concurrent run just renewed,
                 # or the CA's retry time): look again shortly, not in a busy loop.
@@ -598,7 +598,7 @@ class Daemon:
         st.meta = meta
         if st.failures == 0:
             now = self.clock()
-            st.next_at = next_renewal_time(meta, cfg, now, meta.ari)
+            st.next_at = _next_at(meta, cfg, now)
             if undeployed(meta, self.renewer.deploy_instances(), layout.deploy_node(self.config)):
                 st.next_at = min(st.next_at, now)
         self._wake.set()
@@ -982,6 +982,15 @@ class Daemon:
         for server in (self.spoa, self.metrics_server, self.control):
             with contextlib.suppress(Exception):
                 await server.stop()
+
+
+def _next_at(meta: CertMeta | None, cfg: CertificateConfig, now: float) -> float:
+    """When the daemon runs `cfg` next: its renewal time (`next_renewal_time`), or
+    earlier to retry a queued keyCompromise revocation (the run revokes, then
+    finds the certificate not due: nothing is ordered for it)."""
+    when = next_renewal_time(meta, cfg, now, meta.ari if meta else None)
+    retry = rollover.revoke_retry_time(meta.keys if meta else None, now)
+    return when if retry is None else min(when, retry)
 
 
 def _save_key_checks(config: Config) -> None:

@@ -886,6 +886,20 @@ class Renewer:
         except (keys.StableKeyError, OSError) as e:
             log.error("certificate %s: after the key switch: %s", cfg.name, e)
 
+    def _retry_revocation(self, cfg: CertificateConfig) -> None:
+        """A not-due certificate with a keyCompromise revocation still queued (the
+        CA refused or was away when its key was switched): try it now, under the
+        cert lock (held elsewhere: that run retries it). Orders nothing."""
+        try:
+            with self.storage.locked(layout.cert_lock(cfg.name), timeout=2.0,
+                                     expires_after=self.lease):  # fmt: skip
+                self._revoke_pending(cfg)
+        except LockTimeout:
+            log.info("certificate %s: revocation retry left to the run holding its lock",
+                     cfg.name)  # fmt: skip
+        except (OSError, StoreUnavailable) as e:
+            log.error("certificate %s: revocation retry: %s", cfg.name, e)
+
     def _revoke_pending(self, cfg: CertificateConfig) -> None:
         revoke = getattr(self.issuer, "revoke_with_key", None)
         if revoke is not None:
@@ -1017,6 +1031,8 @@ class Renewer:
             serial, not_after = (meta.serial, meta.not_after) if meta else (None, None)
             if action is None:
                 results[cfg.name] = RenewResult(cfg.name, "not-due", why, serial, not_after)
+                if not dry_run and meta is not None and meta.keys and meta.keys.revoke:
+                    self._retry_revocation(cfg)
             elif dry_run:
                 verb = "would renew" if action == "order" else "would deploy the stored certificate"
                 results[cfg.name] = RenewResult(

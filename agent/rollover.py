@@ -732,6 +732,25 @@ def revoke_pending(storage: Any, cfg: Any, revoke_with_key: Any) -> bool:
     return True
 
 
+REVOKE_RETRY_BASE = 60.0  # s after the first failed keyCompromise revocation
+REVOKE_RETRY_MAX = 3600.0  # s: a compromised key's certificate is retried at least hourly
+
+
+def revoke_retry_time(ks: KeyState | None, now: float) -> float | None:
+    """When the daemon should try a queued keyCompromise revocation (next) (UNIX s;
+    None: none queued). At once when it was never tried (a kill came between
+    the switch and the revocation), then 60 s after a failure, doubling with
+    each one, at most an hour apart: a certificate whose key is compromised
+    must not wait for its next renewal to be revoked."""
+    if ks is None or ks.revoke is None:
+        return None
+    errors = ks.revoke.errors
+    if errors <= 0:
+        return now
+    delay: float = min(REVOKE_RETRY_BASE * 2.0 ** min(errors - 1, 16), REVOKE_RETRY_MAX)
+    return now + delay
+
+
 def announced_pins(cfg: Any, ks: KeyState | None, sw: Switch | None) -> list[str]:
     """The pin set a new leaf is checked against (`check_certificate`'s
     backup_pins): backup_pins plus the announced next key. An emergency switch

@@ -293,3 +293,72 @@ def test_sigterm_while_the_daemon_starts_is_a_graceful_stop_that_starts_nothing(
         assert "stopping before start-up finished" in run.stderr, (where, run.stderr[-2000:])
         assert "agent running" not in run.stderr
         assert not (tmp_path / "control.sock").exists()
+
+
+def test_a_failed_keycompromise_revocation_is_retried_within_minutes_not_at_the_next_renewal(
+    tmp_path: Path,
+) -> None:
+    """An emergency rollover queues the old leaf for revocation. When the CA
+    refuses or cannot be reached, the daemon tries again after 60 s, doubling,
+    at most hourly; each retry orders nothing (fake clock)."""
+    import asyncio
+    import time
+
+    from agent import certstate, rollover
+    from agent.config import load_config
+    from agent.daemon import Daemon
+    from tests.test_renewal import StandInIssuer
+
+    config = load_config(_one_cert_config(tmp_path))
+    now = [time.time()]
+    issuer = StandInIssuer()
+    revoked: list[int] = []
+    refuse = [2]
+
+    def revoke_with_key(cert: object, key: object, reason: int) -> None:
+        if refuse[0] > 0:
+            refuse[0] -= 1
+            raise ConnectionError("the CA is unreachable")
+        revoked.append(reason)
+
+    issuer.revoke_with_key = revoke_with_key  # type: ignore[attr-defined]
+
+    async def main() -> None:
+        daemon = Daemon(config, clock=lambda: now[0], rng=random.Random(7))
+        daemon.renewer.clock = lambda: now[0]
+        daemon.renewer.issuer = issuer
+        await daemon._schedule_all()
+        assert (await daemon.renew("www", False)).status == "renewed"
+        orders = len(issuer.replaces)
+        st = daemon.states["www"]
+        renewal_at = st.next_at
+        assert renewal_at > now[0] + 86400  # weeks away
+        # What an emergency rollover leaves when a kill comes before the revocation.
+        meta = certstate.load_meta(daemon.storage, "www")
+        assert meta is not None and meta.generation is not None
+        leaf = certstate.load_generation(daemon.storage, "www", meta.generation).leaf
+        from cryptography.hazmat.primitives import serialization
+
+        pem = leaf.public_bytes(serialization.Encoding.PEM).decode()
+        queued = rollover.Revoke(meta.serial or "", pem, str(config.certificate("www").key))
+        with daemon.storage.locked("cert-www"):
+            certstate.update_state(
+                daemon.storage, "www", lambda s: replace(s, keys=rollover.KeyState(revoke=queued))
+            )
+        await daemon._schedule_all()
+        st = daemon.states["www"]
+        assert st.next_at <= now[0]  # never tried: at once
+        for expected_delay in (60.0, 120.0):
+            daemon._tick()
+            assert (await daemon._renewals["www"]).status == "not-due"
+            assert now[0] + expected_delay - 1 <= st.next_at <= now[0] + expected_delay + 1
+            now[0] = st.next_at
+        daemon._tick()
+        assert (await daemon._renewals["www"]).status == "not-due"
+        assert revoked == [rollover.KEY_COMPROMISE]
+        assert len(issuer.replaces) == orders  # no order for any of it
+        assert st.next_at >= renewal_at - 1  # back to the renewal time
+
+    from dataclasses import replace
+
+    asyncio.run(main())
