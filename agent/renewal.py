@@ -487,6 +487,15 @@ class Renewer:
         if cfg.generate_key and create and not cfg.key.exists():
             key = keys.create_key_file(cfg.key, cfg.key_type)
             log.info("certificate %s: created key %s (%s)", cfg.name, cfg.key, cfg.key_type)
+            if self.config.fleet is not None:
+                # Keys never travel through Redis (docs/fleet.md): the other
+                # nodes refuse this certificate until they hold the same file.
+                log.warning(
+                    "certificate %s: node %s created its own key %s (generate_key in a "
+                    "fleet): copy that file (0600) to the same path on every other node, "
+                    "or they refuse to deploy the certificate ordered for it",
+                    cfg.name, self.node, cfg.key,
+                )  # fmt: skip
             return key
         return keys.load_private_key(cfg.key)
 

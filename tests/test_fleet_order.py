@@ -7,6 +7,7 @@ The same fencing rules are checked on the file store."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import textwrap
 import time
@@ -391,3 +392,22 @@ def test_a_renewal_after_a_sentinel_failover_succeeds_on_the_new_primary(tmp_pat
         finally:
             sentinel.stop()
             replica.stop()
+
+
+def test_a_node_that_creates_a_key_in_a_fleet_says_to_copy_it_to_the_others(
+    tmp_path: Path, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Keys never travel through Redis: `generate_key` on one node leaves the
+    others without the key, so that node says so, naming certificate, node and file."""
+    config = fleet_config(tmp_path, redis_url, "fk" + os.urandom(6).hex())
+    renewer = Renewer(config, MemoryChallengeRegistry(), make_storage(config),
+                      issuer=CountingIssuer())  # fmt: skip
+    cfg = config.certificate("www")
+    with caplog.at_level(logging.WARNING, logger="agent.renewal"):
+        renewer._key_for(cfg, create=True)
+        renewer._key_for(cfg, create=True)  # exists now: loaded, nothing said
+    said = [r.getMessage() for r in caplog.records if "created its own key" in r.getMessage()]
+    assert len(said) == 1, said
+    assert "www" in said[0] and str(cfg.key) in said[0] and config.fleet is not None
+    assert config.fleet.node in said[0]
+    assert cfg.key.stat().st_mode & 0o777 == 0o600
