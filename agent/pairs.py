@@ -23,6 +23,15 @@ deploys, status and metrics. What this module adds is the pair rule:
   about to expire (less than 1/20 of its lifetime left, the renewal's
   emergency threshold) or there is none: then it is installed alone, and
   the log and the result say so.
+
+Key rollover (agent/rollover.py) is per key type: each key whose switch is
+due begins it (recorded in its state.json before the order) and is ordered
+for its next key, the other key renews with its current key, and the pair
+rule above decides what is installed. Every generation records the key file
+it was ordered for, so each bundle pairs its leaf with its own key whatever
+a kill interrupts; a switch whose pair was not installed stays recorded and
+is resumed by the next run, one whose generation became current is finished
+(`rollover.settle`) before anything is decided.
 """
 
 from __future__ import annotations
