@@ -712,8 +712,6 @@ def _rollover_targets(
     key type only. A dual certificate's name: scheduled, every key type that has
     a next key (next_key / generate_next_key); with `--to`, the key type of
     the backup key (an RSA backup replaces the RSA key)."""
-    from agent import layout, rollover
-
     found = _select(config, [name])
     # `NAME.rsa`: that key type alone (_select gives the whole pair of a key's name).
     found = [c for c in found if c.name == name] or found
@@ -722,15 +720,18 @@ def _rollover_targets(
             described = keys.describe_key(keys.load_private_key(Path(to)))
         except keys.StableKeyError as e:
             return [], f"certificate {name}: --to: {e}"
-        kind = layout.key_kind(rollover.KEY_TYPE_NAMES[described])
+        kind = "rsa" if described.startswith("RSA") else "ecdsa"  # what load_private_key accepts
         if found[0].group is None:
             return found, None
         same = [c for c in found if c.key_kind == kind]
         if not same:
+            group = found[0].group
+            mate = [c.name for c in config.pair(group) if c.key_kind == kind]
+            where = (f"name {group} or {mate[0]}" if mate
+                     else f"{group} has no {kind.upper()} key")  # fmt: skip
             return [], (
-                f"--to {to} is an {kind.upper()} key, but {name} has no {kind.upper()} key "
-                f"(its keys: {', '.join(c.name for c in found)}): a backup key replaces a "
-                "key of its own type"
+                f"certificate {name}: --to {to} is an {kind.upper()} key, but {name} is not "
+                f"({where}): a backup key replaces a key of its own type"
             )
         return same, None
     if len(found) == 1:

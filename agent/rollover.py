@@ -512,8 +512,7 @@ def ensure_next(
     return ks
 
 
-# keys.describe_key -> config key_type (every kind keys.load_private_key accepts).
-KEY_TYPE_NAMES = _TYPE_NAMES = {
+_TYPE_NAMES = {
     "RSA 2048": "rsa2048",
     "RSA 3072": "rsa3072",
     "RSA 4096": "rsa4096",

@@ -779,7 +779,8 @@ def test_an_emergency_rollover_of_a_dual_certificate_picks_the_backup_keys_type(
     assert [c.name for c in _rollover_targets(config, "www", str(ec_backup))[0]] == ["www.ecdsa"]
     targets, why = _rollover_targets(config, "www.ecdsa", str(rsa_backup))
     assert targets == [] and why is not None
-    assert "is an RSA key, but www.ecdsa has no RSA key" in why
+    assert "www.ecdsa: --to " in why and "is an RSA key, but www.ecdsa is not (name www or " \
+        "www.rsa)" in why  # fmt: skip
     one = load_config(write_config(tmp_path, textwrap.dedent("""\
         [[certificates]]
         name = "solo"
@@ -788,7 +789,7 @@ def test_an_emergency_rollover_of_a_dual_certificate_picks_the_backup_keys_type(
     """)))  # fmt: skip
     rc = main(["keys", "rollover", "solo", "-c", str(one.path), "--now", "--to", str(rsa_backup)])
     assert rc == 1
-    assert "is an RSA key, but solo has no RSA key" in capsys.readouterr().err
+    assert "is an RSA key, but solo is not (solo has no RSA key)" in capsys.readouterr().err
     assert key_state(one, "solo.ecdsa") is None
 
 
@@ -825,3 +826,44 @@ def test_rollover_metrics_carry_each_key_type_of_a_dual_certificate(
             in text  # fmt: skip
         assert (f'haproxy_acme_key_announce_for_seconds{{certificate="www",key="{kt}",'
                 f'key_type="{kt}"}} 864000.0') in text  # fmt: skip
+
+
+def test_an_emergency_switch_of_one_key_type_revokes_only_its_old_leaf(tmp_path: Path) -> None:
+    from pathlib import Path as P
+
+    from agent import rollover
+    from agent.cli import _rollover_targets
+
+    class RevokingIssuer(PairIssuer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.revoked: list[tuple[int, str, int]] = []
+
+        def revoke_with_key(self, cert: x509.Certificate, key: Any, reason: int) -> None:
+            self.revoked.append((cert.serial_number, keys.spki_pin(key), reason))
+
+    backup = tmp_path / "rsa-backup.key"
+    keys.create_key_file(backup, "rsa2048")
+    spare = keys.spki_pin(keys.generate_private_key("ec256"))
+    bpin = keys.spki_pin(keys.load_private_key(backup))
+    config = load_config(write_config(tmp_path, DUAL.replace(
+        'name = "www"', f'name = "www"\nbackup_pins = ["{bpin}", "{spare}"]')))  # fmt: skip
+    clock, issuer = Clock(), RevokingIssuer()
+    r = renewer(config, issuer, clock)
+    run(r)
+    old = {n: (stored_pin(config, n), serial_of(config, n)) for n in ("www.rsa", "www.ecdsa")}
+    (cfg,) = _rollover_targets(config, "www", str(backup))[0]
+    request, _ = rollover.emergency_request(cfg, P(backup), old[cfg.name][0], clock.now,
+                                            revoke=True, force_unannounced=False)  # fmt: skip
+    with r.storage.locked(layout.cert_lock(cfg.name)):
+        rollover.record_request(r.storage, cfg, request)
+    results = run(r, "www")
+    assert {x.status for x in results.values()} == {"renewed"}, results
+    assert results["www.rsa"].reason == "key rollover"
+    assert results["www.ecdsa"].reason.startswith("with its pair (rsa: key rollover")
+    assert stored_pin(config, "www.rsa") == bpin == bundle_key_pin(config, "www.rsa")
+    assert stored_pin(config, "www.ecdsa") == old["www.ecdsa"][0]
+    assert bundle_key_pin(config, "www.ecdsa") == old["www.ecdsa"][0]
+    rsa_pin, rsa_serial = old["www.rsa"]
+    assert issuer.revoked == [(rsa_serial, rsa_pin, rollover.KEY_COMPROMISE)]
+    assert key_state(config, "www.rsa").revoke is None
