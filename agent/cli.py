@@ -552,8 +552,9 @@ def pins_of(
 ) -> dict[str, Any]:
     """Pins, HPKP header values and TLSA data for one certificate: the current,
     next (being announced), backup and previous keys. `mates`: the pins of the
-    other keys of a dual certificate (served for the same names, so clients
-    must accept them too: they join the header and the TLSA RRset). Creates a generate_key /
+    other keys of a dual certificate, current and next (served for the same
+    names, so clients must accept them too: they join the header and the TLSA
+    RRset). Creates a generate_key /
     generate_next_key key. With `storage` (what `pins` passes) the next key's
     first showing is recorded as its announcement (under the certificate's
     lock; never moved later) and the rollover state is read from there."""
@@ -585,7 +586,7 @@ def pins_of(
         at = ks.next.announced_at
         nxt["switch_allowed_at"] = None if at is None else at + cert.announce_for
     next_pins = [nxt["pin"]] if nxt else []
-    pair_pins = [p for p in mates if p != key_pin]
+    pair_pins = list(dict.fromkeys(p for p in mates if p != key_pin and p not in next_pins))
     backups = [
         p for p in cert.backup_pins if p != key_pin and p not in next_pins and p not in pair_pins
     ]
@@ -625,15 +626,22 @@ def cmd_pins(args: argparse.Namespace) -> int:
     storage = wiring.make_storage(config)
     try:
         # A dual certificate's keys are served for the same names: each key's
-        # header and TLSA RRset lists the other key too.
-        group_pins: dict[str, list[str]] = {}
-        for c in config.certificates:
-            if c.group is not None:
-                group_pins.setdefault(c.group, []).append(keys.spki_pin(_stable_key(c)))
-        out = [
-            pins_of(c, args.report_uri, storage, mates=group_pins.get(c.group or "", ()))
-            for c in certs
-        ]
+        # header and TLSA RRset lists the other key types' keys too, their
+        # current and (during a rollover) their next key, which this showing
+        # announces like their own `pins` would.
+        now = time.time()
+        group_pins: dict[str, dict[str, list[str]]] = {}
+        for group in dict.fromkeys(c.group for c in certs if c.group is not None):
+            for v in config.pair(group):
+                own = pins_of(v, None, storage, now)
+                group_pins.setdefault(group, {})[v.name] = [
+                    own["key_pin"], *([own["next"]["pin"]] if own["next"] else [])
+                ]
+        out = []
+        for c in certs:
+            mates = [p for n, ps in group_pins.get(c.group or "", {}).items() if n != c.name
+                     for p in ps]  # fmt: skip
+            out.append(pins_of(c, args.report_uri, storage, now, mates=mates))
     except keys.StableKeyError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
@@ -649,7 +657,8 @@ def cmd_pins(args: argparse.Namespace) -> int:
                   f"{_fmt_time(n['announced_at'])}, switch allowed from "
                   f"{_fmt_time(n['switch_allowed_at'])})")  # fmt: skip
         for pin in item["pair_pins"]:
-            print(f"  pin-sha256 pair    {pin}  (the other key of this dual certificate)")
+            print(f"  pin-sha256 pair    {pin}  (another key type of this dual certificate: "
+                  "its current or next key)")  # fmt: skip
         for pin in item["backup_pins"]:
             print(f"  pin-sha256 backup  {pin}")
         for p in item["previous"]:
@@ -694,16 +703,57 @@ def _args_keys(p: argparse.ArgumentParser) -> None:
     r.add_argument("-q", "--quiet", action="store_true", help=argparse.SUPPRESS)
 
 
+def _rollover_targets(
+    config: Config, name: str, to: str | None
+) -> tuple[list[CertificateConfig], str | None]:
+    """The certificates `keys rollover NAME` switches, or ([], why not).
+
+    A single-key certificate: itself. A dual certificate's key `NAME.rsa`: that
+    key type only. A dual certificate's name: scheduled, every key type that has
+    a next key (next_key / generate_next_key); with `--to`, the key type of
+    the backup key (an RSA backup replaces the RSA key)."""
+    found = _select(config, [name])
+    # `NAME.rsa`: that key type alone (_select gives the whole pair of a key's name).
+    found = [c for c in found if c.name == name] or found
+    if to is not None:
+        try:
+            described = keys.describe_key(keys.load_private_key(Path(to)))
+        except keys.StableKeyError as e:
+            return [], f"certificate {name}: --to: {e}"
+        kind = "rsa" if described.startswith("RSA") else "ecdsa"  # what load_private_key accepts
+        if found[0].group is None:
+            return found, None
+        same = [c for c in found if c.key_kind == kind]
+        if not same:
+            group = found[0].group
+            mate = [c.name for c in config.pair(group) if c.key_kind == kind]
+            where = (f"name {group} or {mate[0]}" if mate
+                     else f"{group} has no {kind.upper()} key")  # fmt: skip
+            return [], (
+                f"certificate {name}: --to {to} is an {kind.upper()} key, but {name} is not "
+                f"({where}): a backup key replaces a key of its own type"
+            )
+        return same, None
+    if len(found) == 1:
+        return found, None
+    rolling = [c for c in found if c.next_key is not None or c.generate_next_key]
+    if not rolling:
+        return [], (
+            f"certificate {name}: none of its keys has a next key (set next_key or "
+            f"generate_next_key inside its `keys` entries in {config.path}, then run `pins`)"
+        )
+    return rolling, None
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     """`keys rollover NAME [--now --to KEY [--revoke] [--force-unannounced]]`."""
-    from pathlib import Path
+    from contextlib import ExitStack
 
     from agent import layout, rollover, wiring
     from agent.certstate import load_meta
     from agent.storage import LockTimeout
 
     config = load(args)
-    (cert,) = _select(config, [args.name])
     if (args.now or args.revoke or args.force_unannounced) and not args.to:
         print("error: --now, --revoke and --force-unannounced need --to BACKUP_KEY_PATH "
               "(a scheduled rollover goes to the next key)", file=sys.stderr)  # fmt: skip
@@ -711,49 +761,71 @@ def cmd_keys(args: argparse.Namespace) -> int:
     if args.to and not args.now:
         print("error: --to needs --now (an emergency switch)", file=sys.stderr)
         return EXIT_CONFIG
-    if cert.csr is not None:
-        print(f"error: certificate {cert.name}: a rollover needs CSRs the agent builds: "
-              f"remove csr from {config.path}", file=sys.stderr)  # fmt: skip
-        return EXIT_CONFIG
+    certs, why_not = _rollover_targets(config, args.name, args.to)
+    if why_not is not None:
+        print(f"error: {why_not}", file=sys.stderr)
+        return EXIT_FAILED
+    for cert in certs:
+        if cert.csr is not None:
+            print(f"error: certificate {cert.name}: a rollover needs CSRs the agent builds: "
+                  f"remove csr from {config.path}", file=sys.stderr)  # fmt: skip
+            return EXIT_CONFIG
     permissions.startup_checks(config)
     storage = wiring.make_storage(config)
     now = time.time()
+    states: dict[str, rollover.KeyState] = {}
     try:
-        with storage.locked(layout.cert_lock(cert.name), timeout=config.acme.timeout):
-            ks = rollover.prepare(storage, cert, now, create=False)
-            meta = load_meta(storage, cert.name)
-            current_pin = meta.key_pin if meta and meta.key_pin else None
-            if args.now:
-                request, warnings = rollover.emergency_request(
-                    cert, Path(args.to), current_pin, now,
-                    revoke=args.revoke, force_unannounced=args.force_unannounced,
-                )  # fmt: skip
-                for w in warnings:
-                    print(w, file=sys.stderr)
-            else:
-                if ks.next is None:
-                    print(f"error: certificate {cert.name}: no next key (set next_key or "
-                          f"generate_next_key in {config.path}, then run `pins`)",
-                          file=sys.stderr)  # fmt: skip
-                    return EXIT_FAILED
-                request = rollover.Request(now)
-            ks = rollover.record_request(storage, cert, request)
+        with ExitStack() as stack:
+            # Every key type's lock (sorted, as a pair renewal takes them), and
+            # every request checked before the first is written: all or nothing.
+            for cert in sorted(certs, key=lambda c: c.name):
+                stack.enter_context(
+                    storage.locked(layout.cert_lock(cert.name), timeout=config.acme.timeout)
+                )
+            requests: dict[str, rollover.Request] = {}
+            for cert in certs:
+                ks = rollover.prepare(storage, cert, now, create=False)
+                meta = load_meta(storage, cert.name)
+                current_pin = meta.key_pin if meta and meta.key_pin else None
+                if args.now:
+                    request, warnings = rollover.emergency_request(
+                        cert, Path(args.to), current_pin, now,
+                        revoke=args.revoke, force_unannounced=args.force_unannounced,
+                    )  # fmt: skip
+                    for w in warnings:
+                        print(w, file=sys.stderr)
+                else:
+                    if ks.next is None:
+                        print(f"error: certificate {cert.name}: no next key (set next_key or "
+                              f"generate_next_key in {config.path}, then run `pins`)",
+                              file=sys.stderr)  # fmt: skip
+                        return EXIT_FAILED
+                    request = rollover.Request(now)
+                requests[cert.name] = request
+            for cert in certs:
+                states[cert.name] = rollover.record_request(storage, cert, requests[cert.name])
     except rollover.RolloverError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
     except LockTimeout:
-        print(f"error: certificate {cert.name}: busy (a renewal holds its lock); try again",
+        print(f"error: certificate {args.name}: busy (a renewal holds its lock); try again",
               file=sys.stderr)  # fmt: skip
         return EXIT_FAILED
-    st = rollover.status_of(cert, ks, now)
-    print(f"{cert.name}: rollover {'requested' if not args.now else 'to ' + args.to}: {st.why}")
-    if not st.due:
+    due = False
+    for cert in certs:
+        st = rollover.status_of(cert, states[cert.name], now)
+        what = "requested" if not args.now else "to " + args.to
+        print(f"{cert.name}: rollover {what}: {st.why}")
+        due |= st.due
+    # A dual certificate's keys renew as a pair: naming one renews both.
+    names = [c.name for c in certs]
+    if not due:
         # A running daemon reschedules the certificate now (it wakes when the
         # switch is allowed); without one, the next `renew` switches.
-        args.names, args.force, args.quiet = [cert.name], False, True
+        args.names, args.force, args.quiet = names, False, True
         handed = _renew_through_daemon(config, args)
         return EXIT_OK if handed is None else handed
-    args.names, args.force, args.dry_run = [cert.name], False, False
+    args.names, args.force, args.dry_run = names, False, False
     args.quiet = getattr(args, "quiet", False)
     return cmd_renew(args)
 

@@ -39,10 +39,11 @@ Schema (every key optional unless marked required):
     [[certificates]]  name (required), domains (required), key (required), csr,
                 generate_key = false, key_type = "ec256", backup_pins = [], dhparam,
                 or instead of key/csr/generate_key/key_type: keys = [{ key, key_type,
-                generate_key, csr }, ...], one key per type (RSA and ECDSA): a dual
-                certificate, stored and served as NAME.rsa and NAME.ecdsa
-                (docs/dual-certificates.md),
-                next_key (path) or generate_next_key = false, announce_for = "60d",
+                generate_key, csr, next_key, generate_next_key }, ...], one key per type
+                (RSA and ECDSA): a dual certificate, stored and served as NAME.rsa and
+                NAME.ecdsa (docs/dual-certificates.md),
+                next_key (path) or generate_next_key = false (with `keys`: per key,
+                inside `keys`), announce_for = "60d",
                 previous_pin_for = "60d", rollover_at (UTC timestamp; see docs/pinning.md),
                 renew_before ("30d", "12h", "90m", "3600s"), allow_leaf_only (default: [acme]'s),
                 challenge = "http-01" | "dns-01" | "dns-persist-01" (wildcards "*.example.com"
@@ -64,7 +65,7 @@ import re
 import socket
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -310,6 +311,9 @@ class _KeyEntry:
     key_type: str
     csr: Path | None
     facts: keys.KeyFileFacts | None = None  # what checking the file found (None: to be created)
+    # This key type's next key (key rollover): set inside a `keys` entry.
+    next_key: Path | None = None
+    generate_next_key: bool = False
 
     @property
     def kind(self) -> str:
@@ -1042,6 +1046,14 @@ class _Loader:
                 )
             sub = _Section(self, prefix, item)
             entry = self._key_entry(sub, domains, default_type=None)
+            # Each key type rolls on its own (its own next key and KeyState).
+            next_key, generate_next = self._next_key(sub, entry.path, entry.facts, entry.key_type)
+            if (next_key is not None or generate_next) and entry.csr is not None:
+                raise sub.error(
+                    "next_key" if next_key is not None else "generate_next_key",
+                    "a key rollover orders with CSRs the agent builds: remove csr",
+                )
+            entry = replace(entry, next_key=next_key, generate_next_key=generate_next)
             sub.check_unknown()
             for k, other in enumerate(entries):
                 if other.kind == entry.kind:
@@ -1147,21 +1159,22 @@ class _Loader:
         allow_leaf_only: bool | None = s.get("allow_leaf_only", bool, None)
         dual = len(variants) > 1 or s.has("keys")
         if dual:
-            for rkey in ("next_key", "generate_next_key", "rollover_at"):
+            for rkey in ("next_key", "generate_next_key"):
                 if s.has(rkey):
                     raise s.error(
                         rkey,
-                        "key rollover is not supported for a certificate with `keys` "
-                        "(one key per type) yet: roll a single-key certificate",
+                        "a certificate with `keys` (one key per type) rolls each key on its "
+                        f"own: set {rkey} inside `keys`, in the entry of the key it replaces",
                     )
-        v0 = variants[0]
-        next_key, generate_next_key = self._next_key(s, v0.path, v0.facts, v0.key_type)
-        csr_path = v0.csr
-        if (next_key is not None or generate_next_key) and csr_path is not None:
-            raise s.error(
-                "next_key" if next_key is not None else "generate_next_key",
-                "a key rollover orders with CSRs the agent builds: remove csr",
-            )
+        else:
+            v0 = variants[0]
+            next_key, generate_next_key = self._next_key(s, v0.path, v0.facts, v0.key_type)
+            if (next_key is not None or generate_next_key) and v0.csr is not None:
+                raise s.error(
+                    "next_key" if next_key is not None else "generate_next_key",
+                    "a key rollover orders with CSRs the agent builds: remove csr",
+                )
+            variants = [replace(v0, next_key=next_key, generate_next_key=generate_next_key)]
         rollover_durations: dict[str, float] = {}
         for dkey in ("announce_for", "previous_pin_for"):
             try:
@@ -1191,8 +1204,8 @@ class _Loader:
                 group=name if dual else None,
                 key_kind=v.kind if dual else None,
                 key_facts=v.facts,
-                next_key=next_key,
-                generate_next_key=generate_next_key,
+                next_key=v.next_key,
+                generate_next_key=v.generate_next_key,
                 announce_for=rollover_durations["announce_for"],
                 previous_pin_for=rollover_durations["previous_pin_for"],
                 rollover_at=rollover_at,

@@ -183,15 +183,17 @@ def _key_families(views: list[CertificateView]) -> Iterator[Metric]:
         k = v.keys
         if k is None:
             continue
-        lv = [v.name, k.key]
-        state.add_metric(lv, float(k.state))
-        announce_for.add_metric(lv, k.announce_for)
+        # A dual certificate's key types roll apart: certificate="NAME" plus the
+        # configured key_type, as on every other series of that key.
+        lv = v.labels(key=k.key)
+        state.samples.append(Sample(state.name, lv, float(k.state)))
+        announce_for.samples.append(Sample(announce_for.name, lv, k.announce_for))
         if k.announced_at is not None:
-            announced.add_metric(lv, k.announced_at)
+            announced.samples.append(Sample(announced.name, lv, k.announced_at))
         if k.scheduled_at is not None:
-            scheduled.add_metric(lv, k.scheduled_at)
+            scheduled.samples.append(Sample(scheduled.name, lv, k.scheduled_at))
         if k.pinned is not None:
-            pinned.add_metric(lv, 1.0 if k.pinned else 0.0)
+            pinned.samples.append(Sample(pinned.name, lv, 1.0 if k.pinned else 0.0))
     yield from (state, announced, scheduled, announce_for, pinned)
 
 

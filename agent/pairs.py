@@ -23,6 +23,15 @@ deploys, status and metrics. What this module adds is the pair rule:
   about to expire (less than 1/20 of its lifetime left, the renewal's
   emergency threshold) or there is none: then it is installed alone, and
   the log and the result say so.
+
+Key rollover (agent/rollover.py) is per key type: each key whose switch is
+due begins it (recorded in its state.json before the order) and is ordered
+for its next key, the other key renews with its current key, and the pair
+rule above decides what is installed. Every generation records the key file
+it was ordered for, so each bundle pairs its leaf with its own key whatever
+a kill interrupts; a switch whose pair was not installed stays recorded and
+is resumed by the next run, one whose generation became current is finished
+(`rollover.settle`) before anything is decided.
 """
 
 from __future__ import annotations
@@ -31,9 +40,10 @@ import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import ExitStack
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent import layout
+from agent import keys, layout, rollover
 from agent.certstate import CertMeta, switch_generation, write_generation
 from agent.config import CertificateConfig, Config
 from agent.storage import LockLost, LockTimeout, Storage
@@ -179,6 +189,10 @@ def renew_pair(
                     c.name: RenewResult(c.name, "not-due", "another process is renewing it now")
                     for c in unit
                 }
+        # Each key type's rollover state first (finish a switch a kill interrupted,
+        # adopt or create its next key), as a single-key certificate's run does.
+        for c in unit:
+            renewer._settle_keys(c)
         # Re-check under the locks: a concurrent run may have just renewed the pair.
         decided = {c.name: renewer._due(c, force, refresh_ari=False, started_at=started)
                    for c in unit}  # fmt: skip
@@ -215,10 +229,14 @@ def _order_pair(
     whys: Mapping[str, str],
     tokens: Mapping[str, str],
 ) -> dict[str, RenewResult]:
-    from agent.renewal import RenewResult
+    from agent.renewal import RenewResult, error_type
 
     checked: dict[str, CheckedChain] = {}
     failed: dict[str, RenewResult] = {}
+    # Per key type: the key rollover its order is for (None: a renewal with the
+    # current key) and the key file it is ordered for (recorded in its generation).
+    switches: dict[str, rollover.Switch | None] = {}
+    key_paths: dict[str, Path] = {}
     for cfg in unit:
         meta = decided[cfg.name][2]
         if failed and any(r.error_type == "rateLimited" for r in failed.values()):
@@ -230,7 +248,23 @@ def _order_pair(
                 retry_at=hold.retry_at,
             )  # fmt: skip
             continue
-        got = renewer._order_checked(cfg, meta, tokens.get(cfg.name))
+        try:
+            # Recorded in this key's state.json before its order; a failed order
+            # leaves it recorded, and the next run resumes it (as for one key).
+            switch = renewer._begin_switch(cfg, meta)
+        except (keys.StableKeyError, OSError) as e:
+            msg = f"key rollover: {type(e).__name__}: {e}"
+            renewer._record_failure(cfg, msg, None, locked=True)
+            failed[cfg.name] = RenewResult(cfg.name, "failed", msg, error_type=error_type(e))
+            log.error("dual certificate %s: the %s key: %s", group, cfg.key_kind, msg)
+            continue
+        switches[cfg.name] = switch
+        key_paths[cfg.name] = (
+            Path(switch.new.path)
+            if switch is not None
+            else rollover.current_key_path(cfg, meta.keys if meta else None)
+        )
+        got = renewer._order_checked(cfg, meta, tokens.get(cfg.name), switch, key_paths[cfg.name])
         if isinstance(got, RenewResult):
             failed[cfg.name] = got
             log.error("dual certificate %s: the %s order failed: %s", group, cfg.key_kind,
@@ -238,7 +272,7 @@ def _order_pair(
         else:
             checked[cfg.name] = got
     if not failed:
-        return _install(renewer, unit, group, checked, whys, tokens, alone=None)
+        return _install(renewer, unit, group, checked, whys, tokens, None, switches, key_paths)
     results = dict(failed)
     now = renewer.clock()
     failed_kinds = ", ".join(c.key_kind or c.name for c in unit if c.name in failed)
@@ -275,7 +309,7 @@ def _order_pair(
         }
         installed = [c for c in unit if c.name in alone]
         results.update(_install(renewer, installed, group, alone, whys_alone, tokens,
-                                alone=failed_kinds))  # fmt: skip
+                                failed_kinds, switches, key_paths))  # fmt: skip
     return results
 
 
@@ -287,21 +321,34 @@ def _install(
     whys: Mapping[str, str],
     tokens: Mapping[str, str],
     alone: str | None,
+    switches: Mapping[str, rollover.Switch | None],
+    key_paths: Mapping[str, Path],
 ) -> dict[str, RenewResult]:
     """Store every chain of `checked` as a generation, then the pair pointer (the
-    commit point), then switch each `current`; then deploy each. The caller holds
-    every key's cert lock (`tokens`: their owner tokens)."""
+    commit point), then switch each `current`; then finish each key rollover
+    (`switches`), deploy each, and revoke what an emergency switch queued. The
+    caller holds every key's cert lock (`tokens`: their owner tokens).
+
+    Each generation records the key file it was ordered for (`key_paths`), so
+    its bundle is built from that key whatever point a kill stops this at: a
+    generation the pair pointer does not name is deleted by the start-up
+    repair, one it names is rolled forward, and `rollover.settle` then
+    finishes that key's switch (its current pin is the switch's target)."""
     from agent.renewal import RenewResult
 
     st = renewer.storage
     now = renewer.clock()
     metas: dict[str, CertMeta] = {}
+    old_leaves = {
+        cfg.name: renewer._current_cert(cfg.name) for cfg in unit if switches.get(cfg.name)
+    }
     try:
         for cfg in unit:
             chain = checked[cfg.name]
             metas[cfg.name] = write_generation(
                 st, cfg.name, chain.leaf, chain.chain, now, renewer.config.acme.directory,
                 profile=renewer.config.acme.profile or None,
+                key_path=str(key_paths.get(cfg.name, cfg.key)),
             )  # fmt: skip
         # The leases, right before the irreversible step (as Renewer.install does).
         for cfg in unit:
@@ -322,7 +369,15 @@ def _install(
         # That order is done: the next run places a new one, it does not resume it.
         renewer._clear_order(cfg)
         metas[cfg.name] = metas[cfg.name].with_state(renewer._fresh_state(cfg.name, now))
+        switch = switches.get(cfg.name)
+        if switch is not None:
+            renewer._finish_switch(cfg, switch, old_leaves.get(cfg.name))
     if alone is None:
         log.info("dual certificate %s: new pair installed (%s)", group, ", ".join(
             f"{c.key_kind} serial {metas[c.name].serial}" for c in unit))  # fmt: skip
-    return {cfg.name: renewer._installed(cfg, whys[cfg.name], metas[cfg.name]) for cfg in unit}
+    results = {cfg.name: renewer._installed(cfg, whys[cfg.name], metas[cfg.name]) for cfg in unit}
+    for cfg in unit:
+        # An emergency switch's keyCompromise revocation: once the new leaf is served.
+        if switches.get(cfg.name) is not None and results[cfg.name].status == "renewed":
+            renewer._revoke_pending(cfg)
+    return results

@@ -28,8 +28,10 @@ Policy (`status_of`, pure, injected clock): a switch is *requested* by a
 and *allowed* when the next key has been announced for `announce_for`
 seconds; an emergency request to a backup key is allowed at once.
 
-Everything here is per certificate and names no key type, so dual (RSA +
-ECDSA) certificates can keep one `KeyState` per key type later. No private
+Everything here is per certificate and names no key type: a dual (RSA +
+ECDSA) certificate is one certificate per key type (`NAME.rsa`,
+`NAME.ecdsa`), each with its own next key and `KeyState`; agent/pairs.py
+begins, orders and finishes each one's switch under the pair rule. No private
 key material is ever stored here: paths and SPKI pins only.
 """
 

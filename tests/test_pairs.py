@@ -474,3 +474,396 @@ def test_pins_of_a_dual_certificate_list_both_keys_in_each_header_and_rrset(
         assert keys.pin_to_tlsa(own) in rrset and keys.pin_to_tlsa(other) in rrset
     assert main(["pins", "-c", str(path), "api"]) == 0
     assert "pair" not in capsys.readouterr().out
+
+
+# --- key rollover, per key type ------------------------------------------------------------
+
+ROLLING = """\
+    [[certificates]]
+    name = "www"
+    domains = ["a.example.com", "b.example.com"]
+    announce_for = "10d"
+    previous_pin_for = "20d"
+    backup_pins = ["{spare}"]
+    keys = [
+      {{ key = "rsa.key", key_type = "rsa2048", generate_key = true, generate_next_key = true }},
+      {{ key = "ec.key", key_type = "ec256", generate_key = true, generate_next_key = true }},
+    ]
+"""
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def rolling(tmp_path: Path) -> Config:
+    spare = keys.spki_pin(keys.generate_private_key("ec256"))
+    return load_config(write_config(tmp_path, ROLLING.format(spare=spare)))
+
+
+def key_state(config: Config, name: str) -> Any:
+    from agent.certstate import load_state
+
+    return load_state(FileStorage(config.state_dir), name).keys
+
+
+def stored_pin(config: Config, name: str) -> str:
+    from agent.certstate import load_meta
+
+    meta = load_meta(FileStorage(config.state_dir), name)
+    assert meta is not None and meta.key_pin is not None
+    return meta.key_pin
+
+
+def bundle_key_pin(config: Config, name: str) -> str:
+    """The pin of the key in the bundle a deploy builds now (its leaf must match it)."""
+    from agent.deploy import stored_target
+    from tests.support.bundles import bundle_pin
+
+    target = stored_target(config.certificate(name), FileStorage(config.state_dir))
+    assert target is not None
+    return bundle_pin(target.bundle)
+
+
+def announce_both(config: Config, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    from agent.cli import main
+
+    assert main(["pins", "-c", str(config.path), "--json", "www"]) == 0
+    return {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+
+
+def test_next_keys_are_set_per_key_type_inside_keys(rolling: Config, tmp_path: Path) -> None:
+    rsa, ec = rolling.certificate("www.rsa"), rolling.certificate("www.ecdsa")
+    assert rsa.generate_next_key and ec.generate_next_key
+    assert rsa.announce_for == ec.announce_for == 10 * DAY
+    keys.create_key_file(tmp_path / "ec-next.key", "ec256")
+    path = write_config(tmp_path, textwrap.dedent("""\
+        [[certificates]]
+        name = "www"
+        domains = ["a.example.com"]
+        rollover_at = 2027-03-01T00:00:00Z
+        keys = [
+          { key = "rsa.key", key_type = "rsa2048", generate_key = true },
+          { key = "ec.key", key_type = "ec256", generate_key = true, next_key = "ec-next.key" },
+        ]
+    """))  # fmt: skip
+    cfgs = {c.name: c for c in load_config(path).certificates}
+    assert cfgs["www.ecdsa"].next_key == tmp_path / "ec-next.key"
+    assert cfgs["www.rsa"].next_key is None and not cfgs["www.rsa"].generate_next_key
+    assert cfgs["www.rsa"].rollover_at == cfgs["www.ecdsa"].rollover_at == 1803859200.0
+
+
+@pytest.mark.parametrize(
+    "entries, outside, key, message",
+    [
+        ('{ key = "rsa.key", key_type = "rsa2048", generate_key = true },'
+         '{ key = "ec.key", key_type = "ec256", generate_key = true }',
+         "generate_next_key = true", "certificates[0].generate_next_key",
+         "set generate_next_key inside `keys`"),
+        ('{ key = "rsa.key", key_type = "rsa2048", generate_key = true },'
+         '{ key = "ec.key", key_type = "ec256", generate_key = true }',
+         'next_key = "rsa-next.key"', "certificates[0].next_key", "set next_key inside `keys`"),
+        ('{ key = "rsa.key", key_type = "rsa2048", generate_key = true },'
+         '{ key = "ec.key", key_type = "ec256", generate_key = true, next_key = "rsa-next.key" }',
+         "", "certificates[0].keys[1].next_key", "holds a RSA 2048 key, not 'ec256'"),
+        ('{ key = "rsa-next.key", key_type = "rsa2048", next_key = "rsa-next.key" }',
+         "", "certificates[0].keys[0].next_key", "the certificate's key itself"),
+        ('{ key = "ec.key", key_type = "ec256", generate_key = true, next_key = "nope.key" }',
+         "", "certificates[0].keys[0].next_key", "set generate_next_key = true to create it"),
+    ],
+)  # fmt: skip
+def test_bad_next_keys_of_a_dual_certificate_are_refused_naming_file_and_key(
+    tmp_path: Path, entries: str, outside: str, key: str, message: str
+) -> None:
+    keys.create_key_file(tmp_path / "rsa-next.key", "rsa2048")
+    path = write_config(
+        tmp_path,
+        f'[[certificates]]\nname = "www"\ndomains = ["a.example.com"]\n{outside}\n'
+        f"keys = [{entries}]\n",
+    )
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value).startswith(f"{path}: {key}: "), str(e.value)
+    assert message in str(e.value)
+
+
+def test_a_next_key_beside_a_csr_in_one_keys_entry_is_refused(tmp_path: Path) -> None:
+    key = keys.create_key_file(tmp_path / "ec.key", "ec256")
+    (tmp_path / "ec.csr").write_bytes(keys.csr_pem(keys.build_csr(key, ["a.example.com"])))
+    path = write_config(
+        tmp_path,
+        '[[certificates]]\nname = "www"\ndomains = ["a.example.com"]\n'
+        'keys = [{ key = "ec.key", csr = "ec.csr", generate_next_key = true }]\n',
+    )
+    with pytest.raises(ConfigError, match=r"certificates\[0\]\.keys\[0\]\.generate_next_key: "
+                       r".*remove csr"):  # fmt: skip
+        load_config(path)
+
+
+def test_scheduled_rollover_of_a_pair_waits_for_announce_for_then_switches_both_keys(
+    rolling: Config, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from agent.cli import main
+    from agent.renewal import certificate_status
+
+    clock, issuer = Clock(), PairIssuer()
+    r = renewer(rolling, issuer, clock)
+    assert {x.status for x in run(r).values()} == {"renewed"}
+    files = {"www.rsa": tmp_path / "rsa.key", "www.ecdsa": tmp_path / "ec.key"}
+    old_files = {n: f.read_bytes() for n, f in files.items()}
+    old_pins = {n: stored_pin(rolling, n) for n in old_files}
+    shown = announce_both(rolling, capsys)
+    nxt = {n: shown[n]["next"]["pin"] for n in old_files}
+    # During the rollover each key type's header and RRset carry both key types' keys.
+    for n, row in shown.items():
+        (other,) = set(old_files) - {n}
+        assert row["pair_pins"] == [old_pins[other], nxt[other]]
+        for pin in (old_pins[n], nxt[n], old_pins[other], nxt[other]):
+            assert f'pin-sha256="{pin}"' in row["hpkp"]
+            assert any(keys.pin_to_tlsa(pin) in line for line in row["tlsa_rrset"])
+    assert main(["keys", "rollover", "www", "-c", str(rolling.path)]) == 0
+    out = capsys.readouterr().out
+    assert "www.rsa: rollover requested: rollover asked for, waiting" in out, out
+    assert "www.ecdsa: rollover requested: rollover asked for, waiting" in out, out
+
+    clock.now += 9 * DAY  # announced for 9 of 10 days: no switch
+    results = run(r)
+    assert {n: x.status for n, x in results.items()} == {"www.rsa": "not-due",
+                                                         "www.ecdsa": "not-due"}  # fmt: skip
+    assert {n: stored_pin(rolling, n) for n in old_pins} == old_pins
+    rows = {row["name"]: row for row in certificate_status(rolling, clock.now, r.storage)}
+    for n in old_pins:
+        kr = rows[n]["key_rollover"]
+        assert rows[n]["key_type"] == rolling.certificate(n).key_type
+        assert kr["requested"] and not kr["due"] and "waiting" in kr["why"]
+        assert kr["allowed_at"] == pytest.approx(shown[n]["next"]["announced_at"] + 10 * DAY)
+
+    clock.now += DAY + 60
+    results = run(r)
+    assert {x.status for x in results.values()} == {"renewed"}, results
+    assert all("key rollover" in x.reason for x in results.values()), results
+    for n in old_pins:
+        assert stored_pin(rolling, n) == nxt[n] == bundle_key_pin(rolling, n)
+        ks = key_state(rolling, n)
+        assert [p.pin for p in ks.previous] == [old_pins[n]]
+        assert ks.switch is None and ks.request is None
+        assert ks.next is not None and ks.next.pin not in (old_pins[n], nxt[n])  # a fresh one
+    assert {n: f.read_bytes() for n, f in files.items()} == old_files  # old keys untouched
+    assert load_pair(r.storage, "www") == currents(rolling)
+    after = announce_both(rolling, capsys)
+    for n in old_pins:
+        assert after[n]["key_pin"] == nxt[n]
+        assert [p["pin"] for p in after[n]["previous"]] == [old_pins[n]]
+    # The next ordinary renewal of the pair stays on the new keys: each generation
+    # records the key it was ordered for, and its bundle is built from that key.
+    clock.now += 60
+    assert {x.status for x in run(r, "www", force=True).values()} == {"renewed"}
+    for n in old_pins:
+        assert stored_pin(rolling, n) == nxt[n] == bundle_key_pin(rolling, n)
+
+
+def test_a_failed_order_of_a_switching_key_keeps_the_old_pair_and_the_switch_pending(
+    rolling: Config, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from agent.cli import main
+
+    clock, issuer = Clock(), PairIssuer()
+    r = renewer(rolling, issuer, clock)
+    run(r)
+    old_pins = {n: stored_pin(rolling, n) for n in ("www.rsa", "www.ecdsa")}
+    old = currents(rolling)
+    nxt = {n: row["next"]["pin"] for n, row in announce_both(rolling, capsys).items()}
+    assert main(["keys", "rollover", "www", "-c", str(rolling.path)]) == 0
+    clock.now += 10 * DAY + 60
+    issuer.fail = {"www.ecdsa"}
+    results = run(r)
+    assert results["www.ecdsa"].status == "failed" and "refused" in results["www.ecdsa"].reason
+    assert results["www.rsa"].status == "failed" and results["www.rsa"].error_type == "pair"
+    assert currents(rolling) == old
+    for n in old_pins:  # the old pair, each bundle with its own (old) key
+        assert stored_pin(rolling, n) == old_pins[n] == bundle_key_pin(rolling, n)
+        ks = key_state(rolling, n)
+        assert ks.switch is not None and ks.switch.new.pin == nxt[n]  # retried next time
+        assert ks.previous == ()
+    issuer.fail = set()
+    results = run(r)
+    assert {x.status for x in results.values()} == {"renewed"}, results
+    for n in old_pins:
+        assert stored_pin(rolling, n) == nxt[n] == bundle_key_pin(rolling, n)
+        assert key_state(rolling, n).switch is None
+
+
+def test_rolling_one_key_type_switches_only_that_key(
+    rolling: Config, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from agent.cli import main
+
+    clock, issuer = Clock(), PairIssuer()
+    r = renewer(rolling, issuer, clock)
+    run(r)
+    old_pins = {n: stored_pin(rolling, n) for n in ("www.rsa", "www.ecdsa")}
+    nxt = {n: row["next"]["pin"] for n, row in announce_both(rolling, capsys).items()}
+    assert main(["keys", "rollover", "www.rsa", "-c", str(rolling.path)]) == 0
+    assert "www.ecdsa" not in capsys.readouterr().out
+    assert key_state(rolling, "www.ecdsa").request is None
+    clock.now += 10 * DAY + 60
+    results = run(r)
+    assert {x.status for x in results.values()} == {"renewed"}, results  # renewed as a pair
+    assert results["www.ecdsa"].reason.startswith("with its pair (rsa: key rollover")
+    assert stored_pin(rolling, "www.rsa") == nxt["www.rsa"] == bundle_key_pin(rolling, "www.rsa")
+    assert stored_pin(rolling, "www.ecdsa") == old_pins["www.ecdsa"]
+    assert bundle_key_pin(rolling, "www.ecdsa") == old_pins["www.ecdsa"]
+    ec = key_state(rolling, "www.ecdsa")
+    assert ec.previous == () and ec.next is not None and ec.next.pin == nxt["www.ecdsa"]
+    assert [p.pin for p in key_state(rolling, "www.rsa").previous] == [old_pins["www.rsa"]]
+
+
+class Killed(BaseException):
+    """Stands for a kill -9 inside a pair install."""
+
+
+def test_a_kill_between_the_switches_of_a_rolling_pair_ends_on_the_new_keys(
+    rolling: Config, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agent import pairs
+    from agent.cli import main
+
+    clock, issuer = Clock(), PairIssuer()
+    r = renewer(rolling, issuer, clock)
+    run(r)
+    nxt = {n: row["next"]["pin"] for n, row in announce_both(rolling, capsys).items()}
+    assert main(["keys", "rollover", "www", "-c", str(rolling.path)]) == 0
+    clock.now += 10 * DAY + 60
+    real_switch = pairs.switch_generation  # type: ignore[attr-defined]
+    switched: list[str] = []
+
+    def switch(storage: Any, name: str, gen_id: str) -> None:
+        if switched:
+            raise Killed(name)
+        switched.append(name)
+        real_switch(storage, name, gen_id)
+
+    monkeypatch.setattr(pairs, "switch_generation", switch)
+    with pytest.raises(Killed):
+        r._renew_unit(rolling.pair("www"), False, clock.now)
+    monkeypatch.setattr(pairs, "switch_generation", real_switch)
+    # Torn: one key type's pointer moved. Its bundle already pairs its new leaf
+    # with its new key (the generation names the key it was ordered for).
+    (first,) = switched
+    assert bundle_key_pin(rolling, first) == nxt[first]
+    prepare_state(rolling, r.storage, bundles=False)  # the start-up repair rolls forward
+    run(r)
+    for n in nxt:
+        assert stored_pin(rolling, n) == nxt[n] == bundle_key_pin(rolling, n)
+        ks = key_state(rolling, n)
+        assert ks.switch is None and ks.current is not None and ks.current.pin == nxt[n]
+
+
+def test_an_emergency_rollover_of_a_dual_certificate_picks_the_backup_keys_type(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from agent.cli import _rollover_targets, main
+
+    rsa_backup, ec_backup = tmp_path / "rsa-backup.key", tmp_path / "ec-backup.key"
+    keys.create_key_file(rsa_backup, "rsa2048")
+    keys.create_key_file(ec_backup, "ec256")
+    pins = [keys.spki_pin(keys.load_private_key(p)) for p in (rsa_backup, ec_backup)]
+    config = load_config(write_config(tmp_path, DUAL.replace(
+        'name = "www"', f'name = "www"\nbackup_pins = {json.dumps(pins)}')))  # fmt: skip
+    assert [c.name for c in _rollover_targets(config, "www", str(rsa_backup))[0]] == ["www.rsa"]
+    assert [c.name for c in _rollover_targets(config, "www", str(ec_backup))[0]] == ["www.ecdsa"]
+    targets, why = _rollover_targets(config, "www.ecdsa", str(rsa_backup))
+    assert targets == [] and why is not None
+    assert "www.ecdsa: --to " in why and "is an RSA key, but www.ecdsa is not (name www or " \
+        "www.rsa)" in why  # fmt: skip
+    one = load_config(write_config(tmp_path, textwrap.dedent("""\
+        [[certificates]]
+        name = "solo"
+        domains = ["a.example.com"]
+        keys = [{ key = "ec.key", key_type = "ec256", generate_key = true }]
+    """)))  # fmt: skip
+    rc = main(["keys", "rollover", "solo", "-c", str(one.path), "--now", "--to", str(rsa_backup)])
+    assert rc == 1
+    assert "is an RSA key, but solo is not (solo has no RSA key)" in capsys.readouterr().err
+    assert key_state(one, "solo.ecdsa") is None
+
+
+def test_a_group_rollover_needs_a_key_type_with_a_next_key(
+    config: Config, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from agent.cli import main
+
+    assert main(["keys", "rollover", "www", "-c", str(config.path)]) == 1
+    assert "none of its keys has a next key" in capsys.readouterr().err
+
+
+def test_rollover_metrics_carry_each_key_type_of_a_dual_certificate(
+    rolling: Config, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import asyncio
+    import random
+
+    from agent.daemon import Daemon
+
+    run(renewer(rolling, PairIssuer()))
+    announce_both(rolling, capsys)
+
+    async def main() -> str:
+        daemon = Daemon(rolling, rng=random.Random(7))
+        await daemon._schedule_all()
+        return daemon.metrics.render().decode()
+
+    text = asyncio.run(main())
+    for kt in ("rsa2048", "ec256"):
+        assert (f'haproxy_acme_key_rollover_state{{certificate="www",key="{kt}",'
+                f'key_type="{kt}"}} 1.0') in text, text  # fmt: skip
+        assert f'haproxy_acme_key_served_pinned{{certificate="www",key="{kt}",key_type="{kt}"}}' \
+            in text  # fmt: skip
+        assert (f'haproxy_acme_key_announce_for_seconds{{certificate="www",key="{kt}",'
+                f'key_type="{kt}"}} 864000.0') in text  # fmt: skip
+
+
+def test_an_emergency_switch_of_one_key_type_revokes_only_its_old_leaf(tmp_path: Path) -> None:
+    from pathlib import Path as P
+
+    from agent import rollover
+    from agent.cli import _rollover_targets
+
+    class RevokingIssuer(PairIssuer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.revoked: list[tuple[int, str, int]] = []
+
+        def revoke_with_key(self, cert: x509.Certificate, key: Any, reason: int) -> None:
+            self.revoked.append((cert.serial_number, keys.spki_pin(key), reason))
+
+    backup = tmp_path / "rsa-backup.key"
+    keys.create_key_file(backup, "rsa2048")
+    spare = keys.spki_pin(keys.generate_private_key("ec256"))
+    bpin = keys.spki_pin(keys.load_private_key(backup))
+    config = load_config(write_config(tmp_path, DUAL.replace(
+        'name = "www"', f'name = "www"\nbackup_pins = ["{bpin}", "{spare}"]')))  # fmt: skip
+    clock, issuer = Clock(), RevokingIssuer()
+    r = renewer(config, issuer, clock)
+    run(r)
+    old = {n: (stored_pin(config, n), serial_of(config, n)) for n in ("www.rsa", "www.ecdsa")}
+    (cfg,) = _rollover_targets(config, "www", str(backup))[0]
+    request, _ = rollover.emergency_request(cfg, P(backup), old[cfg.name][0], clock.now,
+                                            revoke=True, force_unannounced=False)  # fmt: skip
+    with r.storage.locked(layout.cert_lock(cfg.name)):
+        rollover.record_request(r.storage, cfg, request)
+    results = run(r, "www")
+    assert {x.status for x in results.values()} == {"renewed"}, results
+    assert results["www.rsa"].reason == "key rollover"
+    assert results["www.ecdsa"].reason.startswith("with its pair (rsa: key rollover")
+    assert stored_pin(config, "www.rsa") == bpin == bundle_key_pin(config, "www.rsa")
+    assert stored_pin(config, "www.ecdsa") == old["www.ecdsa"][0]
+    assert bundle_key_pin(config, "www.ecdsa") == old["www.ecdsa"][0]
+    rsa_pin, rsa_serial = old["www.rsa"]
+    assert issuer.revoked == [(rsa_serial, rsa_pin, rollover.KEY_COMPROMISE)]
+    assert key_state(config, "www.rsa").revoke is None

@@ -174,3 +174,68 @@ def test_emergency_rollover_to_a_backup_key_revokes_the_old_certificate(
     row = json.loads(out)[0]
     assert row["key_pin"] == bpin and row["key_rollover"]["revocation_pending"] is None
     assert row["key_rollover"]["served_pinned"] is True
+
+
+def test_dual_certificate_rollover_switches_each_key_type_to_its_next_key(
+    stack: AcmeStack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """RSA + ECDSA with a next key each: after `keys rollover NAME` and announce_for,
+    an RSA-only client gets a leaf for the RSA next key and an ECDSA client one for
+    the ECDSA next key, from the same HAProxy process."""
+    from tests.integration.test_dual_pebble import ECDSA_ONLY, RSA_ONLY, s_client_leaf
+
+    site = tmp_path / "site"
+    site.mkdir()
+    rsa_key, ec_key = site / "rsa.key", site / "ec.key"
+    config = stack.write_config(tmp_path / "config.toml", [{
+        "name": "www", "domains": [DOMAIN], "announce_for": f"{ANNOUNCE_FOR}s",
+        "keys": [
+            {"key": str(rsa_key), "key_type": "rsa2048", "generate_key": True,
+             "generate_next_key": True},
+            {"key": str(ec_key), "key_type": "ec256", "generate_key": True,
+             "generate_next_key": True},
+        ],
+    }])  # fmt: skip
+
+    def served(sigalgs: str) -> str:
+        leaf = s_client_leaf(stack.https_port, DOMAIN, sigalgs, "tls1_2")
+        return keys.spki_pin(leaf.public_key())  # type: ignore[arg-type]
+
+    rc, _, err = cli(capsys, "renew", "-c", str(config))
+    assert rc == 0, err
+    pid = stack.haproxy.pid
+    old_files = {p: p.read_bytes() for p in (rsa_key, ec_key)}
+    old = {"rsa": keys.spki_pin(keys.load_private_key(rsa_key)),
+           "ecdsa": keys.spki_pin(keys.load_private_key(ec_key))}  # fmt: skip
+    assert (served(RSA_ONLY), served(ECDSA_ONLY)) == (old["rsa"], old["ecdsa"])
+    rc, out, err = cli(capsys, "pins", "-c", str(config), "--json")
+    assert rc == 0, err
+    shown = {r["name"]: r for r in json.loads(out)}
+    nxt = {k: shown[f"www.{k}"]["next"] for k in ("rsa", "ecdsa")}
+    assert all(n is not None and n["announced_at"] is not None for n in nxt.values())
+    # Both key types' current and next keys are announced in each header.
+    for k, other in (("rsa", "ecdsa"), ("ecdsa", "rsa")):
+        assert shown[f"www.{k}"]["pair_pins"] == [old[other], nxt[other]["pin"]]
+    rc, out, err = cli(capsys, "keys", "rollover", "www", "-c", str(config))
+    assert rc == 0, err
+    assert "www.rsa: rollover requested: rollover asked for, waiting" in out, out
+    assert "www.ecdsa: rollover requested: rollover asked for, waiting" in out, out
+    rc, out, err = cli(capsys, "renew", "-c", str(config))
+    assert rc == 0 and "www.rsa: not-due" in out and "www.ecdsa: not-due" in out, out + err
+    assert (served(RSA_ONLY), served(ECDSA_ONLY)) == (old["rsa"], old["ecdsa"])
+    last = max(n["announced_at"] for n in nxt.values())
+    time.sleep(max(0.0, last + ANNOUNCE_FOR + 0.2 - time.time()))
+    rc, out, err = cli(capsys, "renew", "-c", str(config))
+    assert rc == 0, out + err
+    assert "www.rsa: renewed: key rollover" in out and "www.ecdsa: renewed: key rollover" in out
+    assert served(RSA_ONLY) == nxt["rsa"]["pin"]
+    assert served(ECDSA_ONLY) == nxt["ecdsa"]["pin"]
+    for k in ("rsa", "ecdsa"):
+        assert bundle_pin((stack.cert_dir / f"www.{k}.pem").read_bytes()) == nxt[k]["pin"]
+    assert stack.haproxy.pid == pid
+    assert {p: p.read_bytes() for p in old_files} == old_files  # the old key files untouched
+    rc, out, _ = cli(capsys, "pins", "-c", str(config), "--json")
+    after = {r["name"]: r for r in json.loads(out)}
+    for k in ("rsa", "ecdsa"):
+        assert after[f"www.{k}"]["key_pin"] == nxt[k]["pin"]
+        assert [p["pin"] for p in after[f"www.{k}"]["previous"]] == [old[k]]
