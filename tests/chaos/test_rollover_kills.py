@@ -15,7 +15,9 @@ own key, and each key type is on its key before the round or on its next key
 (RSA-only and ECDSA-only handshakes, `openssl s_client -sigalgs`); after the
 cron `renew` the pair pointer names both stored generations.
 
-Rounds: CHAOS_ROLLOVER_ROUNDS (default 20) for each test.
+Rounds: CHAOS_ROLLOVER_ROUNDS for each test (default 20 for the single key,
+which is the issue's figure; 8 for the dual certificate, whose rounds take
+two orders each: 20 of them were run by hand on 2.6 and 3.2, 7.5 minutes).
 """
 
 from __future__ import annotations
@@ -141,7 +143,7 @@ def test_dual_rollover_killed_at_random_points_leaves_each_key_type_on_one_match
         return s_client_leaf(site.stack.https_port, DUAL_DOMAIN, KINDS[kind], "tls1_2")
 
     switched: Counter[str] = Counter()
-    for i in range(max(1, env_int("CHAOS_ROLLOVER_ROUNDS", 20))):
+    for i in range(max(1, env_int("CHAOS_ROLLOVER_ROUNDS", 8))):
         before = {k: stored_pin(site, f"www.{k}") for k in KINDS}
         cp = run_agent("pins", "--json", "-c", str(site.config))
         assert cp.returncode == 0, cp.stdout + cp.stderr
