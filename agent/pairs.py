@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING
 from agent import keys, layout, rollover
 from agent.certstate import CertMeta, switch_generation, write_generation
 from agent.config import CertificateConfig, Config
-from agent.storage import LockLost, LockTimeout, Storage
+from agent.storage import FenceRejected, LockLost, LockTimeout, Storage
 
 if TYPE_CHECKING:
     from agent.renewal import CheckedChain, Renewer, RenewResult
@@ -77,12 +77,17 @@ def load_pair(storage: Storage, group: str) -> dict[str, str]:
         return {}
 
 
-def save_pair(storage: Storage, group: str, generations: Mapping[str, str]) -> None:
-    """Write the pair pointer (one atomic store). Caller holds every variant's cert lock."""
+def pair_bytes(group: str, generations: Mapping[str, str]) -> bytes:
+    """The pair pointer's content: {"group", "generations": {variant: id}} (JSON)."""
     for gen_id in generations.values():
         layout.check_generation_id(gen_id)
     data = {"group": group, "generations": dict(sorted(generations.items()))}
-    storage.store(layout.pair_key(group), (json.dumps(data, indent=2) + "\n").encode())
+    return (json.dumps(data, indent=2) + "\n").encode()
+
+
+def save_pair(storage: Storage, group: str, generations: Mapping[str, str]) -> None:
+    """Write the pair pointer (one atomic store). Caller holds every variant's cert lock."""
+    storage.store(layout.pair_key(group), pair_bytes(group, generations))
 
 
 def pinned_generations(config: Config, storage: Storage) -> dict[str, str]:
@@ -342,6 +347,13 @@ def _install(
     old_leaves = {
         cfg.name: renewer._current_cert(cfg.name) for cfg in unit if switches.get(cfg.name)
     }
+    # Every writer of this pair takes all its keys' locks, in name order: the
+    # first one is held by whoever installs the pair, so the pair pointer is
+    # committed fenced on it (Storage.commit_fenced, as Renewer.install does for
+    # one key): a node whose lease ran out while it ordered cannot switch the
+    # pair over a newer one, whatever it wrote before.
+    lead = min(tokens)
+    lead_lock = layout.cert_lock(lead)
     try:
         for cfg in unit:
             chain = checked[cfg.name]
@@ -349,6 +361,7 @@ def _install(
                 st, cfg.name, chain.leaf, chain.chain, now, renewer.config.acme.directory,
                 profile=renewer.config.acme.profile or None,
                 key_path=str(key_paths.get(cfg.name, cfg.key)),
+                fence=st.fence(layout.cert_lock(cfg.name)), node=renewer.node,
             )  # fmt: skip
         # The leases, right before the irreversible step (as Renewer.install does).
         for cfg in unit:
@@ -357,11 +370,23 @@ def _install(
         for name, meta in metas.items():
             assert meta.generation is not None
             pair[name] = meta.generation
-        save_pair(st, group, pair)
+        st.commit_fenced(
+            lead_lock, tokens[lead], st.fence(lead_lock), layout.fence_key(lead),
+            {layout.pair_key(group): pair_bytes(group, pair)},
+        )  # fmt: skip
     except LockLost as e:
-        msg = f"not installed: {e} (the orders took longer than the lock's lease)"
+        fenced = isinstance(e, FenceRejected)
+        msg = (
+            f"not installed by node {renewer.node}: {e} "
+            + ("(another holder installed this pair since)" if fenced
+               else "(the orders took longer than the lock's lease)")
+        )  # fmt: skip
         log.error("dual certificate %s: %s", group, msg)
-        return {c.name: RenewResult(c.name, "failed", msg, error_type="lock") for c in unit}
+        for meta in metas.values():  # written, never pointed to: nothing to keep
+            if meta.generation is not None:
+                st.delete_all(layout.generation_prefix(meta.name, meta.generation))
+        kind = "fence" if fenced else "lock"
+        return {c.name: RenewResult(c.name, "failed", msg, error_type=kind) for c in unit}
     for cfg in unit:
         gen = metas[cfg.name].generation
         assert gen is not None

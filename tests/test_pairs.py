@@ -867,3 +867,54 @@ def test_an_emergency_switch_of_one_key_type_revokes_only_its_old_leaf(tmp_path:
     rsa_pin, rsa_serial = old["www.rsa"]
     assert issuer.revoked == [(rsa_serial, rsa_pin, rollover.KEY_COMPROMISE)]
     assert key_state(config, "www.rsa").revoke is None
+
+
+def test_a_holder_whose_lease_ran_out_cannot_switch_a_pair_over_a_newer_one(
+    config: Config,
+) -> None:
+    """Node A takes the pair's locks and orders, then freezes past its lease; B
+    takes over and installs a pair. A's install is refused (fenced on the
+    pair's first lock), names the node, and leaves none of its generations:
+    B's pair stays stored."""
+    from agent import pairs
+    from agent.certstate import load_meta
+
+    issuer = PairIssuer()
+    assert all(r.status == "renewed" for r in run(renewer(config, issuer), "www.rsa",
+                                                  "www.ecdsa").values())  # fmt: skip
+    st_a, st_b = FileStorage(config.state_dir), FileStorage(config.state_dir)
+    ra = Renewer(config, MemoryChallengeRegistry(), st_a, issuer=issuer)  # type: ignore[arg-type]
+    rb = Renewer(config, MemoryChallengeRegistry(), st_b, issuer=issuer)  # type: ignore[arg-type]
+    unit = sorted((config.certificate("www.rsa"), config.certificate("www.ecdsa")),
+                  key=lambda c: c.name)  # fmt: skip
+    # No lease keeper: A is "frozen" from here on.
+    tokens_a = {c.name: st_a.lock(layout.cert_lock(c.name), timeout=1, expires_after=0.2)
+                for c in unit}  # fmt: skip
+    checked_a = {}
+    for c in unit:
+        got = ra._order_checked(c, load_meta(st_a, c.name))
+        assert not isinstance(got, RenewResult), got
+        checked_a[c.name] = got
+    time.sleep(0.3)  # A's leases ran out
+    assert all(r.status == "renewed" for r in run(rb, "www.rsa", "www.ecdsa",
+                                                  force=True).values())  # fmt: skip
+    pair_b = load_pair(st_b, "www")
+    # A froze right AFTER renewing its leases (the last check before the commit),
+    # so only the fenced commit stands between it and B's pair.
+    st_a.renew_lock = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    results = pairs._install(
+        ra, unit, "www", checked_a, {c.name: "test" for c in unit}, tokens_a, alone=None,
+        switches={}, key_paths={c.name: c.key for c in unit},
+    )  # fmt: skip
+    for c in unit:
+        r = results[c.name]
+        assert r.failed and r.error_type == "fence", r
+        assert f"node {ra.node}" in r.reason
+    assert load_pair(st_b, "www") == pair_b
+    assert currents(config) == pair_b
+    for c in unit:
+        serial_a = format(checked_a[c.name].leaf.serial_number, "x")
+        for key in st_b.list(layout.generations_prefix(c.name)):
+            gen = key.rsplit("/", 1)[1]
+            meta = json.loads(st_b.load(layout.generation_key(c.name, gen, layout.META)))
+            assert meta["serial"] != serial_a  # A's generation is gone
