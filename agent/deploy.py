@@ -2012,6 +2012,17 @@ def stored_target(cert: Any, storage: Any) -> DeployTarget | None:
         else None  # fmt: skip
     try:
         bundle = node_bundle(cert, gen.fullchain_pem, gen.meta.key_path)
+    except FileNotFoundError as exc:
+        if key_file.exists():  # the DH file, not the key
+            raise BundleError(f"certificate {cert.name!r}: {exc}") from exc
+        # This node does not hold the key the stored certificate was ordered for
+        # (in a fleet: a next key not yet copied here): the same refusal as a
+        # key that does not match, with the same metric.
+        raise KeyMismatch(
+            f"certificate {cert.name!r}: this node has no key file {key_file}, the key "
+            f"stored generation {gen.id} was ordered for",
+            gen.leaf.serial_number,
+        ) from exc
     except (OSError, StableKeyError) as exc:
         raise BundleError(
             f"certificate {cert.name!r}: cannot read its key {key_file}: {exc}"
@@ -2022,7 +2033,7 @@ def stored_target(cert: Any, storage: Any) -> DeployTarget | None:
         )
     except KeyMismatch as exc:
         raise KeyMismatch(
-            f"{exc} (key file {cert.key}, stored generation {gen.id})", exc.serial
+            f"{exc} (key file {key_file}, stored generation {gen.id})", exc.serial
         ) from exc
     except BundleError as exc:
         raise BundleError(f"{exc} (key file {key_file}, stored generation {gen.id})") from exc

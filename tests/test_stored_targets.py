@@ -162,3 +162,32 @@ def test_a_key_path_changed_in_the_config_misses_the_cache(
     parses.clear()
     assert len(stored_targets(config, storage)) == 1
     assert parses.count("node_bundle") == 1
+
+
+def test_a_generation_ordered_for_a_next_key_this_node_lacks_is_a_key_mismatch(
+    tmp_path: Path, ca: CA
+) -> None:
+    """In a fleet the ordering node switched to its next key; a node the operator
+    has not yet copied that file to refuses the certificate as a key mismatch
+    (the fleet's metric and log), naming the missing file, not a generic error."""
+    from agent.deploy import KeyMismatch, stored_target
+
+    storage = FileStorage(tmp_path / "state")
+    key_path = tmp_path / "www.key"
+    _write_key(key_path, make_key())
+    next_path = tmp_path / "www.next.key"  # configured, not on this node yet
+    next_key = make_key()
+    leaf = issue_leaf(ca, next_key, ["www.example.test"])
+    certstate.install_generation(
+        storage, "www", leaf, [ca.cert], 1_800_000_000.0, None, key_path=str(next_path)
+    )
+    cert = CertificateConfig(
+        name="www", domains=("www.example.test",), key=key_path, next_key=next_path
+    )
+    with pytest.raises(KeyMismatch) as caught:
+        stored_target(cert, storage)
+    assert caught.value.serial == leaf.serial_number
+    assert str(next_path) in str(caught.value) and "'www'" in str(caught.value)
+    _write_key(next_path, next_key)  # the copy arrives: deployable
+    target = stored_target(cert, storage)
+    assert target is not None
