@@ -862,6 +862,12 @@ class Daemon:
             await asyncio.to_thread(self._map_follower.stop)
         if self._heartbeat is not None:
             await asyncio.to_thread(self._heartbeat.stop)
+        # [fleet]: the registry's mirror thread and its Redis connections end with
+        # us (a daemon embedded in another process must not leave them running).
+        close = getattr(self.registry, "close", None)
+        if close is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(close)
 
     def _prepare_state(self) -> None:
         """Worker thread: `prepare_state` at start; a fleet store that cannot be

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,10 @@ def test_a_changed_fleet_section_rebuilds_the_registry_without_dropping_spoe(
         finally:
             daemon._stop.set()
             await asyncio.wait_for(task, 30)
+        # The stopped daemon left no registry mirror running (the old one was
+        # closed by the reload, the current one by the stop).
+        mirrors = [t for t in threading.enumerate() if t.name == "fleet-challenges"]
+        assert len(mirrors) == 1, mirrors  # `other`, this test's own
 
     try:
         asyncio.run(main())
