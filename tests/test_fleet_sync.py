@@ -241,3 +241,37 @@ def test_a_pass_over_n_pending_certificates_makes_o_1_redis_round_trips(
     print("round trips per pass", counts)
     assert counts[5] == counts[60], counts
     assert max(counts[60]) <= 16, counts
+
+
+def test_a_pass_does_not_wait_for_locks_the_ordering_node_holds(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The ordering node holds each certificate's lock while it deploys it: a pass
+    deploys them at once and leaves their deploy facts for a later pass, in a
+    fixed number of round trips, instead of waiting for each lock in turn; the
+    next pass (a CHECK_INTERVAL one, nothing to deploy) records them."""
+    if not redis_available():
+        pytest.fail("redis-server is not installed (scripts/setup.sh installs it)")
+    from agent import layout
+    from agent.store_redis import RedisStorage
+
+    url = shared_redis(tmp_path_factory).url
+    sync, daemon, trips, names = _fleet_of(url, 12, tmp_path / "fleet")
+    ordering = RedisStorage(redis.Redis.from_url(url), daemon.storage.ns)  # type: ignore[attr-defined]
+    held = {n: ordering.lock(layout.cert_lock(n), timeout=1) for n in names}
+    fact = "edge-b|unix:/run/haproxy/admin.sock"
+    before = trips.count
+    sync.sync(set(names), False, False)
+    assert trips.count - before <= 16  # not a lock poll per certificate
+    assert daemon.deployer.calls == [names]
+    metas = load_metas(daemon.storage, names)
+    assert all(m is not None and fact not in m.deployed for m in metas.values())
+    for n, token in held.items():
+        ordering.unlock(layout.cert_lock(n), token)
+    sync.sync(set(), False, True)
+    assert daemon.deployer.calls == [names]  # nothing deployed again
+    metas = load_metas(daemon.storage, names)
+    for m in metas.values():
+        assert m is not None and m.deployed[fact].serial == m.serial
+    ordering.client.close()
+    daemon.storage.client.close()  # type: ignore[attr-defined]
