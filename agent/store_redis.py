@@ -190,6 +190,7 @@ class RedisStorage(Storage):
         self._release = client.register_script(_RELEASE)
         self._take_over = client.register_script(_TAKE_OVER)
         self._commit = client.register_script(_COMMIT_FENCED)
+        self._loaded: set[str] = set()  # SHAs of scripts `_pipelined` loaded on the server
 
     # --- names ---
 
@@ -391,8 +392,8 @@ class RedisStorage(Storage):
     def try_lock_many(
         self, names: Iterable[str], expires_after: float = DEFAULT_LEASE
     ) -> dict[str, str]:
-        """The _ACQUIRE script of every lock, pipelined (one round trip, plus the
-        client's SCRIPT EXISTS check); a held lock is left out, never taken over
+        """The _ACQUIRE script of every lock, pipelined (one round trip; a SCRIPT
+        LOAD first, once per store); a held lock is left out, never taken over
         here (`lock` does that, after judging the holder)."""
         wanted = list(dict.fromkeys(names))
         if not wanted:
@@ -400,12 +401,11 @@ class RedisStorage(Storage):
         now = time.time()
         ms = self._lease_ms(expires_after)
         mine = {n: LockOwner.for_this_process(expires_after, now) for n in wanted}
-        pipe = self.client.pipeline(transaction=False)
-        for n in wanted:
-            record = json.dumps(mine[n].to_json())
-            self._acquire(keys=[self._lkey(n), self._fkey(n)], args=[record, ms], client=pipe)
+        calls = [
+            ([self._lkey(n), self._fkey(n)], [json.dumps(mine[n].to_json()), ms]) for n in wanted
+        ]
         out: dict[str, str] = {}
-        for n, fence in zip(wanted, pipe.execute(), strict=True):
+        for n, fence in zip(wanted, self._pipelined(self._acquire, calls), strict=True):
             if int(fence):
                 self._held[n] = (mine[n].token, int(fence))
                 out[n] = mine[n].token
@@ -413,15 +413,38 @@ class RedisStorage(Storage):
 
     @_reachable
     def unlock_many(self, held: Mapping[str, str]) -> builtins.list[str]:
-        """The _RELEASE script of every lock, pipelined (one round trip)."""
+        """The _RELEASE script of every lock, pipelined (one round trip; a SCRIPT
+        LOAD first, once per store)."""
         if not held:
             return []
-        pipe = self.client.pipeline(transaction=False)
         for name, token in held.items():
             if name in self._held and self._held[name][0] == token:
                 del self._held[name]
-            self._release(keys=[self._lkey(name)], args=[token], client=pipe)
-        return [n for n, done in zip(held, pipe.execute(), strict=True) if not int(done)]
+        calls = [([self._lkey(name)], [token]) for name, token in held.items()]
+        replies = self._pipelined(self._release, calls)
+        return [n for n, done in zip(held, replies, strict=True) if not int(done)]
+
+    def _pipelined(
+        self, script: Any, calls: builtins.list[tuple[builtins.list[str], builtins.list[Any]]]
+    ) -> builtins.list[Any]:
+        """EVALSHA of `script` (a registered Script) for every (keys, args), in ONE
+        pipeline. Not redis-py's Script-in-pipeline, which asks SCRIPT EXISTS first:
+        the documented fleet ACL allows only `script|load` (docs/fleet.md). The
+        script is loaded once per store; a NOSCRIPT (Redis restarted, its script
+        cache empty) fails every call of the pipeline alike, so it is loaded again
+        and the pipeline sent once more."""
+        for _ in range(2):
+            if script.sha not in self._loaded:
+                self.client.script_load(script.script)
+                self._loaded.add(script.sha)
+            pipe = self.client.pipeline(transaction=False)
+            for keys, args in calls:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            try:
+                return pipe.execute()
+            except redis.exceptions.NoScriptError:
+                self._loaded.discard(script.sha)
+        raise StoreUnavailable(f"Redis namespace {self.ns!r}: the lock scripts do not stay loaded")
 
     @_reachable
     def store_many(self, values: Mapping[str, bytes]) -> None:

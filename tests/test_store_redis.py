@@ -178,3 +178,19 @@ def test_load_many_refuses_what_load_refuses(client: redis.Redis) -> None:
         st.load("../escape")
     with pytest.raises(ValueError):
         st.load_many(["certificates/www/current", "../escape"])
+
+
+def test_batched_locks_work_after_redis_lost_its_script_cache(client: redis.Redis) -> None:
+    """try_lock_many / unlock_many load their scripts once (SCRIPT LOAD, which the
+    documented ACL allows, never SCRIPT EXISTS); a Redis whose script cache was
+    emptied (a restart) answers NOSCRIPT to every call alike: loaded again, sent again."""
+    st = RedisStorage(client, _ns())
+    held = st.try_lock_many(["cert-a", "cert-b"], expires_after=30)
+    assert st.unlock_many(held) == []
+    client.script_flush()
+    held = st.try_lock_many(["cert-a", "cert-b"], expires_after=30)
+    assert sorted(held) == ["cert-a", "cert-b"]
+    assert st.fence("cert-a") == 2  # acquired once before, once now: no call ran twice
+    client.script_flush()
+    assert st.unlock_many(held) == []
+    assert st.lock_owner("cert-a") is None and st.lock_owner("cert-b") is None
