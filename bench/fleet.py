@@ -366,9 +366,9 @@ def bench_burst(tmp: Path, args: argparse.Namespace) -> float:
     print(f"  Redis commands during the burst (all nodes, renewals included): {commands} "
           f"({commands / len(names):.1f} per certificate)")  # fmt: skip
     if any(trips.values()):  # not with --direct: no relay counts them
+        per = ", ".join(f"{n} {t / len(names):.1f}" for n, t in sorted(trips.items()))
         print("  Redis round trips per certificate (requests through each node's relay, "
-              "heartbeats and challenge lookups included): "
-              + ", ".join(f"{n} {t / len(names):.1f}" for n, t in sorted(trips.items())))  # fmt: skip
+              f"heartbeats and challenge lookups included): {per}")  # fmt: skip
     ratio = max(lag_bc) / max(max(lag_a), 0.001)
     print(f"burst_fanout_s={max(lag_bc):.3f}")
     return ratio if not missing else float("inf")
