@@ -325,6 +325,18 @@ def _parse_generation_meta(name: str, gen_id: str, raw: bytes) -> CertMeta:
     return _evolve(meta, generation=gen_id, ari=None, last_attempt=None, retry_not_before=None)
 
 
+def read_currents(storage: Storage, names: Iterable[str]) -> dict[str, str | None]:
+    """`read_current` of every name, in ONE `Storage.load_many` round."""
+    names = list(names)
+    raw = storage.load_many([layout.current_key(n) for n in names])
+    out: dict[str, str | None] = {}
+    for n in names:
+        value = raw.get(layout.current_key(n))
+        gen_id = None if value is None else value.decode("ascii", "replace").strip()
+        out[n] = gen_id if gen_id is not None and layout.is_generation_id(gen_id) else None
+    return out
+
+
 def load_generation(storage: Storage, name: str, gen_id: str) -> Generation:
     """Read and cross-check a generation: FileNotFoundError if a file is missing,
     GenerationError if they do not describe the same leaf."""
@@ -332,16 +344,56 @@ def load_generation(storage: Storage, name: str, gen_id: str) -> Generation:
     cert_pem = storage.load(layout.generation_key(name, gen_id, layout.CERT))
     chain_pem = storage.load(layout.generation_key(name, gen_id, layout.CHAIN))
     fullchain_pem = storage.load(layout.generation_key(name, gen_id, layout.FULLCHAIN))
+    return _checked_generation(name, gen_id, meta, cert_pem, chain_pem, fullchain_pem)
+
+
+def load_generations(
+    storage: Storage, wanted: Mapping[str, str]
+) -> dict[str, Generation | FileNotFoundError | GenerationError]:
+    """`load_generation` of every (name -> generation id) in `wanted`, every file
+    in ONE `Storage.load_many` round: per name the Generation, or the error
+    `load_generation` would raise (FileNotFoundError: a file is missing;
+    GenerationError: they do not describe the same leaf), returned, not raised."""
+    files = (layout.META, layout.CERT, layout.CHAIN, layout.FULLCHAIN)
+    raw = storage.load_many(
+        [layout.generation_key(n, g, f) for n, g in wanted.items() for f in files]
+    )
+    out: dict[str, Generation | FileNotFoundError | GenerationError] = {}
+    for name, gen_id in wanted.items():
+        got = [raw.get(layout.generation_key(name, gen_id, f)) for f in files]
+        missing = [f for f, v in zip(files, got, strict=True) if v is None]
+        if missing:
+            out[name] = FileNotFoundError(
+                f"certificate {name}: generation {gen_id}: no {', '.join(missing)}"
+            )
+            continue
+        meta_raw, cert_pem, chain_pem, fullchain_pem = (v for v in got if v is not None)
+        try:
+            meta = _parse_generation_meta(name, gen_id, meta_raw)
+            out[name] = _checked_generation(
+                name, gen_id, meta, cert_pem, chain_pem, fullchain_pem
+            )
+        except GenerationError as e:
+            out[name] = e
+    return out
+
+
+def _checked_generation(
+    name: str, gen_id: str, meta: CertMeta, cert_pem: bytes, chain_pem: bytes,
+    fullchain_pem: bytes,
+) -> Generation:  # fmt: skip
+    """The Generation of those files; GenerationError if they describe different leaves."""
     try:
         leaf = x509.load_pem_x509_certificate(cert_pem)
         full = _parse_certs(fullchain_pem)
+        chain = _parse_certs(chain_pem)
     except ValueError as e:
         raise GenerationError(f"certificate {name}: generation {gen_id}: {e}") from e
     if (
         not full
         or full[0] != leaf
         or format(leaf.serial_number, "x") != meta.serial
-        or _pem(full[1:]) != _pem(_parse_certs(chain_pem))
+        or _pem(full[1:]) != _pem(chain)
     ):
         raise GenerationError(
             f"certificate {name}: generation {gen_id}: files describe different certificates"
@@ -426,9 +478,18 @@ def load_metas(storage: Storage, names: Iterable[str]) -> dict[str, CertMeta | N
 # --- writing (callers hold layout.cert_lock(name)) -----------------------------------
 
 
+def state_bytes(name: str, state: CertState) -> bytes:
+    """state.json of `name` as stored."""
+    return (json.dumps(state.to_json(name), indent=2, sort_keys=True) + "\n").encode()
+
+
+def parse_state(name: str, raw: bytes | None) -> CertState:
+    """state.json bytes (None: missing) as `load_state` reads them."""
+    return _parse_state(name, raw)
+
+
 def save_state(storage: Storage, name: str, state: CertState) -> None:
-    data = json.dumps(state.to_json(name), indent=2, sort_keys=True) + "\n"
-    storage.store(layout.state_key(name), data.encode())
+    storage.store(layout.state_key(name), state_bytes(name, state))
 
 
 def update_state(

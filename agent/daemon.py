@@ -47,7 +47,7 @@ from agent import deploy as deploy_mod
 from agent.certstate import load_metas, undeployed
 from agent.config import CertificateConfig, Config, ConfigError, load_config, save_key_checks
 from agent.control import ControlServer
-from agent.deploy import DeployResult, SyncStatus, stored_target
+from agent.deploy import DeployResult, SyncStatus
 from agent.fleet_sync import FleetSync, node_targets
 from agent.metrics import CertificateView, KeyView, Metrics, MetricsServer
 from agent.renewal import (
@@ -323,7 +323,7 @@ class Daemon:
         """DeployCoalescer's batch (worker thread): the stored certificates `names`."""
         config, storage = self.config, self.storage
         return deploy_mod.batch_deploy(
-            self.deployer, names, lambda n: stored_target(config.certificate(n), storage)
+            self.deployer, names, deploy_mod.prefetched_targets(config, storage, names)
         )
 
     def _reconcile(self, full: bool) -> list[SyncStatus]:

@@ -72,7 +72,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -1925,15 +1925,19 @@ def stored_targets(config: Any, storage: Any | None = None) -> list[DeployTarget
     cannot be read, or does not belong to the stored leaf, raises BundleError
     naming the certificate and the key file.
 
-    Cached per `storage` object (see `stored_target`): a certificate whose
-    generation and key file did not change costs one pointer read and a stat
-    or two, no PEM parse. Certificates no longer configured leave the cache.
+    Cached per `storage` object (see `stored_targets_of`, two storage rounds
+    at most): a certificate whose generation and key file did not change
+    costs its pointer and a stat or two, no PEM parse. Certificates no
+    longer configured leave the cache.
     """
 
     store = storage if storage is not None else wiring.make_storage(config)
     targets = []
+    got = stored_targets_of(config.certificates, store)
     for cert in config.certificates:
-        target = stored_target(cert, store)
+        target = got[cert.name]
+        if isinstance(target, BundleError):
+            raise target
         if target is not None:
             targets.append(target)
     with _TARGET_GUARD:
@@ -1970,45 +1974,88 @@ def _file_identity(path: Path | None) -> tuple[object, ...] | None:
 
 def stored_target(cert: Any, storage: Any) -> DeployTarget | None:
     """The DeployTarget of one certificate (`agent.config.CertificateConfig`)
-    from its current stored generation; None when none is stored.
+    from its current stored generation; None when none is stored (or it is
+    unreadable: logged). Raises KeyMismatch / BundleError naming the
+    certificate and the key file. `stored_targets_of` for one certificate."""
+    got = stored_targets_of([cert], storage)[cert.name]
+    if isinstance(got, BundleError):
+        raise got
+    return got
+
+
+def stored_targets_of(
+    certs: Sequence[Any], storage: Any, pointers: Mapping[str, str | None] | None = None
+) -> dict[str, DeployTarget | BundleError | None]:
+    """The DeployTarget of each of `certs` (`agent.config.CertificateConfig`) from
+    its current stored generation, in at most TWO storage rounds however many
+    certificates (`Storage.load_many`): the `current` pointers (skipped when
+    `pointers`, name -> generation id or None as `certstate.read_currents`
+    returns them, are given), then every file of the generations the cache
+    does not hold. Per certificate name: the target; None when no generation
+    is stored or it is unreadable (logged); or the BundleError (KeyMismatch:
+    the key does not belong to the stored leaf) naming the certificate and
+    the key file, returned, not raised, so one bad certificate skips only
+    itself. Storage errors (Redis away) are raised.
 
     An unchanged certificate is answered from a cache (see `_TARGET_CACHE`)
-    after one read of the `current` pointer and a stat of the key file (and of
-    the DH file, if any); otherwise the generation is read and cross-checked,
-    the bundle assembled and checked (key belongs to the leaf), and cached."""
-    from agent.certstate import GenerationError, load_generation, read_current
+    after its pointer and a stat of the key file (and of the DH file, if
+    any); otherwise the generation is cross-checked, the bundle assembled and
+    checked (key belongs to the leaf), and cached."""
+    from agent.certstate import load_generations, read_currents
+
+    certs = list(certs)
+    if pointers is None or any(c.name not in pointers for c in certs):
+        pointers = {**(pointers or {}), **read_currents(storage, [c.name for c in certs])}
+    out: dict[str, DeployTarget | BundleError | None] = {}
+    misses: dict[str, tuple[Any, str, tuple[object, ...] | None]] = {}
+    for cert in certs:
+        gen_id = pointers.get(cert.name)
+        if gen_id is None:
+            out[cert.name] = None
+            continue
+        # The key file is the one the generation was ordered for (its meta.json,
+        # agent.rollover.served_key_path): a key rollover never pairs a leaf with
+        # the other key. A cached entry of the same generation names it already.
+        with _TARGET_GUARD:
+            hit = _TARGET_CACHE.get(storage, {}).get(cert.name)
+        key_file = Path(cert.key)
+        if hit is not None and hit[0][0] == gen_id and isinstance(hit[0][1], tuple):
+            key_file = Path(str(hit[0][1][0]))
+        key_id = _file_identity(key_file)
+        dh = getattr(cert, "dhparam", None)
+        dh_id = _file_identity(dh) if dh is not None else ()
+        if key_id is not None and dh_id is not None:
+            identity = (gen_id, key_id, dh_id, str(cert.key))
+            if hit is not None and hit[0] == identity:
+                out[cert.name] = hit[1]
+                continue
+        misses[cert.name] = (cert, gen_id, dh_id)
+    if not misses:
+        return out
+    generations = load_generations(storage, {n: g for n, (_, g, _) in misses.items()})
+    for name, (cert, gen_id, dh_id) in misses.items():
+        gen = generations[name]
+        if isinstance(gen, Exception):
+            log.warning("certificate %s: current generation %s unreadable: %s", name, gen_id, gen)
+            out[name] = None
+            continue
+        try:
+            out[name] = _target_of(cert, gen, dh_id, storage)
+        except BundleError as exc:
+            out[name] = exc
+    return out
+
+
+def _target_of(cert: Any, gen: Any, dh_id: tuple[object, ...] | None, storage: Any) -> DeployTarget:
+    """The DeployTarget of `cert` from its checked generation `gen` (certstate.Generation)
+    with this node's key file; cached for `storage` when the key file stood still."""
     from agent.keys import StableKeyError
     from agent.renewal import node_bundle
-
-    gen_id = read_current(storage, cert.name)
-    if gen_id is None:
-        return None
-    # The key file is the one the generation was ordered for (its meta.json,
-    # agent.rollover.served_key_path): a key rollover never pairs a leaf with
-    # the other key. A cached entry of the same generation names it already.
-    with _TARGET_GUARD:
-        hit = _TARGET_CACHE.get(storage, {}).get(cert.name)
-    key_file = Path(cert.key)
-    if hit is not None and hit[0][0] == gen_id and isinstance(hit[0][1], tuple):
-        key_file = Path(str(hit[0][1][0]))
-    key_id = _file_identity(key_file)
-    dh = getattr(cert, "dhparam", None)
-    dh_id = _file_identity(dh) if dh is not None else ()
-    identity: tuple[object, ...] | None = None
-    if key_id is not None and dh_id is not None:
-        identity = (gen_id, key_id, dh_id, str(cert.key))
-        if hit is not None and hit[0] == identity:
-            return hit[1]
-    try:
-        gen = load_generation(storage, cert.name, gen_id)
-    except (FileNotFoundError, GenerationError) as exc:
-        log.warning("certificate %s: current generation %s unreadable: %s", cert.name, gen_id, exc)
-        return None
     from agent.rollover import served_key_path
 
     key_file = served_key_path(cert, gen.meta.key_path)
     key_id = _file_identity(key_file)
-    identity = (gen_id, key_id, dh_id, str(cert.key)) if key_id is not None and dh_id is not None \
+    identity = (gen.id, key_id, dh_id, str(cert.key)) if key_id is not None and dh_id is not None \
         else None  # fmt: skip
     try:
         bundle = node_bundle(cert, gen.fullchain_pem, gen.meta.key_path)
@@ -2048,6 +2095,37 @@ def stored_target(cert: Any, storage: Any) -> DeployTarget | None:
     return target
 
 
+def prefetched_targets(
+    config: Any, storage: Any, names: Sequence[str]
+) -> Callable[[str], DeployTarget | None]:
+    """`target_of(name)` for `batch_deploy`: the stored targets of every configured
+    one of `names` read in ONE `stored_targets_of` (two storage rounds at most,
+    not five per certificate); `target_of` raises as `stored_target` would
+    (KeyError for a name not configured, BundleError / KeyMismatch, the
+    storage's OSError when the batch read failed)."""
+    certs = []
+    for name in dict.fromkeys(names):
+        with contextlib.suppress(KeyError):  # raised again by target_of, for that name only
+            certs.append(config.certificate(name))
+    got: dict[str, DeployTarget | BundleError | None] = {}
+    failed: OSError | ValueError | None = None
+    try:
+        got = stored_targets_of(certs, storage)
+    except (OSError, ValueError) as exc:  # the store is away: every certificate fails with it
+        failed = exc
+
+    def target_of(name: str) -> DeployTarget | None:
+        config.certificate(name)
+        if failed is not None:
+            raise failed
+        target = got[name]
+        if isinstance(target, BundleError):
+            raise target
+        return target
+
+    return target_of
+
+
 class RenewalDeployHook:
     """`on_installed(name)` for `renew_certificates`: deploys the stored
     certificate `name` (bundle built on this node, see `stored_target`),
@@ -2080,10 +2158,7 @@ class RenewalDeployHook:
         everywhere, else the exception (`DeployError` carrying the result,
         `BundleError` when nothing was deployed for it)."""
         return batch_deploy(
-            self.deployer,
-            names,
-            lambda name: stored_target(self.config.certificate(name), self.storage),
-            self.results,
+            self.deployer, names, prefetched_targets(self.config, self.storage, names), self.results
         )
 
     def finish(self) -> bool:

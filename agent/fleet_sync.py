@@ -20,10 +20,19 @@ daemon's deploy hook, before its own deploy). A message is only a hint:
   pass: every configured certificate's stored serial against what this
   node's HAProxy instances serve (read over the runtime API), pushing what
   differs. Between messages, every CHECK_INTERVAL s a cheap pass compares the
-  stored serials (one GET of the `current` pointer per certificate) with what
+  stored serials (every `current` pointer, in one pipelined read) with what
   the deployer last saw served, and reconciles only what differs; so a lost
   message costs at most CHECK_INTERVAL s even while the subscription looked
   healthy.
+- Round trips: a pass reads only what it covers (the pending names of a
+  message pass; every certificate in a full or check pass) and makes a fixed
+  number of Redis round trips however many certificates it covers (about
+  ten for a burst of new certificates, two to four when nothing changed):
+  one for the pointers, one for the generations not cached, a few for the
+  deploy facts, whose certificate locks are taken and released together
+  (`agent.renewal.record_sync_batch`). A certificate whose lock is busy (the
+  ordering node still holds it while it deploys) is not waited for: its facts
+  are written at a later pass.
 - Key check: the bundle is built on this node from its own key file
   (`agent.deploy.stored_target`). A key that does not belong to the stored
   leaf (`agent.deploy.KeyMismatch`) is refused: nothing of that certificate
@@ -43,14 +52,14 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from agent import deploy as deploy_mod
 from agent import layout
-from agent.certstate import read_current
-from agent.deploy import DeployTarget, KeyMismatch, SyncStatus, stored_target
+from agent.certstate import read_currents
+from agent.deploy import DeployTarget, KeyMismatch, SyncStatus, stored_targets_of
 
 if TYPE_CHECKING:
     from agent.config import Config
@@ -93,29 +102,42 @@ class FleetView:
 
 
 def node_targets(
-    config: Config, storage: Any, names: Iterable[str] | None = None
+    config: Config,
+    storage: Any,
+    names: Iterable[str] | None = None,
+    pointers: Mapping[str, str | None] | None = None,
 ) -> tuple[list[DeployTarget], dict[str, KeyMismatch]]:
     """The DeployTargets of the configured certificates (only `names`, if given)
     that have a stored generation, each built with this node's key, and the
     ones refused because the key does not match. Another bundle error of one
-    certificate is logged and skips only it."""
+    certificate is logged and skips only it. Two storage rounds at most,
+    however many certificates (`agent.deploy.stored_targets_of`; one when
+    `pointers`, name -> `current` generation id, are given and nothing
+    changed); a storage error (Redis away) is raised."""
     wanted = None if names is None else set(names)
+    certs = [c for c in config.certificates if wanted is None or c.name in wanted]
+    got = stored_targets_of(certs, storage, pointers)
     targets: list[DeployTarget] = []
     refused: dict[str, KeyMismatch] = {}
-    for cert in config.certificates:
-        if wanted is not None and cert.name not in wanted:
-            continue
-        try:
-            target = stored_target(cert, storage)
-        except KeyMismatch as e:
-            refused[cert.name] = e
-            continue
-        except deploy_mod.BundleError as e:
-            log.error("certificate %s: not deployable: %s", cert.name, e)
-            continue
-        if target is not None:
+    for cert in certs:
+        target = got[cert.name]
+        if isinstance(target, KeyMismatch):
+            refused[cert.name] = target
+        elif isinstance(target, deploy_mod.BundleError):
+            log.error("certificate %s: not deployable: %s", cert.name, target)
+        elif target is not None:
             targets.append(target)
     return targets, refused
+
+
+def stored_serial(gen_id: str | None) -> str | None:
+    """The leaf serial (lowercase hex) a generation id names (agent.layout), None for none."""
+    return gen_id.rsplit("-", 1)[1] if gen_id else None
+
+
+def _serial_int(gen_id: str | None) -> int | None:
+    serial = stored_serial(gen_id)
+    return None if serial is None else int(serial, 16)
 
 
 def served_serials(statuses: Iterable[SyncStatus]) -> dict[str, str | None]:
@@ -148,6 +170,8 @@ class FleetSync:
         self._full = True  # the first pass compares everything
         self._first_pending_at: float | None = None
         self._refused_logged: dict[str, int] = {}  # certificate -> serial logged as refused
+        # certificate -> statuses whose deploy facts are not recorded yet (lock busy)
+        self._unrecorded: dict[str, list[SyncStatus]] = {}
         self.view = FleetView(node)
         self.passes = 0  # passes run (tests, bench)
         self.batches = 0  # passes that deployed something
@@ -232,34 +256,48 @@ class FleetSync:
     def sync(self, names: set[str], full: bool, check: bool) -> list[SyncStatus]:
         """One pass (worker thread): `full` every certificate against HAProxy; else the
         `names` of messages, plus (with `check`) every certificate whose stored serial
-        differs from what the deployer last saw served. Returns the statuses."""
+        differs from what the deployer last saw served. Returns the statuses.
+
+        Storage rounds per pass, however many certificates: one for the
+        `current` pointers of the certificates it covers (every configured one
+        with `full` or `check`, else only `names`), one for the generations of
+        those whose target is not cached, one or two for the deploy facts
+        (`record_sync`), plus the nodes' heartbeats for the view."""
         daemon = self.daemon
         if daemon._closing.is_set():
             return []
         self.passes += 1
+        started = time.monotonic()
         config, storage, deployer = daemon.config, daemon.storage, daemon.deployer
+        configured = [c.name for c in config.certificates]
+        covered = configured if (full or check) else [n for n in configured if n in names]
         redis_up = True
+        pointers: dict[str, str | None] = {}
         try:
-            every, refused = node_targets(config, storage)
+            pointers = read_currents(storage, covered) if covered else {}
+            if full:
+                wanted = covered
+            else:
+                known = {(s.name, s.instance): s.served_serial for s in deployer.status()}
+                instances = deployer.instances() or [deploy_mod.DISK_INSTANCE]
+                wanted = [
+                    n
+                    for n in covered
+                    if n in names
+                    or any(known.get((n, i), -1) != _serial_int(pointers[n]) for i in instances)
+                ]
+            todo, refused = node_targets(config, storage, wanted, pointers) if wanted \
+                else ([], {})  # fmt: skip
         except Exception as e:  # Redis away: keep serving what we have
             log.warning("fleet: cannot read the stored certificates: %s", e)
-            every, refused, redis_up = [], {}, False
-        self._report_refused(refused)
-        if full:
-            todo = every
-        else:
-            known = {(s.name, s.instance): s.served_serial for s in deployer.status()}
-            instances = deployer.instances() or [deploy_mod.DISK_INSTANCE]
-            todo = [
-                t
-                for t in every
-                if t.name in names
-                or (check and any(known.get((t.name, i), -1) != t.serial for i in instances))
-            ]
+            todo, refused, redis_up, wanted = [], {}, False, []
+        self._report_refused(refused, wanted, configured)
         statuses: list[SyncStatus] = []
+        pushed: list[SyncStatus] = []
         if todo:
             statuses = deployer.reconcile(todo, deployer.instances())
-            if any(s.pushed for s in statuses):
+            pushed = [s for s in statuses if s.pushed]
+            if pushed:
                 self.batches += 1
             for s in statuses:
                 if s.pushed and s.in_sync:
@@ -269,30 +307,59 @@ class FleetSync:
                     )  # fmt: skip
                 elif s.error:
                     log.warning("fleet: certificate %s on %s: %s", s.name, s.instance, s.error)
-            self._record(statuses)
             heartbeat = getattr(daemon, "_heartbeat", None)
-            if heartbeat is not None and any(s.pushed for s in statuses):
+            if heartbeat is not None and pushed:
                 heartbeat.beat_now()  # the others see the new serial now, not in 5 s
             try:
                 deployer.finish()
             except deploy_mod.ReloadError as e:
                 log.error("%s", e)
-        self._refresh_view(config, storage, refused, redis_up)
+        if (statuses or self._unrecorded) and redis_up:
+            self._record(statuses, configured)
+        if pushed:
+            log.info(
+                "fleet: pass over %d certificates: %d deployed on node %s in %.3f s",
+                len(todo), len({s.name for s in pushed}), self.node, time.monotonic() - started,
+            )  # fmt: skip
+        self._refresh_view(config, pointers if redis_up else None, redis_up)
         return statuses
 
-    def _record(self, statuses: list[SyncStatus]) -> None:
-        from agent.renewal import load_meta, record_sync
+    def _record(self, statuses: list[SyncStatus], configured: Iterable[str]) -> None:
+        """Record what HAProxy serves (the deploy facts in state.json) without waiting
+        for a busy certificate lock: those (a renewal holds it) are kept and
+        retried at the next pass (at most CHECK_INTERVAL s later), not waited for
+        one by one while the next burst of messages waits behind us."""
+        from agent.renewal import record_sync_batch
 
         daemon = self.daemon
+        todo = dict(self._unrecorded)
+        todo.update({s.name: [] for s in statuses})
+        for s in statuses:
+            todo[s.name].append(s)
+        wanted = set(configured)
+        todo = {n: ss for n, ss in todo.items() if n in wanted}
+        if not todo:
+            self._unrecorded = {}
+            return
         try:
-            changed = record_sync(
-                daemon.storage, statuses, daemon.clock(), layout.deploy_node(daemon.config)
+            written, busy = record_sync_batch(
+                daemon.storage,
+                [s for ss in todo.values() for s in ss],
+                daemon.clock(),
+                layout.deploy_node(daemon.config),
             )
-            daemon._fresh_metas.update({n: load_meta(daemon.storage, n) for n in changed})
+            daemon._fresh_metas.update(written)
+            self._unrecorded = {n: todo[n] for n in busy}
         except Exception as e:  # the facts are advice; what HAProxy serves is what counts
             log.warning("fleet: cannot record what HAProxy serves: %s", e)
+            self._unrecorded = todo
 
-    def _report_refused(self, refused: dict[str, KeyMismatch]) -> None:
+    def _report_refused(
+        self, refused: dict[str, KeyMismatch], covered: Iterable[str], configured: list[str]
+    ) -> None:
+        """Log each refusal once per stored serial; `covered`: the certificates whose
+        targets this pass built (a refusal of another one stands until a pass
+        covers it again; one no longer configured is dropped)."""
         for name, e in refused.items():
             if self._refused_logged.get(name) != e.serial:
                 self._refused_logged[name] = e.serial
@@ -302,28 +369,29 @@ class FleetSync:
                     "has. %s",
                     self.node, name, e,
                 )  # fmt: skip
-        for name in [n for n in self._refused_logged if n not in refused]:
+        gone = set(covered) - set(refused) | set(self._refused_logged) - set(configured)
+        for name in [n for n in self._refused_logged if n in gone]:
             del self._refused_logged[name]
 
     def _refresh_view(
-        self, config: Config, storage: Any, refused: dict[str, KeyMismatch], redis_up: bool
+        self, config: Config, pointers: Mapping[str, str | None] | None, redis_up: bool
     ) -> None:
+        """The view after a pass: the nodes' heartbeats (one round), the stored
+        serials this pass read (`pointers`; the others as last read), refusals."""
         from agent.fleet import list_nodes
 
         nodes: tuple[dict[str, Any], ...] = self.view.nodes
-        stored: dict[str, str | None] = dict(self.view.stored)
-        if redis_up:
+        configured = [c.name for c in config.certificates]
+        stored = {n: self.view.stored.get(n) for n in configured}
+        if redis_up and pointers is not None:
             try:
                 nodes = tuple(list_nodes(self.client, self.namespace))
-                stored = {}
-                for cert in config.certificates:
-                    gen = read_current(storage, cert.name)
-                    stored[cert.name] = gen.rsplit("-", 1)[1] if gen else None
+                stored.update({n: stored_serial(g) for n, g in pointers.items()})
             except Exception as e:
                 log.warning("fleet: cannot read the fleet's state from Redis: %s", e)
                 redis_up = False
         redis_up = redis_up and self.listener.connected.is_set()
-        mismatch = {c.name: c.name in refused for c in config.certificates}
+        mismatch = {n: n in self._refused_logged for n in configured}
         self.view = FleetView(
             self.node, redis_up, nodes, stored, mismatch, time.time() if redis_up else self.view.at
         )

@@ -54,7 +54,10 @@ from agent.certstate import (
     Deployed,
     install_generation,
     load_current,
+    load_metas,
+    parse_state,
     repair,
+    state_bytes,
     undeployed,
     update_state,
 )
@@ -1266,23 +1269,13 @@ def record_sync(
 ) -> list[str]:
     """Record what the reconciler saw (`agent.deploy.SyncStatus`: name, instance,
     served_serial, error): per certificate under its lock; a certificate whose
-    lock is busy (a renewal runs) is skipped, that renewal records its own.
-    Returns the names whose facts changed. `node`: see `layout.deployed_key`."""
-    changed: list[str] = []
-    by_name: dict[str, dict[str, Deployed]] = {}
-    for s in statuses:
-        served = s.served_serial
-        by_name.setdefault(s.name, {})[layout.deployed_key(node, s.instance)] = Deployed(
-            None if served is None else f"{served:x}", now, s.error
-        )
-    for name, facts in by_name.items():
-        known = load_meta(storage, name)
-        if known is not None and all(
-            known.deployed.get(inst) is not None
-            and (known.deployed[inst].serial, known.deployed[inst].error) == (f.serial, f.error)
-            for inst, f in facts.items()
-        ):
-            continue  # nothing new: no write (a full pass covers every certificate)
+    lock stays busy for 0.5 s (a renewal runs) is skipped, that renewal records
+    its own. Returns the names whose facts changed. `node`: see
+    `layout.deployed_key`. `record_sync_batch` first (a few storage rounds for
+    all of them), then one lock wait per certificate still busy."""
+    changed, busy = record_sync_batch(storage, statuses, now, node)
+    names = list(changed)
+    for name, facts in busy.items():
         try:
             with storage.locked(layout.cert_lock(name), timeout=0.5):
                 record_deploy(storage, name, facts, now, None, attempt=False)
@@ -1291,8 +1284,88 @@ def record_sync(
         except OSError as e:
             log.warning("certificate %s: cannot record what HAProxy serves: %s", name, e)
             continue
-        changed.append(name)
-    return changed
+        names.append(name)
+    return names
+
+
+RECORD_LEASE = 30.0  # s: the lease of the locks a batch of deploy facts is written under
+
+
+def record_sync_batch(
+    storage: Storage, statuses: Iterable[Any], now: float, node: str | None = None
+) -> tuple[dict[str, CertMeta], dict[str, dict[str, Deployed]]]:
+    """`record_sync` without waiting, in a fixed number of storage rounds however
+    many certificates: their metas (`load_metas`); for those whose facts changed,
+    their locks taken together (`Storage.try_lock_many`), their state.json read
+    and written together (`load_many`, `store_many`) and the locks released
+    together. Returns (name -> the meta as now recorded, for every certificate
+    written; name -> facts NOT written because its lock was busy or the batch
+    took longer than half its lease, for the caller to retry). A storage error
+    (Redis away) is logged and every changed certificate comes back as not
+    written."""
+    by_name: dict[str, dict[str, Deployed]] = {}
+    for s in statuses:
+        served = s.served_serial
+        by_name.setdefault(s.name, {})[layout.deployed_key(node, s.instance)] = Deployed(
+            None if served is None else f"{served:x}", now, s.error
+        )
+    if not by_name:
+        return {}, {}
+    try:
+        known = load_metas(storage, by_name)
+    except OSError as e:
+        log.warning("cannot record what HAProxy serves: %s", e)
+        return {}, by_name
+    todo: dict[str, dict[str, Deployed]] = {}
+    for name, facts in by_name.items():
+        meta = known.get(name)
+        if meta is not None and all(
+            meta.deployed.get(inst) is not None
+            and (meta.deployed[inst].serial, meta.deployed[inst].error) == (f.serial, f.error)
+            for inst, f in facts.items()
+        ):
+            continue  # nothing new: no write (a full pass covers every certificate)
+        todo[name] = facts
+    if not todo:
+        return {}, {}
+    locks = {layout.cert_lock(n): n for n in todo}
+    started = time.monotonic()
+    try:
+        held = storage.try_lock_many(locks, expires_after=RECORD_LEASE)
+    except OSError as e:
+        log.warning("cannot record what HAProxy serves: %s", e)
+        return {}, todo
+    mine = {locks[lock]: token for lock, token in held.items()}
+    busy = {n: f for n, f in todo.items() if n not in mine}
+    written: dict[str, CertMeta] = {}
+    try:
+        # state.json read again under the locks: what `known` held may have changed.
+        raw = storage.load_many([layout.state_key(n) for n in mine])
+        values: dict[str, bytes] = {}
+        metas: dict[str, CertMeta] = {}
+        for name in mine:
+            state = parse_state(name, raw.get(layout.state_key(name)))
+            state = replace(state, deployed={**state.deployed, **todo[name]})
+            values[layout.state_key(name)] = state_bytes(name, state)
+            meta = known.get(name) or CertMeta(name=name)
+            metas[name] = meta.with_state(state)
+        if time.monotonic() - started < RECORD_LEASE / 2:
+            storage.store_many(values)
+            written = metas
+        else:  # our leases may be running out: nothing written, the caller retries
+            busy.update({n: todo[n] for n in mine})
+    except OSError as e:
+        log.warning("cannot record what HAProxy serves: %s", e)
+        busy.update({n: todo[n] for n in mine})
+    finally:
+        try:
+            lost = storage.unlock_many({lock: mine[n] for lock, n in locks.items() if n in mine})
+        except OSError as e:  # the leases end them by themselves
+            log.warning("cannot release the locks of the deploy facts now: %s", e)
+        else:
+            for lock in lost:
+                log.error("lock %r was taken over before we released it", lock)
+    return written, busy
 
 
 def node_bundle(

@@ -389,6 +389,10 @@ class Storage(ABC):
       raised so the old holder knows). Without `token`, the token this object
       got from its last `lock(name)`; `RuntimeError` if it holds none.
     - `lock_owner(name)` reads the current record (None: not locked).
+    - Batches, one round trip where the store can (the defaults loop):
+      `load_many`, `store_many`, `try_lock_many` (the free locks of many names,
+      without waiting) and `unlock_many` (returns the names taken over
+      meanwhile instead of raising `LockLost`).
     """
 
     @abstractmethod
@@ -473,6 +477,42 @@ class Storage(ABC):
             except FileNotFoundError:
                 continue
         return out
+
+    def try_lock_many(
+        self, names: Iterable[str], expires_after: float = DEFAULT_LEASE
+    ) -> dict[str, str]:
+        """Take, without waiting, every lock of `names` that is free now, with the
+        lease, owner record and fencing number `lock` gives: name -> owner token
+        of those taken; a lock someone holds is left out (one whose holder died
+        may be taken over, as `lock(name, timeout=0)` would, or left to the next
+        `lock`). Nothing renews these leases: for holds of milliseconds to seconds
+        (e.g. recording deploy facts of many certificates), released with
+        `unlock_many`. One round trip where the store can do that."""
+        out: dict[str, str] = {}
+        for name in dict.fromkeys(names):
+            try:
+                out[name] = self.lock(name, timeout=0, expires_after=expires_after)
+            except LockTimeout:
+                continue
+        return out
+
+    def unlock_many(self, held: Mapping[str, str]) -> builtins.list[str]:
+        """`unlock(name, token)` of every (name -> token) in `held`; returns the names
+        that were no longer ours (taken over after the lease ran out; left to their
+        new holder) instead of raising LockLost. One round trip where the store can."""
+        lost: builtins.list[str] = []
+        for name, token in held.items():
+            try:
+                self.unlock(name, token)
+            except LockLost:
+                lost.append(name)
+        return lost
+
+    def store_many(self, values: Mapping[str, bytes]) -> None:
+        """`store(key, value)` of every (not secret) value; each one atomic as with
+        `store`. One round trip where the store can do that."""
+        for key, value in values.items():
+            self.store(key, value)
 
     @contextlib.contextmanager
     def locked(

@@ -16,7 +16,21 @@ The last line is `fleet_sync_s=<seconds from stored to served on every node, 1
 certificate>` (target <= 2, aim 0.2); a certificate some node does not serve
 within --sync-timeout is reported, and fleet_sync_s is then that timeout.
 
+The `burst` variant measures only the fan-out of a mass renewal: N (default
+200) certificates force-renewed at once on node A (its daemon orders them
+from Pebble, which validates on B and C). For every certificate, from A's
+store (`installed_at` in Redis) to the first handshake showing the new
+serial on A (A's own coalesced batch deploy), and to the last of B and C
+(the fan-out). Handshakes are only made for certificates already stored (one
+pipelined read of the pointers per poll round), so the polling does not eat
+the CPU the nodes need. Also the Redis commands of the whole run (INFO
+commandstats, all nodes) and each node's round trips (requests through its
+relay) per certificate. Last line:
+`burst_fanout_ratio=<max stored->served on B and C / max stored->served on A>`
+(target: a small number, i.e. the fleet is as fast as A's own deploy).
+
     .venv/bin/python -m bench.fleet [--duration 5] [--rounds 1] [--certs 200]
+    .venv/bin/python -m bench.fleet burst [--certs 200]
 """
 
 from __future__ import annotations
@@ -32,6 +46,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -249,13 +264,120 @@ def run_fleet(tmp: Path, args: argparse.Namespace, count: int) -> Fleet:
         tmp / f"fleet-{count}", args.haproxy, certs,
         daemon={"reconcile_interval": args.reconcile_interval},
         acme_extra={"max_concurrent_orders": args.max_orders}, acme_timeout=60,
+        relays=not getattr(args, "direct", False),
     )  # fmt: skip
     fleet.start(start_agents=False)
     return fleet
 
 
+# --- burst ------------------------------------------------------------------------------
+
+
+def stored_serials(client: Any, namespace: str, names: Sequence[str]) -> dict[str, int]:
+    """name -> serial of its `current` pointer in Redis now, in ONE pipelined round trip
+    (the generation id ends with the serial in hex, agent.layout)."""
+    from agent import layout
+
+    pipe = client.pipeline(transaction=False)
+    for n in names:
+        pipe.hget(f"{namespace}:v:{layout.current_key(n)}", "d")
+    out = {}
+    for n, raw in zip(names, pipe.execute(), strict=True):
+        if raw is not None and layout.is_generation_id(raw.decode()):
+            out[n] = int(raw.decode().rsplit("-", 1)[1], 16)
+    return out
+
+
+def command_count(client: Any) -> int:
+    """Commands Redis processed so far (INFO commandstats, every client)."""
+    return sum(int(v["calls"]) for v in client.info("commandstats").values())
+
+
+def bench_burst(tmp: Path, args: argparse.Namespace) -> float:
+    """N certificates force-renewed at once on A; returns the fan-out ratio (see the doc)."""
+    names = [f"c{i:03d}" for i in range(args.certs)]
+    domains = {n: f"{n}.fleet.test" for n in names}
+    fleet = run_fleet(tmp, args, args.certs)
+    try:
+        setup_certificates(fleet, names, domains)
+        client = fleet.redis_client()
+        old = stored_serials(client, fleet.namespace, names)
+        nodes = list(fleet)
+        a = fleet["a"]
+        commands_before = command_count(client)
+        trips_before = {n.name: n.relay.requests if n.relay else 0 for n in nodes}
+        started = time.time()
+        renew = subprocess.Popen(
+            a.agent_argv("renew", "--force", "-q", *names, "-c", str(a.config_path)),
+            env=a.agent_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        seen: dict[tuple[str, str], tuple[int, float]] = {}
+        new: dict[str, int] = {}
+        lock = threading.Lock()
+
+        def probe(item: tuple[FleetNode, str]) -> None:
+            node, name = item
+            try:
+                serial = node.served_serial(domains[name])
+            except OSError:
+                return
+            if serial == new[name]:
+                with lock:
+                    seen.setdefault((node.name, name), (serial, time.time()))
+
+        deadline = time.monotonic() + args.sync_timeout + 60 + 2 * len(names)
+        try:
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                while len(seen) < len(nodes) * len(names) and time.monotonic() < deadline:
+                    waiting = [n for n in names if n not in new]
+                    if waiting:
+                        now = stored_serials(client, fleet.namespace, waiting)
+                        new.update({n: s for n, s in now.items() if s != old.get(n)})
+                    todo = [(node, n) for n in new for node in nodes if (node.name, n) not in seen]
+                    list(pool.map(probe, todo))
+                    time.sleep(0.05)
+        finally:
+            renew.wait(60)
+        commands = command_count(client) - commands_before
+        trips = {n.name: (n.relay.requests if n.relay else 0) - trips_before[n.name] for n in nodes}
+        installed = {n: at for n, (_, at) in stored(fleet, names).items()}
+        client.close()
+    finally:
+        fleet.stop()
+    lag_a: list[float] = []
+    lag_bc: list[float] = []
+    missing = 0
+    for n in names:
+        t_a = seen.get(("a", n))
+        t_bc = [seen.get((node, n)) for node in ("b", "c")]
+        if n not in installed or t_a is None or any(t is None for t in t_bc):
+            missing += 1
+            continue
+        lag_a.append(max(t_a[1] - installed[n], 0.0))
+        lag_bc.append(max(max(t[1] for t in t_bc if t is not None) - installed[n], 0.0))
+    if not lag_a:
+        raise SystemExit(f"burst: no certificate served on every node ({missing} missing)")
+    last = max(t for _, t in seen.values())
+    print(f"burst_{args.certs}: renew --force on A until all served on 3 nodes "
+          f"{last - started:.2f} s; not served everywhere in time: {missing}")  # fmt: skip
+    for label, lags in (("A (own batch deploy)", lag_a), ("B and C (fan-out)", lag_bc)):
+        print(f"  stored->served on {label}: p50 {statistics.median(lags):.3f} s, "
+              f"max {max(lags):.3f} s")  # fmt: skip
+    print(f"  Redis commands during the burst (all nodes, renewals included): {commands} "
+          f"({commands / len(names):.1f} per certificate)")  # fmt: skip
+    if any(trips.values()):  # not with --direct: no relay counts them
+        per = ", ".join(f"{n} {t / len(names):.1f}" for n, t in sorted(trips.items()))
+        print("  Redis round trips per certificate (requests through each node's relay, "
+              f"heartbeats and challenge lookups included): {per}")  # fmt: skip
+    ratio = max(lag_bc) / max(max(lag_a), 0.001)
+    print(f"burst_fanout_s={max(lag_bc):.3f}")
+    return ratio if not missing else float("inf")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("variant", nargs="?", choices=["all", "burst"], default="all",
+                        help="all: (a) and (b); burst: only the N-certificate fan-out")
     parser.add_argument("--duration", type=int, default=5, help="wrk seconds per variant")
     parser.add_argument("--warmup", type=int, default=1, help="wrk seconds, 0 = none")
     parser.add_argument("--rounds", type=int, default=1, help="(a): interleaved rounds")
@@ -268,6 +390,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="s a node may take to serve a stored certificate")  # fmt: skip
     parser.add_argument("--reconcile-interval", default="30s",
                         help="[daemon] reconcile_interval of every node (production default)")
+    parser.add_argument("--direct", action="store_true",
+                        help="burst: nodes talk to Redis directly, not through the relays "
+                        "this process runs (no per-node round-trip counts then)")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="burst: run in (and keep) this directory, with every node's log")
     args = parser.parse_args(argv)
     version = subprocess.run(
         [args.haproxy, "-v"], capture_output=True, text=True, check=False
@@ -275,6 +402,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"# {version}; 3 nodes 127.0.0.2-4; {os.cpu_count()} CPUs; "
           f"wrk -t{args.threads} -c{args.connections} -d{args.duration}s x{args.rounds}; "
           f"reconcile_interval {args.reconcile_interval}", flush=True)  # fmt: skip
+    if args.variant == "burst":
+        if args.workdir is not None:  # kept: the nodes' logs
+            args.workdir.mkdir(parents=True, exist_ok=True)
+            ratio = bench_burst(args.workdir, args)
+        else:
+            with tempfile.TemporaryDirectory(prefix="bench-fleet-") as t:
+                ratio = bench_burst(Path(t), args)
+        print(f"burst_fanout_ratio={ratio:.2f}")
+        return 0
     with tempfile.TemporaryDirectory(prefix="bench-fleet-") as t:
         tmp = Path(t)
         # (a) and (b) with one certificate share a fleet.

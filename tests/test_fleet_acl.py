@@ -151,6 +151,14 @@ def exercise_storage(client: redis.Redis, secret: bytes) -> None:
     store.unlock("cert-www")
     with store.locked("cert-www", timeout=1):
         pass
+    # The batches a fleet pass uses (agent.fleet_sync, agent.renewal.record_sync_batch).
+    store.store_many({"certificates/www/state.json": b"{}", "certificates/api/state.json": b"{}"})
+    assert store.load_many(["certificates/www/state.json", "nope"]) == {
+        "certificates/www/state.json": b"{}"
+    }
+    held = RedisStorage(client, NS, secret).try_lock_many(["cert-www", "cert-api"], 30)
+    assert sorted(held) == ["cert-api", "cert-www"]
+    assert store.unlock_many(held) == []
 
 
 def exercise_registry(client: object) -> None:

@@ -339,6 +339,50 @@ def test_every_acquisition_gets_a_larger_fencing_number(backend: Backend) -> Non
     b.unlock("cert-www", token)
 
 
+def test_try_lock_many_takes_the_free_locks_and_leaves_the_held_ones(backend: Backend) -> None:
+    a, b = backend.open(), backend.open()
+    held_by_b = b.lock("cert-api", timeout=1)
+    before = _fence_after_one_hold(b, "cert-www")
+    got = a.try_lock_many(["cert-www", "cert-api", "cert-www", "cert-db"], expires_after=30)
+    assert sorted(got) == ["cert-db", "cert-www"]  # not cert-api: b holds it
+    assert a.fence("cert-www") > before  # a real acquisition, with its fencing number
+    owner = b.lock_owner("cert-www")
+    assert owner is not None and owner.token == got["cert-www"] and owner.pid == os.getpid()
+    with pytest.raises(LockTimeout):
+        b.lock("cert-db", timeout=0.1)  # they exclude others until released
+    assert a.try_lock_many([]) == {}
+    # One of them taken over after its lease ran out: reported lost, left to its holder.
+    b.unlock("cert-api", held_by_b)
+    short = a.try_lock_many(["cert-api"], expires_after=0.2)
+    time.sleep(0.5)
+    taker = b.lock("cert-api", timeout=2)
+    assert a.unlock_many({**got, **short}) == ["cert-api"]
+    assert b.lock_owner("cert-api") is not None  # b's lock stays
+    b.unlock("cert-api", taker)
+    for name in ("cert-www", "cert-db"):
+        b.unlock(name, b.lock(name, timeout=1))  # released
+    assert a.unlock_many({}) == []
+
+
+def _fence_after_one_hold(store: Storage, name: str) -> int:
+    token = store.lock(name, timeout=1)
+    fence = store.fence(name)
+    store.unlock(name, token)
+    return fence
+
+
+def test_store_many_writes_every_value_as_store_does(backend: Backend) -> None:
+    st = backend.open()
+    st.store("certificates/www/state.json", b"old")
+    values = {"certificates/www/state.json": b"new", "certificates/api/state.json": b"{}"}
+    st.store_many(values)
+    assert backend.open().load_many(values) == values
+    assert st.list("certificates", recursive=True) == sorted(values)
+    st.store_many({})
+    with pytest.raises(StorageKeyError):
+        st.store_many({"certificates/db/state.json": b"x", "a/../b": b"x"})
+
+
 def test_a_fenced_commit_writes_the_values_and_the_fence_together(backend: Backend) -> None:
     st = backend.open()
     token = st.lock("cert-www", timeout=1)

@@ -14,7 +14,7 @@ import redis
 
 from agent.storage import LockTimeout
 from agent.store_redis import RedisStorage, SecretError
-from tests.support.redis import redis_available, shared_redis
+from tests.support.redis import counting_client, redis_available, shared_redis
 
 
 @pytest.fixture
@@ -114,3 +114,83 @@ def test_a_node_whose_clock_runs_ahead_does_not_take_a_live_lock_over(
         taker.lock("cert-www", timeout=0.3)
     monkeypatch.undo()
     holder.unlock("cert-www", token)
+
+
+def test_load_many_equals_load_key_by_key_in_one_round_trip(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Public and encrypted values, a secret overwritten by a public one, missing
+    keys and a duplicate: the same bytes as `load` of each key, the missing
+    ones left out, in one pipelined round trip (per LOAD_MANY_CHUNK keys)."""
+    if not redis_available():
+        pytest.fail("redis-server is not installed (scripts/setup.sh installs it)")
+    client, trips = counting_client(shared_redis(tmp_path_factory).url)
+    secret, ns = os.urandom(32), _ns()
+    st = RedisStorage(client, ns, secret)
+    values = {f"certificates/c{i:02d}/current": f"gen-{i}".encode() for i in range(25)}
+    for key, value in values.items():
+        st.store(key, value)
+    st.store("accounts/ca/account.key", b"-----BEGIN EC PRIVATE KEY-----\n", secret=True)
+    st.store("accounts/ca2/account.key", b"was secret", secret=True)
+    st.store("accounts/ca2/account.key", b"now public")
+    st.store("empty", b"")
+    keys = [*values, "accounts/ca/account.key", "accounts/ca2/account.key", "empty",
+            "certificates/nope/current", "certificates/c00/current"]  # fmt: skip
+    expected = {}
+    for key in keys:
+        try:
+            expected[key] = st.load(key)
+        except FileNotFoundError:
+            continue
+    assert "certificates/nope/current" not in expected and len(expected) == 28
+    before = trips.count
+    assert st.load_many(keys) == expected
+    assert trips.count - before == 1
+    monkeypatch.setattr(RedisStorage, "LOAD_MANY_CHUNK", 10)
+    before = trips.count
+    assert st.load_many(keys) == expected
+    assert trips.count - before == 3  # 30 keys, 10 a round trip
+    assert st.load_many([]) == {}
+    client.close()
+
+
+def test_load_many_refuses_what_load_refuses(client: redis.Redis) -> None:
+    """A value that does not decrypt (another secret, no secret, moved to another
+    key name) raises SecretError naming the key, as `load`; a bad key name is a
+    ValueError before anything is read."""
+    ns = _ns()
+    st = RedisStorage(client, ns, os.urandom(32))
+    st.store("accounts/a/account.key", b"k", secret=True)
+    st.store("certificates/www/current", b"public")
+    keys = ["certificates/www/current", "accounts/a/account.key"]
+    assert st.load_many(keys) == {k: st.load(k) for k in keys}
+    for other in (RedisStorage(client, ns, os.urandom(32)), RedisStorage(client, ns)):
+        with pytest.raises(SecretError) as one:
+            other.load("accounts/a/account.key")
+        with pytest.raises(SecretError) as many:
+            other.load_many(keys)
+        assert str(many.value) == str(one.value) and "accounts/a/account.key" in str(many.value)
+    raw = client.hgetall(f"{ns}:v:accounts/a/account.key")
+    client.hset(f"{ns}:v:accounts/b/account.key", mapping=raw)  # type: ignore[arg-type]
+    with pytest.raises(SecretError, match=r"accounts/b/account\.key"):
+        st.load_many(["accounts/b/account.key"])
+    with pytest.raises(ValueError):
+        st.load("../escape")
+    with pytest.raises(ValueError):
+        st.load_many(["certificates/www/current", "../escape"])
+
+
+def test_batched_locks_work_after_redis_lost_its_script_cache(client: redis.Redis) -> None:
+    """try_lock_many / unlock_many load their scripts once (SCRIPT LOAD, which the
+    documented ACL allows, never SCRIPT EXISTS); a Redis whose script cache was
+    emptied (a restart) answers NOSCRIPT to every call alike: loaded again, sent again."""
+    st = RedisStorage(client, _ns())
+    held = st.try_lock_many(["cert-a", "cert-b"], expires_after=30)
+    assert st.unlock_many(held) == []
+    client.script_flush()
+    held = st.try_lock_many(["cert-a", "cert-b"], expires_after=30)
+    assert sorted(held) == ["cert-a", "cert-b"]
+    assert st.fence("cert-a") == 2  # acquired once before, once now: no call ran twice
+    client.script_flush()
+    assert st.unlock_many(held) == []
+    assert st.lock_owner("cert-a") is None and st.lock_owner("cert-b") is None

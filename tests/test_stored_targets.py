@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import types
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,11 @@ class CountingStorage(FileStorage):
     def load(self, key: str) -> bytes:
         self.loads.append(key)
         return super().load(key)
+
+    def load_many(self, keys: Iterable[str]) -> dict[str, bytes]:
+        keys = list(keys)
+        self.loads.extend(keys)
+        return super().load_many(keys)
 
 
 @pytest.fixture

@@ -134,7 +134,9 @@ class Relay:
 
     `cut()` closes the listener and every relayed connection (the node's Redis
     connections break and new ones are refused); `restore()` listens again on the
-    same port. One thread, selectors, bounded buffers; stopped by `close()`."""
+    same port. One thread, selectors, bounded buffers; stopped by `close()`.
+    `requests` counts the reads from the node's side (each command or pipeline
+    a client sends is one read unless TCP splits it: about its round trips)."""
 
     def __init__(self, upstream: tuple[str, int]) -> None:
         self.upstream = upstream
@@ -148,6 +150,8 @@ class Relay:
         self._sel.register(self._wakeup_r, selectors.EVENT_READ, "wakeup")
         self._thread = threading.Thread(target=self._run, name="fleet-relay", daemon=True)
         self.cut_now = False
+        self._clients: set[socket.socket] = set()
+        self.requests = 0  # reads from the node's side: about one per Redis round trip
 
     def start(self) -> Relay:
         self._listen()
@@ -192,6 +196,7 @@ class Relay:
             if s is None:
                 continue
             self._pairs.pop(s, None)
+            self._clients.discard(s)
             with contextlib.suppress(KeyError, ValueError):
                 self._sel.unregister(s)
             with contextlib.suppress(OSError):
@@ -224,6 +229,7 @@ class Relay:
             s.setblocking(False)
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._pairs[client], self._pairs[upstream] = upstream, client
+        self._clients.add(client)
         self._sel.register(client, selectors.EVENT_READ, "pump")
         self._sel.register(upstream, selectors.EVENT_READ, "pump")
 
@@ -235,6 +241,8 @@ class Relay:
             data = sock.recv(65536)
             if not data:
                 raise OSError("closed")
+            if sock in self._clients:
+                self.requests += 1
             other.setblocking(True)
             other.settimeout(5)
             other.sendall(data)

@@ -12,6 +12,9 @@ Contract:
 - `SentinelProcess(workdir, primary, service)` starts Debian's `redis-sentinel`
   monitoring `primary` (quorum 1, down after 500 ms) with its own config
   (which Sentinel rewrites) and port; stopped by its handle like the server.
+- `counting_client(url)` is a real redis-py client whose `RoundTrips` counts
+  every write to the server (one command, or one whole pipeline): tests that
+  a pass makes O(1) round trips, not one per certificate.
 - `REDIS_SERVER` is the binary; `redis_available()` says whether it exists
   (scripts/setup.sh installs Debian's redis-server and redis-sentinel).
 """
@@ -21,10 +24,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 from shutil import which
 from types import TracebackType
+
+import redis
 
 from tests.support.haproxy import free_port, stop_process
 
@@ -200,3 +206,27 @@ def shared_redis(tmp_path_factory: object) -> RedisProcess:
 
 
 _SHARED: RedisProcess | None = None
+
+
+class RoundTrips:
+    """Counts the round trips of a redis-py client made by `counting_client`: one per
+    write to the server of one command or of one whole pipeline (redis-py sends a
+    pipeline's commands in one write, then reads the replies)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.lock = threading.Lock()
+
+
+def counting_client(url: str) -> tuple[redis.Redis, RoundTrips]:
+    """A real redis-py client on `url` whose connections count their round trips."""
+    trips = RoundTrips()
+
+    class Counting(redis.Connection):
+        def send_packed_command(self, command: object, check_health: bool = True) -> None:
+            with trips.lock:
+                trips.count += 1
+            super().send_packed_command(command, check_health)  # type: ignore[no-untyped-call]
+
+    pool = redis.ConnectionPool.from_url(url, connection_class=Counting)
+    return redis.Redis(connection_pool=pool), trips
