@@ -1066,14 +1066,19 @@ class Deployer:
                 continue
             items.append(_Item(target, path, leaf_der, list(self.apis)))
         results: dict[int, DeployResult] = {}
+        # Rounds in which no bundle path appears twice (by set: 1,000 targets
+        # compared pairwise were a second of CPU before the first command).
         rounds: list[list[_Item]] = []
+        round_paths: list[set[Path]] = []
         for it in items:
-            for batch in rounds:
-                if all(other.path != it.path for other in batch):
+            for batch, paths in zip(rounds, round_paths, strict=True):
+                if it.path not in paths:
                     batch.append(it)
+                    paths.add(it.path)
                     break
             else:
                 rounds.append([it])
+                round_paths.append({it.path})
         for batch in rounds:
             for it, result in zip(batch, self._run_batch(batch), strict=True):
                 results[id(it)] = result

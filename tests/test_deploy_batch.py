@@ -216,6 +216,30 @@ def test_batch_is_one_pipelined_session_per_instance_with_the_pending_serial_che
             cli.close()
 
 
+def test_a_certificate_named_twice_in_a_batch_goes_in_a_later_round_in_order(
+    tmp_path: Path, ca: CA
+) -> None:
+    """Two targets for one bundle path never share a transaction round: the first
+    one's round runs, then the second's, so the later target is what is served."""
+    cert_dir = tmp_path / "certs"
+    cli = PromptCLI(tmp_path / "admin.sock", {})
+    try:
+        deployer = Deployer([f"unix:{cli.path}"], cert_dir, crt_list=tmp_path / "crt-list.txt",
+                            probe_bufsize=False)  # fmt: skip
+        first_a, b = _targets(ca, ["a", "b"])
+        [second_a] = _targets(ca, ["a"])
+        results = deployer.deploy_batch([first_a, b, second_a])
+        assert [r.errors for r in results] == [[], [], []]
+        assert [r.name for r in results] == ["a", "b", "a"]
+        path_a = str(deployer.path_for("a"))
+        sets = [p for e, p in cli.events if e == "set"]
+        assert sets.count(path_a) == 2 and sets[-1] == path_a  # a, b, then a again
+        assert cli.stores[path_a] == second_a.serial
+        assert cli.open_at_set == [None] * 3
+    finally:
+        cli.close()
+
+
 def test_a_wrong_pending_serial_is_aborted_and_only_that_certificate_rolled_back(
     tmp_path: Path, ca: CA
 ) -> None:
