@@ -46,6 +46,22 @@ _GUARD = threading.Lock()
 _THREAD_LOCKS: dict[str, threading.Lock] = {}
 
 
+# crt-list path -> (file identity, the paths its lines name literally), as last
+# parsed under the file's lock: a renewal of a certificate the file already
+# names re-reads nothing while the file is unchanged (10,000 lines cost
+# milliseconds per deploy otherwise). Every write replaces the file (a new
+# inode), so a change by any process misses.
+_NAMED: dict[str, tuple[tuple[int, int, int, int], frozenset[str]]] = {}
+
+
+def _file_identity(path: Path) -> tuple[int, int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 class CrtListError(Exception):
     """An edit of the crt-list file was refused (the file is unchanged)."""
 
@@ -222,12 +238,22 @@ class CrtListFile:
         if not items:
             return []
         with self.locked():
+            before = _file_identity(self.path)
+            cached = _NAMED.get(str(self.path))
+            if before is not None and cached is not None and cached[0] == before and all(
+                os.path.abspath(path) in cached[1] for path, _ in items
+            ):
+                # The usual single renewal: the file is as we last parsed it
+                # (same inode, size and mtime) and names every path literally.
+                return [None] * len(items)
             text = self.read()
             literal: set[str] = set()
             for raw in text.splitlines():
                 named = line_path(raw, base)
                 if named is not None:
                     literal.add(named)
+            if before is not None and before == _file_identity(self.path):
+                _NAMED[str(self.path)] = (before, frozenset(literal))
             identity: set[tuple[int, int]] = set()
             # The usual case (every path named literally: a renewal of a
             # certificate HAProxy serves) needs no stat of the file's lines.

@@ -143,3 +143,34 @@ def test_add_many_of_paths_named_literally_stats_no_line(
     link.symlink_to(bundles[3])
     assert editor.add_many([(link, str(link))]) == [None]
     assert calls and lst.read_text().count("\n") == 50
+
+
+def test_a_renewal_into_an_unchanged_crt_list_reads_it_once_and_sees_any_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Single swaps at 1,000 certificates re-read and re-parsed the whole file for
+    every renewal; now only when the file changed (any writer, any process)."""
+    bundles = [_bundle(tmp_path, f"c{i}") for i in range(20)]
+    lst = tmp_path / "crt-list.txt"
+    lst.write_text("".join(f"{b}\n" for b in bundles[:10]))
+    reads: list[int] = []
+    real = CrtListFile.read
+
+    def counting(self: CrtListFile) -> str:
+        reads.append(1)
+        return real(self)
+
+    monkeypatch.setattr(CrtListFile, "read", counting)
+    editor = CrtListFile(lst)
+    for i in range(5):
+        assert editor.add_many([(bundles[i], str(bundles[i]))]) == [None]
+    assert len(reads) == 1  # parsed once, then known unchanged
+    # Another process (a new editor here) removes a line: the next add sees it.
+    assert CrtListFile(lst).remove(bundles[2])
+    assert editor.add_many([(bundles[2], str(bundles[2]))]) == [str(bundles[2])]
+    assert lst.read_text().count(str(bundles[2])) == 1
+    # An operator appending in place (same inode, new size) is seen too.
+    with lst.open("a") as f:
+        f.write(f"{bundles[15]}\n")
+    assert editor.add_many([(bundles[15], str(bundles[15]))]) == [None]
+    assert lst.read_text().count(str(bundles[15])) == 1
