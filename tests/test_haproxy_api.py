@@ -494,3 +494,20 @@ def test_bufsize_is_found_when_haproxy_merged_the_buffer_pool_into_another() -> 
         "  - Pool quic_rxbuf (262144 bytes) : 0 allocated (0 bytes), 0 used\n"
     )
     assert parse_pool_bufsize(reply) == 65536
+
+
+def test_certificate_times_parse_as_strptime_would_and_bad_ones_are_none() -> None:
+    import datetime
+
+    from agent.haproxy_api import _parse_time
+
+    for text in ("Nov 28 20:20:16 2026 GMT", "Dec  1 03:04:05 2026 GMT", "Feb 29 00:00:00 2028 GMT",
+                 " Jan 31 23:59:59 2030 GMT "):  # fmt: skip
+        want = datetime.datetime.strptime(text.strip(), "%b %d %H:%M:%S %Y GMT")
+        assert _parse_time(text) == want.replace(tzinfo=datetime.UTC), text
+    bad_times = (
+        "", "Nov 28 20:20:16 2026", "Foo 28 20:20:16 2026 GMT", "Feb 30 00:00:00 2026 GMT",
+        "Nov 28 25:00:00 2026 GMT", "Nov x 20:20:16 2026 GMT", "Nov 28 20:20 2026 GMT",
+    )  # fmt: skip
+    for bad in bad_times:
+        assert _parse_time(bad) is None, bad
