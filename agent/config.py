@@ -59,6 +59,7 @@ Schema (every key optional unless marked required):
 from __future__ import annotations
 
 import base64
+import functools
 import ipaddress
 import os
 import re
@@ -274,12 +275,23 @@ class Config:
     dns: tuple[DnsZoneConfig, ...] = ()
     fleet: FleetConfig | None = None
 
+    @functools.cached_property
+    def _by_name(self) -> dict[str, CertificateConfig]:
+        # Built once per Config (frozen: its certificates never change). The
+        # metrics ask for every certificate at each scrape: a scan each was
+        # quadratic, 5 s of a scrape at 10,000 certificates.
+        return {c.name: c for c in self.certificates}
+
     def certificate(self, name: str) -> CertificateConfig:
         """The certificate called `name`; KeyError if there is none."""
-        for c in self.certificates:
-            if c.name == name:
-                return c
-        raise KeyError(name)
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise KeyError(name) from None
+
+    def find_certificate(self, name: str) -> CertificateConfig | None:
+        """The certificate called `name`, or None."""
+        return self._by_name.get(name)
 
     def pair(self, name: str) -> tuple[CertificateConfig, ...]:
         """Every key's certificate of the certificate `name` belongs to: the variants

@@ -446,7 +446,7 @@ class Daemon:
             return
         now = self.clock()
         st.meta = meta
-        cfg = next((c for c in self.config.certificates if c.name == name), None)
+        cfg = self.config.find_certificate(name)
         extra = {"certificate": name, "outcome": result.status, "reason": result.reason}
         if self._fleet_outcome(name, st, result, now):
             return
@@ -589,7 +589,7 @@ class Daemon:
             if name in self.states:
                 self.states[name].ari_running = False
         st = self.states.get(name)  # a reload may have replaced it meanwhile
-        cfg = next((c for c in self.config.certificates if c.name == name), None)
+        cfg = self.config.find_certificate(name)
         if st is None or cfg is None:
             return
         st.ari_at = next_check
