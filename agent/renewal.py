@@ -940,6 +940,9 @@ class Renewer:
                 "resume": resume,
                 "progress": lambda p: self._save_order(cfg, p, fence),
             }
+        if replaces is not None and not extra.get("resume"):
+            log.info("certificate %s: ordering as the replacement of %s (ARI replaces)",
+                     cfg.name, replaces)  # fmt: skip
         try:
             return self.issuer.issue(
                 csr_pem, cfg.domains, replaces=replaces, challenge=cfg.challenge,
