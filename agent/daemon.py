@@ -798,6 +798,10 @@ class Daemon:
             log.info("stopping before start-up finished")
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
+            close = getattr(self.registry, "close", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(close)
             return 0
         await self._schedule_all()
         try:
