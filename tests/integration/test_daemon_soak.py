@@ -21,13 +21,13 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 
 from agent.haproxy_api import parse_map
+from tests.integration.test_daemon_pebble import scrape
 from tests.support.acme_stack import AcmeStack
 from tests.support.haproxy import free_port, haproxy_binaries
 from tests.support.pebble import pebble_binaries
@@ -59,17 +59,6 @@ def threads(pid: int) -> int:
         if line.startswith("Threads:"):
             return int(line.split()[1])
     raise AssertionError(f"no Threads: line for pid {pid}")
-
-
-def scrape(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, value = line.rsplit(" ", 1)
-            out[key] = float(value)
-    return out
 
 
 def served(stack: AcmeStack, domain: str) -> int | None:
