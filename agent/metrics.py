@@ -235,7 +235,8 @@ class _SpoaCollector(Collector):
         cumulative.append(("+Inf", running + counts[-1]))
         yield HistogramMetricFamily(
             PREFIX + "spoe_request_duration_seconds",
-            "Time the SPOE agent's challenge-registry lookup took for one NOTIFY, in seconds.",
+            "Time the SPOE agent's challenge-registry lookup took for one NOTIFY, in seconds "
+            "(NOTIFYs of one read: their mean).",
             buckets=cumulative,
             sum_value=c.lookup_seconds,
         )

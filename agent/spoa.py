@@ -14,12 +14,15 @@ synchronously inside data_received, so pipelined frames that arrive together
 leave in one write.
 
 Fast path: whole NOTIFY frames of exactly the shape spoe-acme.conf produces
-are matched against a byte template and answered with cached ACK bytes
-around HAProxy's own id bytes (`_SpoaProtocol._fast_notifies`); any other
-byte sequence goes to the general decoder in `agent.spop`, which defines the
-semantics (tests/test_spoa_fast_path.py proves both answer byte for byte
-alike). Metrics cost no call per request: the agent increments plain ints on
-`SpoaCounters`, which agent.metrics reads at scrape time.
+are answered with cached ACK bytes around HAProxy's own id bytes. A read
+made only of such frames is matched by one regex call (`_whole_notifies`);
+otherwise its leading frames are matched against a byte template
+(`_SpoaProtocol._leading_notifies`); any other byte sequence goes to the
+general decoder in `agent.spop`, which defines the semantics
+(tests/test_spoa_fast_path.py proves all three answer byte for byte alike).
+Metrics cost no call per request: the agent increments plain ints on
+`SpoaCounters`, which agent.metrics reads at scrape time; the lookups of
+one read are timed together and each NOTIFY counts their mean.
 
 One bad peer never takes the agent down: a protocol error on a connection
 sends AGENT-DISCONNECT with the SPOP status code and closes that connection
@@ -71,6 +74,7 @@ import contextlib
 import functools
 import logging
 import math
+import re
 import signal
 import sys
 import threading
@@ -139,7 +143,6 @@ _WRITE_HIGH_WATER = 256 * 1024
 LOOKUP_BUCKETS: tuple[float, ...] = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0,
 )  # fmt: skip
-_FIRST_BUCKET = LOOKUP_BUCKETS[0]
 
 
 class SpoaCounters:
@@ -190,6 +193,44 @@ _TEMPLATE_LEN = len(_NOTIFY_TEMPLATE)
 # Shortest frame of that shape: length, type+flags, two one-byte ids, template, value length.
 _FAST_MIN = 4 + 5 + 2 + _TEMPLATE_LEN + 1
 _READY = State.READY
+# A read made only of whole NOTIFYs of that shape (the usual read under load:
+# HAProxy writes whole frames, pipelined) is matched by one regex call in C;
+# the groups are the length's low byte, the two id varints (canonical, each at
+# most 6 bytes), the value length and an ACME-alphabet token. `_whole_notifies`
+# then checks every length agrees; anything else goes to the byte loop
+# (`_SpoaProtocol._leading_notifies`), which gives the same answers.
+_WHOLE_FRAME = re.compile(
+    rb"\x00\x00\x00([\x00-\xff])" + re.escape(_NOTIFY_TYPE_FLAGS)
+    + rb"((?:[\x00-\xef]|[\xf0-\xff][\x80-\xff]{0,4}[\x00-\x7f]){2})"
+    + re.escape(_NOTIFY_TEMPLATE) + rb"([\x00-\xef])([A-Za-z0-9_-]*)",
+    re.DOTALL,
+)  # fmt: skip
+_WHOLE_FIXED = len(_NOTIFY_TYPE_FLAGS) + _TEMPLATE_LEN + 1  # length minus ids and token
+_find_frames = _WHOLE_FRAME.findall
+
+
+def _whole_notifies(data: bytes) -> list[tuple[bytes, bytes]] | None:
+    """(id bytes, token) of every frame if `data` is nothing but whole NOTIFYs of
+    the configured shape with ACME-alphabet tokens, else None.
+
+    findall may skip bytes between matches; every match is a whole frame (its
+    length byte, value length and token agree) and their lengths add up to all
+    of `data`, so nothing was skipped. A frame of 256 bytes or more, or any
+    other frame, makes it None."""
+    frames = _find_frames(data)
+    if not frames:
+        return None
+    total = 0
+    for length, ids, vlen, token in frames:
+        size = len(token)
+        if vlen[0] != size or length[0] != _WHOLE_FIXED + len(ids) + size:
+            return None
+        total += length[0] + 4
+    if total != len(data):
+        return None
+    return [(ids, token) for _, ids, _, token in frames]
+
+
 # ACK length+type+flags by the size of what follows (ids and actions), and
 # the action bytes by key authorization: built once, reused by every answer.
 _HEADS_MAX = 1024
@@ -258,7 +299,12 @@ class _SpoaProtocol(asyncio.Protocol):
             return
         conn = self._conn
         if self._fast and conn.state is _READY and not conn.buffered:
-            done, fast_out = self._fast_notifies(data)
+            notifies = _whole_notifies(data)
+            if notifies is not None:
+                done = len(data)
+            else:
+                done, notifies = self._leading_notifies(data)
+            fast_out = self._fast_answers(notifies) if notifies else None
             if done == len(data):
                 if fast_out:
                     self.last_activity = time.monotonic()
@@ -270,31 +316,21 @@ class _SpoaProtocol(asyncio.Protocol):
         else:
             self._general(data, None)
 
-    def _fast_notifies(self, data: bytes) -> tuple[int, bytearray | None]:
-        """Answer the leading NOTIFYs of `data` that have exactly our shape.
+    def _leading_notifies(self, data: bytes) -> tuple[int, list[tuple[bytes, bytes]]]:
+        """The leading NOTIFYs of `data` that have exactly our shape, as (id bytes,
+        token) pairs, and the bytes they take (`_whole_notifies` when they are
+        not all of `data`: a frame cut at the end of a read, or another frame).
 
-        Returns (bytes consumed, ACK bytes or None). Stops, consuming nothing
-        of it, at the first frame that is anything else: not a whole frame,
+        Stops at the first frame that is anything else: not a whole frame,
         other type or flags, ids longer than 6 bytes, other message or
         argument names, a non-ASCII token, a token length of 240 or more. The
         general decoder then handles the rest and gives the same answers
-        (tests/test_spoa_fast_path.py checks both byte for byte). The ACK
-        echoes HAProxy's id bytes: HAProxy's varint encoding is canonical, so
-        they are the bytes the encoder would produce.
+        (tests/test_spoa_fast_path.py checks both byte for byte).
         """
         n = len(data)
         pos = 0
-        out: bytearray | None = None
+        found: list[tuple[bytes, bytes]] = []
         max_size = self._conn.max_frame_size
-        server = self._server
-        lookup = server.registry.lookup
-        on_request = server.on_request
-        counters = self._counters
-        clock = time.perf_counter
-        heads = _ACK_HEADS
-        actions = _ACTIONS
-        answered = unknown = fast_bucket = 0
-        fast_seconds = 0.0
         try:
             while n - pos >= _FAST_MIN:
                 end = pos + 4 + int.from_bytes(data[pos : pos + 4])
@@ -329,58 +365,77 @@ class _SpoaProtocol(asyncio.Protocol):
                 vlen = data[t]
                 if vlen >= 240 or t + 1 + vlen != end:
                     break
-                try:
-                    token = data[t + 1 : end].decode("ascii")
-                except UnicodeDecodeError:
+                token = data[t + 1 : end]
+                if not token.isascii():
                     break
-                started = clock()
-                try:
-                    answer = lookup(token)
-                except Exception:  # a broken shared store must not drop HAProxy's connection
-                    server._log_lookup_failure()
-                    answer = None
-                seconds = clock() - started
-                if seconds <= _FIRST_BUCKET:
-                    fast_bucket += 1
-                    fast_seconds += seconds
-                else:
-                    counters.observe_lookup(seconds)
-                if out is None:
-                    out = bytearray()
-                if answer is not None:
-                    action = actions.get(answer)
-                    if action is None:
-                        action = actions[answer] = set_txn_string_action(VAR_NAME, answer)
-                        if len(actions) > _ACTIONS_MAX:  # few tokens are pending at once
-                            actions.clear()
-                    rest = q - ids + len(action)
-                    if rest + 5 <= max_size:
-                        out += heads[rest] if rest < _HEADS_MAX else ack_head(rest)
-                        out += data[ids:q]
-                        out += action
-                        answered += 1
-                        if on_request is not None:
-                            self._report(on_request, "answered", seconds)
-                        pos = end
-                        continue
-                    self._log_too_big(answer)
-                elif server.can_fetch and self._defer_fast(token, data[ids:q], started):
-                    pos = end  # its ACK is sent when the lookup ends (any order: pipelining)
-                    continue
-                out += heads[q - ids]
-                out += data[ids:q]
-                unknown += 1
-                if on_request is not None:
-                    self._report(on_request, "unknown", seconds)
+                found.append((data[ids:q], token))
                 pos = end
         except IndexError:  # a frame cut short inside its ids: the general path decides
             pass
-        counters.answered += answered
-        counters.unknown += unknown
-        if fast_bucket:
-            counters.lookup_buckets[0] += fast_bucket
-            counters.lookup_seconds += fast_seconds
-        return pos, out
+        return pos, found
+
+    def _fast_answers(self, notifies: list[tuple[bytes, bytes]]) -> bytearray:
+        """The ACKs of `notifies` ((id bytes, ASCII token) of NOTIFYs of our shape),
+        in order; a token the local registry lacks may be deferred to the shared
+        store (its ACK is written later: pipelining allows any order).
+
+        The ACK echoes HAProxy's id bytes: HAProxy's varint encoding is
+        canonical, so they are the bytes the encoder would produce. One read's
+        NOTIFYs are timed together (lookups and ACK bytes: two clock reads per
+        read, not per NOTIFY) and each counts their mean."""
+        server = self._server
+        lookup = server.registry.lookup
+        can_fetch = server.can_fetch
+        max_size = self._conn.max_frame_size
+        heads = _ACK_HEADS
+        actions = _ACTIONS
+        results: list[str] | None = [] if server.on_request is not None else None
+        out = bytearray()
+        answered = unknown = 0
+        started = time.perf_counter()
+        for ids, raw in notifies:
+            try:
+                answer = lookup(raw.decode("ascii"))
+            except Exception:  # a broken shared store must not drop HAProxy's connection
+                server._log_lookup_failure()
+                answer = None
+            if answer is not None:
+                action = actions.get(answer)
+                if action is None:
+                    action = actions[answer] = set_txn_string_action(VAR_NAME, answer)
+                    if len(actions) > _ACTIONS_MAX:  # few tokens are pending at once
+                        actions.clear()
+                rest = len(ids) + len(action)
+                if rest + 5 <= max_size:
+                    out += heads[rest] if rest < _HEADS_MAX else ack_head(rest)
+                    out += ids
+                    out += action
+                    answered += 1
+                    if results is not None:
+                        results.append("answered")
+                    continue
+                self._log_too_big(answer)
+            elif can_fetch and self._defer_fast(raw.decode("ascii"), ids, started):
+                continue  # its ACK is sent, and counted, when the lookup ends
+            out += heads[len(ids)]
+            out += ids
+            unknown += 1
+            if results is not None:
+                results.append("unknown")
+        count = answered + unknown
+        if count:
+            seconds = (time.perf_counter() - started) / count
+            counters = self._counters
+            counters.answered += answered
+            counters.unknown += unknown
+            counters.lookup_buckets[bisect.bisect_left(LOOKUP_BUCKETS, seconds)] += count
+            counters.lookup_seconds += seconds * count
+            if results:
+                on_request = server.on_request
+                assert on_request is not None
+                for result in results:
+                    self._report(on_request, result, seconds)
+        return out
 
     def _general(self, data: bytes, prefix: bytearray | None) -> None:
         """The general decoder for `data`; `prefix`: ACKs the fast path already made."""

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from agent.challenges import MemoryChallengeRegistry
 from agent.metrics import Metrics, _SpoaCollector
-from agent.spoa import SpoaServer, SpoaThread, _SpoaProtocol
+from agent.spoa import SpoaServer, SpoaThread, _SpoaProtocol, _whole_notifies
 from agent.spop import (
     FLAG_ABORT,
     FLAG_FIN,
@@ -216,6 +216,56 @@ def test_long_ids_and_cut_frames_take_the_general_path_and_agree() -> None:
     assert_same([hello(), frame[:11], frame[11:]])
     assert_same([hello(), b"\x00\x00\x00\x03\x03\x00\x01"])  # shorter than a header
     assert encode_varint(2**64 - 1)[0] >= 240
+
+
+acme_tokens = st.text(alphabet=ACME_ALPHABET, min_size=1, max_size=60)
+canonical_ids = st.one_of(st.integers(0, 300), st.integers(0, 2**34))  # 1- to 6-byte varints
+ours = st.builds(notify, acme_tokens, canonical_ids, canonical_ids)
+
+
+def leading(data: bytes) -> tuple[int, list[tuple[bytes, bytes]]]:
+    """What the byte loop finds in `data` on a connection past its HELLO."""
+    server = SpoaServer(make_registry(), port=0)
+    proto = _SpoaProtocol(server)
+    proto.connection_made(FakeTransport())  # type: ignore[arg-type]
+    return proto._leading_notifies(data)
+
+
+@EXAMPLES
+@given(st.lists(ours, min_size=1, max_size=9))
+def test_a_read_of_whole_notifies_takes_the_regex_path_and_answers_alike(
+    frames: list[bytes],
+) -> None:
+    data = b"".join(frames)
+    whole = _whole_notifies(data)
+    assert whole is not None  # the read under load: one regex call, not the byte loop
+    assert (len(data), whole) == leading(data)
+    assert_same([hello(), data])
+
+
+@pytest.mark.parametrize(
+    "why",
+    ["cut at the end", "a byte in front", "a byte between", "other token alphabet",
+     "length one too long", "a byte more inside a frame", "a frame of 256 bytes",
+     "other flags", "long ids"],
+)  # fmt: skip
+def test_a_read_that_is_not_only_whole_notifies_of_our_shape_leaves_the_regex_path(
+    why: str,
+) -> None:
+    a, b = notify(TOKEN, 5, 1), notify("nope", 6, 1)
+    data = {
+        "cut at the end": a + b[:-1],
+        "a byte in front": b"\x00" + a + b,
+        "a byte between": a + b"\x00" + b,
+        "other token alphabet": a + notify("no.pe", 6, 1),
+        "length one too long": a + (len(b) - 3).to_bytes(4, "big") + b[4:] + b"A",
+        "a byte more inside a frame": (len(a) - 3).to_bytes(4, "big") + a[4:] + b"\x00" + b,
+        "a frame of 256 bytes": a + notify("A" * 230, 6, 1),
+        "other flags": a + b[:5] + (FLAG_FIN | FLAG_ABORT).to_bytes(4, "big") + b[9:],
+        "long ids": a + notify(TOKEN, 2**40, 1),
+    }[why]
+    assert _whole_notifies(data) is None
+    assert_same([hello(), data])
 
 
 def _empty_ack(stream_id: int, frame_id: int) -> Any:
