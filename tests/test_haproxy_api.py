@@ -7,6 +7,7 @@ the real HAProxy is exercised in tests/integration/test_deploy_haproxy.py.
 from __future__ import annotations
 
 import datetime
+import random
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -15,17 +16,22 @@ from pathlib import Path
 import pytest
 
 from agent.haproxy_api import (
+    CertInfo,
+    CertSummary,
     CommandFailed,
     HAProxyConnectionError,
     HAProxyError,
     HAProxyTimeout,
     PayloadTooLarge,
     RuntimeAPI,
+    cert_info_or_none,
+    cert_summary_or_none,
     check_arg,
     frame_command,
     parse_address,
     parse_cert_info,
     parse_cert_list,
+    parse_cert_summary,
     parse_crt_list,
     parse_info,
     parse_pool_bufsize,
@@ -206,6 +212,82 @@ def test_pending_transaction_and_empty_store_are_recognised() -> None:
     empty = parse_cert_info("Filename: /c/q.pem\nStatus: Empty\nOCSP Response Key: \n\n")
     assert empty is not None and empty.serial is None and empty.status == "Empty"
     assert parse_cert_info("Can't display the certificate: Not found!\n\n") is None
+
+
+# Reply shapes `show ssl cert [*]<path>` gives (2.6 to 3.2) and odd ones a
+# parser must not read differently: each field once, twice, empty, unreadable.
+SUMMARY_REPLIES = (
+    SHOW_CERT_26,
+    SHOW_CERT_26.replace("\n", "\r\n"),
+    "Filename: */c/a.pem\nStatus: Unused\nSerial: 0A\n\n",
+    "Filename: /c/q.pem\nStatus: Empty\nOCSP Response Key: \n\n",
+    "Can't display the certificate: Not found or the certificate is a bundle!\n",
+    "No ongoing transaction!\n",
+    "Unknown command\n",
+    "Operations on certificates are currently locked!\n",
+    "",
+    "\n\n",
+    "Filename: none\n\n",
+    "Filename:\nStatus: Used\nSerial: 1F\n",
+    "Status: Used\nSerial: 1F\n",
+    "Serial: 1F\nStatus: Used\nFilename: /c/late.pem\n",
+    "Filename: /c/a.pem\nFilename: /c/b.pem\nSerial: 01\nSerial: 02\nStatus: Used\n",
+    "Filename: /c/a.pem\nStatus: Used\nSerial: \n",
+    "Filename: /c/a.pem\nStatus: Used\nSerial: zz\n",
+    "Filename: /c/a.pem\nStatus: Used\nSerial: 0x1F\n",
+    "  Filename :  /c/a.pem  \n Status :Used\nSerial:1f\n",
+    "Filename /c/a.pem\nStatus: Used\nSerial: 1F\n",
+    "Chain Subject: /CN=x\nFilename: /c/a.pem\nChain Subject: /CN=y\nSerial: 1F\n",
+    "Filename: /c/a:b.pem\nStatus: Used: really\nSerial: 1F:2\n",
+    "Filename: /c/a.pem\x0bStatus: Used\x1cSerial: 1F\u2028\n",
+)
+
+
+def _summary_of(info: CertInfo | CertSummary | None) -> tuple[str, str, int | None] | None:
+    if info is None:
+        return None
+    return (info.filename, info.status, info.serial)
+
+
+def test_summary_reads_filename_status_and_serial_as_the_full_parser_does() -> None:
+    for reply in SUMMARY_REPLIES:
+        assert _summary_of(parse_cert_summary(reply)) == _summary_of(parse_cert_info(reply)), reply
+    summary = parse_cert_summary(SHOW_CERT_26)
+    serial = 0x55F0B37F027975FD1D6D4C1E4E48C87CC101C407
+    assert summary == ("/etc/haproxy/certs/a.pem", "Used", serial)
+    empty = parse_cert_summary("Filename: /c/q.pem\nStatus: Empty\n\n")
+    assert empty == ("/c/q.pem", "Empty", None)
+    assert parse_cert_summary("No ongoing transaction!\n") is None
+
+
+def test_summary_agrees_with_the_full_parser_on_shuffled_and_repeated_lines() -> None:
+    pieces = [
+        "Filename: /c/a.pem", "Filename: */c/a.pem", "Filename:", "Filename", "Status: Used",
+        "Status: Unused", "Status:", "Serial: 0A", "Serial: 1f2e", "Serial:", "Serial: -3",
+        "Serial: 1_0", "Serial: g", "notBefore: Nov 26 20:15:16 2026 GMT", "Chain Subject: /CN=x",
+        "Subject Alternative Name: DNS:a, DNS:b, ", " Serial : 5 ", "", "garbage", "Status",
+    ]  # fmt: skip
+    rng = random.Random(20260)
+    for _ in range(3000):
+        lines = rng.choices(pieces, k=rng.randrange(0, 9))
+        reply = rng.choice(("\n", "\r\n")).join(lines) + rng.choice(("", "\n", "\n\n"))
+        assert _summary_of(parse_cert_summary(reply)) == _summary_of(parse_cert_info(reply)), reply
+
+
+def test_summary_or_none_keeps_the_full_helper_s_verdicts() -> None:
+    for reply in SUMMARY_REPLIES:
+        try:
+            want: object = _summary_of(cert_info_or_none("unix:/s", "show ssl cert /c/x", reply))
+        except CommandFailed as exc:
+            want = ("raised", str(exc))
+        try:
+            got: object = _summary_of(cert_summary_or_none("unix:/s", "show ssl cert /c/x", reply))
+        except CommandFailed as exc:
+            got = ("raised", str(exc))
+        assert got == want, reply
+    with pytest.raises(CommandFailed, match=r"unix:/s.*show ssl cert \*/c/a\.pem.*Unknown command"):
+        cert_summary_or_none("unix:/s", "show ssl cert */c/a.pem", "Unknown command\n")
+    assert cert_summary_or_none("unix:/s", "show ssl cert */c/a", "No ongoing transaction!") is None
 
 
 def test_cert_list_separates_transactions_from_files() -> None:
