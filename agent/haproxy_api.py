@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 import re
+import select
 import socket
 import time
 from collections.abc import Sequence
@@ -907,6 +909,8 @@ class Session:
         self._sock: socket.socket | None = None
         self._buffer = b""
         self._prompt_pending = False
+        self._readable = select.poll()
+        self._writable = select.poll()
         self.connections = 0  # connections opened so far (tests count them)
 
     def __enter__(self) -> Session:
@@ -935,13 +939,42 @@ class Session:
             ) from exc
         except OSError as exc:
             raise HAProxyConnectionError(self.name, "prompt", str(exc) or repr(exc)) from exc
+        try:
+            # Non-blocking, waiting with poll() against the command's deadline:
+            # the same syscalls as a timeout socket's recv (poll + recv) without
+            # a settimeout (an ioctl) before every read to keep the deadline exact.
+            sock.setblocking(False)
+            readable = select.poll()
+            readable.register(sock, select.POLLIN)
+            writable = select.poll()
+            writable.register(sock, select.POLLOUT)
+        except BaseException:
+            sock.close()
+            raise
         self.connections += 1
         self._sock = sock
+        self._readable = readable
+        self._writable = writable
         self._buffer = b""
         # `prompt` goes out with the first commands (HAProxy switches modes before
         # reading the next line); its own empty reply is read before theirs.
         self._prompt_pending = True
         return sock
+
+    def _send(self, sock: socket.socket, data: bytes, deadline: float) -> None:
+        """All of `data` by `deadline` (monotonic s) on the non-blocking socket;
+        TimeoutError if the peer stops reading, OSError from the socket."""
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[sock.send(view) :]
+                continue
+            except BlockingIOError:
+                pass  # the socket buffer is full: wait until HAProxy reads
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            self._writable.poll(math.ceil(remaining * 1000))
 
     def _read_reply(self, command: str, deadline: float) -> str:
         sock = self._sock
@@ -962,12 +995,13 @@ class Session:
                     self.name, command, f"no complete reply within {self.api.timeout:g} s"
                 )
             try:
-                sock.settimeout(remaining)
+                # Rounded up to whole ms: never a busy 0 ms poll; the deadline
+                # is checked again above before the next one.
+                if not self._readable.poll(math.ceil(remaining * 1000)):
+                    continue
                 data = sock.recv(65536)
-            except TimeoutError as exc:
-                raise HAProxyTimeout(
-                    self.name, command, f"no complete reply within {self.api.timeout:g} s"
-                ) from exc
+            except BlockingIOError:
+                continue  # woken without data after all: wait again
             except OSError as exc:
                 raise HAProxyConnectionError(self.name, command, str(exc) or repr(exc)) from exc
             if not data:
@@ -1010,8 +1044,7 @@ class Session:
                 sock = self._open(deadline)
                 prompt = b"prompt\n" if self._prompt_pending else b""
                 try:
-                    sock.settimeout(max(deadline - time.monotonic(), 0.001))
-                    sock.sendall(prompt + b"".join(m for _, m, _ in window))
+                    self._send(sock, prompt + b"".join(m for _, m, _ in window), deadline)
                 except TimeoutError as exc:
                     raise HAProxyTimeout(
                         self.name, window[0][0], f"could not send within {self.api.timeout:g} s"

@@ -6,6 +6,7 @@ the real HAProxy is exercised in tests/integration/test_deploy_haproxy.py.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import random
 import socket
@@ -24,6 +25,7 @@ from agent.haproxy_api import (
     HAProxyTimeout,
     PayloadTooLarge,
     RuntimeAPI,
+    Session,
     cert_info_or_none,
     cert_summary_or_none,
     check_arg,
@@ -593,3 +595,161 @@ def test_certificate_times_parse_as_strptime_would_and_bad_ones_are_none() -> No
     )  # fmt: skip
     for bad in bad_times:
         assert _parse_time(bad) is None, bad
+
+
+# -- prompt-mode sessions: replies, deadlines --------------------------------------
+
+Behaviour = Callable[[socket.socket, threading.Event], None]
+
+
+class ScriptedPeer:
+    """A unix-socket server running `behave(conn, stopped)` on each connection
+    (one at a time), standing in for HAProxy in prompt mode."""
+
+    def __init__(self, path: Path, behave: Behaviour) -> None:
+        self.path = path
+        self.behave = behave
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(path))
+        self.sock.listen(8)
+        self.sock.settimeout(0.1)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(2)
+                with contextlib.suppress(OSError):
+                    self.behave(conn, self.stopped)
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join(5)
+        self.sock.close()
+
+
+def _read_line(conn: socket.socket, buffered: list[bytes]) -> bytes | None:
+    data = buffered.pop() if buffered else b""
+    while b"\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return None
+        data += chunk
+    line, rest = data.split(b"\n", 1)
+    buffered.append(rest)
+    return line
+
+
+def _answering(reply_for: Callable[[str], bytes]) -> Behaviour:
+    """Prompt mode: `prompt`, then each command line answered with reply_for(command)."""
+
+    def behave(conn: socket.socket, stopped: threading.Event) -> None:
+        buffered: list[bytes] = []
+        while not stopped.is_set():
+            line = _read_line(conn, buffered)
+            if line is None:
+                return
+            command = line.decode()
+            conn.sendall((b"" if command == "prompt" else reply_for(command)) + b"\n> ")
+
+    return behave
+
+
+@pytest.fixture
+def peer(tmp_path: Path) -> Iterator[Callable[[Behaviour], tuple[ScriptedPeer, RuntimeAPI]]]:
+    peers: list[ScriptedPeer] = []
+
+    def start(behave: Behaviour) -> tuple[ScriptedPeer, RuntimeAPI]:
+        server = ScriptedPeer(tmp_path / f"prompt{len(peers)}.sock", behave)
+        peers.append(server)
+        return server, RuntimeAPI(f"unix:{server.path}", timeout=0.3, probe_bufsize=False)
+
+    yield start
+    for server in peers:
+        server.close()
+
+
+PeerStart = Callable[[Behaviour], tuple[ScriptedPeer, RuntimeAPI]]
+
+
+def test_session_reads_every_pipelined_reply_in_order_even_when_split_over_reads(
+    peer: PeerStart,
+) -> None:
+    big = b"x" * 300_000  # several recv() calls for one reply
+
+    def reply_for(command: str) -> bytes:
+        return big if command == "show big" else f"Filename: {command.split()[-1]}\n".encode()
+
+    _, api = peer(_answering(reply_for))
+    steps: list[tuple[str, bytes | None]] = [(f"show ssl cert /c/{i}", None) for i in range(150)]
+    steps.insert(70, ("show big", None))
+    with Session(api) as session:
+        replies = session.pipeline(steps)
+        assert replies[70] == big.decode()
+        assert replies[:70] + replies[71:] == [f"Filename: /c/{i}\n" for i in range(150)]
+        assert session.command("show ssl cert /c/again.pem") == "Filename: /c/again.pem\n"
+        assert session.connections == 1
+
+
+def test_session_without_a_reply_times_out_naming_the_command_and_reconnects_after(
+    peer: PeerStart,
+) -> None:
+    def silent_after_first(conn: socket.socket, stopped: threading.Event) -> None:
+        buffered: list[bytes] = []
+        while (line := _read_line(conn, buffered)) is not None:
+            if line == b"show ssl cert /c/hang.pem":
+                while conn.recv(65536):  # never answers; done when the client hangs up
+                    pass
+                return
+            conn.sendall(b"\n> " if line == b"prompt" else b"ok\n\n> ")
+
+    _, api = peer(silent_after_first)
+    session = Session(api)
+    with pytest.raises(HAProxyTimeout, match=r"within 0\.3 s") as caught:
+        session.pipeline([("show ssl cert /c/a.pem", None), ("show ssl cert /c/hang.pem", None)])
+    assert caught.value.instance == api.name
+    assert caught.value.command == "show ssl cert /c/hang.pem"
+    assert session.command("show info") == "ok\n"
+    assert session.connections == 2
+    session.close()
+
+
+def test_session_reply_trickling_in_without_its_end_times_out_at_the_deadline(
+    peer: PeerStart,
+) -> None:
+    def trickle(conn: socket.socket, stopped: threading.Event) -> None:
+        buffered: list[bytes] = []
+        if _read_line(conn, buffered) != b"prompt":
+            return
+        conn.sendall(b"\n> ")
+        _read_line(conn, buffered)
+        for _ in range(400):  # a byte every 10 ms, never the prompt: at most 4 s
+            if stopped.wait(0.01):
+                return
+            conn.sendall(b".")
+
+    _, api = peer(trickle)
+    with Session(api) as session, pytest.raises(HAProxyTimeout) as caught:
+        session.command("show ssl cert /c/slow.pem")
+    assert caught.value.command == "show ssl cert /c/slow.pem"
+
+
+def test_session_peer_that_stops_reading_times_out_sending(peer: PeerStart) -> None:
+    def never_reads(conn: socket.socket, stopped: threading.Event) -> None:
+        stopped.wait(5)
+
+    _, api = peer(never_reads)
+    api.bufsize = 16 * 1024 * 1024
+    payload = b"A" * 63 + b"\n"
+    payload *= 4 * 1024 * 1024 // len(payload)  # far more than the socket buffers hold
+    with Session(api) as session, pytest.raises(HAProxyTimeout, match="could not send") as caught:
+        session.command("set ssl cert /c/a.pem", payload)
+    assert caught.value.command == "set ssl cert /c/a.pem"
