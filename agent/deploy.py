@@ -92,7 +92,7 @@ from agent.haproxy_api import (
     ProcessInfo,
     RuntimeAPI,
     Session,
-    cert_info_or_none,
+    cert_summary_or_none,
     check_arg,
     check_size,
     frame_command,
@@ -836,7 +836,7 @@ class Deployer:
         try:
             status = ""
             if exists:
-                info = cert_info_or_none(name, first, r_first)
+                info = cert_summary_or_none(name, first, r_first)
                 status = info.status if info is not None else ""
             elif "New empty certificate store" in r_first:
                 created = True
@@ -854,7 +854,7 @@ class Deployer:
                     set_command,
                     f"HAProxy put the payload into the open transaction of {owner}; aborted it",
                 )
-            pending = cert_info_or_none(name, f"show ssl cert *{p}", r_pending)
+            pending = cert_summary_or_none(name, f"show ssl cert *{p}", r_pending)
             if pending is None or pending.serial != target.serial:
                 got = "none" if pending is None or pending.serial is None else f"{pending.serial:X}"
                 raise HAProxyError(
@@ -1383,7 +1383,7 @@ class Deployer:
                 continue
             for it, command, reply in zip(mine, commands, replies, strict=True):
                 try:
-                    info = cert_info_or_none(api.name, command, reply)
+                    info = cert_summary_or_none(api.name, command, reply)
                 except HAProxyError as exc:
                     it.result.errors.append(str(exc))
                     continue
@@ -1521,7 +1521,7 @@ class Deployer:
                 try:
                     if isinstance(reply, HAProxyError):
                         raise reply
-                    info = cert_info_or_none(api.name, command, reply)
+                    info = cert_summary_or_none(api.name, command, reply)
                 except HAProxyError as exc:
                     self._remember(
                         SyncStatus(
@@ -1676,7 +1676,7 @@ class Deployer:
                 continue
             for (target, _, _), command, reply in zip(checked, commands, replies, strict=True):
                 try:
-                    info = cert_info_or_none(api.name, command, reply)
+                    info = cert_summary_or_none(api.name, command, reply)
                 except HAProxyError as exc:
                     self._remember(
                         SyncStatus(
@@ -1821,7 +1821,7 @@ class Deployer:
                     continue
                 command, reply = replies[target.name]
                 try:
-                    info = cert_info_or_none(api.name, command, reply)
+                    info = cert_summary_or_none(api.name, command, reply)
                 except HAProxyError as exc:
                     out.append(
                         SyncStatus(

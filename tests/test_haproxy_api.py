@@ -6,7 +6,9 @@ the real HAProxy is exercised in tests/integration/test_deploy_haproxy.py.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import random
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -15,17 +17,23 @@ from pathlib import Path
 import pytest
 
 from agent.haproxy_api import (
+    CertInfo,
+    CertSummary,
     CommandFailed,
     HAProxyConnectionError,
     HAProxyError,
     HAProxyTimeout,
     PayloadTooLarge,
     RuntimeAPI,
+    Session,
+    cert_info_or_none,
+    cert_summary_or_none,
     check_arg,
     frame_command,
     parse_address,
     parse_cert_info,
     parse_cert_list,
+    parse_cert_summary,
     parse_crt_list,
     parse_info,
     parse_pool_bufsize,
@@ -206,6 +214,82 @@ def test_pending_transaction_and_empty_store_are_recognised() -> None:
     empty = parse_cert_info("Filename: /c/q.pem\nStatus: Empty\nOCSP Response Key: \n\n")
     assert empty is not None and empty.serial is None and empty.status == "Empty"
     assert parse_cert_info("Can't display the certificate: Not found!\n\n") is None
+
+
+# Reply shapes `show ssl cert [*]<path>` gives (2.6 to 3.2) and odd ones a
+# parser must not read differently: each field once, twice, empty, unreadable.
+SUMMARY_REPLIES = (
+    SHOW_CERT_26,
+    SHOW_CERT_26.replace("\n", "\r\n"),
+    "Filename: */c/a.pem\nStatus: Unused\nSerial: 0A\n\n",
+    "Filename: /c/q.pem\nStatus: Empty\nOCSP Response Key: \n\n",
+    "Can't display the certificate: Not found or the certificate is a bundle!\n",
+    "No ongoing transaction!\n",
+    "Unknown command\n",
+    "Operations on certificates are currently locked!\n",
+    "",
+    "\n\n",
+    "Filename: none\n\n",
+    "Filename:\nStatus: Used\nSerial: 1F\n",
+    "Status: Used\nSerial: 1F\n",
+    "Serial: 1F\nStatus: Used\nFilename: /c/late.pem\n",
+    "Filename: /c/a.pem\nFilename: /c/b.pem\nSerial: 01\nSerial: 02\nStatus: Used\n",
+    "Filename: /c/a.pem\nStatus: Used\nSerial: \n",
+    "Filename: /c/a.pem\nStatus: Used\nSerial: zz\n",
+    "Filename: /c/a.pem\nStatus: Used\nSerial: 0x1F\n",
+    "  Filename :  /c/a.pem  \n Status :Used\nSerial:1f\n",
+    "Filename /c/a.pem\nStatus: Used\nSerial: 1F\n",
+    "Chain Subject: /CN=x\nFilename: /c/a.pem\nChain Subject: /CN=y\nSerial: 1F\n",
+    "Filename: /c/a:b.pem\nStatus: Used: really\nSerial: 1F:2\n",
+    "Filename: /c/a.pem\x0bStatus: Used\x1cSerial: 1F\u2028\n",
+)
+
+
+def _summary_of(info: CertInfo | CertSummary | None) -> tuple[str, str, int | None] | None:
+    if info is None:
+        return None
+    return (info.filename, info.status, info.serial)
+
+
+def test_summary_reads_filename_status_and_serial_as_the_full_parser_does() -> None:
+    for reply in SUMMARY_REPLIES:
+        assert _summary_of(parse_cert_summary(reply)) == _summary_of(parse_cert_info(reply)), reply
+    summary = parse_cert_summary(SHOW_CERT_26)
+    serial = 0x55F0B37F027975FD1D6D4C1E4E48C87CC101C407
+    assert summary == ("/etc/haproxy/certs/a.pem", "Used", serial)
+    empty = parse_cert_summary("Filename: /c/q.pem\nStatus: Empty\n\n")
+    assert empty == ("/c/q.pem", "Empty", None)
+    assert parse_cert_summary("No ongoing transaction!\n") is None
+
+
+def test_summary_agrees_with_the_full_parser_on_shuffled_and_repeated_lines() -> None:
+    pieces = [
+        "Filename: /c/a.pem", "Filename: */c/a.pem", "Filename:", "Filename", "Status: Used",
+        "Status: Unused", "Status:", "Serial: 0A", "Serial: 1f2e", "Serial:", "Serial: -3",
+        "Serial: 1_0", "Serial: g", "notBefore: Nov 26 20:15:16 2026 GMT", "Chain Subject: /CN=x",
+        "Subject Alternative Name: DNS:a, DNS:b, ", " Serial : 5 ", "", "garbage", "Status",
+    ]  # fmt: skip
+    rng = random.Random(20260)
+    for _ in range(3000):
+        lines = rng.choices(pieces, k=rng.randrange(0, 9))
+        reply = rng.choice(("\n", "\r\n")).join(lines) + rng.choice(("", "\n", "\n\n"))
+        assert _summary_of(parse_cert_summary(reply)) == _summary_of(parse_cert_info(reply)), reply
+
+
+def test_summary_or_none_keeps_the_full_helper_s_verdicts() -> None:
+    for reply in SUMMARY_REPLIES:
+        try:
+            want: object = _summary_of(cert_info_or_none("unix:/s", "show ssl cert /c/x", reply))
+        except CommandFailed as exc:
+            want = ("raised", str(exc))
+        try:
+            got: object = _summary_of(cert_summary_or_none("unix:/s", "show ssl cert /c/x", reply))
+        except CommandFailed as exc:
+            got = ("raised", str(exc))
+        assert got == want, reply
+    with pytest.raises(CommandFailed, match=r"unix:/s.*show ssl cert \*/c/a\.pem.*Unknown command"):
+        cert_summary_or_none("unix:/s", "show ssl cert */c/a.pem", "Unknown command\n")
+    assert cert_summary_or_none("unix:/s", "show ssl cert */c/a", "No ongoing transaction!") is None
 
 
 def test_cert_list_separates_transactions_from_files() -> None:
@@ -511,3 +595,161 @@ def test_certificate_times_parse_as_strptime_would_and_bad_ones_are_none() -> No
     )  # fmt: skip
     for bad in bad_times:
         assert _parse_time(bad) is None, bad
+
+
+# -- prompt-mode sessions: replies, deadlines --------------------------------------
+
+Behaviour = Callable[[socket.socket, threading.Event], None]
+
+
+class ScriptedPeer:
+    """A unix-socket server running `behave(conn, stopped)` on each connection
+    (one at a time), standing in for HAProxy in prompt mode."""
+
+    def __init__(self, path: Path, behave: Behaviour) -> None:
+        self.path = path
+        self.behave = behave
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(path))
+        self.sock.listen(8)
+        self.sock.settimeout(0.1)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(2)
+                with contextlib.suppress(OSError):
+                    self.behave(conn, self.stopped)
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join(5)
+        self.sock.close()
+
+
+def _read_line(conn: socket.socket, buffered: list[bytes]) -> bytes | None:
+    data = buffered.pop() if buffered else b""
+    while b"\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return None
+        data += chunk
+    line, rest = data.split(b"\n", 1)
+    buffered.append(rest)
+    return line
+
+
+def _answering(reply_for: Callable[[str], bytes]) -> Behaviour:
+    """Prompt mode: `prompt`, then each command line answered with reply_for(command)."""
+
+    def behave(conn: socket.socket, stopped: threading.Event) -> None:
+        buffered: list[bytes] = []
+        while not stopped.is_set():
+            line = _read_line(conn, buffered)
+            if line is None:
+                return
+            command = line.decode()
+            conn.sendall((b"" if command == "prompt" else reply_for(command)) + b"\n> ")
+
+    return behave
+
+
+@pytest.fixture
+def peer(tmp_path: Path) -> Iterator[Callable[[Behaviour], tuple[ScriptedPeer, RuntimeAPI]]]:
+    peers: list[ScriptedPeer] = []
+
+    def start(behave: Behaviour) -> tuple[ScriptedPeer, RuntimeAPI]:
+        server = ScriptedPeer(tmp_path / f"prompt{len(peers)}.sock", behave)
+        peers.append(server)
+        return server, RuntimeAPI(f"unix:{server.path}", timeout=0.3, probe_bufsize=False)
+
+    yield start
+    for server in peers:
+        server.close()
+
+
+PeerStart = Callable[[Behaviour], tuple[ScriptedPeer, RuntimeAPI]]
+
+
+def test_session_reads_every_pipelined_reply_in_order_even_when_split_over_reads(
+    peer: PeerStart,
+) -> None:
+    big = b"x" * 300_000  # several recv() calls for one reply
+
+    def reply_for(command: str) -> bytes:
+        return big if command == "show big" else f"Filename: {command.split()[-1]}\n".encode()
+
+    _, api = peer(_answering(reply_for))
+    steps: list[tuple[str, bytes | None]] = [(f"show ssl cert /c/{i}", None) for i in range(150)]
+    steps.insert(70, ("show big", None))
+    with Session(api) as session:
+        replies = session.pipeline(steps)
+        assert replies[70] == big.decode()
+        assert replies[:70] + replies[71:] == [f"Filename: /c/{i}\n" for i in range(150)]
+        assert session.command("show ssl cert /c/again.pem") == "Filename: /c/again.pem\n"
+        assert session.connections == 1
+
+
+def test_session_without_a_reply_times_out_naming_the_command_and_reconnects_after(
+    peer: PeerStart,
+) -> None:
+    def silent_after_first(conn: socket.socket, stopped: threading.Event) -> None:
+        buffered: list[bytes] = []
+        while (line := _read_line(conn, buffered)) is not None:
+            if line == b"show ssl cert /c/hang.pem":
+                while conn.recv(65536):  # never answers; done when the client hangs up
+                    pass
+                return
+            conn.sendall(b"\n> " if line == b"prompt" else b"ok\n\n> ")
+
+    _, api = peer(silent_after_first)
+    session = Session(api)
+    with pytest.raises(HAProxyTimeout, match=r"within 0\.3 s") as caught:
+        session.pipeline([("show ssl cert /c/a.pem", None), ("show ssl cert /c/hang.pem", None)])
+    assert caught.value.instance == api.name
+    assert caught.value.command == "show ssl cert /c/hang.pem"
+    assert session.command("show info") == "ok\n"
+    assert session.connections == 2
+    session.close()
+
+
+def test_session_reply_trickling_in_without_its_end_times_out_at_the_deadline(
+    peer: PeerStart,
+) -> None:
+    def trickle(conn: socket.socket, stopped: threading.Event) -> None:
+        buffered: list[bytes] = []
+        if _read_line(conn, buffered) != b"prompt":
+            return
+        conn.sendall(b"\n> ")
+        _read_line(conn, buffered)
+        for _ in range(400):  # a byte every 10 ms, never the prompt: at most 4 s
+            if stopped.wait(0.01):
+                return
+            conn.sendall(b".")
+
+    _, api = peer(trickle)
+    with Session(api) as session, pytest.raises(HAProxyTimeout) as caught:
+        session.command("show ssl cert /c/slow.pem")
+    assert caught.value.command == "show ssl cert /c/slow.pem"
+
+
+def test_session_peer_that_stops_reading_times_out_sending(peer: PeerStart) -> None:
+    def never_reads(conn: socket.socket, stopped: threading.Event) -> None:
+        stopped.wait(5)
+
+    _, api = peer(never_reads)
+    api.bufsize = 16 * 1024 * 1024
+    payload = b"A" * 63 + b"\n"
+    payload *= 4 * 1024 * 1024 // len(payload)  # far more than the socket buffers hold
+    with Session(api) as session, pytest.raises(HAProxyTimeout, match="could not send") as caught:
+        session.command("set ssl cert /c/a.pem", payload)
+    assert caught.value.command == "set ssl cert /c/a.pem"
