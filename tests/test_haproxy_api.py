@@ -67,21 +67,20 @@ PEM = (
 Handler = Callable[[bytes], bytes | None]
 
 
-class FakeCLI:
-    """A unix-socket server that answers each connection once, like HAProxy's
-    non-interactive CLI: read one command (to the empty line for `<<`), reply, close.
+Behaviour = Callable[[socket.socket, threading.Event], None]
 
-    `handler(request) -> reply` (None: never answer, to test timeouts).
-    """
 
-    def __init__(self, path: Path, handler: Handler) -> None:
+class ScriptedPeer:
+    """A unix-socket server running `behave(conn, stopped)` on each connection
+    (one at a time), standing in for HAProxy in prompt mode."""
+
+    def __init__(self, path: Path, behave: Behaviour) -> None:
         self.path = path
-        self.handler = handler
-        self.requests: list[bytes] = []
+        self.behave = behave
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.bind(str(path))
         self.sock.listen(8)
-        self.sock.settimeout(0.2)
+        self.sock.settimeout(0.1)
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
@@ -96,30 +95,44 @@ class FakeCLI:
                 return
             with conn:
                 conn.settimeout(2)
-                data = b""
-                try:
-                    while True:
-                        chunk = conn.recv(65536)
-                        if not chunk:
-                            break
-                        data += chunk
-                        first, _, _ = data.partition(b"\n")
-                        end = b"\n\n" if first.endswith(b"<<") else b"\n"
-                        if data.endswith(end) and (end == b"\n" or data.count(b"\n") > 1):
-                            break
-                except OSError:
-                    continue
-                self.requests.append(data)
-                reply = self.handler(data)
-                if reply is None:
-                    self.stopped.wait(2)
-                    continue
-                conn.sendall(reply)
+                with contextlib.suppress(OSError):
+                    self.behave(conn, self.stopped)
 
     def close(self) -> None:
         self.stopped.set()
-        self.sock.close()
         self.thread.join(5)
+        self.sock.close()
+
+
+class FakeCLI(ScriptedPeer):
+    """A unix-socket server that answers each connection once, like HAProxy's
+    non-interactive CLI: read one command (to the empty line for `<<`), reply, close.
+
+    `handler(request) -> reply` (None: never answer, to test timeouts).
+    """
+
+    def __init__(self, path: Path, handler: Handler) -> None:
+        self.handler = handler
+        self.requests: list[bytes] = []
+        super().__init__(path, self._answer_once)
+
+    def _answer_once(self, conn: socket.socket, stopped: threading.Event) -> None:
+        data = b""
+        while True:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+            first, _, _ = data.partition(b"\n")
+            end = b"\n\n" if first.endswith(b"<<") else b"\n"
+            if data.endswith(end) and (end == b"\n" or data.count(b"\n") > 1):
+                break
+        self.requests.append(data)
+        reply = self.handler(data)
+        if reply is None:
+            stopped.wait(2)
+            return
+        conn.sendall(reply)
 
 
 Start = Callable[[Handler], tuple[FakeCLI, RuntimeAPI]]
@@ -598,43 +611,6 @@ def test_certificate_times_parse_as_strptime_would_and_bad_ones_are_none() -> No
 
 
 # -- prompt-mode sessions: replies, deadlines --------------------------------------
-
-Behaviour = Callable[[socket.socket, threading.Event], None]
-
-
-class ScriptedPeer:
-    """A unix-socket server running `behave(conn, stopped)` on each connection
-    (one at a time), standing in for HAProxy in prompt mode."""
-
-    def __init__(self, path: Path, behave: Behaviour) -> None:
-        self.path = path
-        self.behave = behave
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(str(path))
-        self.sock.listen(8)
-        self.sock.settimeout(0.1)
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while not self.stopped.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with conn:
-                conn.settimeout(2)
-                with contextlib.suppress(OSError):
-                    self.behave(conn, self.stopped)
-
-    def close(self) -> None:
-        self.stopped.set()
-        self.thread.join(5)
-        self.sock.close()
-
 
 def _read_line(conn: socket.socket, buffered: list[bytes]) -> bytes | None:
     data = buffered.pop() if buffered else b""
