@@ -43,7 +43,8 @@ Schema (every key optional unless marked required):
                 (RSA and ECDSA): a dual certificate, stored and served as NAME.rsa and
                 NAME.ecdsa (docs/dual-certificates.md),
                 next_key (path) or generate_next_key = false (with `keys`: per key,
-                inside `keys`), announce_for = "60d",
+                inside `keys`; refused with [fleet]: copy one next_key to every node),
+                announce_for = "60d",
                 previous_pin_for = "60d", rollover_at (UTC timestamp; see docs/pinning.md),
                 renew_before ("30d", "12h", "90m", "3600s"), allow_leaf_only (default: [acme]'s),
                 challenge = "http-01" | "dns-01" | "dns-persist-01" (wildcards "*.example.com"
@@ -565,6 +566,9 @@ class _Loader:
         self.dns_zones: tuple[DnsZoneConfig, ...] = ()
         self.cached_key_checks = cached_key_checks
         self.key_cache: Mapping[str, keys.KeyFileFacts] = {}
+        # Whether a [fleet] section is present: known before the certificates
+        # are read, whose next-key rules differ in a fleet (`_next_key`).
+        self.fleet_configured = False
 
     def resolve(self, value: str) -> Path:
         p = Path(value).expanduser()
@@ -605,6 +609,7 @@ class _Loader:
         metrics_s.check_unknown()
         daemon = self._daemon(top.section("daemon"), state_dir)
         self.dns_zones = self._dns_zones(top)
+        self.fleet_configured = top.has("fleet")
         certs = self._certificates(top)
         fleet = self._fleet(top.section("fleet")) if top.has("fleet") else None
         top.check_unknown()
@@ -1044,7 +1049,7 @@ class _Loader:
             key_type = _KEY_TYPE_OF.get(facts.kind, facts.kind)
         return _KeyEntry(key_path, generate_key, key_type, csr_path, facts)
 
-    def _key_list(self, s: _Section, domains: list[str]) -> list[_KeyEntry]:
+    def _key_list(self, s: _Section, name: str, domains: list[str]) -> list[_KeyEntry]:
         """`keys = [{ key = ..., key_type = ... }, ...]`: one key per kind (RSA, ECDSA)."""
         raw = s.get("keys", list)
         if not raw:
@@ -1059,7 +1064,9 @@ class _Loader:
             sub = _Section(self, prefix, item)
             entry = self._key_entry(sub, domains, default_type=None)
             # Each key type rolls on its own (its own next key and KeyState).
-            next_key, generate_next = self._next_key(sub, entry.path, entry.facts, entry.key_type)
+            next_key, generate_next = self._next_key(
+                sub, entry.path, entry.facts, entry.key_type, name, f" ({entry.key_type} key)"
+            )
             if (next_key is not None or generate_next) and entry.csr is not None:
                 raise sub.error(
                     "next_key" if next_key is not None else "generate_next_key",
@@ -1139,7 +1146,7 @@ class _Loader:
                         "a certificate with `keys` (one key per type) sets it per key, "
                         "inside `keys`",
                     )
-            variants = self._key_list(s, domains)
+            variants = self._key_list(s, name, domains)
         else:
             variants = [self._key_entry(s, domains, default_type="ec256")]
 
@@ -1180,7 +1187,9 @@ class _Loader:
                     )
         else:
             v0 = variants[0]
-            next_key, generate_next_key = self._next_key(s, v0.path, v0.facts, v0.key_type)
+            next_key, generate_next_key = self._next_key(
+                s, v0.path, v0.facts, v0.key_type, name, ""
+            )
             if (next_key is not None or generate_next_key) and v0.csr is not None:
                 raise s.error(
                     "next_key" if next_key is not None else "generate_next_key",
@@ -1231,12 +1240,30 @@ class _Loader:
         key_path: Path,
         facts: keys.KeyFileFacts | None,
         key_type: str,
+        cert_name: str,
+        which: str,
     ) -> tuple[Path | None, bool]:
         """(next_key, generate_next_key), checked: an existing next key must be
         readable, supported, of the certificate's key type and not the key itself;
-        a missing one needs generate_next_key and a writable directory."""
-        next_key = s.get_path("next_key")
+        a missing one needs generate_next_key and a writable directory.
+
+        With [fleet], generate_next_key is refused before anything else is
+        checked: each node would create its own next key, so the nodes would
+        announce different pins and, after the switch, hold keys that do not
+        match the certificate the ordering node obtained. `which` names the
+        key of a `keys` entry in that message (" (rsa4096 key)"), or is ""."""
         generate = bool(s.get("generate_next_key", bool, False))
+        if generate and self.fleet_configured:
+            raise s.error(
+                "generate_next_key",
+                f"refused for certificate {cert_name!r}{which} with [fleet]: each node "
+                "would create its own next key, announce its own pin, and after the "
+                "switch hold a key that does not match the certificate the ordering "
+                "node obtained. Remove generate_next_key and set next_key to a key file "
+                "created once and copied to every node at the same path (mode 0600) "
+                "before announce_for ends",
+            )
+        next_key = s.get_path("next_key")
         if next_key is None:
             if generate:
                 self._check_creatable(s, "generate_next_key", key_path.parent)
@@ -1245,10 +1272,12 @@ class _Loader:
             raise s.error("next_key", f"{next_key} is the certificate's key itself ({key_path})")
         if not next_key.exists():
             if not generate:
-                raise s.error(
-                    "next_key",
-                    f"file {next_key} does not exist (set generate_next_key = true to create it)",
+                how = (
+                    "in a fleet: create it once and copy it to every node at this path, mode 0600"
+                    if self.fleet_configured
+                    else "set generate_next_key = true to create it"
                 )
+                raise s.error("next_key", f"file {next_key} does not exist ({how})")
             self._check_creatable(s, "next_key", next_key.parent)
             return next_key, generate
         problem = _readable_file(next_key)

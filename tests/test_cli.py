@@ -59,6 +59,43 @@ def test_console_script_exits_2_for_a_bad_config(site: Path) -> None:
     assert f"{path}: certificates[0].renew_before: " in proc.stderr
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [["check-config"], ["run"], ["renew"], ["pins", "www"], ["keys", "rollover", "www"]],
+    ids=lambda argv: " ".join(argv),
+)
+def test_generate_next_key_in_a_fleet_stops_every_command_before_it_writes(
+    site: Path, argv: list[str]
+) -> None:
+    """Each command loads the config through load_config: a fleet that would let
+    each node create its own next key exits 2 naming file, certificate and key.
+    A subprocess: on a config that is not refused `run` would start a daemon."""
+    secret = site / "fleet.secret"
+    secret.write_bytes(bytes(range(32)))
+    secret.chmod(0o600)
+    path = write(
+        site,
+        BASE
+        + cert_block(generate_next_key="true")
+        + '[fleet]\nredis = "redis://127.0.0.1:1/0"\nsecret_file = "fleet.secret"\n',
+    )
+    before = sorted(p.name for p in site.rglob("*"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent.cli", argv[0], "-c", str(path), *argv[1:]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert f"{path}: certificates[0].generate_next_key: refused for certificate 'www'" in (
+        proc.stderr
+    )
+    assert "copied to every node at the same path (mode 0600)" in proc.stderr
+    assert proc.stdout == ""
+    assert sorted(p.name for p in site.rglob("*")) == before  # no state dir, no next key
+
+
 def test_missing_default_config_exits_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     rc, _, err = run(capsys, "check-config", "-c", str(tmp_path / "nope.toml"))
     assert rc == 2 and "does not exist" in err

@@ -118,3 +118,115 @@ def test_an_empty_password_file_is_refused(site: Path) -> None:
     (site / "redis.pass").write_text("\n")
     with pytest.raises(ConfigError, match=r"fleet.password_file: .* is empty"):
         load(site, '[fleet]\nredis = "redis://h"\npassword_file = "redis.pass"\n' + SECRET)
+
+
+# --- next keys in a fleet ----------------------------------------------------------------
+
+FLEET = '[fleet]\nredis = "redis://127.0.0.1:1/0"\nsecret_file = "fleet.secret"\n'
+
+# (certificate table, the key the error names, what it says of the key)
+GENERATED_NEXT_KEYS = [
+    (
+        'key = "www.key"\ngenerate_next_key = true\n',
+        "certificates[0].generate_next_key",
+        "refused for certificate 'www' with [fleet]",
+    ),
+    (  # a next_key path that does not exist yet, for the agent to create
+        'key = "www.key"\nnext_key = "next/www-next.key"\ngenerate_next_key = true\n',
+        "certificates[0].generate_next_key",
+        "refused for certificate 'www' with [fleet]",
+    ),
+    (
+        'keys = [\n  { key = "www.key" },\n'
+        '  { key = "www-rsa.key", generate_next_key = true },\n]\n',
+        "certificates[0].keys[1].generate_next_key",
+        "refused for certificate 'www' (rsa2048 key) with [fleet]",
+    ),
+]
+GENERATED_IDS = ["single", "single-at-next_key", "keys-entry"]
+
+
+@pytest.fixture
+def keyed_site(site: Path) -> Path:
+    """`site` plus the certificate's keys (EC and RSA), the next keys an operator
+    copied (`www-next.key`, `www-rsa-next.key`) and the empty directory `next/`."""
+    from agent import keys
+
+    for name, kind in (("www.key", "ec256"), ("www-next.key", "ec256")):
+        keys.create_key_file(site / name, kind)
+    for name in ("www-rsa.key", "www-rsa-next.key"):
+        keys.create_key_file(site / name, "rsa2048")
+    (site / "next").mkdir()
+    return site
+
+
+def cert(table: str) -> str:
+    return '[[certificates]]\nname = "www"\ndomains = ["www.example.com"]\n' + table
+
+
+@pytest.mark.parametrize(("table", "key", "fragment"), GENERATED_NEXT_KEYS, ids=GENERATED_IDS)
+def test_generate_next_key_in_a_fleet_is_refused_naming_file_certificate_and_key(
+    keyed_site: Path, table: str, key: str, fragment: str
+) -> None:
+    path = keyed_site / "config.toml"
+    path.write_text(BASE + cert(table) + FLEET)
+    before = sorted(p.name for p in keyed_site.rglob("*"))
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert e.value.file == str(path) and e.value.key == key
+    assert fragment in e.value.message
+    # What to do instead: one next key file, the same on every node.
+    assert "set next_key to a key file created once and copied to every node" in e.value.message
+    assert "same path (mode 0600) before announce_for ends" in e.value.message
+    assert sorted(p.name for p in keyed_site.rglob("*")) == before  # nothing created
+
+
+def test_generate_next_key_in_a_fleet_is_refused_before_its_directory_is_checked(
+    keyed_site: Path,
+) -> None:
+    table = 'key = "www.key"\nnext_key = "nodir/www-next.key"\ngenerate_next_key = true\n'
+    path = keyed_site / "config.toml"
+    path.write_text(BASE + cert(table))
+    with pytest.raises(ConfigError, match=r"next_key: directory .*nodir does not exist"):
+        load_config(path)
+    with pytest.raises(ConfigError) as e:
+        load(keyed_site, cert(table) + FLEET)
+    assert e.value.key == "certificates[0].generate_next_key"
+    assert not (keyed_site / "nodir").exists()
+
+
+@pytest.mark.parametrize(("table", "key", "fragment"), GENERATED_NEXT_KEYS, ids=GENERATED_IDS)
+def test_generate_next_key_without_a_fleet_is_still_accepted(
+    keyed_site: Path, table: str, key: str, fragment: str
+) -> None:
+    path = keyed_site / "config.toml"
+    path.write_text(BASE + cert(table))
+    cfg = load_config(path)
+    assert cfg.fleet is None
+    assert any(c.generate_next_key for c in cfg.certificates)
+
+
+@pytest.mark.parametrize(
+    "table",
+    [
+        'key = "www.key"\nnext_key = "www-next.key"\n',
+        'keys = [\n  { key = "www.key", next_key = "www-next.key" },\n'
+        '  { key = "www-rsa.key", next_key = "www-rsa-next.key" },\n]\n',
+    ],
+)
+def test_a_copied_next_key_in_a_fleet_is_accepted(keyed_site: Path, table: str) -> None:
+    cfg = load(keyed_site, cert(table) + FLEET)
+    certs = cfg.certificates  # type: ignore[attr-defined]
+    assert cfg.fleet is not None  # type: ignore[attr-defined]
+    assert {c.next_key.name for c in certs} <= {"www-next.key", "www-rsa-next.key"}
+    assert all(c.next_key is not None and not c.generate_next_key for c in certs)
+
+
+def test_a_missing_next_key_in_a_fleet_asks_for_a_copy_not_for_generate_next_key(
+    keyed_site: Path,
+) -> None:
+    with pytest.raises(ConfigError) as e:
+        load(keyed_site, cert('key = "www.key"\nnext_key = "next/www-next.key"\n') + FLEET)
+    assert e.value.key == "certificates[0].next_key"
+    assert "does not exist" in e.value.message and "copy it to every node" in e.value.message
+    assert "generate_next_key" not in e.value.message
