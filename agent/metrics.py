@@ -1,9 +1,10 @@
 """Prometheus metrics and the small HTTP server that exposes them.
 
-Certificate gauges are not kept as prometheus-client children: a custom
-collector reads the daemon's current view of every certificate at scrape time,
-so 10,000 certificates cost nothing between scrapes and can never go stale
-after a config reload drops a certificate. The SPOE agent's hot-path metrics
+Certificate gauges are not kept as prometheus-client children: at scrape time
+the daemon's current view of every certificate is rendered straight to the
+text format (_CertificateText, byte for byte what prometheus-client would
+write, in a fraction of its time), so 10,000 certificates cost nothing between
+scrapes and can never go stale after a config reload drops a certificate. The SPOE agent's hot-path metrics
 (challenges answered/unknown, the lookup-time histogram, dropped peers) are
 plain integers on `agent.spoa.SpoaCounters`, incremented by the agent and
 turned into metric families only at scrape time: no Prometheus call per
@@ -34,7 +35,6 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
-from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 from agent.solvers import listen_to_challenge_results
@@ -93,9 +93,27 @@ class KeyView:
     pinned: bool | None
 
 
-class _CertificateCollector(Collector):
-    def __init__(self, source: Callable[[], Iterable[CertificateView]]) -> None:
-        self._source = source
+def _label_value(value: str) -> str:
+    """A label value escaped as the text exposition format requires."""
+    if "\\" in value or '"' in value or "\n" in value:
+        value = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return value
+
+
+def _gauge_head(name: str, help_text: str) -> str:
+    help_text = help_text.replace("\\", "\\\\").replace("\n", "\\n")
+    return f"# HELP {name} {help_text}\n# TYPE {name} gauge\n"
+
+
+class _CertificateText:
+    """The per-certificate gauges, rendered straight to the text exposition format.
+
+    At 10,000 certificates these are about 60,000 samples; prometheus_client's
+    generic rendering (a Sample, a label dict and their validation per sample)
+    took 0.5-0.9 s of a scrape. Here each certificate's label string is built
+    once per scrape and every line is one f-string: the same families, labels,
+    values and value formatting (floatToGoString), in the same order.
+    """
 
     # (metric name, help, CertificateView attribute): one sample per certificate
     # that has a value; all UNIX seconds.
@@ -109,92 +127,94 @@ class _CertificateCollector(Collector):
         ("last_success_timestamp_seconds", "Time of the last successful renewal.",
          "last_success"),
     )  # fmt: skip
+    IN_SYNC = (
+        "haproxy_in_sync",
+        "1 when the HAProxy instance serves the stored certificate's serial, else 0.",
+    )
+    DEPLOYED = (
+        "certificate_deployed",
+        "1 when the last deploy confirmed that the instance serves the stored "
+        "certificate's serial, else 0 (stored but not deployed there).",
+    )
+    KEY_STATE = (
+        "key_rollover_state",
+        "Key rollover state of the next key: 0 none (no next key, or not announced yet), "
+        "1 announced (announce_for not over), 2 allowed (a switch may happen), "
+        "3 switched (a previous key is still in its previous_pin_for grace period).",
+    )
+    KEY_ANNOUNCED = (
+        "key_announced_timestamp_seconds",
+        "When the next key was first shown by `pins` (its announcement; UNIX seconds).",
+    )
+    KEY_SCHEDULED = (
+        "key_rollover_scheduled_timestamp_seconds",
+        "When a switch to the next key was asked for (rollover_at or `keys rollover`; UNIX s).",
+    )
+    KEY_ANNOUNCE_FOR = (
+        "key_announce_for_seconds",
+        "The configured announce_for: how long a next key must be announced before a switch.",
+    )
+    KEY_PINNED = (
+        "key_served_pinned",
+        "1 when the stored (served) certificate's key was announced (the configured key "
+        "before any switch, a backup pin, or an announced next key), else 0.",
+    )
 
-    def collect(self) -> Iterator[Metric]:
+    def __init__(self, source: Callable[[], Iterable[CertificateView]]) -> None:
+        self._source = source
+
+    def render(self) -> str:
         try:
             views = list(self._source())
         except Exception:  # a scrape must never take the agent down
             log.exception("metrics: reading certificate state failed")
             views = []
-        for name, help_text, attr in self.TIMESTAMPS:
-            family = GaugeMetricFamily(
-                PREFIX + name, help_text + " (UNIX seconds)", labels=["certificate"]
-            )
-            for v in views:
+        go: Callable[[float], str] = floatToGoString  # untyped in prometheus_client
+        # Each certificate's labels, escaped once: `certificate` in front and
+        # `key_type` (a dual certificate's key) behind any other label, as
+        # prometheus_client sorts label names.
+        rows = []
+        for v in views:
+            head = f'certificate="{_label_value(v.name)}"'
+            tail = "" if v.key_type is None else f',key_type="{_label_value(v.key_type)}"'
+            rows.append((v, head, tail))
+        out: list[str] = []
+        for short, help_text, attr in self.TIMESTAMPS:
+            name = PREFIX + short
+            out.append(_gauge_head(name, help_text + " (UNIX seconds)"))
+            for v, head, tail in rows:
                 value = getattr(v, attr)
                 if value is not None:
-                    family.samples.append(Sample(family.name, v.labels(), value))
-            yield family
-        in_sync = GaugeMetricFamily(
-            PREFIX + "haproxy_in_sync",
-            "1 when the HAProxy instance serves the stored certificate's serial, else 0.",
-            labels=["certificate", "instance"],
+                    out.append(f"{name}{{{head}{tail}}} {go(value)}\n")
+        for (short, help_text), attr in ((self.IN_SYNC, "in_sync"), (self.DEPLOYED, "deployed")):
+            name = PREFIX + short
+            out.append(_gauge_head(name, help_text))
+            for v, head, tail in rows:
+                for instance, ok in getattr(v, attr).items():
+                    out.append(
+                        f'{name}{{{head},instance="{_label_value(instance)}"{tail}}} '
+                        f"{'1.0' if ok else '0.0'}\n"
+                    )
+        keyed = [
+            (v.keys, f'{head},key="{_label_value(v.keys.key)}"{tail}')
+            for v, head, tail in rows
+            if v.keys is not None
+        ]
+        families: tuple[tuple[tuple[str, str], Callable[[KeyView], float | bool | None]], ...] = (
+            (self.KEY_STATE, lambda k: float(k.state)),
+            (self.KEY_ANNOUNCED, lambda k: k.announced_at),
+            (self.KEY_SCHEDULED, lambda k: k.scheduled_at),
+            (self.KEY_ANNOUNCE_FOR, lambda k: k.announce_for),
+            (self.KEY_PINNED, lambda k: k.pinned),
         )
-        for v in views:
-            for instance, ok in v.in_sync.items():
-                labels = v.labels(instance=instance)
-                in_sync.samples.append(Sample(in_sync.name, labels, 1.0 if ok else 0.0))
-        yield in_sync
-        deployed = GaugeMetricFamily(
-            PREFIX + "certificate_deployed",
-            "1 when the last deploy confirmed that the instance serves the stored "
-            "certificate's serial, else 0 (stored but not deployed there).",
-            labels=["certificate", "instance"],
-        )
-        for v in views:
-            for instance, ok in v.deployed.items():
-                labels = v.labels(instance=instance)
-                deployed.samples.append(Sample(deployed.name, labels, 1.0 if ok else 0.0))
-        yield deployed
-        yield from _key_families(views)
-
-
-def _key_families(views: list[CertificateView]) -> Iterator[Metric]:
-    labels = ["certificate", "key"]
-    state = GaugeMetricFamily(
-        PREFIX + "key_rollover_state",
-        "Key rollover state of the next key: 0 none (no next key, or not announced yet), "
-        "1 announced (announce_for not over), 2 allowed (a switch may happen), "
-        "3 switched (a previous key is still in its previous_pin_for grace period).",
-        labels=labels,
-    )
-    announced = GaugeMetricFamily(
-        PREFIX + "key_announced_timestamp_seconds",
-        "When the next key was first shown by `pins` (its announcement; UNIX seconds).",
-        labels=labels,
-    )
-    scheduled = GaugeMetricFamily(
-        PREFIX + "key_rollover_scheduled_timestamp_seconds",
-        "When a switch to the next key was asked for (rollover_at or `keys rollover`; UNIX s).",
-        labels=labels,
-    )
-    announce_for = GaugeMetricFamily(
-        PREFIX + "key_announce_for_seconds",
-        "The configured announce_for: how long a next key must be announced before a switch.",
-        labels=labels,
-    )
-    pinned = GaugeMetricFamily(
-        PREFIX + "key_served_pinned",
-        "1 when the stored (served) certificate's key was announced (the configured key "
-        "before any switch, a backup pin, or an announced next key), else 0.",
-        labels=labels,
-    )
-    for v in views:
-        k = v.keys
-        if k is None:
-            continue
-        # A dual certificate's key types roll apart: certificate="NAME" plus the
-        # configured key_type, as on every other series of that key.
-        lv = v.labels(key=k.key)
-        state.samples.append(Sample(state.name, lv, float(k.state)))
-        announce_for.samples.append(Sample(announce_for.name, lv, k.announce_for))
-        if k.announced_at is not None:
-            announced.samples.append(Sample(announced.name, lv, k.announced_at))
-        if k.scheduled_at is not None:
-            scheduled.samples.append(Sample(scheduled.name, lv, k.scheduled_at))
-        if k.pinned is not None:
-            pinned.samples.append(Sample(pinned.name, lv, 1.0 if k.pinned else 0.0))
-    yield from (state, announced, scheduled, announce_for, pinned)
+        for (short, help_text), value_of in families:
+            name = PREFIX + short
+            out.append(_gauge_head(name, help_text))
+            for k, lk in keyed:
+                value = value_of(k)
+                if value is not None:
+                    out.append(f"{name}{{{lk}}} {go(float(value))}\n")
+        return "".join(out)
 
 
 class _SpoaCollector(Collector):
@@ -338,8 +358,10 @@ class Metrics:
         rate_limits: Callable[[], Mapping[str, float]] | None = None,
         fleet: Callable[[], Any] | None = None,
     ) -> None:
+        # Every family but the per-certificate gauges, which render themselves
+        # (_CertificateText) in front of this registry's text.
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_CertificateCollector(certificates))
+        self._certificates = _CertificateText(certificates)
         if rate_limits is not None:
             self.registry.register(_RateLimitCollector(rate_limits))
         if fleet is not None:
@@ -395,7 +417,8 @@ class Metrics:
             self.validations[key] = self.validations.get(key, 0) + 1
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """The Prometheus text exposition (format 0.0.4) of every metric."""
+        return self._certificates.render().encode() + generate_latest(self.registry)
 
 
 class MetricsServer:

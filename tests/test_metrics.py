@@ -6,7 +6,15 @@ import asyncio
 import urllib.error
 import urllib.request
 
-from agent.metrics import CertificateView, Metrics, MetricsServer
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+from agent.metrics import PREFIX, CertificateView, KeyView, Metrics, MetricsServer, _CertificateText
 
 
 def _views() -> list[CertificateView]:
@@ -122,3 +130,97 @@ def test_stored_but_not_deployed_is_its_own_gauge() -> None:
     assert _sample(text, p + '{certificate="www",instance="unix:/a.sock"}') == 1
     assert _sample(text, p + '{certificate="www",instance="unix:/b.sock"}') == 0
     assert _sample(text, p + '{certificate="api",instance="disk"}') == 0
+
+
+# -- the per-certificate text against prometheus_client's own rendering -------------
+
+_label_text = st.text(alphabet=st.sampled_from('ab.-_*"\\\nßé:/'), min_size=1, max_size=8)
+_stamp = st.one_of(
+    st.none(),
+    st.floats(min_value=0, max_value=4e9),
+    st.integers(0, 10**10).map(float),
+    st.sampled_from([1e-7, 1e21, float("inf")]),
+)
+_key_view = st.builds(
+    KeyView,
+    key=st.one_of(st.sampled_from(["ec256", "rsa4096"]), _label_text),
+    state=st.integers(0, 3),
+    announced_at=_stamp,
+    scheduled_at=_stamp,
+    announce_for=st.floats(min_value=0, max_value=1e8),
+    pinned=st.one_of(st.none(), st.booleans()),
+)
+_view = st.builds(
+    CertificateView,
+    name=_label_text,
+    not_before=_stamp,
+    not_after=_stamp,
+    next_renewal=_stamp,
+    last_success=_stamp,
+    in_sync=st.dictionaries(_label_text, st.booleans(), max_size=3),
+    deployed=st.dictionaries(_label_text, st.booleans(), max_size=3),
+    key_type=st.one_of(st.none(), st.just("ec256"), _label_text),
+    keys=st.one_of(st.none(), _key_view),
+)
+
+
+def _reference_text(views: list[CertificateView]) -> bytes:
+    """The per-certificate families built as prometheus_client families and rendered
+    by its generate_latest: what _CertificateText must produce byte for byte."""
+    t = _CertificateText
+    families: list[GaugeMetricFamily] = []
+
+    def family(short: str, help_text: str) -> GaugeMetricFamily:
+        families.append(GaugeMetricFamily(PREFIX + short, help_text))
+        return families[-1]
+
+    for short, help_text, attr in t.TIMESTAMPS:
+        f = family(short, help_text + " (UNIX seconds)")
+        for v in views:
+            if getattr(v, attr) is not None:
+                f.samples.append(Sample(f.name, v.labels(), getattr(v, attr)))
+    for (short, help_text), attr in ((t.IN_SYNC, "in_sync"), (t.DEPLOYED, "deployed")):
+        f = family(short, help_text)
+        for v in views:
+            for instance, ok in getattr(v, attr).items():
+                f.samples.append(Sample(f.name, v.labels(instance=instance), float(ok)))
+    keyed = [(v, v.keys) for v in views if v.keys is not None]
+    for (short, help_text), value_of in (
+        (t.KEY_STATE, lambda k: float(k.state)),
+        (t.KEY_ANNOUNCED, lambda k: k.announced_at),
+        (t.KEY_SCHEDULED, lambda k: k.scheduled_at),
+        (t.KEY_ANNOUNCE_FOR, lambda k: k.announce_for),
+        (t.KEY_PINNED, lambda k: None if k.pinned is None else float(k.pinned)),
+    ):
+        f = family(short, help_text)
+        for v, k in keyed:
+            value = value_of(k)
+            if value is not None:
+                f.samples.append(Sample(f.name, v.labels(key=k.key), value))
+
+    class Families:
+        def collect(self) -> list[GaugeMetricFamily]:
+            return families
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Families())  # type: ignore[arg-type]
+    return generate_latest(registry)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_view, max_size=6))
+def test_certificate_gauges_render_exactly_as_prometheus_client_would(
+    views: list[CertificateView],
+) -> None:
+    assert _CertificateText(lambda: views).render().encode() == _reference_text(views)
+
+
+def test_certificate_gauges_parse_back_with_escaped_labels() -> None:
+    odd = 'we"ird\\na\nme'
+    views = [CertificateView(odd, 1.0, 2e9, None, None, {'unix:/"x"': True}, key_type="ec256")]
+    text = Metrics(lambda: views).render().decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    (sample,) = families[PREFIX + "haproxy_in_sync"].samples
+    assert sample.labels == {"certificate": odd, "instance": 'unix:/"x"', "key_type": "ec256"}
+    (expiry,) = families[PREFIX + "certificate_expiration_timestamp_seconds"].samples
+    assert expiry.value == 2e9
