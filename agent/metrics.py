@@ -1,16 +1,16 @@
 """Prometheus metrics and the small HTTP server that exposes them.
 
 Certificate gauges are not kept as prometheus-client children: at scrape time
-the daemon's current view of every certificate is rendered straight to the
-text format (_CertificateText, byte for byte what prometheus-client would
-write, in a fraction of its time), so 10,000 certificates cost nothing between
-scrapes and can never go stale after a config reload drops a certificate. The SPOE agent's hot-path metrics
-(challenges answered/unknown, the lookup-time histogram, dropped peers) are
-plain integers on `agent.spoa.SpoaCounters`, incremented by the agent and
-turned into metric families only at scrape time: no Prometheus call per
-request. Event counters (renewals, ACME errors, deploy errors) are ordinary
-prometheus-client objects on a registry of our own (not the global one, so
-several agents can live in one test process).
+the daemon's current view of every certificate is rendered straight to the text
+format (_CertificateText, byte for byte what prometheus-client would write, in
+a fraction of its time), so 10,000 certificates cost nothing between scrapes
+and can never go stale after a config reload drops a certificate. The SPOE
+agent's hot-path metrics (challenges answered/unknown, the lookup-time
+histogram, dropped peers) are plain integers on `agent.spoa.SpoaCounters`,
+incremented by the agent and turned into metric families only at scrape time:
+no Prometheus call per request. Event counters (renewals, ACME errors, deploy
+errors) are ordinary prometheus-client objects on a registry of our own (not
+the global one, so several agents can live in one test process).
 
 Nothing here ever touches key material: labels are certificate names,
 instance addresses, results and error types.
