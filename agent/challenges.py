@@ -17,6 +17,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from concurrent.futures import Future
+from typing import Self
 
 # RFC 8555 section 8.3: a token is base64url without padding; at least 128 bits
 # of entropy (22 chars). We accept the URL-safe alphabet only and cap the length
@@ -65,6 +66,19 @@ class ChallengeRegistry(ABC):
         or its lookup deadline passes. Local registries have nothing more."""
         del token
         return None
+
+    def close(self) -> None:
+        """Stop what this registry itself started (a fleet registry's mirror
+        thread and its Redis connections); idempotent. A wrapper (the map
+        registry) does not close the registry it wraps. Local registries hold
+        nothing: a no-op."""
+        return None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class MemoryChallengeRegistry(ChallengeRegistry):

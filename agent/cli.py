@@ -21,10 +21,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__, fleet_join, haproxy_config, importer, keys, permissions
 from agent.config import DEFAULT_CONFIG_PATH, CertificateConfig, Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from agent.challenges import ChallengeRegistry
 
 log = logging.getLogger("agent.cli")
 
@@ -106,8 +109,7 @@ def _args_renew(p: argparse.ArgumentParser) -> None:
 
 def cmd_renew(args: argparse.Namespace) -> int:
     """Renew due certificates, serving the SPOE agent on [spoa] listen while orders run."""
-    from agent import challenge_map, wiring
-    from agent.renewal import prepare_state, renew_certificates
+    from agent import wiring
 
     config = load(args)
     _select(config, args.names)
@@ -116,7 +118,17 @@ def cmd_renew(args: argparse.Namespace) -> int:
         handed = _renew_through_daemon(config, args)
         if handed is not None:
             return handed
-    registry = wiring.make_registry(config)
+    # [fleet]: the registry runs a mirror thread; it ends with this command on
+    # every path (an in-process caller must not be left with it running).
+    with wiring.make_registry(config) as registry:
+        return _renew_here(config, args, registry)
+
+
+def _renew_here(config: Config, args: argparse.Namespace, registry: ChallengeRegistry) -> int:
+    """`renew` without a daemon to hand it to: order here, serving challenges from `registry`."""
+    from agent import challenge_map, wiring
+    from agent.renewal import prepare_state, renew_certificates
+
     # answer = "map": HAProxy answers from its map; no SPOA needed for this run.
     map_registry = wiring.make_map_registry(config, registry)
     if map_registry is not None and not args.dry_run:

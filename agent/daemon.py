@@ -121,7 +121,6 @@ class Daemon:
         self.config = config
         self.rng = rng or random.Random()
         self.clock = clock
-        self.registry = wiring.make_registry(config)
         self.metrics = Metrics(
             self._views, rate_limits=lambda: dict(self.rate_limits), fleet=self._fleet_view
         )
@@ -145,12 +144,35 @@ class Daemon:
         self._heartbeat: Any = None  # agent.fleet.Heartbeat with [fleet]
         self._fleet_sync: FleetSync | None = None  # [fleet] fan-out and catch-up
         self._fleet_task: asyncio.Task[None] | None = None
-        ensure_private_dir(config.state_dir)  # before the loop runs
-        self._build(config)
-        self._deploys = deploy_mod.DeployCoalescer(self._deploy_batch, window=DEPLOY_WINDOW)
-        self.spoa = self._make_spoa()
-        self.metrics_server = self._make_metrics_server()
-        self.control = ControlServer(config.daemon.control_socket, self._control)
+        self._map_follower: Any = None  # agent.fleet_map.MapFollower with [fleet] + map
+        # [fleet]: its mirror thread runs from here on; close() ends it.
+        self.registry = wiring.make_registry(config)
+        try:
+            ensure_private_dir(config.state_dir)  # before the loop runs
+            self._build(config)
+            self._deploys = deploy_mod.DeployCoalescer(self._deploy_batch, window=DEPLOY_WINDOW)
+            self.spoa = self._make_spoa()
+            self.metrics_server = self._make_metrics_server()
+            self.control = ControlServer(config.daemon.control_socket, self._control)
+        except BaseException:
+            self.close()  # nobody else holds the registry's mirror thread now
+            raise
+
+    def close(self) -> None:
+        """Blocking: stop the fleet threads ([fleet]: the map follower, the
+        heartbeat, the challenge registry's mirror thread and its Redis
+        connections). Idempotent. `run` calls it on every way out; whoever builds
+        a Daemon and does not run it calls it."""
+        follower, self._map_follower = self._map_follower, None
+        if follower is not None:
+            with contextlib.suppress(Exception):
+                follower.stop()
+        heartbeat, self._heartbeat = self._heartbeat, None
+        if heartbeat is not None:
+            with contextlib.suppress(Exception):
+                heartbeat.stop()
+        with contextlib.suppress(Exception):
+            self.registry.close()
 
     # -- set-up -------------------------------------------------------------------
 
@@ -777,7 +799,15 @@ class Daemon:
     # -- run ----------------------------------------------------------------------------
 
     async def run(self) -> int:
-        """Serve until SIGTERM/SIGINT; returns the exit code (0 on a graceful stop)."""
+        """Serve until SIGTERM/SIGINT; returns the exit code (0 on a graceful stop).
+        On every way out (also "cannot start" and an exception) the fleet threads
+        end: `close`."""
+        try:
+            return await self._run()
+        finally:
+            await asyncio.to_thread(self.close)
+
+    async def _run(self) -> int:
         loop = asyncio.get_running_loop()
         # SIGTERM during start-up (systemd stopping a unit that is still starting)
         # is a graceful stop too: the step under way finishes, nothing new starts.
@@ -798,11 +828,7 @@ class Daemon:
             log.info("stopping before start-up finished")
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
-            close = getattr(self.registry, "close", None)
-            if close is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.to_thread(close)
-            return 0
+            return 0  # run() closes the registry
         await self._schedule_all()
         try:
             await self.control.start()
@@ -862,16 +888,11 @@ class Daemon:
         if not await asyncio.to_thread(self.deployer.wait_idle, SHUTDOWN_GRACE):
             log.warning("an HAProxy certificate transaction is still running at exit")
         await self._stop_servers()
-        if self._map_follower is not None:
-            await asyncio.to_thread(self._map_follower.stop)
-        if self._heartbeat is not None:
-            await asyncio.to_thread(self._heartbeat.stop)
-        # [fleet]: the registry's mirror thread and its Redis connections end with
-        # us (a daemon embedded in another process must not leave them running).
-        close = getattr(self.registry, "close", None)
-        if close is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(close)
+        # [fleet]: the map follower, the heartbeat (our record goes: the others
+        # see us gone), the registry's mirror thread and its Redis connections
+        # end with us (a daemon embedded in another process must not leave them
+        # running).
+        await asyncio.to_thread(self.close)
 
     def _prepare_state(self) -> None:
         """Worker thread: `prepare_state` at start; a fleet store that cannot be
@@ -886,8 +907,7 @@ class Daemon:
         """[fleet] + answer = "map": mirror the tokens other nodes add into this
         node's HAProxy maps (agent.fleet_map.MapFollower, its own thread); the
         previous follower (before a reload) is stopped."""
-        old = getattr(self, "_map_follower", None)
-        self._map_follower: Any = None
+        old, self._map_follower = self._map_follower, None
         if old is not None:
             old.stop(wait=False)
         from agent.fleet import RedisChallengeRegistry
@@ -983,9 +1003,7 @@ class Daemon:
             self._fleet_task = None
         if old_hb is not None:
             await asyncio.to_thread(old_hb.stop)
-        close = getattr(old_registry, "close", None)
-        if close is not None:
-            await asyncio.to_thread(close)
+        await asyncio.to_thread(old_registry.close)
         log.info("[fleet] changed: challenge registry, heartbeat and fan-out rebuilt")
 
     async def _stop_servers(self) -> None:

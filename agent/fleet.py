@@ -120,8 +120,10 @@ def redis_client(fleet: FleetConfig, **kwargs: Any) -> redis.Redis:
 class RedisChallengeRegistry(ChallengeRegistry):
     """Challenges shared through Redis under `namespace`, answered from a local mirror.
 
-    `start()` starts the mirror thread (also called by the constructor unless
-    `start=False`); `close()` stops it. `clock`: UNIX seconds (expiry checks).
+    `start()` starts the mirror thread "fleet-challenges" (also called by the
+    constructor unless `start=False`); `close()` (or leaving a `with` block) stops
+    and joins it: whoever builds one closes it on every path. `clock`: UNIX
+    seconds (expiry checks).
     """
 
     NEGATIVE_TTL = 2.0  # s a token found nowhere is not asked for again
@@ -133,6 +135,7 @@ class RedisChallengeRegistry(ChallengeRegistry):
     FETCH_BURST = 50  # fetches at once after a quiet spell
     LOOKUP_TIMEOUT = 0.5  # s: socket timeout of the lookup connection
     TOMBSTONE_TTL = 5.0  # s a locally removed token ignores late "add" messages
+    CLOSE_JOIN = 10.0  # s close() waits for the mirror thread to end
 
     def __init__(
         self,
@@ -391,10 +394,20 @@ class RedisChallengeRegistry(ChallengeRegistry):
         self._thread.start()
 
     def close(self) -> None:
+        """Stop the mirror thread (joined, at most CLOSE_JOIN s: it wakes every
+        0.2 s, a reconnect waits at most CONNECT_TIMEOUT), the fetch workers and
+        the lookup connection. Idempotent; the registry answers nothing new after.
+        The thread is a daemon thread only so that a creator that forgot this
+        cannot hang the interpreter's exit: every creator must call it."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(10)
-            self._thread = None
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(self.CLOSE_JOIN)
+            if thread.is_alive():
+                log.warning(
+                    "fleet challenges: the mirror thread did not stop within %.0f s",
+                    self.CLOSE_JOIN,
+                )
         with self._lock:
             pool, self._pool = self._pool, None
         if pool is not None:

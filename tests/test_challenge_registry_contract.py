@@ -43,12 +43,14 @@ def _redis(factory: Any, clock: Clock) -> tuple[ChallengeRegistry, Callable[[], 
         pytest.fail("redis-server is not installed (scripts/setup.sh installs it)")
     client = redis.Redis.from_url(shared_redis(factory).url)
     reg = RedisChallengeRegistry(client, "t" + os.urandom(8).hex(), clock=clock)
-    assert reg.connected.wait(10)
 
     def close() -> None:
         reg.close()
         client.close()
 
+    if not reg.connected.wait(10):
+        close()  # no fixture teardown will
+        pytest.fail("the registry's mirror did not connect to Redis within 10 s")
     return reg, close
 
 

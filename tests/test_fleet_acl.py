@@ -207,14 +207,15 @@ def exercise_daemon(config: object) -> None:
 
     async def main() -> str:
         daemon = Daemon(config)  # type: ignore[arg-type]
-        daemon.renewer.issuer = StandInIssuer()
-        await daemon._schedule_all()
-        result = await daemon.renew("www", False)
-        await daemon._schedule_all()
-        hb = daemon._start_heartbeat()
-        await asyncio.sleep(0.2)
-        hb.stop()
-        daemon.registry.close()  # type: ignore[attr-defined]
+        try:
+            daemon.renewer.issuer = StandInIssuer()
+            await daemon._schedule_all()
+            result = await daemon.renew("www", False)
+            await daemon._schedule_all()
+            daemon._heartbeat = daemon._start_heartbeat()
+            await asyncio.sleep(0.2)
+        finally:
+            daemon.close()  # heartbeat and registry mirror, also when an assertion failed
         return result.status
 
     assert asyncio.run(main()) == "renewed"

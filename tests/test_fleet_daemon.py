@@ -69,14 +69,14 @@ def test_a_fleet_daemon_renews_into_redis_and_beats_with_the_serial(
 
     async def main() -> tuple[str, str | None]:
         daemon = Daemon(config)
-        assert isinstance(daemon.storage, RedisStorage)
-        assert isinstance(daemon.registry, RedisChallengeRegistry)
-        daemon.renewer.issuer = StandInIssuer()
-        await daemon._schedule_all()
-        result = await daemon.renew("www", False)
-        await daemon._schedule_all()
-        hb = daemon._start_heartbeat()
         try:
+            assert isinstance(daemon.storage, RedisStorage)
+            assert isinstance(daemon.registry, RedisChallengeRegistry)
+            daemon.renewer.issuer = StandInIssuer()
+            await daemon._schedule_all()
+            result = await daemon.renew("www", False)
+            await daemon._schedule_all()
+            daemon._heartbeat = daemon._start_heartbeat()
             client = redis.Redis.from_url(url)
             for _ in range(500):
                 nodes = list_nodes(client, ns)
@@ -86,8 +86,7 @@ def test_a_fleet_daemon_renews_into_redis_and_beats_with_the_serial(
             serial = nodes[0]["serials"].get("www") if nodes else None
             client.close()
         finally:
-            hb.stop()
-            daemon.registry.close()  # type: ignore[attr-defined]
+            daemon.close()  # heartbeat and registry mirror, also when an assertion failed
         return result.status, serial
 
     status, serial = asyncio.run(main())

@@ -213,24 +213,26 @@ def test_renewals_are_skipped_while_redis_is_down_and_resume_when_it_is_back(
 
         async def main() -> tuple[Any, ...]:
             daemon = Daemon(config)
-            daemon.renewer.issuer = issuer
-            await daemon._schedule_all()
-            http = MetricsServer(daemon.metrics, "127.0.0.1", 0, lambda: True, daemon.degraded)
-            await http.start()
             try:
-                server.stop()
-                down = await daemon.renew("www", True)
-                health_down = await _get(http.port, "/healthz")
-                next_try = daemon.states["www"].next_at - time.time()
-                server.start()
-                back = await daemon.renew("www", True)
-                # The challenge mirror reconnects by itself (backoff up to 2 s):
-                # degraded until it has.
-                await asyncio.to_thread(daemon.registry.connected.wait, 10)  # type: ignore[attr-defined]
-                health_back = await _get(http.port, "/healthz")
+                daemon.renewer.issuer = issuer
+                await daemon._schedule_all()
+                http = MetricsServer(daemon.metrics, "127.0.0.1", 0, lambda: True, daemon.degraded)
+                await http.start()
+                try:
+                    server.stop()
+                    down = await daemon.renew("www", True)
+                    health_down = await _get(http.port, "/healthz")
+                    next_try = daemon.states["www"].next_at - time.time()
+                    server.start()
+                    back = await daemon.renew("www", True)
+                    # The challenge mirror reconnects by itself (backoff up to 2 s):
+                    # degraded until it has.
+                    await asyncio.to_thread(daemon.registry.connected.wait, 10)  # type: ignore[attr-defined]
+                    health_back = await _get(http.port, "/healthz")
+                finally:
+                    await http.stop()
             finally:
-                await http.stop()
-                daemon.registry.close()  # type: ignore[attr-defined]
+                daemon.close()  # the registry's mirror, also when an assertion failed
             return down, health_down, next_try, back, health_back
 
         down, health_down, next_try, back, health_back = asyncio.run(main())
@@ -332,8 +334,7 @@ def test_a_daemon_started_while_redis_is_down_serves_and_renews_once_it_is_back(
             return health_down, orders_down, issuer.orders, health_back
         finally:
             daemon._stop.set()
-            await asyncio.wait_for(task, 30)
-            daemon.registry.close()  # type: ignore[attr-defined]
+            await asyncio.wait_for(task, 30)  # run() closes the registry on its way out
 
     try:
         health_down, orders_down, orders, health_back = asyncio.run(main())

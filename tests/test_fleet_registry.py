@@ -39,12 +39,12 @@ def node_pair(
     if not redis_available():
         pytest.fail("redis-server is not installed (scripts/setup.sh installs it)")
     url, ns = shared_redis(tmp_path_factory).url, "t" + os.urandom(8).hex()
-    a = RedisChallengeRegistry(redis.Redis.from_url(url), ns)
-    b = RedisChallengeRegistry(redis.Redis.from_url(url), ns)
-    assert a.connected.wait(10) and b.connected.wait(10)
-    yield a, b
-    a.close()
-    b.close()
+    with (
+        RedisChallengeRegistry(redis.Redis.from_url(url), ns) as a,
+        RedisChallengeRegistry(redis.Redis.from_url(url), ns) as b,
+    ):  # closed also when the wait below fails
+        assert a.connected.wait(10) and b.connected.wait(10)
+        yield a, b
 
 
 def test_a_token_added_on_one_node_is_answered_by_another(

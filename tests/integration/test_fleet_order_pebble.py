@@ -135,21 +135,26 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
                    tmp_path / "proxy") as proxy,  # fmt: skip
     ):
         f = Fleet(tmp_path, stack, proxy, server.url)
+        # The registry's mirror ends with the fixture, also when the set-up fails.
         registry = RedisChallengeRegistry(redis.Redis.from_url(server.url), f.ns)
-        spoa = SpoaThread(registry, "127.0.0.1", stack.spoa_port)
-        spoa.start()
-        assert stack.haproxy.admin_socket is not None
-        mark_agent_up(["unix:" + str(stack.haproxy.admin_socket)],
-                      parse_listen(f"127.0.0.1:{stack.spoa_port}"), 5.0)  # fmt: skip
         try:
-            yield f
+            spoa = SpoaThread(registry, "127.0.0.1", stack.spoa_port)
+            spoa.start()
+            try:
+                assert stack.haproxy.admin_socket is not None
+                mark_agent_up(["unix:" + str(stack.haproxy.admin_socket)],
+                              parse_listen(f"127.0.0.1:{stack.spoa_port}"), 5.0)  # fmt: skip
+                try:
+                    yield f
+                finally:
+                    proxy.release(drop=True)
+                    for proc in f.procs:
+                        if proc.poll() is None:
+                            os.kill(proc.pid, signal.SIGCONT)
+                            stop_process(proc, 10)  # type: ignore[arg-type]
+            finally:
+                spoa.stop()
         finally:
-            proxy.release(drop=True)
-            for proc in f.procs:
-                if proc.poll() is None:
-                    os.kill(proc.pid, signal.SIGCONT)
-                    stop_process(proc, 10)  # type: ignore[arg-type]
-            spoa.stop()
             registry.close()
 
 
