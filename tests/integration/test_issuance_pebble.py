@@ -1,10 +1,11 @@
 """Issuance and renewal from stable keys against the real Pebble, real HAProxy and our SPOE agent.
 
-Pebble (PEBBLE_AUTHZREUSE=0: every order is really validated) sends its
-http-01 requests to HAProxy running the shipped haproxy/ configs; HAProxy asks
-the SPOE agent that `haproxy-acme-agent renew` serves while it runs. Then
-`renew` deploys through HAProxy's runtime API, and a real TLS handshake shows
-what HAProxy serves. Every test runs on every HAProxy version (tests/conftest.py).
+Pebble (PEBBLE_AUTHZREUSE=0: each order is validated again, bar Pebble's
+1-in-100 reuse, see tests/support/pebble.py) sends its http-01 requests to
+HAProxy running the shipped haproxy/ configs; HAProxy asks the SPOE agent
+that `haproxy-acme-agent renew` serves while it runs. Then `renew` deploys
+through HAProxy's runtime API, and a real TLS handshake shows what HAProxy
+serves. Every test runs on every HAProxy version (tests/conftest.py).
 """
 
 from __future__ import annotations
