@@ -114,7 +114,7 @@ def fence_key(name: str) -> str:
 
 
 def order_key(name: str) -> str:
-    """The order in flight for `name` (JSON, see agent.renewal.OrderRecord)."""
+    """The order in flight for `name` (JSON, see agent.renewal.Renewer._save_order)."""
     return cert_key(name, ORDER)
 
 

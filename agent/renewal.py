@@ -247,6 +247,16 @@ def make_bundle(fullchain_pem: bytes, key_pem: bytes, dhparam_pem: bytes | None 
 
 
 @dataclass(frozen=True)
+class OrderBasis:
+    """What an order in flight is for: the SPKI pin of the key its CSR holds and
+    the generation current when it was placed (None: the first). It is recorded
+    with the order; a recorded order is only resumed on the same basis."""
+
+    key_pin: str
+    base: str | None
+
+
+@dataclass(frozen=True)
 class RenewResult:
     """Outcome for one certificate. status: "renewed", "deployed" (the stored
     certificate was pushed to HAProxy, nothing ordered), "not-due", "failed",
@@ -386,8 +396,12 @@ class Renewer:
 
     # -- the in-flight order (fleet: a node taking over resumes it) --
 
-    def _load_order(self, cfg: CertificateConfig) -> OrderProgress | None:
-        """The recorded order in flight for `cfg` (placed with this CA for these names)."""
+    def _load_order(self, cfg: CertificateConfig, basis: OrderBasis) -> OrderProgress | None:
+        """The recorded order in flight for `cfg`, if it can be carried on: placed with
+        this CA for these names, for the key being ordered for now, and on top of the
+        generation that is current now (`basis`). Any other record is stale (its
+        certificate was installed and a kill came before the record was cleared, or
+        it was finalized for another key): None, and the caller places a new order."""
         try:
             data = json.loads(self.storage.load(layout.order_key(cfg.name)))
         except FileNotFoundError:
@@ -398,6 +412,14 @@ class Renewer:
             data.get("domains") or []
         ) != sorted(cfg.domains):
             return None
+        if data.get("key_pin") != basis.key_pin or data.get("base") != basis.base:
+            log.info(
+                "certificate %s: the order recorded in flight (%s) was placed %s: "
+                "placing a new one", cfg.name, data.get("url"),
+                "for another key" if data.get("key_pin") != basis.key_pin
+                else "before the current certificate was installed",
+            )  # fmt: skip
+            return None
         try:
             return OrderProgress(
                 str(data["url"]), str(data["status"]), data.get("finalize"),
@@ -406,14 +428,16 @@ class Renewer:
         except KeyError:
             return None
 
-    def _save_order(self, cfg: CertificateConfig, p: OrderProgress, fence: int | None) -> None:
+    def _save_order(
+        self, cfg: CertificateConfig, p: OrderProgress, fence: int | None, basis: OrderBasis
+    ) -> None:
         """Record where the order stands (we hold the cert lock); errors only logged:
         the order itself goes on, a takeover would then place a new one."""
         record = {
             "url": p.url, "status": p.status, "finalize": p.finalize,
             "certificate": p.certificate, "node": self.node, "fence": fence,
             "directory": self.config.acme.directory, "domains": list(cfg.domains),
-            "updated": self.clock(),
+            "key_pin": basis.key_pin, "base": basis.base, "updated": self.clock(),
         }  # fmt: skip
         try:
             self.storage.store(layout.order_key(cfg.name), json.dumps(record).encode())
@@ -826,7 +850,8 @@ class Renewer:
                     cfg.name, replaces, meta.replaces_failures,
                 )  # fmt: skip
                 replaces = None
-            issued = self._issue(cfg, csr_pem, replaces, token)
+            basis = OrderBasis(keys.spki_pin(key), meta.generation if meta else None)
+            issued = self._issue(cfg, csr_pem, replaces, token, basis)
             checked = check_certificate(
                 issued.fullchain_pem.encode(), key, cfg.domains,
                 rollover.announced_pins(cfg, meta.keys if meta else None, switch), self.clock(),
@@ -919,18 +944,19 @@ class Renewer:
 
     def _issue(
         self, cfg: CertificateConfig, csr_pem: bytes, replaces: str | None,
-        token: str | None = None,
+        token: str | None = None, basis: OrderBasis | None = None,
     ) -> IssuedCertificate:  # fmt: skip
         """One order; a newOrder carrying `replaces` that the CA refuses (after the
         issuer's retries) is counted in state.json (we hold the cert lock) and
         ordered again without it, once. With an issuer that resumes orders, the
         order in flight is recorded in storage (`layout.order_key`) as it moves
         on, and one recorded by a holder that died is resumed instead of placing
-        a new one."""
+        a new one, if it was placed on `basis` (the key ordered for, the generation
+        it replaces): see `_load_order`."""
         extra: dict[str, Any] = {}
-        if getattr(self.issuer, "resumes_orders", False) and token is not None:
+        if getattr(self.issuer, "resumes_orders", False) and token is not None and basis:
             fence = self.storage.fence(layout.cert_lock(cfg.name))
-            resume = self._load_order(cfg)
+            resume = self._load_order(cfg, basis)
             if resume is not None:
                 log.info(
                     "certificate %s: an order is recorded in flight (%s, %s): resuming it",
@@ -938,7 +964,7 @@ class Renewer:
                 )  # fmt: skip
             extra = {
                 "resume": resume,
-                "progress": lambda p: self._save_order(cfg, p, fence),
+                "progress": lambda p: self._save_order(cfg, p, fence, basis),
             }
         if replaces is not None and not extra.get("resume"):
             log.info("certificate %s: ordering as the replacement of %s (ARI replaces)",

@@ -129,17 +129,30 @@ def test_node_a_orders_pebble_validates_on_b_and_c_and_every_node_serves_it(
         # From now on the CA's validation for each name reaches B or C, never A.
         fleet.point(B_NAME, "b")
         fleet.point(C_NAME, "c")
-        before = {n.name: n.answered_tokens() for n in fleet}
-        orders = fleet.orders_placed()
-        force_renew(fleet["a"])
-        stored_at = time.monotonic()
-        second = stored_serial(fleet)
-        assert second is not None and second != first
-        assert fleet.orders_placed() == orders + 1
-        # The HAProxy logs prove where Pebble's validation went.
+        names = {"b": B_NAME, "c": C_NAME}
+        for _ in range(3):
+            before = {n.name: n.answered_tokens() for n in fleet}
+            asked_before = {n: fleet.validated_tokens(d) for n, d in names.items()}
+            orders = fleet.orders_placed()
+            force_renew(fleet["a"])
+            stored_at = time.monotonic()
+            second = stored_serial(fleet)
+            assert second is not None and second != first
+            assert fleet.orders_placed() == orders + 1
+            asked = {n: fleet.validated_tokens(d) - asked_before[n] for n, d in names.items()}
+            if all(asked.values()):
+                break
+            # Pebble reused a name's valid authorization (1 time in 100 even with
+            # PEBBLE_AUTHZREUSE=0): nothing to trace for it, so renew once more.
+            first = second
+        else:
+            raise AssertionError(f"Pebble validated no name in 3 orders: {asked}")
+        # The HAProxy logs prove where Pebble's validation went: each name's
+        # tokens were answered by its own node, none by A.
         new = {n.name: n.answered_tokens() - before[n.name] for n in fleet}
         assert new["a"] == set(), new
-        assert new["b"] and new["c"] and not (new["b"] & new["c"]), new
+        assert new["b"] == asked["b"] and new["c"] == asked["c"], (new, asked)
+        assert not (new["b"] & new["c"]), new
         # Every node serves the new serial, by a real handshake on its own address.
         remaining = FANOUT - (time.monotonic() - stored_at)
         wait_all_serve(fleet, second, max(remaining, 0.0), "within 2 s of being stored")

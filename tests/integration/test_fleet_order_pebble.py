@@ -249,12 +249,34 @@ def test_a_pending_order_left_by_a_killed_node_is_validated_again_by_the_next(
 
 def test_a_recorded_order_the_ca_does_not_know_is_replaced_by_a_new_one(fleet: Fleet) -> None:
     store = fleet.store()
+    url = fleet.proxy.directory_url.replace("/dir", "/my-order/no-such-order")
+    # Recorded on the basis the next order has (this key, no certificate yet),
+    # so it is asked for: the CA does not know it.
     store.store(layout.order_key("www"), json.dumps({
-        "url": fleet.proxy.directory_url.replace("/dir", "/my-order/no-such-order"),
-        "status": "pending", "finalize": None, "certificate": None, "node": "gone",
+        "url": url, "status": "pending", "finalize": None, "certificate": None, "node": "gone",
         "fence": 1, "directory": fleet.proxy.directory_url, "domains": [DOMAIN],
+        "key_pin": keys.spki_pin(keys.load_private_key(fleet.key)), "base": None,
     }).encode())  # fmt: skip
     result = fleet.results(fleet.start("node-b"))[0]
     assert result["status"] == "renewed", result
+    assert ("POST", "/my-order/no-such-order") in fleet.proxy.seen
+    assert fleet.new_orders() == 1
+    assert not store.exists(layout.order_key("www"))
+
+
+def test_a_recorded_order_for_another_key_is_not_resumed(fleet: Fleet) -> None:
+    # A finished order whose record a kill left behind, finalized for another
+    # key: resuming it would bring back a leaf for that key.
+    store = fleet.store()
+    other = keys.spki_pin(keys.generate_private_key("ec256"))
+    store.store(layout.order_key("www"), json.dumps({
+        "url": fleet.proxy.directory_url.replace("/dir", "/my-order/old-order"),
+        "status": "valid", "finalize": None, "certificate": None, "node": "gone",
+        "fence": 1, "directory": fleet.proxy.directory_url, "domains": [DOMAIN],
+        "key_pin": other, "base": None,
+    }).encode())  # fmt: skip
+    result = fleet.results(fleet.start("node-b"))[0]
+    assert result["status"] == "renewed", result
+    assert not any(p.startswith("/my-order/old-order") for _, p in fleet.proxy.seen)
     assert fleet.new_orders() == 1
     assert not store.exists(layout.order_key("www"))

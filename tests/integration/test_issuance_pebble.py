@@ -1,10 +1,11 @@
 """Issuance and renewal from stable keys against the real Pebble, real HAProxy and our SPOE agent.
 
-Pebble (PEBBLE_AUTHZREUSE=0: every order is really validated) sends its
-http-01 requests to HAProxy running the shipped haproxy/ configs; HAProxy asks
-the SPOE agent that `haproxy-acme-agent renew` serves while it runs. Then
-`renew` deploys through HAProxy's runtime API, and a real TLS handshake shows
-what HAProxy serves. Every test runs on every HAProxy version (tests/conftest.py).
+Pebble (PEBBLE_AUTHZREUSE=0: each order is validated again, bar Pebble's
+1-in-100 reuse, see tests/support/pebble.py) sends its http-01 requests to
+HAProxy running the shipped haproxy/ configs; HAProxy asks the SPOE agent
+that `haproxy-acme-agent renew` serves while it runs. Then `renew` deploys
+through HAProxy's runtime API, and a real TLS handshake shows what HAProxy
+serves. Every test runs on every HAProxy version (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from agent import issuer, keys
 from agent.challenges import MemoryChallengeRegistry
 from agent.cli import main
+from agent.renewal import Renewer
 from tests.support.acme_stack import AcmeStack
 from tests.support.tls import served_leaf
 
@@ -260,6 +262,43 @@ def test_pebble_stopped_mid_run_leaves_the_bundle_untouched_and_the_next_run_suc
     assert "www: renewed:" in out
     verify_chain_to(stack.pebble.root_pem(), state, "www")
     assert generation_ids(state, "www") == [first, current_id(state, "www")]
+
+
+class Killed(BaseException):
+    """Stands in for a SIGKILL at one point of a run: nothing after it runs."""
+
+
+def test_a_kill_between_the_install_and_clearing_the_order_record_does_not_reinstall_it(
+    tmp_path: Path,
+    stack: AcmeStack,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    certs = [{"name": "www", "domains": ["www.example.com"], "key": str(tmp_path / "www.key"),
+              "generate_key": True}]  # fmt: skip
+    config = stack.write_config(tmp_path / "config.toml", certs)
+    state = tmp_path / "state"
+    rc, _, err = cli(capsys, "renew", "-c", str(config))
+    assert rc == 0, err
+    first = leaf_of(state, "www").serial_number
+
+    def killed(self: Renewer, cfg: Any) -> None:
+        raise Killed
+
+    monkeypatch.setattr(Renewer, "_clear_order", killed)
+    with pytest.raises(Killed):
+        main(["renew", "-c", str(config), "--force"])
+    capsys.readouterr()
+    second = leaf_of(state, "www").serial_number
+    assert second != first  # installed; the record of its finished order is left
+    record = json.loads((state / "certificates" / "www" / "order.json").read_text())
+    assert record["status"] == "valid" and record["certificate"], record
+    monkeypatch.undo()
+    rc, out, err = cli(capsys, "renew", "-v", "-c", str(config), "--force")
+    assert rc == 0 and "www: renewed:" in out, out + err
+    assert "placing a new one" in err and "resuming" not in err, err[-3000:]
+    assert leaf_of(state, "www").serial_number not in (first, second)
+    assert not (state / "certificates" / "www" / "order.json").exists()
 
 
 def test_short_lived_certificate_renews_by_itself_after_two_thirds_of_its_life(

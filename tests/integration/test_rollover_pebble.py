@@ -25,6 +25,7 @@ from agent.challenges import MemoryChallengeRegistry
 from agent.cli import main
 from agent.config import load_config
 from agent.issuer import Issuer
+from agent.renewal import Renewer
 from agent.storage import FileStorage
 from tests.support.acme_stack import AcmeStack
 from tests.support.bundles import bundle_pin
@@ -243,3 +244,65 @@ def test_dual_certificate_rollover_switches_each_key_type_to_its_next_key(
     for k in ("rsa", "ecdsa"):
         assert after[f"www.{k}"]["key_pin"] == nxt[k]["pin"]
         assert [p["pin"] for p in after[f"www.{k}"]["previous"]] == [old[k]]
+
+
+class Killed(BaseException):
+    """Stands in for a SIGKILL at one point of a run: nothing after it runs."""
+
+
+def test_a_pair_killed_before_clearing_an_order_record_still_switches_both_keys_later(
+    stack: AcmeStack,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A kill after a pair was installed but before the ECDSA order's record was
+    cleared leaves that finished order recorded. The rollover that follows orders
+    for the next keys: it must not resume the recorded order (its leaf is for the
+    old key) but place a new one, so both key types switch."""
+    from tests.integration.test_dual_pebble import ECDSA_ONLY, RSA_ONLY, s_client_leaf
+
+    site = tmp_path / "site"
+    site.mkdir()
+    config = stack.write_config(tmp_path / "config.toml", [{
+        "name": "www", "domains": [DOMAIN], "announce_for": f"{ANNOUNCE_FOR}s",
+        "keys": [
+            {"key": str(site / "rsa.key"), "key_type": "rsa2048", "generate_key": True,
+             "generate_next_key": True},
+            {"key": str(site / "ec.key"), "key_type": "ec256", "generate_key": True,
+             "generate_next_key": True},
+        ],
+    }])  # fmt: skip
+    state = tmp_path / "state"
+    rc, _, err = cli(capsys, "renew", "-c", str(config))
+    assert rc == 0, err
+    real_clear = Renewer._clear_order
+
+    def killed_at_ecdsa(self: Renewer, cfg: Any) -> None:
+        if cfg.name == "www.ecdsa":
+            raise Killed
+        real_clear(self, cfg)
+
+    monkeypatch.setattr(Renewer, "_clear_order", killed_at_ecdsa)
+    with pytest.raises(Killed):
+        main(["renew", "--force", "-c", str(config)])
+    monkeypatch.undo()
+    capsys.readouterr()
+    record = json.loads((state / "certificates" / "www.ecdsa" / "order.json").read_text())
+    assert record["status"] == "valid", record
+    assert not (state / "certificates" / "www.rsa" / "order.json").exists()
+    rc, out, err = cli(capsys, "pins", "-c", str(config), "--json")
+    assert rc == 0, err
+    nxt = {r["name"]: r["next"] for r in json.loads(out)}
+    rc, out, err = cli(capsys, "keys", "rollover", "www", "-c", str(config))
+    assert rc == 0, err
+    last = max(n["announced_at"] for n in nxt.values())
+    time.sleep(max(0.0, last + ANNOUNCE_FOR + 0.2 - time.time()))
+    rc, out, err = cli(capsys, "renew", "-v", "-c", str(config))
+    assert rc == 0, out + err
+    assert "www.rsa: renewed: key rollover" in out and "www.ecdsa: renewed: key rollover" in out
+    assert "resuming" not in err, err[-3000:]
+    for name, sigalgs in (("www.rsa", RSA_ONLY), ("www.ecdsa", ECDSA_ONLY)):
+        leaf = s_client_leaf(stack.https_port, DOMAIN, sigalgs, "tls1_2")
+        assert keys.spki_pin(leaf.public_key()) == nxt[name]["pin"]  # type: ignore[arg-type]
+        assert not (state / "certificates" / name / "order.json").exists()

@@ -34,7 +34,8 @@ Contract:
   (a real TLS handshake to the node's address; None for the fallback
   certificate), `challenge_hits()` (the challenge tokens this HAProxy answered
   200, from its log), `healthz()`, `metrics()`, `cli(...)` (the agent CLI on this
-  node's config), `relay.cut()` / `relay.restore()`.
+  node's config), `relay.cut()` / `relay.restore()`; `Fleet.validated_tokens(name)`
+  (the tokens Pebble's validations asked that name for, from Pebble's log).
 - As root (CI) each agent runs in its own UTS namespace (`unshare --uts`) with
   the node name as host name, so the lock records of two nodes name two hosts
   and a dead node's lock is judged by its lease, as between machines; without
@@ -664,6 +665,14 @@ class Fleet:
     def orders_placed(self) -> int:
         """newOrder requests Pebble took (it logs each as it adds the order)."""
         return len(re.findall(r"Added order \"", self.pebble.log_text()))
+
+    def validated_tokens(self, domain: str) -> set[str]:
+        """The http-01 tokens Pebble asked `domain` for (it logs each validation's URL).
+        A name whose valid authorization Pebble reused for an order has none for it:
+        Pebble reuses one 1 time in 100 even with PEBBLE_AUTHZREUSE=0."""
+        pattern = (r"Attempting to validate w/ HTTP: http://" + re.escape(domain)
+                   + r"(?::\d+)?/\.well-known/acme-challenge/([A-Za-z0-9_-]+)")  # fmt: skip
+        return set(re.findall(pattern, self.pebble.log_text()))
 
     # --- life cycle ---
 

@@ -8,7 +8,8 @@ Contract:
   Pebble sends http-01 validation requests: HAProxy's HTTP frontend. Every name
   resolves to 127.0.0.1 through pebble-challtestsrv.
 - `start()` runs pebble-challtestsrv and pebble with PEBBLE_VA_NOSLEEP=1,
-  PEBBLE_AUTHZREUSE=0 (every order is really validated),
+  PEBBLE_AUTHZREUSE=0 (orders are validated again; Pebble still reuses a valid
+  authorization 1 time in 100: its check is `rand.Intn(100) > percent`),
   PEBBLE_WFE_NONCEREJECT=`nonce_reject` (percent of POSTs rejected with
   badNonce) and never PEBBLE_VA_ALWAYS_VALID; it waits (at most START_TIMEOUT s)
   until the directory answers. `stop()` stops both by their Popen handles.
