@@ -86,11 +86,16 @@ def _fmt_time(t: float | None) -> str:
     return "-" if t is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
-def _stable_key(cert: CertificateConfig) -> keys.PrivateKey:
-    """The certificate's key; with generate_key a missing key is created now (once, 0600)."""
-    if cert.generate_key and not cert.key.exists():
-        return keys.create_key_file(cert.key, cert.key_type)
-    return keys.load_private_key(cert.key)
+def _stable_key(cert: CertificateConfig, fleet_node: str | None) -> keys.PrivateKey:
+    """The certificate's key; with generate_key a missing key is created now (once,
+    0600), and on a fleet node that is said as the renewer says it."""
+    from agent.renewal import stable_key
+
+    return stable_key(cert, fleet_node)
+
+
+def _fleet_node(config: Config) -> str | None:
+    return config.fleet.node if config.fleet is not None else None
 
 
 # --- renew -----------------------------------------------------------------------------
@@ -561,13 +566,14 @@ def pins_of(
     storage: Any | None = None,
     now: float | None = None,
     mates: Sequence[str] = (),
+    fleet_node: str | None = None,
 ) -> dict[str, Any]:
     """Pins, HPKP header values and TLSA data for one certificate: the current,
     next (being announced), backup and previous keys. `mates`: the pins of the
     other keys of a dual certificate, current and next (served for the same
     names, so clients must accept them too: they join the header and the TLSA
-    RRset). Creates a generate_key /
-    generate_next_key key. With `storage` (what `pins` passes) the next key's
+    RRset). Creates a generate_key / generate_next_key key (a warning says so
+    on fleet node `fleet_node`). With `storage` (what `pins` passes) the next key's
     first showing is recorded as its announcement (under the certificate's
     lock; never moved later) and the rollover state is read from there."""
     from agent import layout, rollover
@@ -577,7 +583,7 @@ def pins_of(
     ks: rollover.KeyState | None = None
     served_pin: str | None = None
     if storage is not None:
-        _stable_key(cert)  # generate_key: the key exists before the next key is resolved
+        _stable_key(cert, fleet_node)  # generate_key: it exists before the next key is resolved
         if cert.next_key is not None or cert.generate_next_key:
             with storage.locked(layout.cert_lock(cert.name), timeout=30.0):
                 rollover.record_shown(storage, cert, now)
@@ -588,7 +594,8 @@ def pins_of(
         ks = meta.keys if meta else None
         served_pin = meta.key_pin if meta else None
     current_path = rollover.current_key_path(cert, ks)
-    key = _stable_key(cert) if current_path == cert.key else keys.load_private_key(current_path)
+    key = (_stable_key(cert, fleet_node) if current_path == cert.key
+           else keys.load_private_key(current_path))  # fmt: skip
     current = _key_entry(current_path, key)
     key_pin = current["pin"]
     nxt: dict[str, Any] | None = None
@@ -645,7 +652,7 @@ def cmd_pins(args: argparse.Namespace) -> int:
         group_pins: dict[str, dict[str, list[str]]] = {}
         for group in dict.fromkeys(c.group for c in certs if c.group is not None):
             for v in config.pair(group):
-                own = pins_of(v, None, storage, now)
+                own = pins_of(v, None, storage, now, fleet_node=_fleet_node(config))
                 group_pins.setdefault(group, {})[v.name] = [
                     own["key_pin"], *([own["next"]["pin"]] if own["next"] else [])
                 ]
@@ -653,7 +660,8 @@ def cmd_pins(args: argparse.Namespace) -> int:
         for c in certs:
             mates = [p for n, ps in group_pins.get(c.group or "", {}).items() if n != c.name
                      for p in ps]  # fmt: skip
-            out.append(pins_of(c, args.report_uri, storage, now, mates=mates))
+            out.append(pins_of(c, args.report_uri, storage, now, mates=mates,
+                               fleet_node=_fleet_node(config)))  # fmt: skip
     except keys.StableKeyError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
@@ -856,7 +864,8 @@ def cmd_csr(args: argparse.Namespace) -> int:
         if cert.csr is not None:
             pem = keys.csr_pem(keys.load_csr(cert.csr))
         else:
-            pem = keys.csr_pem(keys.build_csr(_stable_key(cert), cert.domains))
+            key = _stable_key(cert, _fleet_node(config))
+            pem = keys.csr_pem(keys.build_csr(key, cert.domains))
     except (keys.StableKeyError, keys.CSRError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED

@@ -246,6 +246,27 @@ def make_bundle(fullchain_pem: bytes, key_pem: bytes, dhparam_pem: bytes | None 
 # --- results ---------------------------------------------------------------------------
 
 
+def stable_key(
+    cfg: CertificateConfig, fleet_node: str | None, create: bool = True
+) -> keys.PrivateKey:
+    """`cfg`'s configured key. With `generate_key` (and `create`) a missing key is
+    created now, once, mode 0600. On fleet node `fleet_node` that is said as a
+    warning: keys never travel through Redis (docs/fleet.md), so the other nodes
+    refuse this certificate until they hold the same file."""
+    if cfg.generate_key and create and not cfg.key.exists():
+        key = keys.create_key_file(cfg.key, cfg.key_type)
+        log.info("certificate %s: created key %s (%s)", cfg.name, cfg.key, cfg.key_type)
+        if fleet_node is not None:
+            log.warning(
+                "certificate %s: node %s created its own key %s (generate_key in a "
+                "fleet): copy that file (0600) to the same path on every other node, "
+                "or they refuse to deploy the certificate ordered for it",
+                cfg.name, fleet_node, cfg.key,
+            )  # fmt: skip
+        return key
+    return keys.load_private_key(cfg.key)
+
+
 @dataclass(frozen=True)
 class OrderBasis:
     """What an order in flight is for: the SPKI pin of the key its CSR holds and
@@ -511,20 +532,8 @@ class Renewer:
         return meta, retry
 
     def _key_for(self, cfg: CertificateConfig, create: bool) -> keys.PrivateKey:
-        if cfg.generate_key and create and not cfg.key.exists():
-            key = keys.create_key_file(cfg.key, cfg.key_type)
-            log.info("certificate %s: created key %s (%s)", cfg.name, cfg.key, cfg.key_type)
-            if self.config.fleet is not None:
-                # Keys never travel through Redis (docs/fleet.md): the other
-                # nodes refuse this certificate until they hold the same file.
-                log.warning(
-                    "certificate %s: node %s created its own key %s (generate_key in a "
-                    "fleet): copy that file (0600) to the same path on every other node, "
-                    "or they refuse to deploy the certificate ordered for it",
-                    cfg.name, self.node, cfg.key,
-                )  # fmt: skip
-            return key
-        return keys.load_private_key(cfg.key)
+        fleet_node = self.node if self.config.fleet is not None else None
+        return stable_key(cfg, fleet_node, create)
 
     def _csr_pem(self, cfg: CertificateConfig, key: keys.PrivateKey) -> bytes:
         if cfg.csr is None:
