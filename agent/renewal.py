@@ -1469,13 +1469,19 @@ def _remove_temporaries(directory: Path, targets: Callable[[], set[str]]) -> int
     return removed
 
 
+def _has_state(config: Config) -> bool:
+    """Whether there may be stored state to read: always in a fleet (it is in
+    Redis), else once the state dir exists (reading never creates it)."""
+    return config.fleet is not None or config.state_dir.is_dir()
+
+
 def prepare_state(config: Config, storage: Storage | None = None, *, bundles: bool = True,
                   lock_timeout: float = 5.0) -> Storage:  # fmt: skip
     """The start-up step of `run`, `renew` and `status`: repair the stored state
     (`agent.certstate.repair`) and, with `bundles`, remove our temp files in
     cert_dir. A state dir that does not exist yet is left alone."""
     store = storage if storage is not None else wiring.make_storage(config)
-    if config.state_dir.is_dir():
+    if _has_state(config):
         repair(
             store, [c.name for c in config.certificates], lock_timeout=lock_timeout,
             pinned=pairs.pinned_generations(config, store),
@@ -1538,12 +1544,12 @@ def certificate_status(
     rows: list[dict[str, Any]] = []
     hold = (
         ratelimit.active_hold(storage, config.acme.directory, now)
-        if config.state_dir.is_dir()
+        if _has_state(config)
         else None
     )
     for cfg in config.certificates:
         try:
-            meta = load_meta(storage, cfg.name) if config.state_dir.is_dir() else None
+            meta = load_meta(storage, cfg.name) if _has_state(config) else None
         except OSError:
             meta = None
         try:
