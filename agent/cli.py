@@ -340,6 +340,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     nodes = _fleet_nodes(config)
     if nodes is not None:
         _add_node_certificates(nodes, {row["name"]: row["serial"] for row in rows})
+        _add_switch_holds(config, storage, rows, nodes, now)
     if args.json:
         # Without [fleet] the list of certificates, as always; with it, an object
         # that also lists the fleet's nodes.
@@ -476,13 +477,16 @@ def cmd_dns_persist(args: argparse.Namespace) -> int:
 
 def _add_node_certificates(nodes: list[dict[str, Any]], stored: dict[str, str | None]) -> None:
     """Give every node row "certificates": {name: {served_serial, stored_serial,
-    in_sync, key_mismatch}} from its heartbeat (served serials as hex; in_sync
-    None when unknown: a dead node, or nothing stored)."""
+    in_sync, key_mismatch, next_key_pin}} from its heartbeat (served serials as
+    hex; in_sync None when unknown: a dead node, or nothing stored;
+    next_key_pin: the pin of the next key file that node holds, None if none)."""
     for node in nodes:
         if node.get("error"):
             continue
         served = node.get("serials") or {}
         refused = set(node.get("key_mismatch") or [])
+        reported = node.get("next_keys")
+        held: dict[str, Any] = reported if isinstance(reported, dict) else {}
         certs: dict[str, Any] = {}
         for name, stored_serial in stored.items():
             serving = served.get(name) if node.get("alive") else None
@@ -492,8 +496,39 @@ def _add_node_certificates(nodes: list[dict[str, Any]], stored: dict[str, str | 
                 "stored_serial": stored_serial,
                 "in_sync": (serving == stored_serial) if known else None,
                 "key_mismatch": name in refused,
+                "next_key_pin": held.get(name) if node.get("alive") else None,
             }
         node["certificates"] = certs
+
+
+def _add_switch_holds(
+    config: Config, storage: Any, rows: list[dict[str, Any]], nodes: list[dict[str, Any]],
+    now: float,
+) -> None:  # fmt: skip
+    """[fleet] A due key switch that waits for nodes lacking the next key
+    (agent.rollover.switch_hold) says so in its row: key_rollover "waiting" (None
+    when it does not wait) and "why"."""
+    from agent import rollover
+    from agent.certstate import load_meta
+
+    assert config.fleet is not None
+    unread = next((n["error"] for n in nodes if n.get("error")), None)
+    for row in rows:
+        kr = row.get("key_rollover")
+        if not kr or not kr.get("due"):
+            continue
+        cfg, meta = config.certificate(row["name"]), load_meta(storage, row["name"])
+        ks = meta.keys if meta else None
+        hold: str | None = None
+        if rollover.gated_target(cfg, ks, now) is not None:
+            hold = (
+                f"key rollover waits: cannot read the fleet's nodes: {unread}"
+                if unread is not None
+                else rollover.switch_hold(cfg, ks, now, config.fleet.node, nodes)
+            )
+        kr["waiting"] = hold
+        if hold is not None:
+            kr["why"] = hold
 
 
 def _fleet_nodes(config: Config) -> list[dict[str, Any]] | None:

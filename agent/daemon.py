@@ -943,6 +943,9 @@ class Daemon:
                 "key_mismatch": sync.refused() if sync is not None else [],
                 # Map-mode orders wait for every live node saying "map" (agent.fleet_map).
                 "answer": self.config.challenges.answer,
+                # A key switch waits for every live node holding the next key
+                # (agent.rollover.switch_hold): pins only, never key material.
+                "next_keys": rollover.held_next_keys(self.config.certificates),
             }
 
         return Heartbeat(

@@ -101,8 +101,11 @@ def renewal_decision(
     cert_cfg: CertificateConfig,
     now: float,
     ari_window: ari.RenewalWindow | None,
+    switch_held: bool = False,
 ) -> tuple[float, str]:
-    """(when to renew as UNIX seconds, why). Pure: no I/O, no clock, no randomness."""
+    """(when to renew as UNIX seconds, why). Pure: no I/O, no clock, no randomness.
+    `switch_held`: a due key switch must wait (`rollover.switch_hold`), so only
+    the other reasons count."""
     if meta is None or not meta.installed:
         return now, "no certificate yet"
     assert meta.not_after is not None
@@ -119,7 +122,7 @@ def renewal_decision(
         when, why = meta.not_after - lifetime * RENEW_FRACTION, "1/3 of the lifetime left"
     if emergency < when:
         when, why = emergency, "less than 1/20 of the lifetime left"
-    switch_at = rollover.switch_time(cert_cfg, meta.keys, now)
+    switch_at = None if switch_held else rollover.switch_time(cert_cfg, meta.keys, now)
     if switch_at is not None and switch_at < when:
         when, why = switch_at, "key rollover"
     if meta.retry_not_before is not None and meta.retry_not_before > when:
@@ -395,6 +398,11 @@ class Renewer:
         self._deferred: list[str] | None = None
         self._deferred_for: set[str] = set()
         self._deferred_lock = threading.Lock()
+        # [fleet] The heartbeats last read (monotonic time, nodes) and, per
+        # certificate, why its key switch waits (logged when it changes).
+        self._nodes_read: tuple[float, list[dict[str, Any]]] | None = None
+        self._holds: dict[str, str] = {}
+        self._nodes_client: Any = None
 
     MIN_LEASE = 30.0  # s: the shortest lease of a certificate's lock
 
@@ -638,6 +646,9 @@ class Renewer:
             meta = self._refresh_ari(cfg, meta)
         now = self.clock()
         when, why = renewal_decision(meta, cfg, now, meta.ari if meta else None)
+        hold = self._switch_hold(cfg, meta)
+        if hold is not None:
+            when, why = renewal_decision(meta, cfg, now, meta.ari if meta else None, True)
         # In a fleet every node has its own key file and the certificate is the
         # fleet's: a node whose key differs refuses to deploy it (agent.fleet_sync)
         # instead of ordering one for its own key, which every other node refuses.
@@ -669,7 +680,8 @@ class Renewer:
         if renewed_meanwhile:
             assert meta is not None and meta.installed_at is not None
             return None, f"renewed by a concurrent run at {_fmt_time(meta.installed_at)}", meta
-        return None, f"next renewal at {_fmt_time(when)} ({why})", meta
+        held = f"; {hold}" if hold is not None else ""
+        return None, f"next renewal at {_fmt_time(when)} ({why}){held}", meta
 
     def _served_locally(self, cfg: CertificateConfig) -> CheckedChain | None:
         """The certificate this node's HAProxy bundle (`<cert_dir>/NAME.pem`) holds,
@@ -921,8 +933,61 @@ class Renewer:
     def _begin_switch(
         self, cfg: CertificateConfig, meta: CertMeta | None
     ) -> rollover.Switch | None:
-        """The switch this order is for (recorded in state.json), or None (a renewal)."""
+        """The switch this order is for (recorded in state.json), or None (a renewal:
+        also while a fleet node lacks the next key, `_switch_hold`)."""
+        if self._switch_hold(cfg, meta) is not None:
+            return None
         return rollover.begin_switch(self.storage, cfg, meta, self.clock())
+
+    NODES_FRESH = 2.0  # s a run reuses the heartbeats it read
+
+    def _switch_hold(self, cfg: CertificateConfig, meta: CertMeta | None) -> str | None:
+        """[fleet] Why `cfg`'s due scheduled key switch waits (`rollover.switch_hold`:
+        a live node lacks the next key; or the heartbeats cannot be read), or None.
+        A new or changed reason is logged as a warning, the end of a wait as info."""
+        fleet = self.config.fleet
+        ks = meta.keys if meta is not None else None
+        if fleet is None or ks is None:
+            return None
+        now = self.clock()
+        if rollover.gated_target(cfg, ks, now) is None:
+            return None  # nothing to wait for (an emergency or a begun switch never waits)
+        import redis
+
+        try:
+            nodes = self._fleet_nodes()
+        except (redis.RedisError, OSError) as e:  # no switch on a blind guess
+            hold: str | None = (
+                f"key rollover waits: cannot read the fleet's nodes to check they hold "
+                f"the next key: {e}"
+            )
+        else:
+            hold = rollover.switch_hold(cfg, ks, now, self.node, nodes)
+        before = self._holds.get(cfg.name)
+        if hold is None:
+            if before is not None:
+                del self._holds[cfg.name]
+                log.info("certificate %s: every live node holds the next key now", cfg.name)
+        elif hold != before:
+            self._holds[cfg.name] = hold
+            log.warning("certificate %s: %s", cfg.name, hold)
+        return hold
+
+    def _fleet_nodes(self) -> list[dict[str, Any]]:
+        """The fleet's heartbeats (agent.fleet.list_nodes), read again after NODES_FRESH s."""
+        fleet = self.config.fleet
+        assert fleet is not None
+        read = self._nodes_read
+        if read is not None and time.monotonic() - read[0] < self.NODES_FRESH:
+            return read[1]
+        from agent.fleet import list_nodes, redis_client
+
+        client = getattr(self.storage, "client", None)  # RedisStorage's, else our own
+        if client is None:
+            client = self._nodes_client = self._nodes_client or redis_client(fleet)
+        nodes = list_nodes(client, fleet.namespace)
+        self._nodes_read = (time.monotonic(), nodes)
+        return nodes
 
     def _finish_switch(
         self, cfg: CertificateConfig, switch: rollover.Switch, old_leaf: x509.Certificate | None
