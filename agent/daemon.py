@@ -309,7 +309,10 @@ class Daemon:
             cfg = self.config.certificate(name)
         except KeyError:
             return None
-        return rollover.key_view(cfg, meta, self.clock())
+        view = rollover.key_view(cfg, meta, self.clock())
+        if view is not None and self.config.fleet is not None:
+            view = replace(view, waiting=self.renewer.switch_waits(cfg, meta))
+        return view
 
     def healthy(self) -> bool:
         return self._started and not self._stop.is_set() and all(not t.done() for t in self._tasks)

@@ -946,32 +946,42 @@ class Renewer:
         a live node lacks the next key; or the heartbeats cannot be read), or None.
         A new or changed reason is logged as a warning, the end of a wait as info."""
         fleet = self.config.fleet
-        ks = meta.keys if meta is not None else None
-        if fleet is None or ks is None:
+        if fleet is None:
             return None
+        ks = meta.keys if meta is not None else None
         now = self.clock()
-        if rollover.gated_target(cfg, ks, now) is None:
-            return None  # nothing to wait for (an emergency or a begun switch never waits)
-        import redis
+        hold: str | None = None
+        # Nothing to wait for without a due scheduled switch (an emergency or a
+        # begun switch never waits; another node may have switched meanwhile).
+        if rollover.gated_target(cfg, ks, now) is not None:
+            import redis
 
-        try:
-            nodes = self._fleet_nodes()
-        except (redis.RedisError, OSError) as e:  # no switch on a blind guess
-            hold: str | None = (
-                f"key rollover waits: cannot read the fleet's nodes to check they hold "
-                f"the next key: {e}"
-            )
-        else:
-            hold = rollover.switch_hold(cfg, ks, now, self.node, nodes)
+            try:
+                nodes = self._fleet_nodes()
+            except (redis.RedisError, OSError) as e:  # no switch on a blind guess
+                hold = (
+                    f"key rollover waits: cannot read the fleet's nodes to check they "
+                    f"hold the next key: {e}"
+                )
+            else:
+                hold = rollover.switch_hold(cfg, ks, now, self.node, nodes)
         before = self._holds.get(cfg.name)
         if hold is None:
             if before is not None:
-                del self._holds[cfg.name]
-                log.info("certificate %s: every live node holds the next key now", cfg.name)
+                self._holds.pop(cfg.name, None)
+                log.info("certificate %s: its key switch waits for no node now", cfg.name)
         elif hold != before:
             self._holds[cfg.name] = hold
             log.warning("certificate %s: %s", cfg.name, hold)
         return hold
+
+    def switch_waits(self, cfg: CertificateConfig, meta: CertMeta | None) -> bool:
+        """Whether `cfg`'s key switch waits for nodes: the last decision held it
+        (`_switch_hold`) and, by `meta` (the stored state now), it is still due and
+        not begun: a switch another node made since ends the wait here too."""
+        if cfg.name not in self._holds:
+            return False
+        return rollover.gated_target(cfg, meta.keys if meta else None, self.clock()) is not None
 
     def _fleet_nodes(self) -> list[dict[str, Any]]:
         """The fleet's heartbeats (agent.fleet.list_nodes), read again after NODES_FRESH s."""

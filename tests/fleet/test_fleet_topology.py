@@ -511,9 +511,17 @@ def test_a_key_switch_waits_until_every_live_node_holds_the_next_key(tmp_path: P
             kr = a.status_json()["certificates"][0]["key_rollover"]
             return str(kr.get("waiting") or "")
 
+        def waiting_gauge(node: FleetNode) -> float | None:
+            found = [v for k, v in node.metrics().items()
+                     if k.startswith("haproxy_acme_key_rollover_waiting{")
+                     and 'certificate="www"' in k]  # fmt: skip
+            return found[0] if found else None
+
         wait_until("A's status says the switch waits for node c",
                    lambda: c.node_name in waiting(), 15, poll=0.5,
                    logs=lambda: logs(fleet))  # fmt: skip
+        wait_until("A's metric says the switch waits", lambda: waiting_gauge(a) == 1.0, 15,
+                   poll=0.5, logs=lambda: logs(fleet))  # fmt: skip
         assert a.node_name not in waiting() and fleet["b"].node_name not in waiting()
         time.sleep(4)  # two of the daemons' re-checks (retry_base 2 s): still waiting
         assert fleet.orders_placed() == orders, "the switch went while node c lacked the key"
@@ -531,6 +539,9 @@ def test_a_key_switch_waits_until_every_live_node_holds_the_next_key(tmp_path: P
         )  # fmt: skip
         assert fleet.orders_placed() == orders + 1
         assert waiting() == ""
+        wait_until("no node's metric says a switch waits",
+                   lambda: all(waiting_gauge(n) in (0.0, None) for n in fleet), 40, poll=0.5,
+                   logs=lambda: logs(fleet))  # fmt: skip
 
 
 # --- a single node moves into the fleet without re-issuing -------------------------------
