@@ -29,7 +29,7 @@ from agent.renewal import Renewer, check_certificate, node_bundle
 from agent.storage import FenceRejected, FileStorage, Storage
 from agent.store_redis import RedisStorage
 from agent.wiring import make_storage
-from tests.support.redis import RedisProcess, redis_available, shared_redis
+from tests.support.redis import RedisProcess, redis_available
 from tests.test_renewal import CA, StandInIssuer
 
 
@@ -109,13 +109,6 @@ def write_bundle(config: Config, name: str) -> None:
     assert gen is not None
     fullchain = storage.load(layout.generation_key(name, gen, layout.FULLCHAIN))
     layout.bundle_path(config.haproxy.cert_dir, name).write_bytes(node_bundle(cfg, fullchain))
-
-
-@pytest.fixture
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> str:
-    if not redis_available():
-        pytest.fail("redis-server is not installed (scripts/setup.sh installs it)")
-    return shared_redis(tmp_path_factory).url
 
 
 def _stale_then_fresh(config: Config, stale: Storage, fresh: Storage) -> None:

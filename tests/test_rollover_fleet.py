@@ -27,7 +27,6 @@ from agent.config import CertificateConfig, Config, load_config
 from agent.fleet import beat
 from agent.renewal import Renewer
 from agent.wiring import make_storage
-from tests.support.redis import redis_available, shared_redis
 from tests.test_renewal import CA, StandInIssuer
 
 T0 = 1_800_000_000.0
@@ -153,13 +152,6 @@ def test_a_fleet_node_without_the_next_key_file_keeps_the_fleets_announcement(
 
 
 # --- through the renewer, on a real redis-server ----------------------------------------
-
-
-@pytest.fixture
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> str:
-    if not redis_available():
-        pytest.fail("redis-server is not installed (scripts/setup.sh installs it)")
-    return shared_redis(tmp_path_factory).url
 
 
 def fleet_site(tmp_path: Path, url: str, ns: str) -> Config:
