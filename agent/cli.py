@@ -86,11 +86,16 @@ def _fmt_time(t: float | None) -> str:
     return "-" if t is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
-def _stable_key(cert: CertificateConfig) -> keys.PrivateKey:
-    """The certificate's key; with generate_key a missing key is created now (once, 0600)."""
-    if cert.generate_key and not cert.key.exists():
-        return keys.create_key_file(cert.key, cert.key_type)
-    return keys.load_private_key(cert.key)
+def _stable_key(cert: CertificateConfig, fleet_node: str | None) -> keys.PrivateKey:
+    """The certificate's key; with generate_key a missing key is created now (once,
+    0600), and on a fleet node that is said as the renewer says it."""
+    from agent.renewal import stable_key
+
+    return stable_key(cert, fleet_node)
+
+
+def _fleet_node(config: Config) -> str | None:
+    return config.fleet.node if config.fleet is not None else None
 
 
 # --- renew -----------------------------------------------------------------------------
@@ -335,6 +340,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     nodes = _fleet_nodes(config)
     if nodes is not None:
         _add_node_certificates(nodes, {row["name"]: row["serial"] for row in rows})
+        _add_switch_holds(config, storage, rows, nodes, now)
     if args.json:
         # Without [fleet] the list of certificates, as always; with it, an object
         # that also lists the fleet's nodes.
@@ -471,13 +477,16 @@ def cmd_dns_persist(args: argparse.Namespace) -> int:
 
 def _add_node_certificates(nodes: list[dict[str, Any]], stored: dict[str, str | None]) -> None:
     """Give every node row "certificates": {name: {served_serial, stored_serial,
-    in_sync, key_mismatch}} from its heartbeat (served serials as hex; in_sync
-    None when unknown: a dead node, or nothing stored)."""
+    in_sync, key_mismatch, next_key_pin}} from its heartbeat (served serials as
+    hex; in_sync None when unknown: a dead node, or nothing stored;
+    next_key_pin: the pin of the next key file that node holds, None if none)."""
     for node in nodes:
         if node.get("error"):
             continue
         served = node.get("serials") or {}
         refused = set(node.get("key_mismatch") or [])
+        reported = node.get("next_keys")
+        held: dict[str, Any] = reported if isinstance(reported, dict) else {}
         certs: dict[str, Any] = {}
         for name, stored_serial in stored.items():
             serving = served.get(name) if node.get("alive") else None
@@ -487,8 +496,39 @@ def _add_node_certificates(nodes: list[dict[str, Any]], stored: dict[str, str | 
                 "stored_serial": stored_serial,
                 "in_sync": (serving == stored_serial) if known else None,
                 "key_mismatch": name in refused,
+                "next_key_pin": held.get(name) if node.get("alive") else None,
             }
         node["certificates"] = certs
+
+
+def _add_switch_holds(
+    config: Config, storage: Any, rows: list[dict[str, Any]], nodes: list[dict[str, Any]],
+    now: float,
+) -> None:  # fmt: skip
+    """[fleet] A due key switch that waits for nodes lacking the next key
+    (agent.rollover.switch_hold) says so in its row: key_rollover "waiting" (None
+    when it does not wait) and "why"."""
+    from agent import rollover
+    from agent.certstate import load_meta
+
+    assert config.fleet is not None
+    unread = next((n["error"] for n in nodes if n.get("error")), None)
+    for row in rows:
+        kr = row.get("key_rollover")
+        if not kr or not kr.get("due"):
+            continue
+        cfg, meta = config.certificate(row["name"]), load_meta(storage, row["name"])
+        ks = meta.keys if meta else None
+        hold: str | None = None
+        if rollover.gated_target(cfg, ks, now) is not None:
+            hold = (
+                f"key rollover waits: cannot read the fleet's nodes: {unread}"
+                if unread is not None
+                else rollover.switch_hold(cfg, ks, now, config.fleet.node, nodes)
+            )
+        kr["waiting"] = hold
+        if hold is not None:
+            kr["why"] = hold
 
 
 def _fleet_nodes(config: Config) -> list[dict[str, Any]] | None:
@@ -561,13 +601,14 @@ def pins_of(
     storage: Any | None = None,
     now: float | None = None,
     mates: Sequence[str] = (),
+    fleet_node: str | None = None,
 ) -> dict[str, Any]:
     """Pins, HPKP header values and TLSA data for one certificate: the current,
     next (being announced), backup and previous keys. `mates`: the pins of the
     other keys of a dual certificate, current and next (served for the same
     names, so clients must accept them too: they join the header and the TLSA
-    RRset). Creates a generate_key /
-    generate_next_key key. With `storage` (what `pins` passes) the next key's
+    RRset). Creates a generate_key / generate_next_key key (a warning says so
+    on fleet node `fleet_node`). With `storage` (what `pins` passes) the next key's
     first showing is recorded as its announcement (under the certificate's
     lock; never moved later) and the rollover state is read from there."""
     from agent import layout, rollover
@@ -577,7 +618,7 @@ def pins_of(
     ks: rollover.KeyState | None = None
     served_pin: str | None = None
     if storage is not None:
-        _stable_key(cert)  # generate_key: the key exists before the next key is resolved
+        _stable_key(cert, fleet_node)  # generate_key: it exists before the next key is resolved
         if cert.next_key is not None or cert.generate_next_key:
             with storage.locked(layout.cert_lock(cert.name), timeout=30.0):
                 rollover.record_shown(storage, cert, now)
@@ -588,7 +629,8 @@ def pins_of(
         ks = meta.keys if meta else None
         served_pin = meta.key_pin if meta else None
     current_path = rollover.current_key_path(cert, ks)
-    key = _stable_key(cert) if current_path == cert.key else keys.load_private_key(current_path)
+    key = (_stable_key(cert, fleet_node) if current_path == cert.key
+           else keys.load_private_key(current_path))  # fmt: skip
     current = _key_entry(current_path, key)
     key_pin = current["pin"]
     nxt: dict[str, Any] | None = None
@@ -645,7 +687,7 @@ def cmd_pins(args: argparse.Namespace) -> int:
         group_pins: dict[str, dict[str, list[str]]] = {}
         for group in dict.fromkeys(c.group for c in certs if c.group is not None):
             for v in config.pair(group):
-                own = pins_of(v, None, storage, now)
+                own = pins_of(v, None, storage, now, fleet_node=_fleet_node(config))
                 group_pins.setdefault(group, {})[v.name] = [
                     own["key_pin"], *([own["next"]["pin"]] if own["next"] else [])
                 ]
@@ -653,7 +695,8 @@ def cmd_pins(args: argparse.Namespace) -> int:
         for c in certs:
             mates = [p for n, ps in group_pins.get(c.group or "", {}).items() if n != c.name
                      for p in ps]  # fmt: skip
-            out.append(pins_of(c, args.report_uri, storage, now, mates=mates))
+            out.append(pins_of(c, args.report_uri, storage, now, mates=mates,
+                               fleet_node=_fleet_node(config)))  # fmt: skip
     except keys.StableKeyError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
@@ -856,7 +899,8 @@ def cmd_csr(args: argparse.Namespace) -> int:
         if cert.csr is not None:
             pem = keys.csr_pem(keys.load_csr(cert.csr))
         else:
-            pem = keys.csr_pem(keys.build_csr(_stable_key(cert), cert.domains))
+            key = _stable_key(cert, _fleet_node(config))
+            pem = keys.csr_pem(keys.build_csr(key, cert.domains))
     except (keys.StableKeyError, keys.CSRError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED

@@ -309,7 +309,10 @@ class Daemon:
             cfg = self.config.certificate(name)
         except KeyError:
             return None
-        return rollover.key_view(cfg, meta, self.clock())
+        view = rollover.key_view(cfg, meta, self.clock())
+        if view is not None and self.config.fleet is not None:
+            view = replace(view, waiting=self.renewer.switch_waits(cfg, meta))
+        return view
 
     def healthy(self) -> bool:
         return self._started and not self._stop.is_set() and all(not t.done() for t in self._tasks)
@@ -943,6 +946,9 @@ class Daemon:
                 "key_mismatch": sync.refused() if sync is not None else [],
                 # Map-mode orders wait for every live node saying "map" (agent.fleet_map).
                 "answer": self.config.challenges.answer,
+                # A key switch waits for every live node holding the next key
+                # (agent.rollover.switch_hold): pins only, never key material.
+                "next_keys": rollover.held_next_keys(self.config.certificates),
             }
 
         return Heartbeat(

@@ -453,7 +453,9 @@ class RedisChallengeRegistry(ChallengeRegistry):
 #
 #     NS:node:NODE  {"node", "host", "pid", "started", "seen" (UNIX s),
 #                    "serials": {cert: serial its HAProxy serves (hex) | null},
-#                    "key_mismatch": [cert refused: the node's key does not match]}
+#                    "key_mismatch": [cert refused: the node's key does not match],
+#                    "answer": "spoe" | "map",
+#                    "next_keys": {cert: SPKI pin of its next_key file here | null}}
 #                   with a PX expiry of `ttl`: the key exists while the node is alive
 #     NS:nodes      set of every node that ever beat (so a dead one is still listed)
 

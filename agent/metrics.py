@@ -91,6 +91,9 @@ class KeyView:
     scheduled_at: float | None
     announce_for: float
     pinned: bool | None
+    # [fleet] a due scheduled switch waits for nodes lacking the next key
+    # (agent.rollover.switch_hold); None: not in a fleet.
+    waiting: bool | None = None
 
 
 def _label_value(value: str) -> str:
@@ -160,6 +163,12 @@ class _CertificateText:
         "before any switch, a backup pin, or an announced next key), else 0.",
     )
 
+    KEY_WAITING = (
+        "key_rollover_waiting",
+        "[fleet] 1 while a due scheduled key switch waits for live nodes that do not "
+        "hold the next key (the log and `status` name them), else 0.",
+    )
+
     def __init__(self, source: Callable[[], Iterable[CertificateView]]) -> None:
         self._source = source
 
@@ -206,6 +215,7 @@ class _CertificateText:
             (self.KEY_SCHEDULED, lambda k: k.scheduled_at),
             (self.KEY_ANNOUNCE_FOR, lambda k: k.announce_for),
             (self.KEY_PINNED, lambda k: k.pinned),
+            (self.KEY_WAITING, lambda k: k.waiting),
         )
         for (short, help_text), value_of in families:
             name = PREFIX + short

@@ -101,8 +101,11 @@ def renewal_decision(
     cert_cfg: CertificateConfig,
     now: float,
     ari_window: ari.RenewalWindow | None,
+    switch_held: bool = False,
 ) -> tuple[float, str]:
-    """(when to renew as UNIX seconds, why). Pure: no I/O, no clock, no randomness."""
+    """(when to renew as UNIX seconds, why). Pure: no I/O, no clock, no randomness.
+    `switch_held`: a due key switch must wait (`rollover.switch_hold`), so only
+    the other reasons count."""
     if meta is None or not meta.installed:
         return now, "no certificate yet"
     assert meta.not_after is not None
@@ -119,7 +122,7 @@ def renewal_decision(
         when, why = meta.not_after - lifetime * RENEW_FRACTION, "1/3 of the lifetime left"
     if emergency < when:
         when, why = emergency, "less than 1/20 of the lifetime left"
-    switch_at = rollover.switch_time(cert_cfg, meta.keys, now)
+    switch_at = None if switch_held else rollover.switch_time(cert_cfg, meta.keys, now)
     if switch_at is not None and switch_at < when:
         when, why = switch_at, "key rollover"
     if meta.retry_not_before is not None and meta.retry_not_before > when:
@@ -244,6 +247,27 @@ def make_bundle(fullchain_pem: bytes, key_pem: bytes, dhparam_pem: bytes | None 
 
 
 # --- results ---------------------------------------------------------------------------
+
+
+def stable_key(
+    cfg: CertificateConfig, fleet_node: str | None, create: bool = True
+) -> keys.PrivateKey:
+    """`cfg`'s configured key. With `generate_key` (and `create`) a missing key is
+    created now, once, mode 0600. On fleet node `fleet_node` that is said as a
+    warning: keys never travel through Redis (docs/fleet.md), so the other nodes
+    refuse this certificate until they hold the same file."""
+    if cfg.generate_key and create and not cfg.key.exists():
+        key = keys.create_key_file(cfg.key, cfg.key_type)
+        log.info("certificate %s: created key %s (%s)", cfg.name, cfg.key, cfg.key_type)
+        if fleet_node is not None:
+            log.warning(
+                "certificate %s: node %s created its own key %s (generate_key in a "
+                "fleet): copy that file (0600) to the same path on every other node, "
+                "or they refuse to deploy the certificate ordered for it",
+                cfg.name, fleet_node, cfg.key,
+            )  # fmt: skip
+        return key
+    return keys.load_private_key(cfg.key)
 
 
 @dataclass(frozen=True)
@@ -374,6 +398,11 @@ class Renewer:
         self._deferred: list[str] | None = None
         self._deferred_for: set[str] = set()
         self._deferred_lock = threading.Lock()
+        # [fleet] The heartbeats last read (monotonic time, nodes) and, per
+        # certificate, why its key switch waits (logged when it changes).
+        self._nodes_read: tuple[float, list[dict[str, Any]]] | None = None
+        self._holds: dict[str, str] = {}
+        self._nodes_client: Any = None
 
     MIN_LEASE = 30.0  # s: the shortest lease of a certificate's lock
 
@@ -511,20 +540,8 @@ class Renewer:
         return meta, retry
 
     def _key_for(self, cfg: CertificateConfig, create: bool) -> keys.PrivateKey:
-        if cfg.generate_key and create and not cfg.key.exists():
-            key = keys.create_key_file(cfg.key, cfg.key_type)
-            log.info("certificate %s: created key %s (%s)", cfg.name, cfg.key, cfg.key_type)
-            if self.config.fleet is not None:
-                # Keys never travel through Redis (docs/fleet.md): the other
-                # nodes refuse this certificate until they hold the same file.
-                log.warning(
-                    "certificate %s: node %s created its own key %s (generate_key in a "
-                    "fleet): copy that file (0600) to the same path on every other node, "
-                    "or they refuse to deploy the certificate ordered for it",
-                    cfg.name, self.node, cfg.key,
-                )  # fmt: skip
-            return key
-        return keys.load_private_key(cfg.key)
+        fleet_node = self.node if self.config.fleet is not None else None
+        return stable_key(cfg, fleet_node, create)
 
     def _csr_pem(self, cfg: CertificateConfig, key: keys.PrivateKey) -> bytes:
         if cfg.csr is None:
@@ -629,6 +646,9 @@ class Renewer:
             meta = self._refresh_ari(cfg, meta)
         now = self.clock()
         when, why = renewal_decision(meta, cfg, now, meta.ari if meta else None)
+        hold = self._switch_hold(cfg, meta)
+        if hold is not None:
+            when, why = renewal_decision(meta, cfg, now, meta.ari if meta else None, True)
         # In a fleet every node has its own key file and the certificate is the
         # fleet's: a node whose key differs refuses to deploy it (agent.fleet_sync)
         # instead of ordering one for its own key, which every other node refuses.
@@ -660,7 +680,8 @@ class Renewer:
         if renewed_meanwhile:
             assert meta is not None and meta.installed_at is not None
             return None, f"renewed by a concurrent run at {_fmt_time(meta.installed_at)}", meta
-        return None, f"next renewal at {_fmt_time(when)} ({why})", meta
+        held = f"; {hold}" if hold is not None else ""
+        return None, f"next renewal at {_fmt_time(when)} ({why}){held}", meta
 
     def _served_locally(self, cfg: CertificateConfig) -> CheckedChain | None:
         """The certificate this node's HAProxy bundle (`<cert_dir>/NAME.pem`) holds,
@@ -912,8 +933,71 @@ class Renewer:
     def _begin_switch(
         self, cfg: CertificateConfig, meta: CertMeta | None
     ) -> rollover.Switch | None:
-        """The switch this order is for (recorded in state.json), or None (a renewal)."""
+        """The switch this order is for (recorded in state.json), or None (a renewal:
+        also while a fleet node lacks the next key, `_switch_hold`)."""
+        if self._switch_hold(cfg, meta) is not None:
+            return None
         return rollover.begin_switch(self.storage, cfg, meta, self.clock())
+
+    NODES_FRESH = 2.0  # s a run reuses the heartbeats it read
+
+    def _switch_hold(self, cfg: CertificateConfig, meta: CertMeta | None) -> str | None:
+        """[fleet] Why `cfg`'s due scheduled key switch waits (`rollover.switch_hold`:
+        a live node lacks the next key; or the heartbeats cannot be read), or None.
+        A new or changed reason is logged as a warning, the end of a wait as info."""
+        fleet = self.config.fleet
+        if fleet is None:
+            return None
+        ks = meta.keys if meta is not None else None
+        now = self.clock()
+        hold: str | None = None
+        # Nothing to wait for without a due scheduled switch (an emergency or a
+        # begun switch never waits; another node may have switched meanwhile).
+        if rollover.gated_target(cfg, ks, now) is not None:
+            import redis
+
+            try:
+                nodes = self._fleet_nodes()
+            except (redis.RedisError, OSError) as e:  # no switch on a blind guess
+                hold = (
+                    f"key rollover waits: cannot read the fleet's nodes to check they "
+                    f"hold the next key: {e}"
+                )
+            else:
+                hold = rollover.switch_hold(cfg, ks, now, self.node, nodes)
+        before = self._holds.get(cfg.name)
+        if hold is None:
+            if before is not None:
+                self._holds.pop(cfg.name, None)
+                log.info("certificate %s: its key switch waits for no node now", cfg.name)
+        elif hold != before:
+            self._holds[cfg.name] = hold
+            log.warning("certificate %s: %s", cfg.name, hold)
+        return hold
+
+    def switch_waits(self, cfg: CertificateConfig, meta: CertMeta | None) -> bool:
+        """Whether `cfg`'s key switch waits for nodes: the last decision held it
+        (`_switch_hold`) and, by `meta` (the stored state now), it is still due and
+        not begun: a switch another node made since ends the wait here too."""
+        if cfg.name not in self._holds:
+            return False
+        return rollover.gated_target(cfg, meta.keys if meta else None, self.clock()) is not None
+
+    def _fleet_nodes(self) -> list[dict[str, Any]]:
+        """The fleet's heartbeats (agent.fleet.list_nodes), read again after NODES_FRESH s."""
+        fleet = self.config.fleet
+        assert fleet is not None
+        read = self._nodes_read
+        if read is not None and time.monotonic() - read[0] < self.NODES_FRESH:
+            return read[1]
+        from agent.fleet import list_nodes, redis_client
+
+        client = getattr(self.storage, "client", None)  # RedisStorage's, else our own
+        if client is None:
+            client = self._nodes_client = self._nodes_client or redis_client(fleet)
+        nodes = list_nodes(client, fleet.namespace)
+        self._nodes_read = (time.monotonic(), nodes)
+        return nodes
 
     def _finish_switch(
         self, cfg: CertificateConfig, switch: rollover.Switch, old_leaf: x509.Certificate | None
@@ -1460,13 +1544,19 @@ def _remove_temporaries(directory: Path, targets: Callable[[], set[str]]) -> int
     return removed
 
 
+def _has_state(config: Config) -> bool:
+    """Whether there may be stored state to read: always in a fleet (it is in
+    Redis), else once the state dir exists (reading never creates it)."""
+    return config.fleet is not None or config.state_dir.is_dir()
+
+
 def prepare_state(config: Config, storage: Storage | None = None, *, bundles: bool = True,
                   lock_timeout: float = 5.0) -> Storage:  # fmt: skip
     """The start-up step of `run`, `renew` and `status`: repair the stored state
     (`agent.certstate.repair`) and, with `bundles`, remove our temp files in
     cert_dir. A state dir that does not exist yet is left alone."""
     store = storage if storage is not None else wiring.make_storage(config)
-    if config.state_dir.is_dir():
+    if _has_state(config):
         repair(
             store, [c.name for c in config.certificates], lock_timeout=lock_timeout,
             pinned=pairs.pinned_generations(config, store),
@@ -1529,12 +1619,12 @@ def certificate_status(
     rows: list[dict[str, Any]] = []
     hold = (
         ratelimit.active_hold(storage, config.acme.directory, now)
-        if config.state_dir.is_dir()
+        if _has_state(config)
         else None
     )
     for cfg in config.certificates:
         try:
-            meta = load_meta(storage, cfg.name) if config.state_dir.is_dir() else None
+            meta = load_meta(storage, cfg.name) if _has_state(config) else None
         except OSError:
             meta = None
         try:

@@ -40,7 +40,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -475,22 +475,33 @@ def _pin_of(path: Path) -> str:
 
 
 def ensure_next(
-    cfg: Any, ks: KeyState, current_pin: str | None, now: float, create: bool
-) -> KeyState:
+    cfg: Any, ks: KeyState, current_pin: str | None, now: float, create: bool,
+    shared: bool = False,
+) -> KeyState:  # fmt: skip
     """The state with its next key resolved (reads key files; with `create`
     and generate_next_key, creates one: 0600, never over an existing file).
 
     An operator's `next_key` is adopted when it is neither the current key
     nor a previous one (a key that was switched away from never comes back
     as "next" by itself). A recorded next key whose file now holds another
-    key is dropped (its announcement was for the other key). Raises
-    StableKeyError naming the file when a key cannot be read."""
+    key is dropped (its announcement was for the other key); so is one whose
+    file is gone, unless the state is `shared` by a fleet: a node without the
+    file only lacks the key (the switch waits for it, `switch_hold`), the fleet's
+    announcement stands. Raises StableKeyError naming the file when a key cannot
+    be read."""
     known_old = {p.pin for p in ks.previous} | ({current_pin} if current_pin else set())
     if ks.next is not None:
         try:
             pin = _pin_of(Path(ks.next.path))
         except keys.KeyLoadError:
             pin = None
+            if shared:
+                log.warning(
+                    "certificate %s: this node cannot read the next key %s (pin %s) the "
+                    "fleet announces: copy that file (0600) here before the switch",
+                    cfg.name, ks.next.path, ks.next.pin,
+                )  # fmt: skip
+                return ks
         if pin != ks.next.pin or pin in known_old:
             log.warning(
                 "certificate %s: next key %s changed or is in use; announcing again",
@@ -605,6 +616,7 @@ def prepare(storage: Any, cfg: Any, now: float, create: bool) -> KeyState:
     """Settle an interrupted switch, drop expired previous keys, resolve the next
     key (creating one with `create` and generate_next_key). Returns the state."""
     current_pin = _current_pin(storage, cfg.name)
+    shared = bool(getattr(storage, "shared", False))
     if current_pin is None:
         try:
             current_pin = _pin_of(current_key_path(cfg, None))
@@ -615,7 +627,7 @@ def prepare(storage: Any, cfg: Any, now: float, create: bool) -> KeyState:
         ks = settle(ks, current_pin, now, cfg.previous_pin_for, str(cfg.key))
         if cfg.next_key is None and not cfg.generate_next_key and ks.next is None:
             return ks
-        return ensure_next(cfg, ks, current_pin, now, create)
+        return ensure_next(cfg, ks, current_pin, now, create, shared)
 
     return _change(storage, cfg.name, change)
 
@@ -840,6 +852,78 @@ def key_label(path: Path) -> str:
             _LABELS.clear()
         _LABELS[ident] = label
     return label
+
+
+_PINS: dict[tuple[str, int, int, int], str] = {}
+
+
+def file_pin(path: str | Path) -> str | None:
+    """The SPKI pin of the key file at `path`, None when it is missing or unreadable;
+    cached by path, inode, size and mtime (a heartbeat asks for every next key)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    ident = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    pin = _PINS.get(ident)
+    if pin is None:
+        try:
+            pin = _pin_of(Path(path))
+        except keys.StableKeyError:
+            return None
+        if len(_PINS) > 20000:
+            _PINS.clear()
+        _PINS[ident] = pin
+    return pin
+
+
+def held_next_keys(certs: Iterable[Any]) -> dict[str, str | None]:
+    """{certificate: pin of its configured next_key file on this node, or None when
+    this node lacks it} for every certificate with a next_key: what a fleet node's
+    heartbeat says it holds, so the node that switches knows the others can serve
+    the new certificate (`switch_hold`)."""
+    return {c.name: file_pin(c.next_key) for c in certs if c.next_key is not None}
+
+
+def gated_target(cfg: Any, ks: KeyState | None, now: float) -> KeyRef | None:
+    """The next key of a due scheduled switch not begun yet: what a fleet's nodes
+    must hold before it goes (`switch_hold`). None for anything else. Pure."""
+    if ks is None or ks.switch is not None:
+        return None
+    if ks.request is not None and ks.request.mode == EMERGENCY:
+        return None
+    st = status_of(cfg, ks, now)
+    return st.target if st.due else None
+
+
+def switch_hold(
+    cfg: Any, ks: KeyState | None, now: float, node: str, nodes: Sequence[Mapping[str, Any]]
+) -> str | None:
+    """[fleet] Why a due scheduled switch of `cfg` must wait, or None: some node
+    does not hold the next key yet. `node` is this node (its next_key file, else
+    the target's path, is read here); `nodes` are the fleet's heartbeats
+    (agent.fleet.list_nodes): every live node must report that key's pin
+    (`held_next_keys`); a node whose agent does not report it counts as lacking
+    it. A switch under way and an emergency switch never wait: the nodes without
+    the key keep serving what they have."""
+    target = gated_target(cfg, ks, now)
+    if target is None:
+        return None
+    own = file_pin(cfg.next_key if cfg.next_key is not None else target.path)
+    lacking = [] if own == target.pin else [node]
+    for n in nodes:
+        name = str(n.get("node"))
+        if not n.get("alive") or name == node:
+            continue
+        held = n.get("next_keys")
+        if not isinstance(held, Mapping) or held.get(cfg.name) != target.pin:
+            lacking.append(name)
+    if not lacking:
+        return None
+    return (
+        f"key rollover waits: node(s) {', '.join(sorted(lacking))} do not hold the next "
+        f"key {target.path} (pin {target.pin}); copy that file (0600) to each of them"
+    )
 
 
 def key_view(cfg: Any, meta: Any, now: float) -> KeyView | None:

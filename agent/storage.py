@@ -395,6 +395,10 @@ class Storage(ABC):
       meanwhile instead of raising `LockLost`).
     """
 
+    # Several nodes read and write this store (a fleet): what one node lacks
+    # locally (a key file) says nothing about the others (agent.rollover).
+    shared = False
+
     @abstractmethod
     def store(self, key: str, value: bytes, *, secret: bool = False) -> None: ...
 

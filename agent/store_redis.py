@@ -177,6 +177,7 @@ class RedisStorage(Storage):
     """`Storage` in Redis under `namespace`; `secret`: the 32-byte fleet secret (or None)."""
 
     LOCK_POLL = 0.05  # seconds between attempts while waiting for a lock
+    shared = True  # the fleet's nodes all use it
 
     def __init__(self, client: redis.Redis, namespace: str, secret: bytes | None = None) -> None:
         if secret is not None and len(secret) != SECRET_LENGTH:

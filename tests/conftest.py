@@ -21,6 +21,7 @@ import pytest
 
 from tests.support.haproxy import haproxy_binaries
 from tests.support.pebble import pebble_binaries
+from tests.support.redis import redis_available, shared_redis
 
 _HAPROXY_BINARIES = haproxy_binaries()
 _PEBBLE_BINARIES = pebble_binaries()
@@ -53,6 +54,15 @@ def pebble_bin(request: pytest.FixtureRequest) -> Iterator[str]:
     """Path of one Pebble build (2.4, 2.10); a missing one fails the test when started."""
     path: str = request.param
     yield path
+
+
+@pytest.fixture
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The session's shared redis-server (tests/support/redis.py); each test uses
+    its own namespace."""
+    if not redis_available():
+        pytest.fail("redis-server is not installed (scripts/setup.sh installs it)")
+    return shared_redis(tmp_path_factory).url
 
 
 def _sampled_out(item: pytest.Item) -> bool:

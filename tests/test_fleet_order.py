@@ -7,6 +7,7 @@ The same fencing rules are checked on the file store."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import textwrap
@@ -18,7 +19,7 @@ import pytest
 import redis
 from cryptography.hazmat.primitives import serialization
 
-from agent import layout
+from agent import keys, layout
 from agent.certstate import load_meta, read_current
 from agent.challenges import MemoryChallengeRegistry
 from agent.config import Config, load_config
@@ -28,7 +29,7 @@ from agent.renewal import Renewer, check_certificate, node_bundle
 from agent.storage import FenceRejected, FileStorage, Storage
 from agent.store_redis import RedisStorage
 from agent.wiring import make_storage
-from tests.support.redis import RedisProcess, redis_available, shared_redis
+from tests.support.redis import RedisProcess, redis_available
 from tests.test_renewal import CA, StandInIssuer
 
 
@@ -108,13 +109,6 @@ def write_bundle(config: Config, name: str) -> None:
     assert gen is not None
     fullchain = storage.load(layout.generation_key(name, gen, layout.FULLCHAIN))
     layout.bundle_path(config.haproxy.cert_dir, name).write_bytes(node_bundle(cfg, fullchain))
-
-
-@pytest.fixture
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> str:
-    if not redis_available():
-        pytest.fail("redis-server is not installed (scripts/setup.sh installs it)")
-    return shared_redis(tmp_path_factory).url
 
 
 def _stale_then_fresh(config: Config, stale: Storage, fresh: Storage) -> None:
@@ -412,3 +406,28 @@ def test_a_node_that_creates_a_key_in_a_fleet_says_to_copy_it_to_the_others(
     assert "www" in said[0] and str(cfg.key) in said[0] and config.fleet is not None
     assert config.fleet.node in said[0]
     assert cfg.key.stat().st_mode & 0o777 == 0o600
+
+
+def test_pins_that_creates_a_key_in_a_fleet_says_to_copy_it_to_the_others(
+    tmp_path: Path, redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`pins` (and `csr`) create a missing generate_key key too: on a fleet node
+    they say so as the renewer does, naming certificate, node and file."""
+    from agent.cli import main
+
+    config = fleet_config(tmp_path, redis_url, "fp" + os.urandom(6).hex(), node="edge-p")
+    cfg = config.certificate("www")
+    assert not cfg.key.exists()
+    rc = main(["pins", "--json", "-c", str(tmp_path / "config-edge-p.toml")])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    said = [line for line in err.splitlines() if "created its own key" in line]
+    assert len(said) == 1, err
+    assert "certificate www" in said[0] and "node edge-p" in said[0] and str(cfg.key) in said[0]
+    assert cfg.key.stat().st_mode & 0o777 == 0o600
+    (row,) = json.loads(out)
+    assert row["key_pin"] == keys.spki_pin(keys.load_private_key(cfg.key))
+    rc = main(["csr", "www", "-c", str(tmp_path / "config-edge-p.toml")])
+    out, err = capsys.readouterr()
+    assert rc == 0 and "BEGIN CERTIFICATE REQUEST" in out, err
+    assert "created its own key" not in err  # it exists now: loaded, nothing said

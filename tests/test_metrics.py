@@ -149,6 +149,7 @@ _key_view = st.builds(
     scheduled_at=_stamp,
     announce_for=st.floats(min_value=0, max_value=1e8),
     pinned=st.one_of(st.none(), st.booleans()),
+    waiting=st.one_of(st.none(), st.booleans()),
 )
 _view = st.builds(
     CertificateView,
@@ -191,6 +192,7 @@ def _reference_text(views: list[CertificateView]) -> bytes:
         (t.KEY_SCHEDULED, lambda k: k.scheduled_at),
         (t.KEY_ANNOUNCE_FOR, lambda k: k.announce_for),
         (t.KEY_PINNED, lambda k: None if k.pinned is None else float(k.pinned)),
+        (t.KEY_WAITING, lambda k: None if k.waiting is None else float(k.waiting)),
     ):
         f = family(short, help_text)
         for v, k in keyed:

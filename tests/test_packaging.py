@@ -70,8 +70,9 @@ def exported_metric_names() -> set[str]:
         next_renewal=now + 50 * 86400,
         last_success=now - 86400,
         in_sync={"unix:/run/haproxy/admin.sock": True},
-        # A pinning certificate: the key rollover gauges exist only for those.
-        keys=KeyView("ec256", 1, now - 86400, now + 86400 * 70, 60 * 86400.0, True),
+        # A pinning certificate: the key rollover gauges exist only for those
+        # (key_rollover_waiting only in a fleet).
+        keys=KeyView("ec256", 1, now - 86400, now + 86400 * 70, 60 * 86400.0, True, False),
     )
     from agent.fleet_sync import FleetView
 

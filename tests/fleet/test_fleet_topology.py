@@ -477,6 +477,73 @@ def test_a_node_with_a_different_local_key_refuses_to_deploy_and_says_so(
         assert "edge-c" in status
 
 
+# --- a key switch waits for every node to hold the next key ------------------------------
+
+
+def test_a_key_switch_waits_until_every_live_node_holds_the_next_key(tmp_path: Path) -> None:
+    from tests.support.certs import key_pem, make_key
+
+    # One next key file at one path, as an operator copies it to every node; C's
+    # config does not name it yet (its roll-out lags), so C cannot serve it.
+    shared = tmp_path / "keys"
+    shared.mkdir(mode=0o700)
+    next_key = shared / "www.next.key"
+    fd = os.open(next_key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key_pem(make_key()))
+    www = {**WWW, "next_key": next_key, "announce_for": "1s"}
+    with fleet_of(tmp_path, certificates=[www]) as fleet:
+        a, c = fleet["a"], fleet["c"]
+        c.cert_extra["www"] = {"next_key": None}
+        first = issue_first(fleet, "a")
+        start_rest(fleet, first)
+        old_pin = a.served_pin(B_NAME)
+        cp = a.cli("pins", "--json")
+        assert cp.returncode == 0, cp.stdout + cp.stderr
+        nxt = json.loads(cp.stdout)[0]["next"]
+        assert nxt is not None and nxt["pin"] != old_pin
+        time.sleep(max(0.0, nxt["announced_at"] + 1.05 - time.time()))
+        orders = fleet.orders_placed()
+        cp = a.cli("keys", "rollover", "www")
+        assert cp.returncode == 0, cp.stdout + cp.stderr
+
+        def waiting() -> str:
+            kr = a.status_json()["certificates"][0]["key_rollover"]
+            return str(kr.get("waiting") or "")
+
+        def waiting_gauge(node: FleetNode) -> float | None:
+            found = [v for k, v in node.metrics().items()
+                     if k.startswith("haproxy_acme_key_rollover_waiting{")
+                     and 'certificate="www"' in k]  # fmt: skip
+            return found[0] if found else None
+
+        wait_until("A's status says the switch waits for node c",
+                   lambda: c.node_name in waiting(), 15, poll=0.5,
+                   logs=lambda: logs(fleet))  # fmt: skip
+        wait_until("A's metric says the switch waits", lambda: waiting_gauge(a) == 1.0, 15,
+                   poll=0.5, logs=lambda: logs(fleet))  # fmt: skip
+        assert a.node_name not in waiting() and fleet["b"].node_name not in waiting()
+        time.sleep(4)  # two of the daemons' re-checks (retry_base 2 s): still waiting
+        assert fleet.orders_placed() == orders, "the switch went while node c lacked the key"
+        assert all(n.served_pin(B_NAME) == old_pin for n in fleet)
+        assert "do not hold the next key" in a.log_tail(20000) + fleet["b"].log_tail(20000)
+        # C's config catches up and its agent restarts: the switch goes, and every
+        # node serves the leaf for the next key.
+        c.cert_extra["www"] = {}
+        c.stop_agent()
+        c.start_agent()
+        wait_until(
+            "every node serves a leaf for the next key",
+            lambda: all(n.served_pin(B_NAME) == nxt["pin"] for n in fleet),
+            60, poll=0.2, logs=lambda: logs(fleet),
+        )  # fmt: skip
+        assert fleet.orders_placed() == orders + 1
+        assert waiting() == ""
+        wait_until("no node's metric says a switch waits",
+                   lambda: all(waiting_gauge(n) in (0.0, None) for n in fleet), 40, poll=0.5,
+                   logs=lambda: logs(fleet))  # fmt: skip
+
+
 # --- a single node moves into the fleet without re-issuing -------------------------------
 
 

@@ -291,6 +291,9 @@ class FleetNode:
         self.relay: Relay | None = None
         self.extra_config: list[str] = []  # more TOML lines (sections) before [[certificates]]
         self.solo = False  # True: no [fleet] section (a single node, file storage)
+        # Per certificate: keys this node's [[certificates]] entry sets differently
+        # (None: leaves the key out), e.g. a node whose config lags behind.
+        self.cert_extra: dict[str, dict[str, Any]] = {}
         env = {
             "FLEET_NODE": name,
             "HAPROXY_ADMIN_SOCKET": str(self.admin_socket),
@@ -355,8 +358,9 @@ class FleetNode:
         lines += self.extra_config
         for cert in f.certificates:
             lines.append("[[certificates]]")
-            entry = {"key": self.key_path(cert["name"]), **cert}
-            lines += [f"{k} = {toml_value(v)}" for k, v in entry.items()]
+            entry = {"key": self.key_path(cert["name"]), **cert,
+                     **self.cert_extra.get(cert["name"], {})}  # fmt: skip
+            lines += [f"{k} = {toml_value(v)}" for k, v in entry.items() if v is not None]
         self.config_path.write_text("\n".join(lines) + "\n")
         return self.config_path
 
@@ -497,6 +501,13 @@ class FleetNode:
         if domain not in san.get_values_for_type(x509.DNSName):
             return None
         return int(leaf.serial_number)
+
+    def served_pin(self, domain: str) -> str:
+        """The SPKI pin of the leaf this node's HAProxy presents for SNI `domain`."""
+        from agent import keys
+
+        leaf = served_leaf(self.https_port, domain, host=self.address)
+        return keys.spki_pin(leaf.public_key())  # type: ignore[arg-type]
 
     def challenge_hits(self) -> list[tuple[str, int]]:
         """(token, HTTP status) of every challenge request this node's HAProxy logged."""
