@@ -27,6 +27,7 @@ from agent.config import load_config
 from agent.issuer import Issuer
 from agent.renewal import Renewer
 from agent.storage import FileStorage
+from tests.integration.test_issuance_pebble import Killed
 from tests.support.acme_stack import AcmeStack
 from tests.support.bundles import bundle_pin
 from tests.support.haproxy import haproxy_binaries
@@ -244,10 +245,6 @@ def test_dual_certificate_rollover_switches_each_key_type_to_its_next_key(
     for k in ("rsa", "ecdsa"):
         assert after[f"www.{k}"]["key_pin"] == nxt[k]["pin"]
         assert [p["pin"] for p in after[f"www.{k}"]["previous"]] == [old[k]]
-
-
-class Killed(BaseException):
-    """Stands in for a SIGKILL at one point of a run: nothing after it runs."""
 
 
 def test_a_pair_killed_before_clearing_an_order_record_still_switches_both_keys_later(
